@@ -1,0 +1,309 @@
+//! The engine: one thread per model that owns the device, the KV cache and the scheduler, and runs
+//! `schedule -> execute -> sample -> update` in a loop. Requests arrive over a channel; each gets its
+//! tokens back on its own channel, and a closed channel cancels it.
+pub mod block_pool;
+pub mod runner;
+pub mod sampler;
+pub mod scheduler;
+pub mod sequence;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::DType;
+
+pub use sampler::{Sampled, SamplingParams};
+pub use scheduler::SchedulerConfig;
+pub use sequence::{Event, FinishReason, Usage};
+
+use crate::error::{HearthError, Result};
+use crate::model::{AttentionBackend, ChatTemplate, KvCache, Model, Tokenizer};
+use block_pool::BlockPool;
+use runner::Runner;
+use scheduler::Scheduler;
+use sequence::Sequence;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub block_size: usize,
+    /// Number of KV blocks; when None, sized from `kv_cache_bytes`.
+    pub num_blocks: Option<usize>,
+    pub kv_cache_bytes: usize,
+    pub scheduler: SchedulerConfig,
+    /// None: the fastest backend for the device.
+    pub backend: Option<AttentionBackend>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            num_blocks: None,
+            kv_cache_bytes: 512 << 20,
+            scheduler: SchedulerConfig::default(),
+            backend: None,
+        }
+    }
+}
+
+/// A generation request: prompt token ids and how to sample.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+}
+
+/// Counters the engine keeps; read from any thread.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub total_blocks: AtomicUsize,
+    pub steps: AtomicU64,
+    pub prefill_tokens: AtomicU64,
+    pub decode_tokens: AtomicU64,
+    pub preemptions: AtomicU64,
+    pub busy_micros: AtomicU64,
+}
+
+/// Everything a client needs to build prompts and read replies, plus the way in.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: flume::Sender<Sequence>,
+    next_id: Arc<AtomicU64>,
+    pub name: String,
+    pub tokenizer: Arc<Tokenizer>,
+    pub chat_template: Arc<ChatTemplate>,
+    pub max_context: usize,
+    pub stats: Arc<EngineStats>,
+    free_blocks: Arc<AtomicUsize>,
+    block_size: usize,
+}
+
+impl EngineHandle {
+    /// Validate and enqueue a request; its events arrive on the returned channel. Dropping the
+    /// receiver cancels the request.
+    pub fn submit(&self, req: Request) -> Result<flume::Receiver<Event>> {
+        if req.prompt.is_empty() {
+            return Err(HearthError::InvalidRequest("the prompt is empty".into()));
+        }
+        req.params.validate()?;
+        let vocab = self.tokenizer.vocab_size() as u32;
+        if let Some(bad) = req.prompt.iter().find(|&&t| t >= vocab) {
+            return Err(HearthError::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary ({vocab})"
+            )));
+        }
+        let prompt_len = req.prompt.len();
+        if prompt_len >= self.max_context {
+            return Err(HearthError::ContextLength {
+                prompt: prompt_len,
+                context: self.max_context,
+            });
+        }
+        let room = self.max_context - prompt_len;
+        let max_tokens = match req.params.max_tokens {
+            Some(m) if m > room => {
+                return Err(HearthError::ContextLength {
+                    prompt: prompt_len + m,
+                    context: self.max_context,
+                })
+            }
+            Some(m) => m,
+            None => room,
+        };
+        // The longest this sequence can get must fit the pool, or it could never finish.
+        let total = self.stats.total_blocks.load(Ordering::Relaxed);
+        let needed = (prompt_len + max_tokens).div_ceil(self.block_size);
+        if needed > total {
+            return Err(HearthError::KvCapacity { needed, total });
+        }
+        let (reply, rx) = flume::unbounded();
+        let seq = Sequence {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            prompt_len,
+            tokens: req.prompt,
+            num_computed: 0,
+            block_table: Vec::new(),
+            sampler: sampler::Sampler::new(req.params),
+            max_tokens,
+            eos_ids: self.tokenizer.eos_ids.clone(),
+            reply,
+            arrived: Instant::now(),
+            cached_tokens: 0,
+        };
+        self.tx.send(seq).map_err(|_| HearthError::EngineStopped)?;
+        Ok(rx)
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.free_blocks.load(Ordering::Relaxed)
+    }
+
+    pub fn total_blocks(&self) -> usize {
+        self.stats.total_blocks.load(Ordering::Relaxed)
+    }
+
+    /// Whether no request is queued or running.
+    pub fn is_idle(&self) -> bool {
+        self.stats.running.load(Ordering::Relaxed) == 0
+            && self.stats.waiting.load(Ordering::Relaxed) == 0
+            && self.tx.is_empty()
+    }
+
+    /// Run a request to the end and collect its tokens (a convenience for the CLI, tests, benches).
+    pub fn generate(&self, req: Request) -> Result<(Vec<Sampled>, FinishReason, Usage)> {
+        let rx = self.submit(req)?;
+        let mut out = Vec::new();
+        for ev in rx.iter() {
+            match ev {
+                Event::Token(s) => out.push(s),
+                Event::Finished { reason, usage } => return Ok((out, reason, usage)),
+                Event::Error(e) => return Err(HearthError::InvalidRequest(e)),
+            }
+        }
+        Err(HearthError::EngineStopped)
+    }
+}
+
+pub struct Engine;
+
+impl Engine {
+    /// Start the engine thread for `model`; it runs until every handle is dropped and work is done.
+    pub fn start(model: Model, cfg: EngineConfig) -> Result<EngineHandle> {
+        let d = &model.decoder;
+        let dtype: DType = d.cfg.dtype;
+        let per_block = KvCache::bytes_per_block(
+            d.cfg.n_layers,
+            cfg.block_size,
+            d.cfg.n_kv_heads,
+            d.cfg.head_dim,
+            dtype,
+        );
+        let num_blocks = cfg
+            .num_blocks
+            .unwrap_or(cfg.kv_cache_bytes / per_block.max(1));
+        if num_blocks == 0 {
+            return Err(HearthError::KvCapacity {
+                needed: 1,
+                total: 0,
+            });
+        }
+        let kv = d.new_kv_cache(num_blocks, cfg.block_size)?;
+        let backend = cfg
+            .backend
+            .unwrap_or_else(|| AttentionBackend::best_for(&d.device, dtype));
+        let pool = BlockPool::new(num_blocks, cfg.block_size);
+        let stats = Arc::new(EngineStats::default());
+        stats.total_blocks.store(num_blocks, Ordering::Relaxed);
+        let (tx, rx) = flume::unbounded::<Sequence>();
+        let handle = EngineHandle {
+            tx,
+            next_id: Arc::new(AtomicU64::new(0)),
+            name: model.name.clone(),
+            tokenizer: Arc::new(model.tokenizer.clone()),
+            chat_template: Arc::new(model.chat_template.clone()),
+            max_context: model.max_context(),
+            stats: stats.clone(),
+            free_blocks: pool.free_gauge(),
+            block_size: cfg.block_size,
+        };
+        tracing::info!(
+            model = %model.name,
+            num_blocks,
+            block_size = cfg.block_size,
+            kv_mib = (num_blocks * per_block) >> 20,
+            ?backend,
+            "engine starting"
+        );
+        let runner = Runner {
+            decoder: model.decoder,
+            kv,
+            backend,
+        };
+        let scheduler = Scheduler::new(cfg.scheduler, pool);
+        std::thread::Builder::new()
+            .name(format!("engine-{}", model.name))
+            .spawn(move || run_loop(runner, scheduler, rx, stats))?;
+        Ok(handle)
+    }
+}
+
+fn run_loop(
+    runner: Runner,
+    mut sched: Scheduler,
+    rx: flume::Receiver<Sequence>,
+    stats: Arc<EngineStats>,
+) {
+    loop {
+        if sched.is_idle() {
+            match rx.recv() {
+                Ok(seq) => sched.add(seq),
+                Err(_) => break,
+            }
+        }
+        while let Ok(seq) = rx.try_recv() {
+            sched.add(seq);
+        }
+        sched.abort_cancelled();
+        let plan = sched.schedule();
+        stats.running.store(sched.num_running(), Ordering::Relaxed);
+        stats.waiting.store(sched.num_waiting(), Ordering::Relaxed);
+        stats
+            .preemptions
+            .store(sched.preemptions, Ordering::Relaxed);
+        if plan.is_empty() {
+            if !sched.is_idle() {
+                // Nothing fits right now (should not happen: admission checks capacity); avoid spinning.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            continue;
+        }
+        let out = match runner.execute(&plan) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(error = %e, "step failed");
+                sched.fail(&plan, &e.to_string());
+                continue;
+            }
+        };
+        stats.steps.fetch_add(1, Ordering::Relaxed);
+        stats
+            .busy_micros
+            .fetch_add(out.elapsed.as_micros() as u64, Ordering::Relaxed);
+        sched.mark_computed(&plan);
+        let mut rows = out.logits.into_iter();
+        for item in plan.items.iter() {
+            let n = item.tokens.len() as u64;
+            if item.wants_logits && item.tokens.len() == 1 && item.first_pos > 0 {
+                stats.decode_tokens.fetch_add(n, Ordering::Relaxed);
+            } else {
+                stats.prefill_tokens.fetch_add(n, Ordering::Relaxed);
+            }
+            if !item.wants_logits {
+                continue;
+            }
+            let Some(row) = rows.next() else { break };
+            let Some(seq) = sched.get_mut(item.seq_id) else {
+                continue;
+            };
+            let sampled = seq.sampler.sample(&row, &seq.tokens);
+            let done = seq.push(&sampled);
+            let gone = seq.reply.send(Event::Token(sampled)).is_err();
+            let done = if seq.tokens.len() >= runner.decoder.cfg.max_context {
+                Some(done.unwrap_or(FinishReason::Length))
+            } else {
+                done
+            };
+            match (done, gone) {
+                (_, true) => sched.finish(item.seq_id, FinishReason::Aborted),
+                (Some(r), false) => sched.finish(item.seq_id, r),
+                (None, false) => {}
+            }
+        }
+        stats.running.store(sched.num_running(), Ordering::Relaxed);
+        stats.waiting.store(sched.num_waiting(), Ordering::Relaxed);
+    }
+    tracing::info!("engine stopped");
+}

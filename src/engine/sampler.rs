@@ -1,0 +1,357 @@
+//! Token sampling: greedy, temperature, top-k, top-p, min-p, repetition / presence / frequency
+//! penalties, per-request seeds, and log-probabilities of the chosen and the top-n tokens.
+use std::collections::HashMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{HearthError, Result};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 means no limit.
+    pub top_k: usize,
+    pub top_p: f32,
+    pub min_p: f32,
+    /// Multiplicative penalty (HF style) on tokens seen in the prompt or output; 1 disables.
+    pub repetition_penalty: f32,
+    /// Additive penalties (OpenAI style) on tokens seen in the output.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub seed: Option<u64>,
+    /// None: until the context is full.
+    pub max_tokens: Option<usize>,
+    pub stop_token_ids: Vec<u32>,
+    pub ignore_eos: bool,
+    /// Number of top alternatives to return with each token's log-probability; None: no logprobs.
+    pub logprobs: Option<usize>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+            max_tokens: None,
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            logprobs: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            ..Default::default()
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(HearthError::InvalidRequest(m.to_string()));
+        if !(self.temperature.is_finite() && (0.0..=100.0).contains(&self.temperature)) {
+            return bad("temperature must be between 0 and 100");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p must be in (0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p must be in [0, 1]");
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad("repetition_penalty must be > 0");
+        }
+        if !((-2.0..=2.0).contains(&self.presence_penalty)
+            && (-2.0..=2.0).contains(&self.frequency_penalty))
+        {
+            return bad("presence_penalty and frequency_penalty must be between -2 and 2");
+        }
+        if self.max_tokens == Some(0) {
+            return bad("max_tokens must be at least 1");
+        }
+        if self.logprobs.is_some_and(|n| n > 20) {
+            return bad("top_logprobs must be at most 20");
+        }
+        Ok(())
+    }
+
+    fn is_greedy(&self) -> bool {
+        self.temperature == 0.0 || self.top_k == 1
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    /// Log-probability of `token` under the model's distribution (before sampling transforms).
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, best first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Per-sequence sampling state.
+#[derive(Debug)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+    /// Output-token counts, for the presence and frequency penalties.
+    counts: HashMap<u32, u32>,
+}
+
+fn log_softmax_at(logits: &[f32], max: f32, lse: f32, i: usize) -> f32 {
+    logits[i] - max - lse
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(s) => StdRng::seed_from_u64(s),
+            None => StdRng::from_os_rng(),
+        };
+        Self {
+            params,
+            rng,
+            counts: HashMap::new(),
+        }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Pick the next token from `logits`; `context` is the prompt plus the output so far.
+    pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> Sampled {
+        let p = &self.params;
+        // Log-probabilities are reported from the raw distribution, as OpenAI and vLLM do.
+        let (max, lse) = {
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+            (max, sum.ln())
+        };
+
+        let mut work: Vec<f32> = logits.to_vec();
+        if p.repetition_penalty != 1.0 {
+            let mut seen = context.to_vec();
+            seen.sort_unstable();
+            seen.dedup();
+            for t in seen {
+                if let Some(l) = work.get_mut(t as usize) {
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &c) in &self.counts {
+                if let Some(l) = work.get_mut(t as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * c as f32;
+                }
+            }
+        }
+
+        let greedy = p.is_greedy();
+        let top_n_wanted = p.logprobs;
+        let token = if greedy {
+            argmax(&work)
+        } else {
+            self.draw(&work)
+        };
+        *self.counts.entry(token).or_insert(0) += 1;
+
+        let top = match top_n_wanted {
+            Some(n) if n > 0 => top_n(logits, n)
+                .into_iter()
+                .map(|i| (i as u32, log_softmax_at(logits, max, lse, i)))
+                .collect(),
+            _ => Vec::new(),
+        };
+        Sampled {
+            token,
+            logprob: log_softmax_at(logits, max, lse, token as usize),
+            top,
+        }
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        let t = p.temperature;
+        // Candidates sorted by logit, best first (ties by id, so a seed reproduces exactly).
+        let mut idx: Vec<usize> = if p.top_k > 0 && p.top_k < logits.len() {
+            top_n(logits, p.top_k)
+        } else {
+            let mut all: Vec<usize> = (0..logits.len()).collect();
+            all.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+            all
+        };
+        let max = logits[idx[0]];
+        let mut probs: Vec<f32> = idx.iter().map(|&i| ((logits[i] - max) / t).exp()).collect();
+        let sum: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= sum);
+
+        let mut keep = probs.len();
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            for (i, &x) in probs.iter().enumerate() {
+                acc += x;
+                if acc >= p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        if p.min_p > 0.0 {
+            let floor = probs[0] * p.min_p;
+            keep = keep.min(probs.iter().take_while(|&&x| x >= floor).count().max(1));
+        }
+        idx.truncate(keep);
+        probs.truncate(keep);
+        let total: f32 = probs.iter().sum();
+        let mut r = self.rng.random::<f32>() * total;
+        for (i, &x) in probs.iter().enumerate() {
+            r -= x;
+            if r <= 0.0 {
+                return idx[i] as u32;
+            }
+        }
+        idx[keep - 1] as u32
+    }
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Indices of the `n` largest values, largest first (ties by lower index).
+fn top_n(v: &[f32], n: usize) -> Vec<usize> {
+    let n = n.min(v.len());
+    let cmp = |a: &usize, b: &usize| v[*b].total_cmp(&v[*a]).then(a.cmp(b));
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    if n < idx.len() {
+        idx.select_nth_unstable_by(n, cmp);
+        idx.truncate(n);
+    }
+    idx.sort_unstable_by(cmp);
+    idx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits() -> Vec<f32> {
+        vec![1.0, 3.0, 2.0, 0.5, 2.9, -1.0]
+    }
+
+    #[test]
+    fn greedy_picks_argmax_and_reports_logprobs() {
+        let mut s = Sampler::new(SamplingParams {
+            logprobs: Some(2),
+            ..SamplingParams::greedy()
+        });
+        let out = s.sample(&logits(), &[]);
+        assert_eq!(out.token, 1);
+        let l = logits();
+        let lse = l.iter().map(|x| x.exp()).sum::<f32>().ln();
+        assert!((out.logprob - (3.0 - lse)).abs() < 1e-5);
+        assert_eq!(out.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 4]);
+    }
+
+    #[test]
+    fn seeds_reproduce_and_top_k_restricts() {
+        let params = SamplingParams {
+            temperature: 1.5,
+            top_k: 3,
+            seed: Some(7),
+            ..Default::default()
+        };
+        let draw = |p: &SamplingParams| {
+            let mut s = Sampler::new(p.clone());
+            (0..50)
+                .map(|_| s.sample(&logits(), &[]).token)
+                .collect::<Vec<_>>()
+        };
+        let a = draw(&params);
+        assert_eq!(a, draw(&params));
+        assert!(a.iter().all(|t| [1, 4, 2].contains(t)));
+        assert!(
+            a.iter().any(|&t| t != a[0]),
+            "temperature 1.5 over 3 tokens must vary"
+        );
+    }
+
+    #[test]
+    fn top_p_and_min_p_cut_the_tail() {
+        let l = vec![10.0, 9.0, 0.0, 0.0];
+        let mut s = Sampler::new(SamplingParams {
+            top_p: 0.5,
+            seed: Some(1),
+            ..Default::default()
+        });
+        assert!((0..20).all(|_| s.sample(&l, &[]).token == 0));
+        let mut s = Sampler::new(SamplingParams {
+            min_p: 0.2,
+            seed: Some(1),
+            ..Default::default()
+        });
+        assert!((0..50).all(|_| s.sample(&l, &[]).token < 2));
+    }
+
+    #[test]
+    fn penalties_steer_away_from_seen_tokens() {
+        let l = vec![2.0, 1.9, 0.0];
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 1.5,
+            ..SamplingParams::greedy()
+        });
+        assert_eq!(s.sample(&l, &[0]).token, 1);
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: 0.5,
+            ..SamplingParams::greedy()
+        });
+        assert_eq!(s.sample(&l, &[]).token, 0);
+        assert_eq!(
+            s.sample(&l, &[]).token,
+            1,
+            "token 0 was output once: penalised"
+        );
+    }
+
+    #[test]
+    fn validation_rejects_out_of_range() {
+        for p in [
+            SamplingParams {
+                temperature: -1.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                top_p: 0.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                max_tokens: Some(0),
+                ..Default::default()
+            },
+        ] {
+            assert!(p.validate().is_err());
+        }
+    }
+}

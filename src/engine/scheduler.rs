@@ -1,0 +1,209 @@
+//! Continuous batching: which sequences run this step and how many tokens each. Prefill is chunked to a
+//! per-step token budget so a long prompt shares steps with decoding sequences; a sequence is admitted
+//! only when blocks for its chunk exist, and when a running sequence cannot grow, the most recently
+//! admitted one is preempted (its blocks freed, recomputed later). The scheduler never touches tensors.
+use std::collections::VecDeque;
+
+use super::block_pool::BlockPool;
+use super::sequence::{Event, FinishReason, Sequence};
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Tokens (prefill chunks + decodes) one step may run.
+    pub max_batch_tokens: usize,
+    /// Sequences one step may run.
+    pub max_seqs: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_tokens: 512,
+            max_seqs: 256,
+        }
+    }
+}
+
+/// One sequence's share of a step: plain data for the runner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scheduled {
+    pub seq_id: u64,
+    pub tokens: Vec<u32>,
+    pub first_pos: usize,
+    pub block_table: Vec<u32>,
+    /// The chunk reaches the end of the known tokens, so a new token is sampled after it.
+    pub wants_logits: bool,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StepPlan {
+    pub items: Vec<Scheduled>,
+}
+
+impl StepPlan {
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.items.iter().map(|i| i.tokens.len()).sum()
+    }
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    pub pool: BlockPool,
+    waiting: VecDeque<Sequence>,
+    /// In admission order: the last one is preempted first.
+    running: Vec<Sequence>,
+    pub preemptions: u64,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig, pool: BlockPool) -> Self {
+        Self {
+            cfg,
+            pool,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            preemptions: 0,
+        }
+    }
+
+    pub fn add(&mut self, seq: Sequence) {
+        self.waiting.push_back(seq);
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty()
+    }
+
+    pub fn get_mut(&mut self, id: u64) -> Option<&mut Sequence> {
+        self.running.iter_mut().find(|s| s.id == id)
+    }
+
+    /// Drop sequences whose client has gone away; their blocks are free when this returns.
+    pub fn abort_cancelled(&mut self) -> usize {
+        let mut n = 0;
+        let pool = &mut self.pool;
+        let mut drop_if = |s: &mut Sequence| {
+            if s.is_cancelled() {
+                pool.free(&mut s.block_table);
+                n += 1;
+                false
+            } else {
+                true
+            }
+        };
+        self.running.retain_mut(&mut drop_if);
+        self.waiting.retain_mut(&mut drop_if);
+        n
+    }
+
+    fn preempt_last(&mut self) {
+        if let Some(mut s) = self.running.pop() {
+            self.pool.free(&mut s.block_table);
+            s.num_computed = 0;
+            self.preemptions += 1;
+            self.waiting.push_front(s);
+        }
+    }
+
+    pub fn schedule(&mut self) -> StepPlan {
+        let mut budget = self.cfg.max_batch_tokens;
+        let mut plan = StepPlan::default();
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let n = self.running[i].num_pending().min(budget);
+            let want = self.running[i].num_computed + n;
+            loop {
+                let seq = &mut self.running[i];
+                if self.pool.append(&mut seq.block_table, want) {
+                    break;
+                }
+                // Out of blocks: recompute the newest sequence later, possibly this one.
+                let victim_is_self = i == self.running.len() - 1;
+                self.preempt_last();
+                if victim_is_self {
+                    break;
+                }
+            }
+            if i >= self.running.len() {
+                break;
+            }
+            let seq = &self.running[i];
+            plan.items.push(Self::item(seq, n));
+            budget -= n;
+            i += 1;
+        }
+        // Admit waiting sequences while the budget, the batch size and the pool allow.
+        while budget > 0 && self.running.len() < self.cfg.max_seqs {
+            let Some(seq) = self.waiting.front_mut() else {
+                break;
+            };
+            let n = seq.num_pending().min(budget);
+            if !self.pool.append(&mut seq.block_table, seq.num_computed + n) {
+                break;
+            }
+            let Some(seq) = self.waiting.pop_front() else {
+                break;
+            };
+            plan.items.push(Self::item(&seq, n));
+            budget -= n;
+            self.running.push(seq);
+        }
+        plan
+    }
+
+    fn item(seq: &Sequence, n: usize) -> Scheduled {
+        let start = seq.num_computed;
+        Scheduled {
+            seq_id: seq.id,
+            tokens: seq.tokens[start..start + n].to_vec(),
+            first_pos: start,
+            block_table: seq.block_table.clone(),
+            wants_logits: start + n == seq.tokens.len(),
+        }
+    }
+
+    /// Record that `plan` ran: its tokens are now in the cache.
+    pub fn mark_computed(&mut self, plan: &StepPlan) {
+        for item in &plan.items {
+            if let Some(s) = self.get_mut(item.seq_id) {
+                s.num_computed = item.first_pos + item.tokens.len();
+            }
+        }
+    }
+
+    /// Remove a finished sequence, free its blocks and tell its client.
+    pub fn finish(&mut self, id: u64, reason: FinishReason) {
+        if let Some(pos) = self.running.iter().position(|s| s.id == id) {
+            let mut s = self.running.remove(pos);
+            self.pool.free(&mut s.block_table);
+            let _ = s.reply.send(Event::Finished {
+                reason,
+                usage: s.usage(),
+            });
+        }
+    }
+
+    /// Fail every running sequence in `plan` (the step's forward failed).
+    pub fn fail(&mut self, plan: &StepPlan, msg: &str) {
+        for item in &plan.items {
+            if let Some(pos) = self.running.iter().position(|s| s.id == item.seq_id) {
+                let mut s = self.running.remove(pos);
+                self.pool.free(&mut s.block_table);
+                let _ = s.reply.send(Event::Error(msg.to_string()));
+            }
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Chat templates: the model's own Jinja template (`tokenizer.chat_template`) rendered with minijinja,
+//! or Gemma's turn format when a Gemma file carries none.
+use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{HearthError, Result};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: &str, content: &str) -> Self {
+        Self {
+            role: role.to_string(),
+            content: content.to_string(),
+        }
+    }
+}
+
+/// Gemma's documented turn format; the system prompt is folded into the first user turn.
+const GEMMA_TEMPLATE: &str = "{{ bos_token }}{% set sys = '' %}{% for m in messages %}\
+{% if m.role == 'system' %}{% set sys = m.content + '\n\n' %}{% else %}\
+{% set role = 'model' if m.role == 'assistant' else m.role %}\
+<start_of_turn>{{ role }}\n{% if loop.index0 == 1 or (loop.first and m.role != 'system') %}{{ sys }}{% endif %}{{ m.content | trim }}<end_of_turn>\n\
+{% endif %}{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}";
+
+/// ChatML, for files with no template of their own.
+const CHATML_TEMPLATE: &str =
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+#[derive(Debug, Clone)]
+pub struct ChatTemplate {
+    source: String,
+    bos_token: String,
+    eos_token: String,
+}
+
+fn raise_exception(msg: String) -> std::result::Result<String, JinjaError> {
+    Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+}
+
+impl ChatTemplate {
+    /// `template` from the model file if any; otherwise a fallback chosen by architecture.
+    pub fn new(template: Option<String>, arch: &str, bos_token: &str, eos_token: &str) -> Self {
+        let source = template.unwrap_or_else(|| {
+            if arch.starts_with("gemma") {
+                GEMMA_TEMPLATE.to_string()
+            } else {
+                CHATML_TEMPLATE.to_string()
+            }
+        });
+        Self {
+            source,
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+        }
+    }
+
+    /// The prompt text for `messages`, ending with the assistant's turn opener.
+    pub fn render(&self, messages: &[ChatMessage]) -> Result<String> {
+        if messages.is_empty() {
+            return Err(HearthError::InvalidRequest(
+                "messages must not be empty".into(),
+            ));
+        }
+        let mut env = Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_template("chat", &self.source)
+            .map_err(|e| HearthError::ChatTemplate(e.to_string()))?;
+        let tmpl = env
+            .get_template("chat")
+            .map_err(|e| HearthError::ChatTemplate(e.to_string()))?;
+        tmpl.render(context! {
+            messages => messages,
+            add_generation_prompt => true,
+            bos_token => self.bos_token,
+            eos_token => self.eos_token,
+        })
+        .map_err(|e| HearthError::ChatTemplate(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemma_fallback_folds_system_into_first_user_turn() {
+        let t = ChatTemplate::new(None, "gemma3", "<bos>", "<eos>");
+        let out = t
+            .render(&[
+                ChatMessage::new("system", "Be brief."),
+                ChatMessage::new("user", "Hi"),
+                ChatMessage::new("assistant", "Hello"),
+                ChatMessage::new("user", "Bye"),
+            ])
+            .unwrap();
+        assert_eq!(
+            out,
+            "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n\
+<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+        );
+    }
+
+    #[test]
+    fn empty_messages_are_rejected() {
+        let t = ChatTemplate::new(None, "llama", "<s>", "</s>");
+        assert!(t.render(&[]).is_err());
+    }
+}

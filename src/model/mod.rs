@@ -1,0 +1,53 @@
+//! Model loading and the forward pass: loaders (GGUF, safetensors), tokenizer and chat template, the
+//! shared decoder architecture, and the paged-attention op.
+pub mod attention;
+pub mod batch;
+pub mod chat;
+pub mod decoder;
+pub mod gguf;
+pub mod safetensors;
+pub mod tokenizer;
+
+use std::path::Path;
+
+use candle_core::Device;
+
+pub use attention::{AttentionBackend, KvCache};
+pub use batch::Batch;
+pub use chat::{ChatMessage, ChatTemplate};
+pub use decoder::Decoder;
+pub use tokenizer::Tokenizer;
+
+use crate::error::{HearthError, Result};
+
+/// A loaded model: weights, tokenizer, chat template.
+#[derive(Debug)]
+pub struct Model {
+    pub name: String,
+    pub decoder: Decoder,
+    pub tokenizer: Tokenizer,
+    pub chat_template: ChatTemplate,
+}
+
+impl Model {
+    /// Load a GGUF file, or a folder holding a safetensors checkpoint.
+    pub fn load(path: &Path, name: &str, device: &Device) -> Result<Self> {
+        if path.is_dir() {
+            return safetensors::load(path, name, device);
+        }
+        if !path.exists() {
+            return Err(HearthError::ModelNotFound(path.display().to_string()));
+        }
+        gguf::load(path, name, device)
+    }
+
+    pub fn max_context(&self) -> usize {
+        self.decoder.cfg.max_context
+    }
+
+    /// Prompt token ids of a chat conversation, rendered through the model's template.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let text = self.chat_template.render(messages)?;
+        self.tokenizer.encode(&text)
+    }
+}

@@ -1,0 +1,207 @@
+//! Hugging Face Llama checkpoints: a folder with config.json, tokenizer.json and safetensors weights
+//! (bf16 / f16 / f32). On the CPU the weights are widened to f32; on a GPU they keep the file's dtype.
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use super::chat::ChatTemplate;
+use super::decoder::{Activation, Decoder, DecoderConfig, Embeddings, Layer, Norm, RopeLayout};
+use super::tokenizer::Tokenizer;
+use super::Model;
+use crate::error::{HearthError, Result};
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+#[derive(Debug, Deserialize)]
+struct HfConfig {
+    #[serde(default)]
+    architectures: Vec<String>,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    num_hidden_layers: usize,
+    head_dim: Option<usize>,
+    rms_norm_eps: f64,
+    rope_theta: Option<f32>,
+    vocab_size: usize,
+    max_position_embeddings: Option<usize>,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<OneOrMany>,
+}
+
+fn file_err(path: &Path, reason: impl std::fmt::Display) -> HearthError {
+    HearthError::ModelFile {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => HearthError::ModelNotFound(path.display().to_string()),
+        _ => file_err(path, e),
+    })?;
+    serde_json::from_str(&text).map_err(|e| file_err(path, e))
+}
+
+fn load_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<std::path::PathBuf> = if index.exists() {
+        #[derive(Deserialize)]
+        struct Index {
+            weight_map: HashMap<String, String>,
+        }
+        let idx: Index = read_json(&index)?;
+        let mut f: Vec<_> = idx.weight_map.values().cloned().collect();
+        f.sort();
+        f.dedup();
+        f.into_iter().map(|n| dir.join(n)).collect()
+    } else {
+        vec![dir.join("model.safetensors")]
+    };
+    let mut all = HashMap::new();
+    for f in files {
+        if !f.exists() {
+            return Err(HearthError::ModelNotFound(f.display().to_string()));
+        }
+        all.extend(candle_core::safetensors::load(&f, device).map_err(|e| file_err(&f, e))?);
+    }
+    Ok(all)
+}
+
+pub fn load(dir: &Path, name: &str, device: &Device) -> Result<Model> {
+    let cfg: HfConfig = read_json(&dir.join("config.json"))?;
+    if let Some(a) = cfg.architectures.first() {
+        if !matches!(a.as_str(), "LlamaForCausalLM" | "MistralForCausalLM") {
+            return Err(HearthError::UnsupportedArchitecture(a.clone()));
+        }
+    }
+    let mut w = load_weights(dir, device)?;
+    let file_dtype = w
+        .get("model.embed_tokens.weight")
+        .map(|t| t.dtype())
+        .unwrap_or(DType::F32);
+    let dtype = if device.is_cpu() {
+        DType::F32
+    } else {
+        file_dtype
+    };
+    let mut take = |k: &str| -> Result<Tensor> {
+        let t = w
+            .remove(k)
+            .ok_or_else(|| file_err(dir, format!("tensor `{k}` is missing")))?;
+        Ok(t.to_dtype(dtype)?)
+    };
+    let eps = cfg.rms_norm_eps;
+    let n_heads = cfg.num_attention_heads;
+    let head_dim = cfg.head_dim.unwrap_or(cfg.hidden_size / n_heads);
+    let embed = take("model.embed_tokens.weight")?;
+    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    let norm = |t: Tensor| Norm {
+        weight: t,
+        eps: eps as f32,
+    };
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let mut lin =
+            |n: &str| -> Result<QMatMul> { Ok(QMatMul::Tensor(take(&format!("{p}.{n}.weight"))?)) };
+        let wq = lin("self_attn.q_proj")?;
+        let wk = lin("self_attn.k_proj")?;
+        let wv = lin("self_attn.v_proj")?;
+        let wo = lin("self_attn.o_proj")?;
+        let gate = lin("mlp.gate_proj")?;
+        let up = lin("mlp.up_proj")?;
+        let down = lin("mlp.down_proj")?;
+        layers.push(Layer {
+            attn_norm: norm(take(&format!("{p}.input_layernorm.weight"))?),
+            wq,
+            wk,
+            wv,
+            wo,
+            q_norm: None,
+            k_norm: None,
+            post_attn_norm: None,
+            ffn_norm: norm(take(&format!("{p}.post_attention_layernorm.weight"))?),
+            gate,
+            up,
+            down,
+            post_ffn_norm: None,
+        });
+    }
+    let final_norm = norm(take("model.norm.weight")?);
+    let lm_head = if cfg.tie_word_embeddings {
+        QMatMul::Tensor(embed.clone())
+    } else {
+        QMatMul::Tensor(take("lm_head.weight")?)
+    };
+    let _ = cfg.intermediate_size;
+    let dcfg = DecoderConfig {
+        arch: "llama".into(),
+        hidden: cfg.hidden_size,
+        n_layers: cfg.num_hidden_layers,
+        n_heads,
+        n_kv_heads: cfg.num_key_value_heads.unwrap_or(n_heads),
+        head_dim,
+        vocab: cfg.vocab_size,
+        max_context: cfg.max_position_embeddings.unwrap_or(4096),
+        rms_eps: eps,
+        rope_base: cfg.rope_theta.unwrap_or(10_000.0),
+        rope_base_local: cfg.rope_theta.unwrap_or(10_000.0),
+        rope_layout: RopeLayout::Halves,
+        activation: Activation::Silu,
+        embed_scale: None,
+        attn_scale: 1.0 / (head_dim as f32).sqrt(),
+        sliding_window: None,
+        sliding_pattern: None,
+        dtype,
+    };
+    let tok_path = dir.join("tokenizer.json");
+    if !tok_path.exists() {
+        return Err(HearthError::ModelNotFound(tok_path.display().to_string()));
+    }
+    let mut tokenizer = Tokenizer::from_file(
+        &tok_path,
+        None,
+        &["</s>", "<|eot_id|>", "<|end_of_text|>", "<|im_end|>"],
+    )?;
+    tokenizer.bos_id = cfg.bos_token_id;
+    match cfg.eos_token_id {
+        Some(OneOrMany::One(e)) => tokenizer.eos_ids.push(e),
+        Some(OneOrMany::Many(v)) => tokenizer.eos_ids.extend(v),
+        None => {}
+    }
+    let template_src = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|v| {
+            v.get("chat_template")
+                .and_then(|t| t.as_str().map(String::from))
+        });
+    let chat_template = ChatTemplate::new(template_src, "llama", "<s>", "</s>");
+    let decoder = Decoder::new(
+        dcfg,
+        Embeddings::Dense(embed),
+        layers,
+        final_norm,
+        lm_head,
+        None,
+        device,
+    )?;
+    Ok(Model {
+        name: name.to_string(),
+        decoder,
+        tokenizer,
+        chat_template,
+    })
+}
