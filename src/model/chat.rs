@@ -21,11 +21,12 @@ impl ChatMessage {
 }
 
 /// Gemma's documented turn format; the system prompt is folded into the first user turn.
-const GEMMA_TEMPLATE: &str = "{{ bos_token }}{% set sys = '' %}{% for m in messages %}\
-{% if m.role == 'system' %}{% set sys = m.content + '\n\n' %}{% else %}\
-{% set role = 'model' if m.role == 'assistant' else m.role %}\
-<start_of_turn>{{ role }}\n{% if loop.index0 == 1 or (loop.first and m.role != 'system') %}{{ sys }}{% endif %}{{ m.content | trim }}<end_of_turn>\n\
-{% endif %}{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}";
+const GEMMA_TEMPLATE: &str = "{{ bos_token }}\
+{% if messages[0].role == 'system' %}{% set sys = messages[0].content + '\n\n' %}{% set rest = messages[1:] %}\
+{% else %}{% set sys = '' %}{% set rest = messages %}{% endif %}\
+{% for m in rest %}{% set role = 'model' if m.role == 'assistant' else m.role %}\
+<start_of_turn>{{ role }}\n{% if loop.first %}{{ sys }}{% endif %}{{ m.content | trim }}<end_of_turn>\n\
+{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}";
 
 /// ChatML, for files with no template of their own.
 const CHATML_TEMPLATE: &str =
