@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::attention::{paged_attention, write_kv, AttentionBackend, AttnParams, KvCache};
 use super::batch::Batch;
+use super::linear::Linear;
 use crate::error::{HearthError, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,17 +75,17 @@ impl Norm {
 #[derive(Debug)]
 pub struct Layer {
     pub attn_norm: Norm,
-    pub wq: QMatMul,
-    pub wk: QMatMul,
-    pub wv: QMatMul,
-    pub wo: QMatMul,
+    pub wq: Linear,
+    pub wk: Linear,
+    pub wv: Linear,
+    pub wo: Linear,
     pub q_norm: Option<Norm>,
     pub k_norm: Option<Norm>,
     pub post_attn_norm: Option<Norm>,
     pub ffn_norm: Norm,
-    pub gate: QMatMul,
-    pub up: QMatMul,
-    pub down: QMatMul,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
     pub post_ffn_norm: Option<Norm>,
 }
 

@@ -11,6 +11,7 @@ use candle_core::{DType, Device};
 
 use super::chat::ChatTemplate;
 use super::decoder::{Activation, Decoder, DecoderConfig, Embeddings, Layer, Norm, RopeLayout};
+use super::linear::Linear;
 use super::tokenizer::Tokenizer;
 use super::Model;
 use crate::error::{HearthError, Result};
@@ -40,6 +41,10 @@ impl<R: Read + Seek> Reader<'_, R> {
 
     fn matmul(&mut self, name: &str) -> Result<QMatMul> {
         Ok(QMatMul::from_qtensor(self.qtensor(name)?)?)
+    }
+
+    fn linear(&mut self, name: &str) -> Result<Linear> {
+        Linear::from_qtensor(self.qtensor(name)?)
     }
 
     fn norm(&mut self, name: &str, eps: f64) -> Result<Norm> {
@@ -205,17 +210,17 @@ pub fn load(path: &Path, name: &str, device: &Device) -> Result<Model> {
         let p = format!("blk.{i}");
         layers.push(Layer {
             attn_norm: rd.norm(&format!("{p}.attn_norm.weight"), rms_eps)?,
-            wq: rd.matmul(&format!("{p}.attn_q.weight"))?,
-            wk: rd.matmul(&format!("{p}.attn_k.weight"))?,
-            wv: rd.matmul(&format!("{p}.attn_v.weight"))?,
-            wo: rd.matmul(&format!("{p}.attn_output.weight"))?,
+            wq: rd.linear(&format!("{p}.attn_q.weight"))?,
+            wk: rd.linear(&format!("{p}.attn_k.weight"))?,
+            wv: rd.linear(&format!("{p}.attn_v.weight"))?,
+            wo: rd.linear(&format!("{p}.attn_output.weight"))?,
             q_norm: rd.opt_norm(&format!("{p}.attn_q_norm.weight"), rms_eps)?,
             k_norm: rd.opt_norm(&format!("{p}.attn_k_norm.weight"), rms_eps)?,
             post_attn_norm: rd.opt_norm(&format!("{p}.post_attention_norm.weight"), rms_eps)?,
             ffn_norm: rd.norm(&format!("{p}.ffn_norm.weight"), rms_eps)?,
-            gate: rd.matmul(&format!("{p}.ffn_gate.weight"))?,
-            up: rd.matmul(&format!("{p}.ffn_up.weight"))?,
-            down: rd.matmul(&format!("{p}.ffn_down.weight"))?,
+            gate: rd.linear(&format!("{p}.ffn_gate.weight"))?,
+            up: rd.linear(&format!("{p}.ffn_up.weight"))?,
+            down: rd.linear(&format!("{p}.ffn_down.weight"))?,
             post_ffn_norm: rd.opt_norm(&format!("{p}.post_ffw_norm.weight"), rms_eps)?,
         });
     }

@@ -5,6 +5,7 @@ pub mod batch;
 pub mod chat;
 pub mod decoder;
 pub mod gguf;
+pub mod linear;
 pub mod safetensors;
 pub mod tokenizer;
 

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use super::chat::ChatTemplate;
 use super::decoder::{Activation, Decoder, DecoderConfig, Embeddings, Layer, Norm, RopeLayout};
+use super::linear::Linear;
 use super::tokenizer::Tokenizer;
 use super::Model;
 use crate::error::{HearthError, Result};
@@ -114,8 +115,11 @@ pub fn load(dir: &Path, name: &str, device: &Device) -> Result<Model> {
     };
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        let mut lin =
-            |n: &str| -> Result<QMatMul> { Ok(QMatMul::Tensor(take(&format!("{p}.{n}.weight"))?)) };
+        let mut lin = |n: &str| -> Result<Linear> {
+            Ok(Linear::Candle(QMatMul::Tensor(take(&format!(
+                "{p}.{n}.weight"
+            ))?)))
+        };
         let wq = lin("self_attn.q_proj")?;
         let wk = lin("self_attn.k_proj")?;
         let wv = lin("self_attn.v_proj")?;
