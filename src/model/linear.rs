@@ -39,7 +39,7 @@ impl Linear {
         if t.dtype() == GgmlDType::Q4_1
             && t.device().is_cpu()
             && dims.len() == 2
-            && dims[1] % QK == 0
+            && dims[1].is_multiple_of(QK)
         {
             return Ok(Self::Q4_1 {
                 data: t.data()?.into_owned(),

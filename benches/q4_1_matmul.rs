@@ -1,3 +1,4 @@
+//! Q4_1 matmul per-row cost, candle's kernel vs Hearth's tiled one, at several batch sizes.
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use hearth::model::linear::Linear;
