@@ -18,7 +18,7 @@ const Q8_1_BYTES: usize = 36;
 /// Activation rows that share one decoded weight block.
 const ROW_TILE: usize = 8;
 /// From this many rows on, the tiled kernel beats candle's (measured with examples in benches/).
-const TILED_MIN_ROWS: usize = 8;
+const TILED_MIN_ROWS: usize = 2;
 
 #[derive(Debug)]
 pub enum Linear {
@@ -97,35 +97,47 @@ fn quantize_rows(x: &[f32], m: usize, k: usize) -> Vec<u8> {
     bytes.to_vec()
 }
 
-/// One activation block, decoded once: scale, scaled sum, and the 8-bit values.
-struct ActBlock {
-    d: f32,
-    s: f32,
-    qs: [i8; QK],
+/// Eight activation rows' block `b`, decoded once: their scales, scaled sums and 8-bit values.
+#[derive(Clone)]
+#[repr(C, align(32))]
+struct ActTile {
+    d: [f32; ROW_TILE],
+    s: [f32; ROW_TILE],
+    qs: [[i8; QK]; ROW_TILE],
 }
 
 /// One weight block, decoded once: scale, minimum, and the 4-bit values as bytes (low nibbles then
 /// high nibbles, matching the activation layout).
+#[derive(Clone)]
+#[repr(C, align(32))]
 struct WeightBlock {
+    qs: [u8; QK],
     d: f32,
     m: f32,
-    qs: [u8; QK],
 }
 
-fn decode_acts(xq: &[u8]) -> Vec<ActBlock> {
-    xq.chunks_exact(Q8_1_BYTES)
-        .map(|b| {
-            let mut qs = [0i8; QK];
-            for (q, &v) in qs.iter_mut().zip(&b[4..]) {
+/// Activations as (tile, block) groups of eight rows; rows past `m` are zero and ignored.
+fn decode_acts(xq: &[u8], m: usize, nb: usize) -> Vec<ActTile> {
+    let tiles = m.div_ceil(ROW_TILE);
+    let empty = ActTile {
+        d: [0.0; ROW_TILE],
+        s: [0.0; ROW_TILE],
+        qs: [[0; QK]; ROW_TILE],
+    };
+    let mut out = vec![empty; tiles * nb];
+    for r in 0..m {
+        for b in 0..nb {
+            let blk = &xq[(r * nb + b) * Q8_1_BYTES..][..Q8_1_BYTES];
+            let t = &mut out[(r / ROW_TILE) * nb + b];
+            let lane = r % ROW_TILE;
+            t.d[lane] = f16_at(blk, 0);
+            t.s[lane] = f16_at(blk, 2);
+            for (q, &v) in t.qs[lane].iter_mut().zip(&blk[4..]) {
                 *q = v as i8;
             }
-            ActBlock {
-                d: f16_at(b, 0),
-                s: f16_at(b, 2),
-                qs,
-            }
-        })
-        .collect()
+        }
+    }
+    out
 }
 
 fn decode_weight(blk: &[u8]) -> WeightBlock {
@@ -135,77 +147,95 @@ fn decode_weight(blk: &[u8]) -> WeightBlock {
         qs[j + QK / 2] = blk[4 + j] >> 4;
     }
     WeightBlock {
+        qs,
         d: f16_at(blk, 0),
         m: f16_at(blk, 2),
-        qs,
     }
 }
 
-/// Exact integer dot product of 32 unsigned 4-bit and 32 signed 8-bit values.
+/// Accumulate one weight block against one tile of eight rows. Per row this is exactly candle's
+/// `sumf += sumi as f32 * d_w * d_a + m_w * s_a` (no fused multiply-add, same order), eight rows at once.
 #[inline(always)]
-fn dot(a: &[u8; QK], b: &[i8; QK]) -> i32 {
+fn tile_step(acc: &mut [f32; ROW_TILE], w: &WeightBlock, a: &ActTile) {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
     {
         use std::arch::x86_64::*;
-        // SAFETY: AVX2 is enabled at compile time (cfg above); the loads read exactly 32 bytes.
+        // SAFETY: AVX2 is enabled at compile time (cfg above); every load/store touches exactly the
+        // 32 bytes of a fixed-size array field.
         unsafe {
-            let va = _mm256_loadu_si256(a.as_ptr() as *const __m256i);
-            let vb = _mm256_loadu_si256(b.as_ptr() as *const __m256i);
-            // u8 x i8 pairs to i16 (at most 2 * 15 * 127, no saturation), then pairs to i32.
-            let p16 = _mm256_maddubs_epi16(va, vb);
-            let p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
-            let s = _mm_add_epi32(
-                _mm256_castsi256_si128(p32),
-                _mm256_extracti128_si256(p32, 1),
+            let wq = _mm256_loadu_si256(w.qs.as_ptr() as *const __m256i);
+            let ones = _mm256_set1_epi16(1);
+            let row = |r: usize| {
+                let aq = _mm256_loadu_si256(a.qs[r].as_ptr() as *const __m256i);
+                // u8 x i8 pairs to i16 (at most 2 * 15 * 127, no saturation), then pairs to i32.
+                _mm256_madd_epi16(_mm256_maddubs_epi16(wq, aq), ones)
+            };
+            // Integer sums of eight rows into eight lanes (exact, so the order is free).
+            let s01 = _mm256_hadd_epi32(row(0), row(1));
+            let s23 = _mm256_hadd_epi32(row(2), row(3));
+            let s45 = _mm256_hadd_epi32(row(4), row(5));
+            let s67 = _mm256_hadd_epi32(row(6), row(7));
+            let s0123 = _mm256_hadd_epi32(s01, s23);
+            let s4567 = _mm256_hadd_epi32(s45, s67);
+            let lo = _mm256_permute2x128_si256(s0123, s4567, 0x20);
+            let hi = _mm256_permute2x128_si256(s0123, s4567, 0x31);
+            let sumi = _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi));
+            let t = _mm256_mul_ps(
+                _mm256_mul_ps(sumi, _mm256_set1_ps(w.d)),
+                _mm256_loadu_ps(a.d.as_ptr()),
             );
-            let s = _mm_hadd_epi32(s, s);
-            let s = _mm_hadd_epi32(s, s);
-            _mm_cvtsi128_si32(s)
+            let u = _mm256_mul_ps(_mm256_set1_ps(w.m), _mm256_loadu_ps(a.s.as_ptr()));
+            let sum = _mm256_add_ps(_mm256_loadu_ps(acc.as_ptr()), _mm256_add_ps(t, u));
+            _mm256_storeu_ps(acc.as_mut_ptr(), sum);
         }
     }
     #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
     {
-        a.iter().zip(b).map(|(&x, &y)| x as i32 * y as i32).sum()
+        for (r, s) in acc.iter_mut().enumerate() {
+            let sumi: i32 =
+                w.qs.iter()
+                    .zip(&a.qs[r])
+                    .map(|(&x, &y)| x as i32 * y as i32)
+                    .sum();
+            *s += sumi as f32 * w.d * a.d[r] + w.m * a.s[r];
+        }
     }
 }
 
 /// Output columns one parallel task computes.
-const COL_CHUNK: usize = 32;
+const COL_CHUNK: usize = 16;
 
 /// out (m, n) = x (m, k) . w (n, k)^T with w in Q4_1, bit-identical to candle's CPU result.
 pub fn q4_1_matmul(w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
     let nb = k / QK;
-    let acts = decode_acts(&quantize_rows(x, m, k));
-    // Transposed output (n, m) so each task owns a contiguous run of columns.
-    let mut out_t = vec![0f32; n * m];
+    let tiles = m.div_ceil(ROW_TILE);
+    let acts = decode_acts(&quantize_rows(x, m, k), m, nb);
+    // Transposed, padded output (n, tiles * 8) so each task owns a contiguous run of columns.
+    let mp = tiles * ROW_TILE;
+    let mut out_t = vec![0f32; n * mp];
     out_t
-        .par_chunks_mut(m * COL_CHUNK)
+        .par_chunks_mut(mp * COL_CHUNK)
         .enumerate()
         .for_each(|(chunk, dst)| {
             let mut wblocks = Vec::with_capacity(nb);
-            for (ci, dcol) in dst.chunks_mut(m).enumerate() {
+            for (ci, dcol) in dst.chunks_mut(mp).enumerate() {
                 let col = chunk * COL_CHUNK + ci;
                 let wrow = &w[col * nb * Q4_1_BYTES..(col + 1) * nb * Q4_1_BYTES];
                 wblocks.clear();
                 wblocks.extend(wrow.chunks_exact(Q4_1_BYTES).map(decode_weight));
-                for (r0, dtile) in (0..m).step_by(ROW_TILE).zip(dcol.chunks_mut(ROW_TILE)) {
-                    let mut sumf = [0f32; ROW_TILE];
-                    for (b, wb) in wblocks.iter().enumerate() {
-                        for (r, s) in sumf.iter_mut().enumerate().take(dtile.len()) {
-                            let a = &acts[(r0 + r) * nb + b];
-                            let sumi = dot(&wb.qs, &a.qs);
-                            // Same expression and order as candle's vec_dot for Q4_1 x Q8_1.
-                            *s += sumi as f32 * wb.d * a.d + wb.m * a.s;
-                        }
+                for (t, dtile) in dcol.chunks_exact_mut(ROW_TILE).enumerate() {
+                    let mut acc = [0f32; ROW_TILE];
+                    for (wb, a) in wblocks.iter().zip(&acts[t * nb..(t + 1) * nb]) {
+                        tile_step(&mut acc, wb, a);
                     }
-                    dtile.copy_from_slice(&sumf[..dtile.len()]);
+                    dtile.copy_from_slice(&acc);
                 }
             }
         });
     let mut out = vec![0f32; m * n];
-    for col in 0..n {
-        for r in 0..m {
-            out[r * n + col] = out_t[col * m + r];
+    for (r, orow) in out.chunks_exact_mut(n).enumerate() {
+        for (col, o) in orow.iter_mut().enumerate() {
+            *o = out_t[col * mp + r];
         }
     }
     out
