@@ -56,6 +56,7 @@ fn run_batch(e: &EngineHandle, prompts: &[Vec<u32>], max_tokens: usize) -> Resul
         .iter()
         .map(|p| {
             e.submit(Request {
+                tenant: None,
                 prompt: p.clone(),
                 params: params.clone(),
             })
@@ -84,7 +85,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let engine = Engine::start(
         model,
         EngineConfig {
-            kv_cache_bytes: 2 << 30,
+            kv_budget: crate::engine::KvBudget::Bytes(2 << 30),
             ..Default::default()
         },
     )?;

@@ -80,6 +80,7 @@ fn main() -> Result<()> {
                 ..Default::default()
             };
             let rx = engine.submit(Request {
+                tenant: None,
                 prompt: ids,
                 params,
             })?;

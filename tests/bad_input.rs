@@ -81,6 +81,7 @@ fn unknown_architecture_is_a_clear_error() {
 fn bad_prompts_are_refused_at_submission() {
     let e = common::engine(&common::smollm2(), EngineConfig::default());
     let req = |prompt: Vec<u32>, max_tokens: Option<usize>| Request {
+        tenant: None,
         prompt,
         params: SamplingParams {
             max_tokens,
@@ -107,6 +108,7 @@ fn bad_prompts_are_refused_at_submission() {
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
     let err = e
         .submit(Request {
+            tenant: None,
             prompt: vec![1, 2, 3],
             params: SamplingParams {
                 temperature: f32::NAN,

@@ -68,6 +68,7 @@ fn sixteen_prompts_batched_with_chunked_prefill_match_each_alone() {
         .iter()
         .map(|p| {
             e.submit(Request {
+                tenant: None,
                 prompt: p.clone(),
                 params: params.clone(),
             })
@@ -134,6 +135,7 @@ proptest! {
         for (i, a) in arrivals.iter().enumerate() {
             std::thread::sleep(Duration::from_millis(a.delay_ms));
             let rx = e.submit(Request {
+                tenant: None,
                 prompt: prompt(&e, i as u64, a.prompt_len),
                 params: SamplingParams { max_tokens: Some(a.max_tokens), ignore_eos: true, ..SamplingParams::greedy() },
             }).unwrap();

@@ -24,15 +24,52 @@ use runner::Runner;
 use scheduler::Scheduler;
 use sequence::Sequence;
 
+/// How much memory the KV cache gets.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvBudget {
+    Bytes(usize),
+    /// A fraction of the device memory free at start-up (on the CPU, MemAvailable).
+    FreeFraction(f64),
+}
+
+impl KvBudget {
+    pub fn bytes(&self, device: &candle_core::Device) -> usize {
+        match *self {
+            Self::Bytes(b) => b,
+            Self::FreeFraction(f) => (free_memory(device) as f64 * f.clamp(0.0, 1.0)) as usize,
+        }
+    }
+}
+
+/// Free memory of `device` in bytes (best effort: 1 GiB when it cannot be read).
+fn free_memory(device: &candle_core::Device) -> usize {
+    const FALLBACK: usize = 1 << 30;
+    if !device.is_cpu() {
+        return FALLBACK;
+    }
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<usize>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(FALLBACK)
+}
+
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub block_size: usize,
-    /// Number of KV blocks; when None, sized from `kv_cache_bytes`.
+    /// Number of KV blocks; when None, sized from `kv_budget`.
     pub num_blocks: Option<usize>,
-    pub kv_cache_bytes: usize,
+    pub kv_budget: KvBudget,
     pub scheduler: SchedulerConfig,
     /// None: the fastest backend for the device.
     pub backend: Option<AttentionBackend>,
+    /// Reuse the KV of cached prompt prefixes.
+    pub prefix_caching: bool,
 }
 
 impl Default for EngineConfig {
@@ -40,9 +77,10 @@ impl Default for EngineConfig {
         Self {
             block_size: 16,
             num_blocks: None,
-            kv_cache_bytes: 512 << 20,
+            kv_budget: KvBudget::Bytes(512 << 20),
             scheduler: SchedulerConfig::default(),
             backend: None,
+            prefix_caching: true,
         }
     }
 }
@@ -52,6 +90,18 @@ impl Default for EngineConfig {
 pub struct Request {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
+    /// Who asks: prefix-cache blocks are never shared between tenants (a timing side channel).
+    pub tenant: Option<String>,
+}
+
+impl Request {
+    pub fn new(prompt: Vec<u32>, params: SamplingParams) -> Self {
+        Self {
+            prompt,
+            params,
+            tenant: None,
+        }
+    }
 }
 
 /// Counters the engine keeps; read from any thread.
@@ -61,10 +111,17 @@ pub struct EngineStats {
     pub waiting: AtomicUsize,
     pub total_blocks: AtomicUsize,
     pub steps: AtomicU64,
+    /// Prompt tokens run through the model (prefix-cache hits are not).
     pub prefill_tokens: AtomicU64,
+    /// Generated tokens run through the model (including recomputation after preemption).
     pub decode_tokens: AtomicU64,
     pub preemptions: AtomicU64,
     pub busy_micros: AtomicU64,
+    pub prefix_query_tokens: AtomicU64,
+    pub prefix_hit_tokens: AtomicU64,
+    /// KV token slots held by running sequences, and of those holding a token.
+    pub kv_slots_allocated: AtomicUsize,
+    pub kv_slots_used: AtomicUsize,
 }
 
 /// Everything a client needs to build prompts and read replies, plus the way in.
@@ -77,7 +134,7 @@ pub struct EngineHandle {
     pub chat_template: Arc<ChatTemplate>,
     pub max_context: usize,
     pub stats: Arc<EngineStats>,
-    free_blocks: Arc<AtomicUsize>,
+    pool: Arc<block_pool::PoolGauges>,
     block_size: usize,
 }
 
@@ -119,6 +176,13 @@ impl EngineHandle {
         if needed > total {
             return Err(HearthError::KvCapacity { needed, total });
         }
+        let salt = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            self.name.hash(&mut h);
+            req.tenant.hash(&mut h);
+            h.finish()
+        };
         let (reply, rx) = flume::unbounded();
         let seq = Sequence {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
@@ -132,13 +196,22 @@ impl EngineHandle {
             reply,
             arrived: Instant::now(),
             cached_tokens: 0,
+            salt,
+            block_hashes: Vec::new(),
+            admitted: false,
         };
         self.tx.send(seq).map_err(|_| HearthError::EngineStopped)?;
         Ok(rx)
     }
 
+    /// Blocks that can be allocated (empty, or cached and unused).
     pub fn free_blocks(&self) -> usize {
-        self.free_blocks.load(Ordering::Relaxed)
+        self.pool.free.load(Ordering::Relaxed)
+    }
+
+    /// Unused blocks that still hold a cached prefix.
+    pub fn cached_blocks(&self) -> usize {
+        self.pool.cached.load(Ordering::Relaxed)
     }
 
     pub fn total_blocks(&self) -> usize {
@@ -183,7 +256,7 @@ impl Engine {
         );
         let num_blocks = cfg
             .num_blocks
-            .unwrap_or(cfg.kv_cache_bytes / per_block.max(1));
+            .unwrap_or(cfg.kv_budget.bytes(&d.device) / per_block.max(1));
         if num_blocks == 0 {
             return Err(HearthError::KvCapacity {
                 needed: 1,
@@ -194,7 +267,7 @@ impl Engine {
         let backend = cfg
             .backend
             .unwrap_or_else(|| AttentionBackend::best_for(&d.device, dtype));
-        let pool = BlockPool::new(num_blocks, cfg.block_size);
+        let pool = BlockPool::new(num_blocks, cfg.block_size, cfg.prefix_caching);
         let stats = Arc::new(EngineStats::default());
         stats.total_blocks.store(num_blocks, Ordering::Relaxed);
         let (tx, rx) = flume::unbounded::<Sequence>();
@@ -206,7 +279,7 @@ impl Engine {
             chat_template: Arc::new(model.chat_template.clone()),
             max_context: model.max_context(),
             stats: stats.clone(),
-            free_blocks: pool.free_gauge(),
+            pool: pool.gauges(),
             block_size: cfg.block_size,
         };
         tracing::info!(
@@ -275,12 +348,11 @@ fn run_loop(
         sched.mark_computed(&plan);
         let mut rows = out.logits.into_iter();
         for item in plan.items.iter() {
-            let n = item.tokens.len() as u64;
-            if item.wants_logits && item.tokens.len() == 1 && item.first_pos > 0 {
-                stats.decode_tokens.fetch_add(n, Ordering::Relaxed);
-            } else {
-                stats.prefill_tokens.fetch_add(n, Ordering::Relaxed);
-            }
+            let prompt = item.prompt_tokens as u64;
+            stats.prefill_tokens.fetch_add(prompt, Ordering::Relaxed);
+            stats
+                .decode_tokens
+                .fetch_add(item.tokens.len() as u64 - prompt, Ordering::Relaxed);
             if !item.wants_logits {
                 continue;
             }
@@ -302,8 +374,24 @@ fn run_loop(
                 (None, false) => {}
             }
         }
-        stats.running.store(sched.num_running(), Ordering::Relaxed);
-        stats.waiting.store(sched.num_waiting(), Ordering::Relaxed);
+        publish(&stats, &sched);
     }
     tracing::info!("engine stopped");
+}
+
+fn publish(stats: &EngineStats, sched: &Scheduler) {
+    stats.running.store(sched.num_running(), Ordering::Relaxed);
+    stats.waiting.store(sched.num_waiting(), Ordering::Relaxed);
+    stats
+        .preemptions
+        .store(sched.preemptions, Ordering::Relaxed);
+    stats
+        .prefix_query_tokens
+        .store(sched.prefix_query_tokens, Ordering::Relaxed);
+    stats
+        .prefix_hit_tokens
+        .store(sched.prefix_hit_tokens, Ordering::Relaxed);
+    let (alloc, used) = sched.kv_slot_usage();
+    stats.kv_slots_allocated.store(alloc, Ordering::Relaxed);
+    stats.kv_slots_used.store(used, Ordering::Relaxed);
 }

@@ -4,7 +4,7 @@
 //! admitted one is preempted (its blocks freed, recomputed later). The scheduler never touches tensors.
 use std::collections::VecDeque;
 
-use super::block_pool::BlockPool;
+use super::block_pool::{BlockPool, ROOT_HASH};
 use super::sequence::{Event, FinishReason, Sequence};
 
 #[derive(Debug, Clone)]
@@ -33,6 +33,8 @@ pub struct Scheduled {
     pub block_table: Vec<u32>,
     /// The chunk reaches the end of the known tokens, so a new token is sampled after it.
     pub wants_logits: bool,
+    /// How many of the chunk's tokens are prompt tokens (the rest are generated ones).
+    pub prompt_tokens: usize,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -58,6 +60,9 @@ pub struct Scheduler {
     /// In admission order: the last one is preempted first.
     running: Vec<Sequence>,
     pub preemptions: u64,
+    /// Prompt tokens looked up in the prefix cache, and of those found there.
+    pub prefix_query_tokens: u64,
+    pub prefix_hit_tokens: u64,
 }
 
 impl Scheduler {
@@ -68,6 +73,8 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             preemptions: 0,
+            prefix_query_tokens: 0,
+            prefix_hit_tokens: 0,
         }
     }
 
@@ -113,6 +120,7 @@ impl Scheduler {
         if let Some(mut s) = self.running.pop() {
             self.pool.free(&mut s.block_table);
             s.num_computed = 0;
+            s.block_hashes.clear();
             self.preemptions += 1;
             self.waiting.push_front(s);
         }
@@ -150,9 +158,30 @@ impl Scheduler {
             let Some(seq) = self.waiting.front_mut() else {
                 break;
             };
+            if seq.block_table.is_empty() && self.pool.caching() {
+                // Reuse the longest cached prefix, but always compute at least the last token: its
+                // logits are needed.
+                let max_blocks = (seq.tokens.len() - 1) / self.pool.block_size();
+                let (blocks, hashes) = self.pool.match_prefix(&seq.tokens, seq.salt, max_blocks);
+                seq.num_computed = blocks.len() * self.pool.block_size();
+                seq.block_table = blocks;
+                seq.block_hashes = hashes;
+            }
             let n = seq.num_pending().min(budget);
             if !self.pool.append(&mut seq.block_table, seq.num_computed + n) {
+                // Not now: give the matched blocks back (they stay cached) so nothing is pinned.
+                self.pool.free(&mut seq.block_table);
+                seq.num_computed = 0;
+                seq.block_hashes.clear();
                 break;
+            }
+            if self.pool.caching() {
+                self.prefix_query_tokens += seq.tokens.len() as u64;
+                self.prefix_hit_tokens += seq.num_computed as u64;
+            }
+            if !seq.admitted {
+                seq.admitted = true;
+                seq.cached_tokens = seq.num_computed.min(seq.prompt_len);
             }
             let Some(seq) = self.waiting.pop_front() else {
                 break;
@@ -172,16 +201,42 @@ impl Scheduler {
             first_pos: start,
             block_table: seq.block_table.clone(),
             wants_logits: start + n == seq.tokens.len(),
+            prompt_tokens: seq.prompt_len.saturating_sub(start).min(n),
         }
     }
 
     /// Record that `plan` ran: its tokens are now in the cache.
     pub fn mark_computed(&mut self, plan: &StepPlan) {
+        let bs = self.pool.block_size();
         for item in &plan.items {
-            if let Some(s) = self.get_mut(item.seq_id) {
-                s.num_computed = item.first_pos + item.tokens.len();
+            let Some(s) = self.running.iter_mut().find(|s| s.id == item.seq_id) else {
+                continue;
+            };
+            s.num_computed = item.first_pos + item.tokens.len();
+            // Blocks that just became full (all their K/V written) join the prefix cache.
+            while (s.block_hashes.len() + 1) * bs <= s.num_computed {
+                let i = s.block_hashes.len();
+                let parent = s.block_hashes.last().copied().unwrap_or(ROOT_HASH);
+                let h = self.pool.register(
+                    s.block_table[i],
+                    parent,
+                    s.salt,
+                    &s.tokens[i * bs..(i + 1) * bs],
+                );
+                s.block_hashes.push(h);
             }
         }
+    }
+
+    /// Token slots allocated to running sequences, and of those holding a token (for KV waste).
+    pub fn kv_slot_usage(&self) -> (usize, usize) {
+        let bs = self.pool.block_size();
+        self.running.iter().fold((0, 0), |(alloc, used), s| {
+            (
+                alloc + s.block_table.len() * bs,
+                used + s.tokens.len().min(s.block_table.len() * bs),
+            )
+        })
     }
 
     /// Remove a finished sequence, free its blocks and tell its client.

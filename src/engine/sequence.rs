@@ -44,7 +44,13 @@ pub struct Sequence {
     pub eos_ids: Vec<u32>,
     pub reply: flume::Sender<Event>,
     pub arrived: Instant,
+    /// Prompt tokens whose KV came from the prefix cache at first admission.
     pub cached_tokens: usize,
+    /// Prefix-cache namespace (tenant and model): blocks are shared only under the same salt.
+    pub salt: u64,
+    /// Chained hashes of the sequence's full, computed blocks, in order.
+    pub block_hashes: Vec<u64>,
+    pub admitted: bool,
 }
 
 impl Sequence {

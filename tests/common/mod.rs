@@ -42,6 +42,7 @@ pub fn greedy(e: &EngineHandle, prompt: &[u32], n: usize) -> Vec<u32> {
     };
     let (toks, _, _) = e
         .generate(Request {
+            tenant: None,
             prompt: prompt.to_vec(),
             params,
         })
@@ -58,6 +59,7 @@ pub fn greedy_n(e: &EngineHandle, prompt: &[u32], n: usize) -> Vec<u32> {
     };
     let (toks, _, _) = e
         .generate(Request {
+            tenant: None,
             prompt: prompt.to_vec(),
             params,
         })
