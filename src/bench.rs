@@ -27,6 +27,9 @@ pub struct BenchArgs {
     /// Repetitions of each measurement; the best is reported.
     #[arg(long, default_value_t = 2)]
     pub repeat: usize,
+    /// `core`: prefill and decode throughput; `prefix`: the prefix cache's effect.
+    #[arg(long, default_value = "core")]
+    pub suite: String,
 }
 
 /// A prompt of exactly `len` tokens, different per `seed`, of ordinary vocabulary ids.
@@ -43,6 +46,30 @@ fn synthetic_prompt(e: &EngineHandle, seed: usize, len: usize) -> Result<Vec<u32
     }
     let ids = e.tokenizer.encode(&text)?;
     Ok(ids[..len].to_vec())
+}
+
+/// Seconds until the first token of one request.
+fn ttft(e: &EngineHandle, prompt: &[u32]) -> Result<f64> {
+    let t0 = Instant::now();
+    let rx = e.submit(Request::new(
+        prompt.to_vec(),
+        SamplingParams {
+            max_tokens: Some(1),
+            ..SamplingParams::greedy()
+        },
+    ))?;
+    for ev in rx.iter() {
+        match ev {
+            Event::Token(_) => {
+                let secs = t0.elapsed().as_secs_f64();
+                for _ in rx.iter() {}
+                return Ok(secs);
+            }
+            Event::Error(msg) => return Err(crate::HearthError::InvalidRequest(msg)),
+            _ => {}
+        }
+    }
+    Err(crate::HearthError::EngineStopped)
 }
 
 fn run_batch(e: &EngineHandle, prompts: &[Vec<u32>], max_tokens: usize) -> Result<(usize, f64)> {
@@ -66,6 +93,7 @@ fn run_batch(e: &EngineHandle, prompts: &[Vec<u32>], max_tokens: usize) -> Resul
     for rx in rxs {
         for ev in rx.iter() {
             match ev {
+                Event::Admitted { .. } => {}
                 Event::Token(_) => tokens += 1,
                 Event::Finished { .. } => break,
                 Event::Error(msg) => return Err(crate::HearthError::InvalidRequest(msg)),
@@ -75,13 +103,117 @@ fn run_batch(e: &EngineHandle, prompts: &[Vec<u32>], max_tokens: usize) -> Resul
     Ok((tokens, t0.elapsed().as_secs_f64()))
 }
 
+fn prefix_suite(args: &BenchArgs, name: &str) -> Result<()> {
+    let start = |caching: bool| -> Result<EngineHandle> {
+        Engine::start(
+            Model::load(&args.model, "bench", &Device::Cpu)?,
+            EngineConfig {
+                kv_budget: crate::engine::KvBudget::Bytes(1 << 30),
+                prefix_caching: caching,
+                ..Default::default()
+            },
+        )
+    };
+    let on = start(true)?;
+    run_batch(&on, &[synthetic_prompt(&on, 99, 16)?], 4)?;
+    let mut cold = f64::MAX;
+    let mut warm = f64::MAX;
+    for i in 0..args.repeat.max(1) {
+        // A fresh 400-token prefix each round: the first request misses, the second hits.
+        let prefix = synthetic_prompt(&on, 1000 + i, 400)?;
+        let with = |seed: usize| -> Result<Vec<u32>> {
+            let mut p = prefix.clone();
+            p.extend(synthetic_prompt(&on, seed, 16)?);
+            Ok(p)
+        };
+        cold = cold.min(ttft(&on, &with(2000 + i)?)?);
+        warm = warm.min(ttft(&on, &with(3000 + i)?)?);
+    }
+
+    // Throughput at a 0% hit rate: every prompt distinct, caching on vs off.
+    let prompts_for = |e: &EngineHandle, round: usize| -> Result<Vec<Vec<u32>>> {
+        (0..16)
+            .map(|i| synthetic_prompt(e, 10_000 + round * 100 + i, 64))
+            .collect()
+    };
+    let off = start(false)?;
+    run_batch(&off, &[synthetic_prompt(&off, 99, 16)?], 4)?;
+    let mut tput = [0f64; 2];
+    let mut waste = Vec::new();
+    for round in 0..args.repeat.max(1) {
+        for (k, e) in [&off, &on].into_iter().enumerate() {
+            let prompts = prompts_for(e, round * 2 + k)?;
+            let stats = e.stats.clone();
+            let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let sampler = {
+                let done = done.clone();
+                std::thread::spawn(move || {
+                    let mut w = Vec::new();
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        let a = stats
+                            .kv_slots_allocated
+                            .load(std::sync::atomic::Ordering::Relaxed);
+                        let u = stats
+                            .kv_slots_used
+                            .load(std::sync::atomic::Ordering::Relaxed);
+                        if a > 0 {
+                            w.push(1.0 - u as f64 / a as f64);
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    w
+                })
+            };
+            let (n, secs) = run_batch(e, &prompts, args.decode_tokens)?;
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            waste.extend(sampler.join().unwrap_or_default());
+            tput[k] = tput[k].max(n as f64 / secs);
+        }
+    }
+    let mean_waste = waste.iter().sum::<f64>() / waste.len().max(1) as f64;
+    println!("| model | measure | value |");
+    println!("| --- | --- | --- |");
+    println!(
+        "| {name} | TTFT, 400-token prefix not cached | {:.1} ms |",
+        cold * 1e3
+    );
+    println!(
+        "| {name} | TTFT, 400-token prefix cached | {:.1} ms |",
+        warm * 1e3
+    );
+    println!(
+        "| {name} | TTFT ratio cached / not cached | {:.3} |",
+        warm / cold
+    );
+    println!(
+        "| {name} | 16 x decode tok/s, caching off | {:.1} |",
+        tput[0]
+    );
+    println!(
+        "| {name} | 16 x decode tok/s, caching on, 0% hits | {:.1} |",
+        tput[1]
+    );
+    println!(
+        "| {name} | throughput ratio on / off | {:.3} |",
+        tput[1] / tput[0]
+    );
+    println!(
+        "| {name} | KV waste (unused / allocated slots, mean while decoding) | {:.1}% |",
+        mean_waste * 100.0
+    );
+    Ok(())
+}
+
 pub fn run(args: &BenchArgs) -> Result<()> {
-    let model = Model::load(&args.model, "bench", &Device::Cpu)?;
     let name = args
         .model
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
+    if args.suite == "prefix" {
+        return prefix_suite(args, &name);
+    }
+    let model = Model::load(&args.model, "bench", &Device::Cpu)?;
     let engine = Engine::start(
         model,
         EngineConfig {

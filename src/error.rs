@@ -21,6 +21,8 @@ pub enum HearthError {
     ContextLength { prompt: usize, context: usize },
     #[error("the request needs {needed} KV blocks but the pool only has {total}")]
     KvCapacity { needed: usize, total: usize },
+    #[error("the request queue is full ({0} waiting); retry later")]
+    QueueFull(usize),
     #[error("the engine has stopped")]
     EngineStopped,
     #[error("tensor error: {0}")]

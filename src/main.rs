@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::{Parser, Subcommand};
 
+use hearth::config::{Config, ModelEntry};
 use hearth::engine::{Engine, EngineConfig, Event, Request, SamplingParams};
 use hearth::model::{ChatMessage, Model};
 use hearth::streaming::TextStream;
@@ -40,19 +41,58 @@ enum Cmd {
         #[arg(long, default_value_t = 1.0)]
         top_p: f32,
     },
+    /// Serve the OpenAI-compatible HTTP API (defaults: both models in models/, 127.0.0.1:8080).
+    Serve {
+        /// A TOML config file; flags override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        port: Option<u16>,
+        /// NAME=PATH; repeat to serve several models (replaces the configured list).
+        #[arg(long = "model")]
+        models: Vec<String>,
+    },
     /// Measure prefill and decode throughput of a model on this machine.
     Bench(hearth::bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    hearth::telemetry::init_tracing();
     match Cli::parse().cmd {
+        Cmd::Serve {
+            config,
+            host,
+            port,
+            models,
+        } => {
+            let mut cfg = Config::load(config.as_deref())?;
+            if let Some(h) = host {
+                cfg.host = h;
+            }
+            if let Some(p) = port {
+                cfg.port = p;
+            }
+            if !models.is_empty() {
+                cfg.models = models
+                    .iter()
+                    .map(|m| {
+                        let (name, path) = m
+                            .split_once('=')
+                            .with_context(|| format!("--model {m}: expected NAME=PATH"))?;
+                        Ok(ModelEntry {
+                            name: name.to_string(),
+                            path: path.into(),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(hearth::server::run(cfg, Device::Cpu))?;
+        }
         Cmd::Generate {
             model,
             prompt,
@@ -93,6 +133,7 @@ fn main() -> Result<()> {
                         out.write_all(piece.as_bytes())?;
                         out.flush()?;
                     }
+                    Event::Admitted { .. } => {}
                     Event::Finished { .. } => break,
                     Event::Error(e) => anyhow::bail!(e),
                 }

@@ -46,6 +46,7 @@ fn sixteen_prompts_batched_with_chunked_prefill_match_each_alone() {
         scheduler: SchedulerConfig {
             max_batch_tokens: 256,
             max_seqs: 64,
+            ..Default::default()
         },
         ..Default::default()
     };
@@ -127,7 +128,7 @@ proptest! {
         // A small pool (24 blocks of 16) so sequences compete for blocks and get preempted.
         let cfg = EngineConfig {
             num_blocks: Some(24),
-            scheduler: SchedulerConfig { max_batch_tokens: 64, max_seqs: 8 },
+            scheduler: SchedulerConfig { max_batch_tokens: 64, max_seqs: 8, ..Default::default() },
             ..Default::default()
         };
         let e = common::engine(&common::smollm2(), cfg);
@@ -147,6 +148,7 @@ proptest! {
                         return None; // drops the receiver: the client went away
                     }
                     match ev {
+                        Event::Admitted { .. } => {}
                         Event::Token(_) => n += 1,
                         Event::Finished { reason, usage } => return Some((reason, n, usage.completion_tokens)),
                         Event::Error(err) => panic!("request failed: {err}"),

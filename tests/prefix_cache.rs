@@ -155,7 +155,7 @@ proptest! {
         let solo = common::engine(&common::smollm2(), EngineConfig { prefix_caching: false, ..Default::default() });
         let cfg = EngineConfig {
             num_blocks: Some(14),
-            scheduler: SchedulerConfig { max_batch_tokens: 96, max_seqs: 8 },
+            scheduler: SchedulerConfig { max_batch_tokens: 96, max_seqs: 8, ..Default::default() },
             ..Default::default()
         };
         let e = common::engine(&common::smollm2(), cfg);
@@ -192,6 +192,7 @@ fn a_tiny_pool_does_preempt() {
         scheduler: SchedulerConfig {
             max_batch_tokens: 64,
             max_seqs: 8,
+            ..Default::default()
         },
         ..Default::default()
     };

@@ -136,6 +136,7 @@ pub struct EngineHandle {
     pub stats: Arc<EngineStats>,
     pool: Arc<block_pool::PoolGauges>,
     block_size: usize,
+    max_waiting: usize,
 }
 
 impl EngineHandle {
@@ -183,6 +184,10 @@ impl EngineHandle {
             req.tenant.hash(&mut h);
             h.finish()
         };
+        let waiting = self.stats.waiting.load(Ordering::Relaxed) + self.tx.len();
+        if waiting >= self.max_waiting {
+            return Err(HearthError::QueueFull(waiting));
+        }
         let (reply, rx) = flume::unbounded();
         let seq = Sequence {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
@@ -199,6 +204,7 @@ impl EngineHandle {
             salt,
             block_hashes: Vec::new(),
             admitted: false,
+            queue_secs: 0.0,
         };
         self.tx.send(seq).map_err(|_| HearthError::EngineStopped)?;
         Ok(rx)
@@ -231,6 +237,7 @@ impl EngineHandle {
         let mut out = Vec::new();
         for ev in rx.iter() {
             match ev {
+                Event::Admitted { .. } => {}
                 Event::Token(s) => out.push(s),
                 Event::Finished { reason, usage } => return Ok((out, reason, usage)),
                 Event::Error(e) => return Err(HearthError::InvalidRequest(e)),
@@ -281,6 +288,7 @@ impl Engine {
             stats: stats.clone(),
             pool: pool.gauges(),
             block_size: cfg.block_size,
+            max_waiting: cfg.scheduler.max_waiting,
         };
         tracing::info!(
             model = %model.name,

@@ -13,6 +13,8 @@ pub struct SchedulerConfig {
     pub max_batch_tokens: usize,
     /// Sequences one step may run.
     pub max_seqs: usize,
+    /// Requests that may wait for admission; beyond this, submissions are refused.
+    pub max_waiting: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -20,6 +22,7 @@ impl Default for SchedulerConfig {
         Self {
             max_batch_tokens: 512,
             max_seqs: 256,
+            max_waiting: 1024,
         }
     }
 }
@@ -182,6 +185,11 @@ impl Scheduler {
             if !seq.admitted {
                 seq.admitted = true;
                 seq.cached_tokens = seq.num_computed.min(seq.prompt_len);
+                seq.queue_secs = seq.arrived.elapsed().as_secs_f64();
+                let _ = seq.reply.send(Event::Admitted {
+                    cached_tokens: seq.cached_tokens,
+                    queue_secs: seq.queue_secs,
+                });
             }
             let Some(seq) = self.waiting.pop_front() else {
                 break;

@@ -19,13 +19,23 @@ pub struct Usage {
     pub completion_tokens: usize,
     /// Prompt tokens whose KV came from the prefix cache.
     pub cached_tokens: usize,
+    /// Seconds from submission to first admission.
+    pub queue_secs: f64,
 }
 
 /// What a request's reply channel carries.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// First admission: how much of the prompt came from the prefix cache, and the time queued.
+    Admitted {
+        cached_tokens: usize,
+        queue_secs: f64,
+    },
     Token(Sampled),
-    Finished { reason: FinishReason, usage: Usage },
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+    },
     Error(String),
 }
 
@@ -51,6 +61,7 @@ pub struct Sequence {
     /// Chained hashes of the sequence's full, computed blocks, in order.
     pub block_hashes: Vec<u64>,
     pub admitted: bool,
+    pub queue_secs: f64,
 }
 
 impl Sequence {
@@ -88,6 +99,7 @@ impl Sequence {
             prompt_tokens: self.prompt_len,
             completion_tokens: self.num_generated(),
             cached_tokens: self.cached_tokens,
+            queue_secs: self.queue_secs,
         }
     }
 }

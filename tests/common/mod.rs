@@ -83,3 +83,67 @@ pub const PROMPTS: [&str; 5] = [
     "Question: What is 17 times 23?\nAnswer:",
     "In 1492, Columbus sailed across the Atlantic Ocean. The voyage",
 ];
+
+/// A Hearth server on a random local port, with its own tokio runtime.
+pub struct TestServer {
+    pub rt: tokio::runtime::Runtime,
+    pub server: Option<hearth::server::Server>,
+    pub base: String,
+}
+
+impl TestServer {
+    pub fn start(cfg: hearth::config::Config) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let cfg = hearth::config::Config {
+            host: "127.0.0.1".into(),
+            port: 0,
+            ..cfg
+        };
+        let mut server = rt
+            .block_on(hearth::server::Server::start(cfg, Device::Cpu))
+            .expect("server starts");
+        rt.block_on(server.wait_ready()).expect("models load");
+        let base = format!("http://{}", server.addr);
+        Self {
+            rt,
+            server: Some(server),
+            base,
+        }
+    }
+
+    /// SmolLM2 only (fast), under the name `smol`.
+    pub fn smol(f: impl FnOnce(&mut hearth::config::Config)) -> Self {
+        Self::named("smol", f)
+    }
+
+    /// SmolLM2 under `name`. Metrics are process-wide, so tests that read them use their own name.
+    pub fn named(name: &str, f: impl FnOnce(&mut hearth::config::Config)) -> Self {
+        let mut cfg = hearth::config::Config {
+            models: vec![hearth::config::ModelEntry {
+                name: name.into(),
+                path: smollm2(),
+            }],
+            ..Default::default()
+        };
+        f(&mut cfg);
+        Self::start(cfg)
+    }
+
+    /// A Prometheus sample's value, e.g. `hearth_kv_cache_free_blocks{model="smol"}`.
+    pub fn metric(&self, name_and_labels: &str) -> Option<f64> {
+        let text = ureq::get(&format!("{}/metrics", self.base))
+            .call()
+            .ok()?
+            .body_mut()
+            .read_to_string()
+            .ok()?;
+        text.lines()
+            .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+}

@@ -1,0 +1,113 @@
+//! One typed configuration: CLI flags over a TOML file over defaults.
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::engine::{EngineConfig, KvBudget, SchedulerConfig};
+use crate::error::{HearthError, Result};
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    /// The name clients use in the `model` field.
+    pub name: String,
+    /// A GGUF file or a safetensors folder.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    pub models: Vec<ModelEntry>,
+    /// KV cache per model, in MiB; `kv_cache_fraction` instead takes a share of free memory.
+    pub kv_cache_mib: usize,
+    pub kv_cache_fraction: Option<f64>,
+    pub block_size: usize,
+    pub max_batch_tokens: usize,
+    pub max_seqs: usize,
+    /// Requests that may wait per model before new ones get 429.
+    pub max_waiting: usize,
+    pub prefix_caching: bool,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            models: vec![
+                ModelEntry {
+                    name: "smollm2-135m-instruct".into(),
+                    path: "models/smollm2-135m-instruct-q4_1.gguf".into(),
+                },
+                ModelEntry {
+                    name: "gemma-3-270m".into(),
+                    path: "models/gemma-3-270m-q4_k_m.gguf".into(),
+                },
+            ],
+            kv_cache_mib: 512,
+            kv_cache_fraction: None,
+            block_size: 16,
+            max_batch_tokens: 512,
+            max_seqs: 256,
+            max_waiting: 1024,
+            prefix_caching: true,
+            max_body_bytes: 4 << 20,
+            drain_timeout_secs: 30,
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, overridden by the TOML file at `path` if given.
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| HearthError::ModelFile {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        toml::from_str(&text)
+            .map_err(|e| HearthError::InvalidRequest(format!("config {}: {e}", path.display())))
+    }
+
+    pub fn engine(&self) -> EngineConfig {
+        EngineConfig {
+            block_size: self.block_size,
+            num_blocks: None,
+            kv_budget: match self.kv_cache_fraction {
+                Some(f) => KvBudget::FreeFraction(f),
+                None => KvBudget::Bytes(self.kv_cache_mib << 20),
+            },
+            scheduler: SchedulerConfig {
+                max_batch_tokens: self.max_batch_tokens,
+                max_seqs: self.max_seqs,
+                max_waiting: self.max_waiting,
+            },
+            backend: None,
+            prefix_caching: self.prefix_caching,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_overrides_defaults_and_rejects_unknown_keys() {
+        let c: Config =
+            toml::from_str("port = 9000\n[[models]]\nname = \"m\"\npath = \"/x.gguf\"\n").unwrap();
+        assert_eq!(c.port, 9000);
+        assert_eq!(c.host, "127.0.0.1");
+        assert_eq!(c.models.len(), 1);
+        assert!(toml::from_str::<Config>("prot = 1").is_err());
+    }
+}

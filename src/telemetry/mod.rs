@@ -1,0 +1,62 @@
+//! Tracing set-up and every metric name, in one place. Names follow vLLM's, with a `hearth_` prefix and a
+//! `model` label.
+pub mod names {
+    pub const REQUESTS_RUNNING: &str = "hearth_num_requests_running";
+    pub const REQUESTS_WAITING: &str = "hearth_num_requests_waiting";
+    pub const TIME_TO_FIRST_TOKEN: &str = "hearth_time_to_first_token_seconds";
+    pub const INTER_TOKEN_LATENCY: &str = "hearth_inter_token_latency_seconds";
+    pub const E2E_LATENCY: &str = "hearth_e2e_request_latency_seconds";
+    pub const QUEUE_TIME: &str = "hearth_request_queue_time_seconds";
+    pub const PROMPT_TOKENS: &str = "hearth_prompt_tokens_total";
+    pub const GENERATION_TOKENS: &str = "hearth_generation_tokens_total";
+    pub const REQUESTS_FINISHED: &str = "hearth_request_success_total";
+    pub const KV_CACHE_USAGE: &str = "hearth_kv_cache_usage_perc";
+    pub const KV_BLOCKS_FREE: &str = "hearth_kv_cache_free_blocks";
+    pub const KV_BLOCKS_CACHED: &str = "hearth_kv_cache_cached_blocks";
+    pub const KV_BLOCKS_TOTAL: &str = "hearth_kv_cache_total_blocks";
+    pub const PREFIX_QUERIES: &str = "hearth_prefix_cache_queries_total";
+    pub const PREFIX_HITS: &str = "hearth_prefix_cache_hits_total";
+    pub const PREEMPTIONS: &str = "hearth_num_preemptions_total";
+}
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+/// The process-wide Prometheus recorder (installed once; later calls share it).
+pub fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let latency = [
+                0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0,
+            ];
+            let builder = [
+                names::TIME_TO_FIRST_TOKEN,
+                names::INTER_TOKEN_LATENCY,
+                names::E2E_LATENCY,
+                names::QUEUE_TIME,
+            ]
+            .iter()
+            .fold(PrometheusBuilder::new(), |b, n| {
+                b.set_buckets_for_metric(Matcher::Full(n.to_string()), &latency)
+                    .unwrap_or_else(|_| PrometheusBuilder::new())
+            });
+            match builder.install_recorder() {
+                Ok(h) => h,
+                // A recorder was installed elsewhere (tests): keep a detached one for rendering.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}
+
+/// Logs to stderr, filtered by RUST_LOG (default: info for Hearth, warn for the rest).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,hearth=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
