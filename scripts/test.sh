@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
-# The whole test suite: fetch the real models if missing, then every test (unit, integration, real models).
+# The whole test suite: fetch the real models and the pinned OpenAI client if missing, then every test
+# (unit, integration, real models, HTTP, the official Python client).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/fetch-models.sh
+if [ ! -x .venv-test/bin/python ] || ! .venv-test/bin/python -c 'import openai, pytest' 2>/dev/null; then
+    echo "[test] installing the pinned OpenAI client into .venv-test" >&2
+    python3 -m venv .venv-test
+    .venv-test/bin/pip install --quiet openai==3.51.0 pytest==9.2.0
+fi
 cargo test --release

@@ -1,0 +1,182 @@
+"""The official `openai` Python client against a running Hearth server.
+
+Run by tests/openai_python.rs, which starts the servers and sets HEARTH_BASE_URL (SmolLM2 as `smol`)
+and HEARTH_TINY_URL (one running and one waiting slot, 4 KiB bodies, to provoke 429 and 413).
+"""
+import asyncio
+import os
+import threading
+
+import openai
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+BASE = os.environ["HEARTH_BASE_URL"] + "/v1"
+TINY = os.environ["HEARTH_TINY_URL"] + "/v1"
+MODEL = "smol"
+
+
+@pytest.fixture(scope="module")
+def client():
+    return OpenAI(base_url=BASE, api_key="unused", max_retries=0, timeout=120)
+
+
+def chat(client, content, **kw):
+    return client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": content}], **kw
+    )
+
+
+def test_chat_non_streaming(client):
+    r = chat(client, "Name three fruits.", max_tokens=16, temperature=0)
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_chat_streaming_equals_non_streaming_and_reports_usage_last(client):
+    whole = chat(client, "Write one sentence about rivers.", max_tokens=24, temperature=0)
+    stream = chat(
+        client,
+        "Write one sentence about rivers.",
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+
+
+def test_completions_streaming_and_not(client):
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert r.object == "text_completion"
+    s = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in s) == r.choices[0].text
+    multi = client.completions.create(model=MODEL, prompt=["One", "Two"], max_tokens=3, temperature=0)
+    assert sorted(c.index for c in multi.choices) == [0, 1]
+
+
+def test_stop_strings_cut_the_text(client):
+    full = client.completions.create(
+        model=MODEL, prompt="List: apple, banana,", max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+    ).choices[0].text
+    assert len(full) > 12
+    stop = full[6:9]
+    cut = full[: full.index(stop)]
+    for stream in (False, True):
+        r = client.completions.create(
+            model=MODEL,
+            prompt="List: apple, banana,",
+            max_tokens=24,
+            temperature=0,
+            stop=[stop, "never-appears"],
+            stream=stream,
+            extra_body={"ignore_eos": True},
+        )
+        if stream:
+            chunks = list(r)
+            text = "".join(c.choices[0].text for c in chunks)
+            reason = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason][-1]
+        else:
+            text, reason = r.choices[0].text, r.choices[0].finish_reason
+        assert text == cut
+        assert reason == "stop"
+
+
+def test_n_choices_and_seed_reproducibility(client):
+    kw = dict(max_tokens=12, temperature=1.0, seed=1234, n=2)
+    a = chat(client, "Invent a name for a cat.", **kw)
+    b = chat(client, "Invent a name for a cat.", **kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    other = chat(client, "Invent a name for a cat.", max_tokens=12, temperature=1.0, seed=99)
+    texts = {c.message.content for c in a.choices} | {other.choices[0].message.content}
+    assert len(texts) >= 2, "different seeds should give different samples"
+
+
+def test_logprobs(client):
+    r = chat(client, "Say hello.", max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for t in content:
+        assert t.logprob <= 0
+        assert len(t.top_logprobs) == 3
+        # Greedy: the chosen token is the most likely one.
+        assert t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-5)
+    c = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0, logprobs=2)
+    assert len(c.choices[0].logprobs.token_logprobs) == 4
+    assert all(len(t) <= 2 for t in c.choices[0].logprobs.top_logprobs)
+
+
+def test_errors_map_to_client_exceptions(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, "x", max_tokens=4, temperature=-3)
+    assert "temperature" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="word " * 9000, max_tokens=4)
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[])
+
+
+def test_body_too_large_and_queue_full():
+    tiny = OpenAI(base_url=TINY, api_key="unused", max_retries=0, timeout=120)
+    with pytest.raises(openai.APIStatusError) as e:
+        tiny.completions.create(model=MODEL, prompt="x" * 10000, max_tokens=1)
+    assert e.value.status_code == 413
+    # Hold the one running and the one waiting slot, then the next request is refused.
+    hold = dict(model=MODEL, prompt="Once", max_tokens=300, stream=True, extra_body={"ignore_eos": True})
+    running = tiny.completions.create(**hold)
+    next(iter(running))  # its first token arrived: it is running
+    waiting = tiny.completions.create(**hold)
+    streams = [running, waiting]
+    with pytest.raises(openai.RateLimitError) as e:
+        for _ in range(20):
+            tiny.completions.create(model=MODEL, prompt="hi", max_tokens=1)
+    assert e.value.response.headers.get("retry-after") == "1"
+    for s in streams:
+        s.close()
+
+
+def test_32_concurrent_streams_match_their_solo_output(client):
+    prompts = [f"Give a one-line fact about the number {i}." for i in range(32)]
+    solo = [
+        chat(client, p, max_tokens=10, temperature=0, extra_body={"ignore_eos": True}).choices[0].message.content
+        for p in prompts
+    ]
+
+    async def one(ac, p):
+        s = await ac.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": p}],
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        out = []
+        async for c in s:
+            if c.choices and c.choices[0].delta.content:
+                out.append(c.choices[0].delta.content)
+        return "".join(out)
+
+    async def main():
+        ac = AsyncOpenAI(base_url=BASE, api_key="unused", max_retries=0, timeout=300)
+        return await asyncio.gather(*(one(ac, p) for p in prompts))
+
+    together = asyncio.run(main())
+    assert together == solo
