@@ -218,6 +218,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         model,
         EngineConfig {
             kv_budget: crate::engine::KvBudget::Bytes(2 << 30),
+            // Raw compute: a repeated prompt must not be served from the prefix cache.
+            prefix_caching: false,
             ..Default::default()
         },
     )?;

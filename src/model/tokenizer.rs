@@ -160,6 +160,11 @@ impl Tokenizer {
         self.inner.decode(ids, true).map_err(tok_err)
     }
 
+    /// Write the tokenizer as a Hugging Face `tokenizer.json`.
+    pub fn save_json(&self, path: &std::path::Path) -> Result<()> {
+        self.inner.save(path, false).map_err(tok_err)
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
