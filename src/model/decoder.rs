@@ -1,8 +1,8 @@
 //! One decoder-only transformer that covers the supported architectures (Llama, Mistral, Qwen2, Gemma 3):
 //! they differ only in the switches of `DecoderConfig` (norm placement, QK-norm, activation, RoPE layout,
 //! sliding-window layers, embedding scale).
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 
 use super::attention::{paged_attention, write_kv, AttentionBackend, AttnParams, KvCache};
@@ -111,7 +111,7 @@ pub struct Decoder {
     pub embed: Embeddings,
     pub layers: Vec<Layer>,
     pub final_norm: Norm,
-    pub lm_head: QMatMul,
+    pub lm_head: Linear,
     /// (cos, sin) tables, (max_context, rope_dim / 2), for global and for local layers.
     rope_global: (Tensor, Tensor),
     rope_local: (Tensor, Tensor),
@@ -155,7 +155,7 @@ impl Decoder {
         embed: Embeddings,
         layers: Vec<Layer>,
         final_norm: Norm,
-        lm_head: QMatMul,
+        lm_head: Linear,
         rope_freq_factors: Option<Vec<f32>>,
         device: &Device,
     ) -> Result<Self> {

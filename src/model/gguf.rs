@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::Content;
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device};
 
 use super::chat::ChatTemplate;
@@ -37,10 +37,6 @@ impl<R: Read + Seek> Reader<'_, R> {
                 path: self.path.to_string(),
                 reason: format!("cannot read tensor `{name}`: {e} (truncated file?)"),
             })
-    }
-
-    fn matmul(&mut self, name: &str) -> Result<QMatMul> {
-        Ok(QMatMul::from_qtensor(self.qtensor(name)?)?)
     }
 
     fn linear(&mut self, name: &str) -> Result<Linear> {
@@ -191,9 +187,9 @@ pub fn load(path: &Path, name: &str, device: &Device) -> Result<Model> {
     };
     let embed_q = Arc::new(rd.qtensor("token_embd.weight")?);
     let lm_head = if rd.ct.tensor_infos.contains_key("output.weight") {
-        rd.matmul("output.weight")?
+        rd.linear("output.weight")?
     } else {
-        QMatMul::from_arc(embed_q.clone())?
+        Linear::from_arc(embed_q.clone())?
     };
     let final_norm = rd.norm("output_norm.weight", rms_eps)?;
     let rope_freqs = if rd.ct.tensor_infos.contains_key("rope_freqs.weight") {

@@ -29,6 +29,9 @@ pub enum Format {
     Q4_1,
     /// 5-bit signed with scale; activations in Q8_0.
     Q5_0,
+    /// 8-bit signed with scale; activations in Q8_0. Candle has an AVX2 kernel for it, but one that
+    /// reads each weight block once per row; the tiled one reproduces its arithmetic lane for lane.
+    Q8_0,
 }
 
 impl Format {
@@ -36,6 +39,7 @@ impl Format {
         match self {
             Self::Q4_1 => Q4_1_BYTES,
             Self::Q5_0 => Q5_0_BYTES,
+            Self::Q8_0 => Q8_0_BYTES,
         }
     }
 }
@@ -56,10 +60,16 @@ pub enum Linear {
 
 impl Linear {
     pub fn from_qtensor(t: QTensor) -> Result<Self> {
+        Self::from_arc(std::sync::Arc::new(t))
+    }
+
+    /// From a shared tensor (tied embeddings and output projection).
+    pub fn from_arc(t: std::sync::Arc<QTensor>) -> Result<Self> {
         let dims = t.shape().dims().to_vec();
         let format = match t.dtype() {
             GgmlDType::Q4_1 => Some(Format::Q4_1),
             GgmlDType::Q5_0 => Some(Format::Q5_0),
+            GgmlDType::Q8_0 => Some(Format::Q8_0),
             _ => None,
         };
         if let (Some(format), true) = (
@@ -71,10 +81,10 @@ impl Linear {
                 data: t.data()?.into_owned(),
                 n: dims[0],
                 k: dims[1],
-                candle: QMatMul::from_qtensor(t)?,
+                candle: QMatMul::from_arc(t)?,
             });
         }
-        Ok(Self::Candle(QMatMul::from_qtensor(t)?))
+        Ok(Self::Candle(QMatMul::from_arc(t)?))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -136,7 +146,7 @@ fn quantize_rows(format: Format, x: &[f32], m: usize, k: usize) -> Vec<u8> {
     }
     match format {
         Format::Q4_1 => quantize::<BlockQ8_1>(x, m, k, Q8_1_BYTES),
-        Format::Q5_0 => quantize::<BlockQ8_0>(x, m, k, Q8_0_BYTES),
+        Format::Q5_0 | Format::Q8_0 => quantize::<BlockQ8_0>(x, m, k, Q8_0_BYTES),
     }
 }
 
@@ -169,7 +179,7 @@ fn decode_acts(format: Format, xq: &[u8], m: usize, nb: usize) -> Vec<ActTile> {
     };
     let (bytes, qs_at) = match format {
         Format::Q4_1 => (Q8_1_BYTES, 4),
-        Format::Q5_0 => (Q8_0_BYTES, 2),
+        Format::Q5_0 | Format::Q8_0 => (Q8_0_BYTES, 2),
     };
     let mut out = vec![empty; tiles * nb];
     for r in 0..m {
@@ -218,7 +228,73 @@ fn decode_weight(format: Format, blk: &[u8]) -> WeightBlock {
                 m: 0.0,
             }
         }
+        Format::Q8_0 => {
+            qs.copy_from_slice(&blk[2..2 + QK]);
+            WeightBlock {
+                qs,
+                d: f16_at(blk, 0),
+                m: 0.0,
+            }
+        }
     }
+}
+
+/// Q8_0 x Q8_0 for one tile: per row exactly candle's AVX2 `vec_dot_q8_0_q8_0` — eight float lanes
+/// per row, `acc = fma(d_w * d_a, lanes, acc)` per block, and the same horizontal sum at the end.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+fn q8_0_tile(wblocks: &[WeightBlock], acts: &[ActTile]) -> [f32; ROW_TILE] {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX2 and FMA are enabled at compile time (cfg above); every load reads exactly the
+    // 32 bytes of a fixed-size array field.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); ROW_TILE];
+        let ones = _mm256_set1_epi16(1);
+        for (w, a) in wblocks.iter().zip(acts) {
+            let wq = _mm256_loadu_si256(w.qs.as_ptr() as *const __m256i);
+            let wu = _mm256_sign_epi8(wq, wq);
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let aq = _mm256_loadu_si256(a.qs[r].as_ptr() as *const __m256i);
+                let sy = _mm256_sign_epi8(aq, wq);
+                let q = _mm256_cvtepi32_ps(_mm256_madd_epi16(ones, _mm256_maddubs_epi16(wu, sy)));
+                let d = _mm256_set1_ps(w.d * a.d[r]);
+                *acc_r = _mm256_fmadd_ps(d, q, *acc_r);
+            }
+        }
+        let mut out = [0f32; ROW_TILE];
+        for (o, x) in out.iter_mut().zip(acc) {
+            let res = _mm256_extractf128_ps(x, 1);
+            let res = _mm_add_ps(res, _mm256_castps256_ps128(x));
+            let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
+            let res = _mm_add_ss(res, _mm_movehdup_ps(res));
+            *o = _mm_cvtss_f32(res);
+        }
+        out
+    }
+}
+
+/// Portable fallback (not bit-identical to candle's AVX2 path, which only exists with AVX2).
+#[cfg(not(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+)))]
+fn q8_0_tile(wblocks: &[WeightBlock], acts: &[ActTile]) -> [f32; ROW_TILE] {
+    let mut out = [0f32; ROW_TILE];
+    for (w, a) in wblocks.iter().zip(acts) {
+        for (r, o) in out.iter_mut().enumerate() {
+            let sumi: i32 =
+                w.qs.iter()
+                    .zip(&a.qs[r])
+                    .map(|(&x, &y)| x as i8 as i32 * y as i32)
+                    .sum();
+            *o += sumi as f32 * w.d * a.d[r];
+        }
+    }
+    out
 }
 
 /// Accumulate one weight block against one tile of eight rows. Per row this is exactly candle's
@@ -302,11 +378,15 @@ pub fn tiled_matmul(format: Format, w: &[u8], n: usize, k: usize, x: &[f32], m: 
                 wblocks.clear();
                 wblocks.extend(wrow.chunks_exact(wb).map(|b| decode_weight(format, b)));
                 for (t, dtile) in dcol.chunks_exact_mut(ROW_TILE).enumerate() {
+                    if format == Format::Q8_0 {
+                        dtile.copy_from_slice(&q8_0_tile(&wblocks, &acts[t * nb..(t + 1) * nb]));
+                        continue;
+                    }
                     let mut acc = [0f32; ROW_TILE];
                     for (wblk, a) in wblocks.iter().zip(&acts[t * nb..(t + 1) * nb]) {
                         match format {
                             Format::Q4_1 => tile_step::<false>(&mut acc, wblk, a),
-                            Format::Q5_0 => tile_step::<true>(&mut acc, wblk, a),
+                            Format::Q5_0 | Format::Q8_0 => tile_step::<true>(&mut acc, wblk, a),
                         }
                     }
                     dtile.copy_from_slice(&acc);
@@ -330,7 +410,7 @@ mod tests {
     #[test]
     fn tiled_kernels_match_candle_bit_for_bit_at_every_batch_size() {
         let dev = Device::Cpu;
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0] {
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
             let w = Tensor::randn(0f32, 1.0, (96, 256), &dev).unwrap();
             let reference = QMatMul::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
             let ours = Linear::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();

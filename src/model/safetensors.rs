@@ -144,11 +144,11 @@ pub fn load(dir: &Path, name: &str, device: &Device) -> Result<Model> {
         });
     }
     let final_norm = norm(take("model.norm.weight")?);
-    let lm_head = if cfg.tie_word_embeddings {
-        QMatMul::Tensor(embed.clone())
+    let lm_head = Linear::Candle(QMatMul::Tensor(if cfg.tie_word_embeddings {
+        embed.clone()
     } else {
-        QMatMul::Tensor(take("lm_head.weight")?)
-    };
+        take("lm_head.weight")?
+    }));
     let _ = cfg.intermediate_size;
     let dcfg = DecoderConfig {
         arch: "llama".into(),

@@ -109,6 +109,37 @@ async fn respond(job: Job, stream: bool, want_logprobs: bool) -> Result<Response
     }
 }
 
+/// Validate the sampling fields shared by both endpoints, then run the job.
+async fn run(
+    kind: Kind,
+    model: String,
+    engine: EngineHandle,
+    prompts: Vec<Vec<u32>>,
+    mut sampling: Sampling,
+    logprobs: Option<usize>,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    let stops = stops(&mut sampling)?;
+    let (params, n) = sampling_params(&sampling, logprobs)?;
+    let job = Job {
+        kind,
+        model,
+        prompts,
+        n,
+        params,
+        stops,
+        include_usage: sampling
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+        tenant: sampling.user.clone(),
+        started,
+        engine,
+    };
+    respond(job, sampling.stream.unwrap_or(false), logprobs.is_some()).await
+}
+
 fn stops(s: &mut Sampling) -> Result<Vec<String>, ApiError> {
     let v = s.stop.take().map(|x| x.into_vec()).unwrap_or_default();
     if v.len() > 4 {
@@ -122,7 +153,7 @@ pub async fn chat(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let mut req: ChatRequest = parse(body)?;
+    let req: ChatRequest = parse(body)?;
     let engine = engine(&state, &req.model)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid(
@@ -174,28 +205,18 @@ pub async fn chat(
         }
         _ => None,
     };
-    let stop = stops(&mut req.sampling)?;
-    let (params, n) = sampling_params(&req.sampling, top)?;
     let text = engine.chat_template.render(&messages)?;
     let prompt = engine.tokenizer.encode(&text)?;
-    let job = Job {
-        kind: Kind::Chat,
-        model: req.model.clone(),
-        prompts: vec![prompt],
-        n,
-        params,
-        stops: stop,
-        include_usage: req
-            .sampling
-            .stream_options
-            .as_ref()
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
-        tenant: req.sampling.user.clone(),
-        started,
+    run(
+        Kind::Chat,
+        req.model,
         engine,
-    };
-    respond(job, req.sampling.stream.unwrap_or(false), top.is_some()).await
+        vec![prompt],
+        req.sampling,
+        top,
+        started,
+    )
+    .await
 }
 
 pub async fn completions(
@@ -203,10 +224,9 @@ pub async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let mut req: CompletionRequest = parse(body)?;
+    let req: CompletionRequest = parse(body)?;
     let engine = engine(&state, &req.model)?;
-    let texts =
-        std::mem::replace(&mut req.prompt, super::openai::OneOrMany::Many(Vec::new())).into_vec();
+    let texts = req.prompt.into_vec();
     if texts.is_empty() || texts.iter().any(|t| t.is_empty()) {
         return Err(ApiError::invalid(
             "prompt must not be empty",
@@ -218,26 +238,16 @@ pub async fn completions(
         .map(|t| engine.tokenizer.encode(t))
         .collect::<crate::Result<Vec<_>>>()?;
     let top = req.logprobs.map(|n| n as usize);
-    let stop = stops(&mut req.sampling)?;
-    let (params, n) = sampling_params(&req.sampling, top)?;
-    let job = Job {
-        kind: Kind::Completion,
-        model: req.model.clone(),
-        prompts,
-        n,
-        params,
-        stops: stop,
-        include_usage: req
-            .sampling
-            .stream_options
-            .as_ref()
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
-        tenant: req.sampling.user.clone(),
-        started,
+    run(
+        Kind::Completion,
+        req.model,
         engine,
-    };
-    respond(job, req.sampling.stream.unwrap_or(false), top.is_some()).await
+        prompts,
+        req.sampling,
+        top,
+        started,
+    )
+    .await
 }
 
 pub async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {

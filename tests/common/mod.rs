@@ -36,33 +36,22 @@ pub fn engine(path: &Path, cfg: EngineConfig) -> EngineHandle {
 
 /// Greedy tokens for `prompt` (ids), `n` of them (fewer if EOS comes first).
 pub fn greedy(e: &EngineHandle, prompt: &[u32], n: usize) -> Vec<u32> {
-    let params = SamplingParams {
-        max_tokens: Some(n),
-        ..SamplingParams::greedy()
-    };
-    let (toks, _, _) = e
-        .generate(Request {
-            tenant: None,
-            prompt: prompt.to_vec(),
-            params,
-        })
-        .expect("generation succeeds");
-    toks.iter().map(|s| s.token).collect()
+    greedy_with(e, prompt, n, false)
 }
 
 /// Greedy with EOS ignored, so every run yields exactly `n` tokens.
 pub fn greedy_n(e: &EngineHandle, prompt: &[u32], n: usize) -> Vec<u32> {
+    greedy_with(e, prompt, n, true)
+}
+
+fn greedy_with(e: &EngineHandle, prompt: &[u32], n: usize, ignore_eos: bool) -> Vec<u32> {
     let params = SamplingParams {
         max_tokens: Some(n),
-        ignore_eos: true,
+        ignore_eos,
         ..SamplingParams::greedy()
     };
     let (toks, _, _) = e
-        .generate(Request {
-            tenant: None,
-            prompt: prompt.to_vec(),
-            params,
-        })
+        .generate(Request::new(prompt.to_vec(), params))
         .expect("generation succeeds");
     toks.iter().map(|s| s.token).collect()
 }
