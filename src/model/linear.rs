@@ -19,8 +19,15 @@ const Q8_0_BYTES: usize = 34;
 const Q8_1_BYTES: usize = 36;
 /// Activation rows that share one decoded weight block.
 const ROW_TILE: usize = 8;
-/// From this many rows on, the tiled kernel beats candle's (benches/q4_1_matmul.rs).
-const TILED_MIN_ROWS: usize = 2;
+/// From this many rows on, the tiled kernel beats candle's (benches/q4_1_matmul.rs, hearth bench):
+/// candle's Q4_1/Q5_0 kernels are scalar, so two rows suffice; its Q8_0 kernel is AVX2 already, so
+/// the tiled one only wins once a whole tile of rows shares each weight block.
+fn tiled_min_rows(format: Format) -> usize {
+    match format {
+        Format::Q4_1 | Format::Q5_0 => 2,
+        Format::Q8_0 => ROW_TILE,
+    }
+}
 
 /// Weight formats the tiled kernel handles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,11 +53,12 @@ impl Format {
 
 #[derive(Debug)]
 pub enum Linear {
-    /// (n, k) weight blocks as stored in the file. Below `TILED_MIN_ROWS` rows candle's own kernel is
+    /// (n, k) weight blocks as stored in the file. Below `tiled_min_rows` rows candle's own kernel is
     /// as fast (and gives the same bits), so it is kept too.
     Tiled {
         format: Format,
-        data: Vec<u8>,
+        /// Weight blocks decoded once at load, (n, k / 32) in row order.
+        blocks: Vec<WeightBlock>,
         n: usize,
         k: usize,
         candle: QMatMul,
@@ -76,9 +84,14 @@ impl Linear {
             format,
             t.device().is_cpu() && dims.len() == 2 && dims[1].is_multiple_of(QK),
         ) {
+            let raw = t.data()?;
+            let blocks = raw
+                .par_chunks_exact(format.block_bytes())
+                .map(|b| decode_weight(format, b))
+                .collect();
             return Ok(Self::Tiled {
                 format,
-                data: t.data()?.into_owned(),
+                blocks,
                 n: dims[0],
                 k: dims[1],
                 candle: QMatMul::from_arc(t)?,
@@ -90,21 +103,26 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Candle(m) => Ok(m.forward(x)?),
-            Self::Tiled { candle, k, .. }
-                if x.elem_count() / k < TILED_MIN_ROWS
-                    || candle_only()
-                    || x.dtype() != DType::F32
-                    || !x.device().is_cpu() =>
+            Self::Tiled {
+                candle, k, format, ..
+            } if x.elem_count() / k < tiled_min_rows(*format)
+                || candle_only()
+                || x.dtype() != DType::F32
+                || !x.device().is_cpu() =>
             {
                 Ok(candle.forward(x)?)
             }
             Self::Tiled {
-                format, data, n, k, ..
+                format,
+                blocks,
+                n,
+                k,
+                ..
             } => {
                 let dims = x.dims().to_vec();
                 let x = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
                 let m = x.len() / k;
-                let out = tiled_matmul(*format, data, *n, *k, &x, m);
+                let out = tiled_matmul(*format, blocks, *n, *k, &x, m);
                 let mut out_dims = dims;
                 if let Some(last) = out_dims.last_mut() {
                     *last = *n;
@@ -161,9 +179,8 @@ struct ActTile {
 
 /// One weight block, decoded once: scale, minimum, and the 4-bit values as bytes (low nibbles then
 /// high nibbles, matching the activation layout).
-#[derive(Clone)]
-#[repr(C, align(32))]
-struct WeightBlock {
+#[derive(Debug, Clone)]
+pub struct WeightBlock {
     qs: [u8; QK],
     d: f32,
     m: f32,
@@ -359,10 +376,16 @@ fn tile_step<const SIGNED: bool>(acc: &mut [f32; ROW_TILE], w: &WeightBlock, a: 
 const COL_CHUNK: usize = 16;
 
 /// out (m, n) = x (m, k) . w (n, k)^T with w in `format`, bit-identical to candle's CPU result.
-pub fn tiled_matmul(format: Format, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+pub fn tiled_matmul(
+    format: Format,
+    w: &[WeightBlock],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    m: usize,
+) -> Vec<f32> {
     let nb = k / QK;
     let tiles = m.div_ceil(ROW_TILE);
-    let wb = format.block_bytes();
     let acts = decode_acts(format, &quantize_rows(format, x, m, k), m, nb);
     // Transposed, padded output (n, tiles * 8) so each task owns a contiguous run of columns.
     let mp = tiles * ROW_TILE;
@@ -371,15 +394,12 @@ pub fn tiled_matmul(format: Format, w: &[u8], n: usize, k: usize, x: &[f32], m: 
         .par_chunks_mut(mp * COL_CHUNK)
         .enumerate()
         .for_each(|(chunk, dst)| {
-            let mut wblocks = Vec::with_capacity(nb);
             for (ci, dcol) in dst.chunks_mut(mp).enumerate() {
                 let col = chunk * COL_CHUNK + ci;
-                let wrow = &w[col * nb * wb..(col + 1) * nb * wb];
-                wblocks.clear();
-                wblocks.extend(wrow.chunks_exact(wb).map(|b| decode_weight(format, b)));
+                let wblocks = &w[col * nb..(col + 1) * nb];
                 for (t, dtile) in dcol.chunks_exact_mut(ROW_TILE).enumerate() {
                     if format == Format::Q8_0 {
-                        dtile.copy_from_slice(&q8_0_tile(&wblocks, &acts[t * nb..(t + 1) * nb]));
+                        dtile.copy_from_slice(&q8_0_tile(wblocks, &acts[t * nb..(t + 1) * nb]));
                         continue;
                     }
                     let mut acc = [0f32; ROW_TILE];
@@ -415,7 +435,11 @@ mod tests {
             let reference = QMatMul::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
             let ours = Linear::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
             let Linear::Tiled {
-                format, data, n, k, ..
+                format,
+                blocks,
+                n,
+                k,
+                ..
             } = &ours
             else {
                 panic!("{dtype:?} weights must take the tiled kernel");
@@ -430,7 +454,7 @@ mod tests {
                     .unwrap()
                     .to_vec1::<f32>()
                     .unwrap();
-                let tiled = tiled_matmul(*format, data, *n, *k, &xs, m);
+                let tiled = tiled_matmul(*format, blocks, *n, *k, &xs, m);
                 for r in 0..m {
                     assert_eq!(
                         &tiled[r * n..(r + 1) * n],
