@@ -112,7 +112,7 @@ pub fn paged_attention(
         AttentionBackend::Portable => portable(q, k_cache, v_cache, batch, p),
         AttentionBackend::Cpu => {
             let op = CpuPagedAttention {
-                seqs: batch.seqs.clone(),
+                seqs: &batch.seqs,
                 block_size: batch.block_size,
                 params: *p,
             };
@@ -198,8 +198,9 @@ fn portable(
     Ok(Tensor::cat(&outs, 0)?.contiguous()?)
 }
 
-struct CpuPagedAttention {
-    seqs: Vec<SeqChunk>,
+/// Borrows the batch's chunks: the op runs once per layer, so copying block tables would repeat per layer.
+struct CpuPagedAttention<'a> {
+    seqs: &'a [SeqChunk],
     block_size: usize,
     params: AttnParams,
 }
@@ -230,7 +231,7 @@ fn axpy(out: &mut [f32], w: f32, x: &[f32]) {
     }
 }
 
-impl CustomOp3 for CpuPagedAttention {
+impl CustomOp3 for CpuPagedAttention<'_> {
     fn name(&self) -> &'static str {
         "paged-attention-cpu"
     }
