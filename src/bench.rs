@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::Device;
 use clap::Args;
 
 use crate::engine::{Engine, EngineConfig, EngineHandle, Event, Request, SamplingParams};
@@ -30,6 +29,34 @@ pub struct BenchArgs {
     /// `core`: prefill and decode throughput; `prefix`: the prefix cache's effect.
     #[arg(long, default_value = "core")]
     pub suite: String,
+    /// cuda:N, metal, cpu (default: the best available).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// portable, cpu or cuda (default: the fastest for the device).
+    #[arg(long)]
+    pub attention: Option<String>,
+    /// KV cache size in MiB.
+    #[arg(long, default_value_t = 2048)]
+    pub kv_cache_mib: usize,
+}
+
+impl BenchArgs {
+    fn engine(&self, caching: bool) -> Result<EngineHandle> {
+        let device = crate::device::select(self.device.as_deref())?;
+        Engine::start(
+            Model::load(&self.model, "bench", &device)?,
+            EngineConfig {
+                kv_budget: crate::engine::KvBudget::Bytes(self.kv_cache_mib << 20),
+                prefix_caching: caching,
+                backend: self
+                    .attention
+                    .as_deref()
+                    .map(crate::model::AttentionBackend::parse)
+                    .transpose()?,
+                ..Default::default()
+            },
+        )
+    }
 }
 
 /// A prompt of exactly `len` tokens, different per `seed`, of ordinary vocabulary ids.
@@ -104,16 +131,7 @@ fn run_batch(e: &EngineHandle, prompts: &[Vec<u32>], max_tokens: usize) -> Resul
 }
 
 fn prefix_suite(args: &BenchArgs, name: &str) -> Result<()> {
-    let start = |caching: bool| -> Result<EngineHandle> {
-        Engine::start(
-            Model::load(&args.model, "bench", &Device::Cpu)?,
-            EngineConfig {
-                kv_budget: crate::engine::KvBudget::Bytes(1 << 30),
-                prefix_caching: caching,
-                ..Default::default()
-            },
-        )
-    };
+    let start = |caching: bool| args.engine(caching);
     let on = start(true)?;
     run_batch(&on, &[synthetic_prompt(&on, 99, 16)?], 4)?;
     let mut cold = f64::MAX;
@@ -213,16 +231,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.suite == "prefix" {
         return prefix_suite(args, &name);
     }
-    let model = Model::load(&args.model, "bench", &Device::Cpu)?;
-    let engine = Engine::start(
-        model,
-        EngineConfig {
-            kv_budget: crate::engine::KvBudget::Bytes(2 << 30),
-            // Raw compute: a repeated prompt must not be served from the prefix cache.
-            prefix_caching: false,
-            ..Default::default()
-        },
-    )?;
+    // Raw compute: a repeated prompt must not be served from the prefix cache.
+    let engine = args.engine(false)?;
     let best = |f: &mut dyn FnMut() -> Result<f64>| -> Result<f64> {
         let mut b = 0f64;
         for _ in 0..args.repeat.max(1) {
@@ -252,13 +262,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .map(|n| n.to_string())
             .unwrap_or_default()
     });
-    println!("| model | threads | measure | tok/s |");
-    println!("| --- | --- | --- | --- |");
+    let dev = args.device.as_deref().unwrap_or("auto");
+    println!("| model | device | threads | measure | tok/s |");
+    println!("| --- | --- | --- | --- | --- |");
     println!(
-        "| {name} | {threads} | prefill ({} tokens) | {prefill:.1} |",
+        "| {name} | {dev} | {threads} | prefill ({} tokens) | {prefill:.1} |",
         args.prefill_tokens
     );
-    println!("| {name} | {threads} | decode, 1 stream | {single:.1} |");
+    println!("| {name} | {dev} | {threads} | decode, 1 stream | {single:.1} |");
     for &b in &args.batches {
         let prompts = (0..b)
             .map(|i| synthetic_prompt(&engine, 10 + i, 16))
@@ -268,7 +279,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             let (n, secs) = run_batch(&engine, &prompts, args.decode_tokens)?;
             Ok(n as f64 / secs)
         })?;
-        println!("| {name} | {threads} | decode, {b} sequences (aggregate) | {agg:.1} |");
+        println!("| {name} | {dev} | {threads} | decode, {b} sequences (aggregate) | {agg:.1} |");
     }
     Ok(())
 }

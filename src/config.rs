@@ -34,6 +34,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
     pub drain_timeout_secs: u64,
+    /// `cuda:N`, `metal`, `cpu`; unset: the best available.
+    pub device: Option<String>,
 }
 
 impl Default for Config {
@@ -60,6 +62,7 @@ impl Default for Config {
             prefix_caching: true,
             max_body_bytes: 4 << 20,
             drain_timeout_secs: 30,
+            device: None,
         }
     }
 }

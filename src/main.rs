@@ -3,12 +3,11 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 use clap::{Parser, Subcommand};
 
 use hearth::config::{Config, ModelEntry};
 use hearth::engine::{Engine, EngineConfig, Event, Request, SamplingParams};
-use hearth::model::{ChatMessage, Model};
+use hearth::model::{AttentionBackend, ChatMessage, Model};
 use hearth::streaming::TextStream;
 
 #[derive(Parser)]
@@ -40,6 +39,9 @@ enum Cmd {
         top_k: usize,
         #[arg(long, default_value_t = 1.0)]
         top_p: f32,
+        /// cuda:N, metal, cpu (default: the best available).
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Serve the OpenAI-compatible HTTP API (defaults: both models in models/, 127.0.0.1:8080).
     Serve {
@@ -53,9 +55,35 @@ enum Cmd {
         /// NAME=PATH; repeat to serve several models (replaces the configured list).
         #[arg(long = "model")]
         models: Vec<String>,
+        /// cuda:N, metal, cpu (default: the config's, else the best available).
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Measure prefill and decode throughput of a model on this machine.
     Bench(hearth::bench::BenchArgs),
+    /// Write next-token logits of prompts (prefill, cached prefill, decode) for comparison with a
+    /// reference implementation: raw little-endian f32 rows to --out, row descriptions to stdout.
+    Logits {
+        #[arg(long)]
+        model: PathBuf,
+        /// A JSON file holding a list of token-id lists.
+        #[arg(long)]
+        prompts: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        device: Option<String>,
+        /// portable, cpu or cuda (default: the fastest for the device).
+        #[arg(long)]
+        attention: Option<String>,
+    },
+    /// Write a model's tokenizer as a Hugging Face tokenizer.json.
+    ExportTokenizer {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -66,8 +94,12 @@ fn main() -> Result<()> {
             host,
             port,
             models,
+            device,
         } => {
             let mut cfg = Config::load(config.as_deref())?;
+            if device.is_some() {
+                cfg.device = device;
+            }
             if let Some(h) = host {
                 cfg.host = h;
             }
@@ -91,7 +123,9 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(hearth::server::run(cfg, Device::Cpu))?;
+            let device = hearth::device::select(cfg.device.as_deref())?;
+            tracing::info!(device = ?device, "compute device");
+            rt.block_on(hearth::server::run(cfg, device))?;
         }
         Cmd::Generate {
             model,
@@ -102,8 +136,10 @@ fn main() -> Result<()> {
             seed,
             top_k,
             top_p,
+            device,
         } => {
-            let m = Model::load(&model, "cli", &Device::Cpu)
+            let device = hearth::device::select(device.as_deref())?;
+            let m = Model::load(&model, "cli", &device)
                 .with_context(|| format!("loading {}", model.display()))?;
             let ids = if chat {
                 m.chat_prompt(&[ChatMessage::new("user", &prompt)])?
@@ -142,6 +178,45 @@ fn main() -> Result<()> {
             writeln!(out)?;
         }
         Cmd::Bench(args) => hearth::bench::run(&args)?,
+        Cmd::Logits {
+            model,
+            prompts,
+            out,
+            device,
+            attention,
+        } => {
+            let device = hearth::device::select(device.as_deref())?;
+            let m = Model::load(&model, "logits", &device)
+                .with_context(|| format!("loading {}", model.display()))?;
+            let prompts: Vec<Vec<u32>> = serde_json::from_str(
+                &std::fs::read_to_string(&prompts)
+                    .with_context(|| format!("reading {}", prompts.display()))?,
+            )?;
+            let backend = match attention.as_deref() {
+                Some(a) => AttentionBackend::parse(a)?,
+                None => AttentionBackend::best_for(&device, m.decoder.cfg.dtype),
+            };
+            let (infos, rows) = hearth::logits::staged_logits(&m, &prompts, backend, 16)?;
+            let mut bytes = Vec::with_capacity(rows.len() * m.decoder.cfg.vocab * 4);
+            for v in rows.iter().flatten() {
+                bytes.extend_from_slice(&v.to_le_bytes());
+            }
+            std::fs::write(&out, bytes)?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "vocab": m.decoder.cfg.vocab,
+                    "dtype": format!("{:?}", m.decoder.cfg.dtype),
+                    "attention": format!("{backend:?}"),
+                    "rows": infos,
+                })
+            );
+        }
+        Cmd::ExportTokenizer { model, out } => {
+            let m = Model::load(&model, "export", &candle_core::Device::Cpu)
+                .with_context(|| format!("loading {}", model.display()))?;
+            m.tokenizer.save_json(&out)?;
+        }
     }
     Ok(())
 }

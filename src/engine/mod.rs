@@ -20,7 +20,7 @@ pub use sequence::{Event, FinishReason, Usage};
 use crate::error::{HearthError, Result};
 use crate::model::{AttentionBackend, ChatTemplate, KvCache, Model, Tokenizer};
 use block_pool::BlockPool;
-use runner::Runner;
+use runner::{Row, Runner};
 use scheduler::Scheduler;
 use sequence::Sequence;
 
@@ -43,20 +43,7 @@ impl KvBudget {
 
 /// Free memory of `device` in bytes (best effort: 1 GiB when it cannot be read).
 fn free_memory(device: &candle_core::Device) -> usize {
-    const FALLBACK: usize = 1 << 30;
-    if !device.is_cpu() {
-        return FALLBACK;
-    }
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<usize>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(FALLBACK)
+    crate::device::free_memory(device).unwrap_or(1 << 30)
 }
 
 #[derive(Debug, Clone)]
@@ -116,7 +103,10 @@ pub struct EngineStats {
     /// Generated tokens run through the model (including recomputation after preemption).
     pub decode_tokens: AtomicU64,
     pub preemptions: AtomicU64,
+    /// Host wall time of steps.
     pub busy_micros: AtomicU64,
+    /// Device time of steps (CUDA events on a GPU), the basis of GPU-time metering.
+    pub device_micros: AtomicU64,
     pub prefix_query_tokens: AtomicU64,
     pub prefix_hit_tokens: AtomicU64,
     /// KV token slots held by running sequences, and of those holding a token.
@@ -271,6 +261,9 @@ impl Engine {
             });
         }
         let kv = d.new_kv_cache(num_blocks, cfg.block_size)?;
+        // candle's CUDA device queues work on the calling thread's stream: the weights and the zeroed
+        // cache must be complete before the engine thread uses them from its own.
+        d.device.synchronize()?;
         let backend = cfg
             .backend
             .unwrap_or_else(|| AttentionBackend::best_for(&d.device, dtype));
@@ -341,7 +334,17 @@ fn run_loop(
             }
             continue;
         }
-        let out = match runner.execute(&plan) {
+        let full: Vec<bool> = plan
+            .items
+            .iter()
+            .filter(|it| it.wants_logits)
+            .map(|it| {
+                sched
+                    .get_mut(it.seq_id)
+                    .is_none_or(|s| s.sampler.needs_full_logits())
+            })
+            .collect();
+        let out = match runner.execute(&plan, &full) {
             Ok(o) => o,
             Err(e) => {
                 tracing::error!(error = %e, "step failed");
@@ -353,8 +356,11 @@ fn run_loop(
         stats
             .busy_micros
             .fetch_add(out.elapsed.as_micros() as u64, Ordering::Relaxed);
+        stats
+            .device_micros
+            .fetch_add(out.device_time.as_micros() as u64, Ordering::Relaxed);
         sched.mark_computed(&plan);
-        let mut rows = out.logits.into_iter();
+        let mut rows = out.rows.into_iter();
         for item in plan.items.iter() {
             let prompt = item.prompt_tokens as u64;
             stats.prefill_tokens.fetch_add(prompt, Ordering::Relaxed);
@@ -368,7 +374,10 @@ fn run_loop(
             let Some(seq) = sched.get_mut(item.seq_id) else {
                 continue;
             };
-            let sampled = seq.sampler.sample(&row, &seq.tokens);
+            let sampled = match row {
+                Row::Full(r) => seq.sampler.sample(&r, &seq.tokens),
+                Row::Greedy { token, logprob } => seq.sampler.accept_greedy(token, logprob),
+            };
             let done = seq.push(&sampled);
             let gone = seq.reply.send(Event::Token(sampled)).is_err();
             let done = if seq.tokens.len() >= runner.decoder.cfg.max_context {

@@ -1,15 +1,30 @@
 //! Runs a step plan: one forward over the ragged batch, logits back as host vectors. No policy here.
 use std::time::{Duration, Instant};
 
-use crate::error::Result;
+use candle_core::{Tensor, D};
+
+use crate::device::StepTimer;
+use crate::error::{HearthError, Result};
 use crate::model::{AttentionBackend, Batch, Decoder, KvCache};
 
 use super::scheduler::StepPlan;
 
+/// What the sampler gets for one sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Row {
+    /// The whole logit row.
+    Full(Vec<f32>),
+    /// The argmax and its log-probability, computed on the device.
+    Greedy { token: u32, logprob: f32 },
+}
+
 pub struct StepOutput {
     /// One row per plan item that wants logits, in plan order.
-    pub logits: Vec<Vec<f32>>,
+    pub rows: Vec<Row>,
+    /// Host wall time of the step.
     pub elapsed: Duration,
+    /// Time the device spent on the step (CUDA events on a GPU; wall time on the CPU).
+    pub device_time: Duration,
 }
 
 pub struct Runner {
@@ -27,14 +42,68 @@ impl Runner {
         b
     }
 
-    pub fn execute(&self, plan: &StepPlan) -> Result<StepOutput> {
+    /// Run the plan; `full[i]` says whether the i-th logits row goes back whole (else greedy on device).
+    pub fn execute(&self, plan: &StepPlan, full: &[bool]) -> Result<StepOutput> {
         let t0 = Instant::now();
         let batch = self.batch(plan);
+        let timer = StepTimer::start(&self.decoder.device);
         let logits = self.decoder.forward(&batch, &self.kv, self.backend)?;
-        let logits = logits.to_vec2::<f32>()?;
+        let device_time = timer.stop();
+        let rows = read_rows(&logits, full)?;
         Ok(StepOutput {
-            logits,
+            rows,
             elapsed: t0.elapsed(),
+            device_time,
         })
     }
+}
+
+/// Logits (rows, vocab) to sampler rows: whole rows where wanted, argmax and log-normalizer otherwise.
+fn read_rows(logits: &Tensor, full: &[bool]) -> Result<Vec<Row>> {
+    let n = logits.dim(0)?;
+    if full.len() != n {
+        return Err(HearthError::InvalidRequest(format!(
+            "{} sampling flags for {n} logit rows",
+            full.len()
+        )));
+    }
+    if full.iter().all(|&f| f) {
+        return Ok(logits
+            .to_vec2::<f32>()?
+            .into_iter()
+            .map(Row::Full)
+            .collect());
+    }
+    let tokens = logits
+        .argmax_keepdim(D::Minus1)?
+        .flatten_all()?
+        .to_vec1::<u32>()?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    let lse = logits
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let wanted: Vec<u32> = (0..n as u32).filter(|&i| full[i as usize]).collect();
+    let mut whole = if wanted.is_empty() {
+        Vec::new()
+    } else {
+        let idx = Tensor::new(wanted.as_slice(), logits.device())?;
+        logits.index_select(&idx, 0)?.to_vec2::<f32>()?
+    }
+    .into_iter();
+    let mut rows = Vec::with_capacity(n);
+    for (i, &f) in full.iter().enumerate() {
+        rows.push(match (f, if f { whole.next() } else { None }) {
+            (true, Some(r)) => Row::Full(r),
+            _ => Row::Greedy {
+                token: tokens[i],
+                // The argmax's logit is the maximum, so its log-probability is -log(sum exp(l - max)).
+                logprob: -lse[i],
+            },
+        });
+    }
+    Ok(rows)
 }

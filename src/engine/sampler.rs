@@ -129,6 +129,28 @@ impl Sampler {
         &self.params
     }
 
+    /// Whether sampling needs the whole logit row; plain greedy without logprobs needs only the argmax
+    /// and the log-normalizer, which the runner computes on the device (a GPU then sends back two
+    /// numbers per sequence instead of a vocabulary-sized row).
+    pub fn needs_full_logits(&self) -> bool {
+        let p = &self.params;
+        !(p.is_greedy()
+            && p.repetition_penalty == 1.0
+            && p.presence_penalty == 0.0
+            && p.frequency_penalty == 0.0
+            && p.logprobs.is_none_or(|n| n == 0))
+    }
+
+    /// Take the token the device picked by argmax, with its log-probability (see `needs_full_logits`).
+    pub fn accept_greedy(&mut self, token: u32, logprob: f32) -> Sampled {
+        *self.counts.entry(token).or_insert(0) += 1;
+        Sampled {
+            token,
+            logprob,
+            top: Vec::new(),
+        }
+    }
+
     /// Pick the next token from `logits`; `context` is the prompt plus the output so far.
     pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> Sampled {
         let p = &self.params;

@@ -1,11 +1,12 @@
 //! The paged-attention op: new K/V are written into the block-paged cache by slot mapping, and each
 //! query attends to its own sequence's cached positions (causal, optionally within a sliding window).
-//! One op, two backends: a portable one from candle ops (any device, the reference) and a fast CPU one.
+//! One op, three backends: a portable one from candle ops (any device, the reference), a fast CPU one,
+//! and CUDA kernels (kernels/paged_attention.cu).
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::batch::{Batch, SeqChunk};
-use crate::error::Result;
+use crate::error::{HearthError, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionBackend {
@@ -13,16 +14,99 @@ pub enum AttentionBackend {
     Portable,
     /// Hand-written f32 loops over the cache's memory, parallel over (token, head).
     Cpu,
+    /// CUDA kernels for the cache write and the attention (the `cuda` feature).
+    Cuda,
 }
 
 impl AttentionBackend {
     /// The fastest backend for `device` and cache dtype.
     pub fn best_for(device: &Device, dtype: DType) -> Self {
-        if device.is_cpu() && dtype == DType::F32 {
+        if device.is_cuda() {
+            Self::Cuda
+        } else if device.is_cpu() && dtype == DType::F32 {
             Self::Cpu
         } else {
             Self::Portable
         }
+    }
+
+    /// `portable`, `cpu` or `cuda` (the `HEARTH_ATTENTION` override and `--attention`).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "portable" => Ok(Self::Portable),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda),
+            other => Err(HearthError::InvalidRequest(format!(
+                "unknown attention backend `{other}` (portable, cpu, cuda)"
+            ))),
+        }
+    }
+}
+
+/// One step's attention, set up once per forward and used by every layer: on CUDA it holds the
+/// batch description in device memory.
+pub struct StepAttention<'a> {
+    backend: AttentionBackend,
+    batch: &'a Batch,
+    #[cfg(feature = "cuda")]
+    cuda: Option<super::cuda_attention::CudaBatch>,
+}
+
+impl<'a> StepAttention<'a> {
+    pub fn new(backend: AttentionBackend, batch: &'a Batch, device: &Device) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        let cuda = match (backend, device) {
+            (AttentionBackend::Cuda, Device::Cuda(d)) => {
+                Some(super::cuda_attention::CudaBatch::upload(d, batch)?)
+            }
+            _ => None,
+        };
+        let usable = match backend {
+            AttentionBackend::Portable => true,
+            AttentionBackend::Cpu => device.is_cpu(),
+            AttentionBackend::Cuda => device.is_cuda(),
+        };
+        if !usable {
+            return Err(HearthError::InvalidRequest(format!(
+                "the {backend:?} attention backend cannot run on {device:?}"
+            )));
+        }
+        Ok(Self {
+            backend,
+            batch,
+            #[cfg(feature = "cuda")]
+            cuda,
+        })
+    }
+
+    /// Write this step's K or V rows (tokens, kv_heads, head_dim) into a layer's cache.
+    pub fn write(&self, cache: &Tensor, new: &Tensor) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(b) = &self.cuda {
+            let op = super::cuda_attention::WriteKv { batch: b };
+            cache.inplace_op2(&new.contiguous()?, &op)?;
+            return Ok(());
+        }
+        write_kv(cache, new, &self.batch.slot_mapping)
+    }
+
+    /// Attention of `q` (tokens, heads, head_dim) over a layer's caches.
+    pub fn attend(
+        &self,
+        q: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        p: &AttnParams,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(b) = &self.cuda {
+            let op = super::cuda_attention::Attend {
+                batch: b,
+                params: *p,
+            };
+            return Ok(q.contiguous()?.apply_op3_no_bwd(k_cache, v_cache, &op)?);
+        }
+        paged_attention(self.backend, q, k_cache, v_cache, self.batch, p)
     }
 }
 
@@ -100,6 +184,7 @@ pub fn write_kv(cache: &Tensor, new: &Tensor, slot_mapping: &[u32]) -> Result<()
 }
 
 /// Attention of `q` (tokens, heads, head_dim) over the paged cache; returns (tokens, heads, head_dim).
+/// The host-side backends; `StepAttention` adds the CUDA one.
 pub fn paged_attention(
     backend: AttentionBackend,
     q: &Tensor,
@@ -109,7 +194,9 @@ pub fn paged_attention(
     p: &AttnParams,
 ) -> Result<Tensor> {
     match backend {
-        AttentionBackend::Portable => portable(q, k_cache, v_cache, batch, p),
+        AttentionBackend::Portable | AttentionBackend::Cuda => {
+            portable(q, k_cache, v_cache, batch, p)
+        }
         AttentionBackend::Cpu => {
             let op = CpuPagedAttention {
                 seqs: &batch.seqs,

@@ -5,7 +5,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 
-use super::attention::{paged_attention, write_kv, AttentionBackend, AttnParams, KvCache};
+use super::attention::{AttentionBackend, AttnParams, KvCache, StepAttention};
 use super::batch::Batch;
 use super::linear::Linear;
 use crate::error::{HearthError, Result};
@@ -206,12 +206,20 @@ impl Decoder {
 
     /// RoPE over x (tokens, heads, dim) with per-token cos/sin (tokens, dim/2).
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let x = x.transpose(0, 1)?.unsqueeze(0)?.contiguous()?; // (1, heads, tokens, dim)
-        let y = match self.cfg.rope_layout {
-            RopeLayout::Interleaved => candle_nn::rotary_emb::rope_i(&x, cos, sin)?,
-            RopeLayout::Halves => candle_nn::rotary_emb::rope(&x, cos, sin)?,
-        };
-        Ok(y.squeeze(0)?.transpose(0, 1)?.contiguous()?)
+        match self.cfg.rope_layout {
+            // The (tokens, heads, dim) kernel: no transposed copies (two kernel launches fewer each).
+            RopeLayout::Halves => {
+                Ok(
+                    candle_nn::rotary_emb::rope_thd(&x.contiguous()?.unsqueeze(0)?, cos, sin)?
+                        .squeeze(0)?,
+                )
+            }
+            RopeLayout::Interleaved => {
+                let x = x.transpose(0, 1)?.unsqueeze(0)?.contiguous()?; // (1, heads, tokens, dim)
+                let y = candle_nn::rotary_emb::rope_i(&x, cos, sin)?;
+                Ok(y.squeeze(0)?.transpose(0, 1)?.contiguous()?)
+            }
+        }
     }
 
     /// One forward over a ragged batch. K/V of every token are written to `kv`; returns the logits
@@ -249,6 +257,7 @@ impl Decoder {
             (cos_g.clone(), sin_g.clone())
         };
 
+        let attn = StepAttention::new(backend, batch, dev)?;
         let mut x = self.embed.forward(&ids)?.to_dtype(cfg.dtype)?;
         if let Some(s) = cfg.embed_scale {
             x = (x * s as f64)?;
@@ -283,8 +292,8 @@ impl Decoder {
             };
             let q = self.rope(&q, cos, sin)?;
             let k = self.rope(&k, cos, sin)?;
-            write_kv(&kv.k[li], &k, &batch.slot_mapping)?;
-            write_kv(&kv.v[li], &v, &batch.slot_mapping)?;
+            attn.write(&kv.k[li], &k)?;
+            attn.write(&kv.v[li], &v)?;
             let params = AttnParams {
                 n_heads: cfg.n_heads,
                 n_kv_heads: cfg.n_kv_heads,
@@ -292,7 +301,7 @@ impl Decoder {
                 scale: cfg.attn_scale,
                 window,
             };
-            let a = paged_attention(backend, &q, &kv.k[li], &kv.v[li], batch, &params)?;
+            let a = attn.attend(&q, &kv.k[li], &kv.v[li], &params)?;
             let a = layer
                 .wo
                 .forward(&a.reshape((n, cfg.n_heads * cfg.head_dim))?)?;

@@ -3,6 +3,8 @@
 pub mod attention;
 pub mod batch;
 pub mod chat;
+#[cfg(feature = "cuda")]
+pub mod cuda_attention;
 pub mod decoder;
 pub mod gguf;
 pub mod linear;

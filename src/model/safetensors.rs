@@ -33,12 +33,44 @@ struct HfConfig {
     head_dim: Option<usize>,
     rms_norm_eps: f64,
     rope_theta: Option<f32>,
+    /// transformers >= 5 writes the RoPE settings here instead of `rope_theta` / `rope_scaling`.
+    rope_parameters: Option<RopeParameters>,
+    rope_scaling: Option<RopeParameters>,
     vocab_size: usize,
     max_position_embeddings: Option<usize>,
     #[serde(default)]
     tie_word_embeddings: bool,
     bos_token_id: Option<u32>,
     eos_token_id: Option<OneOrMany>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RopeParameters {
+    rope_theta: Option<f32>,
+    rope_type: Option<String>,
+}
+
+impl HfConfig {
+    /// RoPE base; checkpoints with scaled RoPE (llama3, yarn, ...) are refused rather than run wrong.
+    fn rope_base(&self, dir: &Path) -> Result<f32> {
+        for p in [&self.rope_parameters, &self.rope_scaling]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(t) = p.rope_type.as_deref().filter(|t| *t != "default") {
+                return Err(file_err(
+                    dir,
+                    format!("RoPE scaling `{t}` is not supported"),
+                ));
+            }
+        }
+        Ok(self
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.rope_theta)
+            .or(self.rope_theta)
+            .unwrap_or(10_000.0))
+    }
 }
 
 fn file_err(path: &Path, reason: impl std::fmt::Display) -> HearthError {
@@ -88,6 +120,7 @@ pub fn load(dir: &Path, name: &str, device: &Device) -> Result<Model> {
             return Err(HearthError::UnsupportedArchitecture(a.clone()));
         }
     }
+    let rope_base = cfg.rope_base(dir)?;
     let mut w = load_weights(dir, device)?;
     let file_dtype = w
         .get("model.embed_tokens.weight")
@@ -160,8 +193,8 @@ pub fn load(dir: &Path, name: &str, device: &Device) -> Result<Model> {
         vocab: cfg.vocab_size,
         max_context: cfg.max_position_embeddings.unwrap_or(4096),
         rms_eps: eps,
-        rope_base: cfg.rope_theta.unwrap_or(10_000.0),
-        rope_base_local: cfg.rope_theta.unwrap_or(10_000.0),
+        rope_base,
+        rope_base_local: rope_base,
         rope_layout: RopeLayout::Halves,
         activation: Activation::Silu,
         embed_scale: None,
@@ -208,4 +241,29 @@ pub fn load(dir: &Path, name: &str, device: &Device) -> Result<Model> {
         tokenizer,
         chat_template,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(extra: &str) -> HfConfig {
+        serde_json::from_str(&format!(
+            r#"{{"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                "num_hidden_layers": 2, "rms_norm_eps": 1e-5, "vocab_size": 100{extra}}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn rope_base_from_either_config_style_and_scaled_rope_refused() {
+        let d = Path::new("m");
+        assert_eq!(cfg("").rope_base(d).unwrap(), 10_000.0);
+        assert_eq!(cfg(r#", "rope_theta": 5e5"#).rope_base(d).unwrap(), 5e5);
+        let v5 = r#", "rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}"#;
+        assert_eq!(cfg(v5).rope_base(d).unwrap(), 5e5);
+        let llama3 = r#", "rope_scaling": {"rope_type": "llama3", "factor": 32.0}"#;
+        let e = cfg(llama3).rope_base(d).unwrap_err().to_string();
+        assert!(e.contains("llama3"), "{e}");
+    }
 }

@@ -302,6 +302,10 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
                 .absolute(s.prefix_hit_tokens.load(Ordering::Relaxed));
             metrics::counter!(names::PREEMPTIONS, &labels)
                 .absolute(s.preemptions.load(Ordering::Relaxed));
+            metrics::counter!(names::ENGINE_STEPS, &labels)
+                .absolute(s.steps.load(Ordering::Relaxed));
+            metrics::counter!(names::ENGINE_DEVICE_TIME, &labels)
+                .absolute(s.device_micros.load(Ordering::Relaxed));
         }
     }
     (

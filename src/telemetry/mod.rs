@@ -17,6 +17,9 @@ pub mod names {
     pub const PREFIX_QUERIES: &str = "hearth_prefix_cache_queries_total";
     pub const PREFIX_HITS: &str = "hearth_prefix_cache_hits_total";
     pub const PREEMPTIONS: &str = "hearth_num_preemptions_total";
+    pub const ENGINE_STEPS: &str = "hearth_engine_steps_total";
+    /// Device time of engine steps (CUDA events on a GPU, wall time on the CPU).
+    pub const ENGINE_DEVICE_TIME: &str = "hearth_engine_device_time_microseconds_total";
 }
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};

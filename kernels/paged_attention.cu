@@ -1,0 +1,151 @@
+// Hearth's CUDA kernels for the paged KV cache: writing this step's K/V rows into cache slots, and
+// attention of a ragged batch (decode tokens and prefill chunks alike) over each sequence's blocks.
+//
+// Layouts (all contiguous, row-major):
+//   q, out           (tokens, heads, head_dim)
+//   k_cache, v_cache (slots, kv_heads, head_dim), slot = block id * block_size + offset in block
+//   block_tables     (seqs, max_blocks) u32, a sequence's blocks in position order
+//   token_seq        (tokens) u32, which sequence a token belongs to
+//   token_pos        (tokens) u32, the token's position; its K/V are already in the cache
+// A query at position p attends to keys at positions [max(0, p + 1 - window), p] (window 0: all).
+// Arithmetic is f32 whatever the storage type.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define WARPS 4
+// head_dim <= 32 * MAX_PER_LANE
+#define MAX_PER_LANE 8
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+    return __float2bfloat16(x);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// One thread block per token: copies its (kv_heads * head_dim) row to the token's slot.
+template <typename T>
+__device__ void write_kv(T *__restrict__ cache, const T *__restrict__ src,
+                         const uint32_t *__restrict__ slots, int row) {
+    const size_t t = blockIdx.x;
+    const T *s = src + t * row;
+    T *d = cache + (size_t)slots[t] * row;
+    for (int i = threadIdx.x; i < row; i += blockDim.x) d[i] = s[i];
+}
+
+// One thread block of WARPS warps per (token, head): grid (tokens, heads). Each warp walks every WARPS-th key with an
+// online softmax, its lanes splitting head_dim; the warps' partial results are merged at the end.
+template <typename T>
+__device__ void paged_attention(T *__restrict__ out, const T *__restrict__ q,
+                                const T *__restrict__ k_cache, const T *__restrict__ v_cache,
+                                const uint32_t *__restrict__ block_tables,
+                                const uint32_t *__restrict__ token_seq,
+                                const uint32_t *__restrict__ token_pos, int n_heads,
+                                int n_kv_heads, int d, int block_size, int max_blocks,
+                                float scale, int window) {
+    const size_t t = blockIdx.x;
+    const int h = blockIdx.y;
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int kvh = h / (n_heads / n_kv_heads);
+    const int pos = (int)token_pos[t];
+    const int lo = window > 0 ? max(0, pos + 1 - window) : 0;
+    const uint32_t *table = block_tables + (size_t)token_seq[t] * max_blocks;
+    const size_t row = (size_t)n_kv_heads * d;
+
+    float qv[MAX_PER_LANE];
+    float acc[MAX_PER_LANE];
+    const T *qp = q + (t * n_heads + h) * d;
+#pragma unroll
+    for (int i = 0; i < MAX_PER_LANE; i++) {
+        const int c = lane + 32 * i;
+        qv[i] = c < d ? to_f(qp[c]) * scale : 0.f;
+        acc[i] = 0.f;
+    }
+    float m = -INFINITY;
+    float l = 0.f;
+    for (int kp = lo + warp; kp <= pos; kp += WARPS) {
+        const size_t slot = (size_t)table[kp / block_size] * block_size + kp % block_size;
+        const T *kr = k_cache + slot * row + (size_t)kvh * d;
+        const T *vr = v_cache + slot * row + (size_t)kvh * d;
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < MAX_PER_LANE; i++) {
+            const int c = lane + 32 * i;
+            if (c < d) s += qv[i] * to_f(kr[c]);
+        }
+        s = warp_sum(s);
+        const float m_new = fmaxf(m, s);
+        const float corr = __expf(m - m_new);
+        const float p = __expf(s - m_new);
+        l = l * corr + p;
+#pragma unroll
+        for (int i = 0; i < MAX_PER_LANE; i++) {
+            const int c = lane + 32 * i;
+            if (c < d) acc[i] = acc[i] * corr + p * to_f(vr[c]);
+        }
+        m = m_new;
+    }
+
+    __shared__ float sm_m[WARPS];
+    __shared__ float sm_l[WARPS];
+    __shared__ float sm_acc[WARPS][32 * MAX_PER_LANE];
+    if (lane == 0) {
+        sm_m[warp] = m;
+        sm_l[warp] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < MAX_PER_LANE; i++) sm_acc[warp][lane + 32 * i] = acc[i];
+    __syncthreads();
+    if (warp != 0) return;
+    // Warp 0 always saw key `pos`, so the maximum is finite.
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < WARPS; w++) mx = fmaxf(mx, sm_m[w]);
+    float wt[WARPS];
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; w++) {
+        wt[w] = sm_m[w] == -INFINITY ? 0.f : __expf(sm_m[w] - mx);
+        total += sm_l[w] * wt[w];
+    }
+    const float inv = 1.f / total;
+    T *op = out + (t * n_heads + h) * d;
+#pragma unroll
+    for (int i = 0; i < MAX_PER_LANE; i++) {
+        const int c = lane + 32 * i;
+        if (c >= d) continue;
+        float o = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; w++) o += sm_acc[w][c] * wt[w];
+        op[c] = from_f<T>(o * inv);
+    }
+}
+
+#define INSTANTIATE(NAME, T)                                                                     \
+    extern "C" __global__ void write_kv_##NAME(T *cache, const T *src, const uint32_t *slots,    \
+                                               int row) {                                        \
+        write_kv<T>(cache, src, slots, row);                                                     \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS) paged_attention_##NAME(             \
+        T *out, const T *q, const T *k_cache, const T *v_cache, const uint32_t *block_tables,    \
+        const uint32_t *token_seq, const uint32_t *token_pos, int n_heads, int n_kv_heads,       \
+        int d, int block_size, int max_blocks, float scale, int window) {                        \
+        paged_attention<T>(out, q, k_cache, v_cache, block_tables, token_seq, token_pos,         \
+                           n_heads, n_kv_heads, d, block_size, max_blocks, scale, window);       \
+    }
+
+INSTANTIATE(f32, float)
+INSTANTIATE(f16, __half)
+INSTANTIATE(bf16, __nv_bfloat16)

@@ -1,0 +1,274 @@
+//! The CUDA backend of the paged-attention op: kernels/paged_attention.cu, compiled to PTX by build.rs
+//! and loaded through candle's CUDA device (cudarc). The step's batch description (slot mapping, block
+//! tables, token -> sequence, positions) is uploaded once per step and shared by every layer.
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{
+    bail, CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, InplaceOp2, Layout, Shape,
+};
+
+use super::attention::AttnParams;
+use super::batch::Batch;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
+const MODULE: &str = "hearth_paged_attention";
+const THREADS: u32 = 128;
+const MAX_HEAD_DIM: usize = 256;
+
+/// One step's batch description in device memory.
+pub struct CudaBatch {
+    slot_mapping: CudaSlice<u32>,
+    block_tables: CudaSlice<u32>,
+    token_seq: CudaSlice<u32>,
+    token_pos: CudaSlice<u32>,
+    max_blocks: usize,
+    block_size: usize,
+    n_tokens: usize,
+}
+
+impl CudaBatch {
+    pub fn upload(dev: &CudaDevice, batch: &Batch) -> candle_core::Result<Self> {
+        let max_blocks = batch
+            .seqs
+            .iter()
+            .map(|s| s.block_table.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        // Rows padded to the longest table: a kernel indexes (sequence, block) without offsets.
+        let mut tables = vec![0u32; batch.seqs.len().max(1) * max_blocks];
+        let mut token_seq = vec![0u32; batch.num_tokens()];
+        for (i, s) in batch.seqs.iter().enumerate() {
+            tables[i * max_blocks..][..s.block_table.len()].copy_from_slice(&s.block_table);
+            token_seq[s.start..s.start + s.len].fill(i as u32);
+        }
+        Ok(Self {
+            slot_mapping: dev.clone_htod(&batch.slot_mapping)?,
+            block_tables: dev.clone_htod(&tables)?,
+            token_seq: dev.clone_htod(&token_seq)?,
+            token_pos: dev.clone_htod(&batch.positions)?,
+            max_blocks,
+            block_size: batch.block_size,
+            n_tokens: batch.num_tokens(),
+        })
+    }
+}
+
+fn kernel_suffix(dtype: DType) -> candle_core::Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => bail!("paged attention on CUDA: unsupported dtype {other:?}"),
+    })
+}
+
+fn check_contiguous(name: &str, l: &Layout) -> candle_core::Result<()> {
+    if !l.is_contiguous() {
+        bail!("{name}: inputs must be contiguous");
+    }
+    Ok(())
+}
+
+/// Writes this step's K or V rows (tokens, kv_heads, head_dim) into a layer cache at the slot mapping.
+pub struct WriteKv<'a> {
+    pub batch: &'a CudaBatch,
+}
+
+impl WriteKv<'_> {
+    fn launch<T: CudaDType + DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        cache: &mut CudaStorage,
+        cl: &Layout,
+        src: &CudaStorage,
+        sl: &Layout,
+        suffix: &str,
+    ) -> candle_core::Result<()> {
+        let n = self.batch.n_tokens;
+        let row = sl.shape().elem_count() / n.max(1);
+        if !cl.shape().elem_count().is_multiple_of(row.max(1)) {
+            bail!("write-kv: cache rows do not match the new rows");
+        }
+        let func = dev.get_or_load_custom_func(&format!("write_kv_{suffix}"), MODULE, PTX)?;
+        let s = src.as_cuda_slice::<T>()?.slice(sl.start_offset()..);
+        let mut c = cache
+            .as_cuda_slice_mut::<T>()?
+            .slice_mut(cl.start_offset()..);
+        let row_i = row as i32;
+        let mut b = func.builder();
+        b.arg(&mut c);
+        b.arg(&s);
+        b.arg(&self.batch.slot_mapping);
+        b.arg(&row_i);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the kernel reads `n * row` source elements and writes rows at slots the block pool
+        // handed out, which lie inside the cache.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+}
+
+impl InplaceOp2 for WriteKv<'_> {
+    fn name(&self) -> &'static str {
+        "write-kv-cuda"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<()> {
+        bail!("write-kv-cuda runs on CUDA tensors only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        cache: &mut CudaStorage,
+        cl: &Layout,
+        src: &CudaStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<()> {
+        check_contiguous(self.name(), cl)?;
+        check_contiguous(self.name(), sl)?;
+        if self.batch.n_tokens == 0 {
+            return Ok(());
+        }
+        let dev = src.device().clone();
+        let suffix = kernel_suffix(src.dtype())?;
+        if cache.dtype() != src.dtype() {
+            bail!("write-kv: cache and rows differ in dtype");
+        }
+        match src.dtype() {
+            DType::F32 => self.launch::<f32>(&dev, cache, cl, src, sl, suffix),
+            DType::F16 => self.launch::<half::f16>(&dev, cache, cl, src, sl, suffix),
+            _ => self.launch::<half::bf16>(&dev, cache, cl, src, sl, suffix),
+        }
+    }
+}
+
+/// Attention of q (tokens, heads, head_dim) over the paged K and V caches.
+pub struct Attend<'a> {
+    pub batch: &'a CudaBatch,
+    pub params: AttnParams,
+}
+
+impl Attend<'_> {
+    #[allow(clippy::too_many_arguments)]
+    fn launch<T: CudaDType + DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        qs: &CudaStorage,
+        ql: &Layout,
+        ks: &CudaStorage,
+        kl: &Layout,
+        vs: &CudaStorage,
+        vl: &Layout,
+        suffix: &str,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let p = &self.params;
+        let (n_tokens, n_heads, d) = ql.shape().dims3()?;
+        let func =
+            dev.get_or_load_custom_func(&format!("paged_attention_{suffix}"), MODULE, PTX)?;
+        let q = qs.as_cuda_slice::<T>()?.slice(ql.start_offset()..);
+        let k = ks.as_cuda_slice::<T>()?.slice(kl.start_offset()..);
+        let v = vs.as_cuda_slice::<T>()?.slice(vl.start_offset()..);
+        // SAFETY: every element is written by the kernel below.
+        let out = unsafe { dev.alloc::<T>(n_tokens * n_heads * d)? };
+        let ints = [
+            n_heads as i32,
+            p.n_kv_heads as i32,
+            d as i32,
+            self.batch.block_size as i32,
+            self.batch.max_blocks as i32,
+        ];
+        let window = p.window.unwrap_or(0) as i32;
+        let mut b = func.builder();
+        b.arg(&out);
+        b.arg(&q);
+        b.arg(&k);
+        b.arg(&v);
+        b.arg(&self.batch.block_tables);
+        b.arg(&self.batch.token_seq);
+        b.arg(&self.batch.token_pos);
+        for i in &ints {
+            b.arg(i);
+        }
+        b.arg(&p.scale);
+        b.arg(&window);
+        let cfg = LaunchConfig {
+            grid_dim: (n_tokens as u32, n_heads as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the batch description was built from the same batch as q; block ids come from the
+        // block pool and lie inside the caches.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((n_tokens, n_heads, d)),
+        ))
+    }
+}
+
+impl CustomOp3 for Attend<'_> {
+    fn name(&self) -> &'static str {
+        "paged-attention-cuda"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        bail!("paged-attention-cuda runs on CUDA tensors only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        qs: &CudaStorage,
+        ql: &Layout,
+        ks: &CudaStorage,
+        kl: &Layout,
+        vs: &CudaStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        for l in [ql, kl, vl] {
+            check_contiguous(self.name(), l)?;
+        }
+        let (n_tokens, n_heads, d) = ql.shape().dims3()?;
+        let p = &self.params;
+        if n_tokens != self.batch.n_tokens {
+            bail!(
+                "paged attention: {n_tokens} query rows for a batch of {}",
+                self.batch.n_tokens
+            );
+        }
+        if d > MAX_HEAD_DIM || d != p.head_dim || !n_heads.is_multiple_of(p.n_kv_heads) {
+            bail!("paged attention: unsupported head layout ({n_heads} heads of {d})");
+        }
+        if ks.dtype() != qs.dtype() || vs.dtype() != qs.dtype() {
+            bail!("paged attention: q and the caches differ in dtype");
+        }
+        let dev = qs.device().clone();
+        let suffix = kernel_suffix(qs.dtype())?;
+        match qs.dtype() {
+            DType::F32 => self.launch::<f32>(&dev, qs, ql, ks, kl, vs, vl, suffix),
+            DType::F16 => self.launch::<half::f16>(&dev, qs, ql, ks, kl, vs, vl, suffix),
+            _ => self.launch::<half::bf16>(&dev, qs, ql, ks, kl, vs, vl, suffix),
+        }
+    }
+}

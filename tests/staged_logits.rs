@@ -1,0 +1,54 @@
+//! `hearth logits` (the GPU check's side of the comparison): logits computed in three steps per prompt
+//! (prefill chunk, chunk over the cached first one, decode) equal those of one whole-prompt forward.
+mod common;
+
+use hearth::logits::{stage_ends, staged_logits};
+use hearth::model::{AttentionBackend, Batch};
+
+#[test]
+fn staged_logits_equal_whole_prompt_forward() {
+    let m = common::load(&common::smollm2());
+    let prompts: Vec<Vec<u32>> = common::PROMPTS
+        .iter()
+        .map(|p| m.tokenizer.encode(p).unwrap())
+        .filter(|ids| ids.len() >= 4)
+        .collect();
+    assert!(prompts.len() >= 3);
+    for backend in [AttentionBackend::Cpu, AttentionBackend::Portable] {
+        let (infos, rows) = staged_logits(&m, &prompts, backend, 16).unwrap();
+        assert_eq!(rows.len(), 3 * prompts.len());
+        for (info, row) in infos.iter().zip(&rows) {
+            let p = &prompts[info.prompt];
+            assert!(stage_ends(p.len()).contains(&info.pos));
+            // Reference: the prefix up to this position in one forward.
+            let ids = &p[..=info.pos];
+            let kv = m.decoder.new_kv_cache(64, 16).unwrap();
+            let table: Vec<u32> = (0..64).collect();
+            let mut b = Batch::new(16);
+            b.push(ids, 0, &table, true);
+            let whole: Vec<f32> = m
+                .decoder
+                .forward(&b, &kv, backend)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let diff = row
+                .iter()
+                .zip(&whole)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            // The CPU backend's arithmetic does not depend on how tokens are batched; the portable one
+            // sums in a shape-dependent order, and 8-bit activation rounding can amplify that
+            // (tests/parity_llama.rs has the measured bound).
+            let bound = match backend {
+                AttentionBackend::Cpu => 1e-4,
+                _ => 1.5,
+            };
+            assert!(diff < bound, "{backend:?} {info:?}: max diff {diff}");
+        }
+    }
+    assert!(staged_logits(&m, &[vec![1, 2]], AttentionBackend::Cpu, 16).is_err());
+    assert!(staged_logits(&m, &[vec![1, 2, 3, 1 << 30]], AttentionBackend::Cpu, 16).is_err());
+}
