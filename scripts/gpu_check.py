@@ -209,9 +209,11 @@ def hearth_bench(binary, model_dir):
     res = {}
     for line in out.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 5 or cells[4] in ("tok/s", "---"):
+        if len(cells) < 5 or cells[4] in ("tok/s", "---"):
             continue
         measure, value = cells[3], float(cells[4])
+        if len(cells) >= 8 and cells[5]:
+            res[f"split {measure}"] = cells[5:8]
         if measure.startswith("prefill"):
             res["prefill"] = value
         elif measure == "decode, 1 stream":
@@ -316,6 +318,17 @@ def main():
         h = hearth.get(b, 0.0)
         lines.append(f"| decode, batch {b} (tok/s) | {h:.0f} | {hf[b]:.0f} | {h / hf[b]:.2f} "
                      f"| {hf[f'loop{b}']:.0f} | {h / hf[f'loop{b}']:.2f} |")
+    lines += [
+        "",
+        "Hearth's step time (`hearth bench` columns): whole engine step / its forward (host wall time, "
+        "logits read-back included) / the forward's device time (CUDA events), ms per step:",
+        "",
+        "| decode batch | engine ms/step | forward ms/step | device ms/step |",
+        "| --- | --- | --- | --- |",
+    ]
+    for b in BATCHES:
+        sp = hearth.get(f"split decode, {b} sequences (aggregate)", ["", "", ""])
+        lines.append(f"| {b} | {sp[0]} | {sp[1]} | {sp[2]} |")
     lines += [
         "",
         "| roofline | value |",

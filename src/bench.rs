@@ -263,23 +263,69 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .unwrap_or_default()
     });
     let dev = args.device.as_deref().unwrap_or("auto");
-    println!("| model | device | threads | measure | tok/s |");
-    println!("| --- | --- | --- | --- | --- |");
+    println!("| model | device | threads | measure | tok/s | engine ms/step | forward ms/step | device ms/step |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     println!(
-        "| {name} | {dev} | {threads} | prefill ({} tokens) | {prefill:.1} |",
+        "| {name} | {dev} | {threads} | prefill ({} tokens) | {prefill:.1} | | | |",
         args.prefill_tokens
     );
-    println!("| {name} | {dev} | {threads} | decode, 1 stream | {single:.1} |");
+    println!("| {name} | {dev} | {threads} | decode, 1 stream | {single:.1} | | | |");
     for &b in &args.batches {
         let prompts = (0..b)
             .map(|i| synthetic_prompt(&engine, 10 + i, 16))
             .collect::<Result<Vec<_>>>()?;
         // Aggregate: all generated tokens over wall time (16-token prompts make prefill negligible).
+        let mut split = StepSplit::default();
         let agg = best(&mut || {
+            let before = StepSplit::read(&engine);
             let (n, secs) = run_batch(&engine, &prompts, args.decode_tokens)?;
+            split = StepSplit::read(&engine).since(&before);
             Ok(n as f64 / secs)
         })?;
-        println!("| {name} | {dev} | {threads} | decode, {b} sequences (aggregate) | {agg:.1} |");
+        println!(
+            "| {name} | {dev} | {threads} | decode, {b} sequences (aggregate) | {agg:.1} | {:.2} | {:.2} | {:.2} |",
+            split.per_step(split.step_us),
+            split.per_step(split.forward_us),
+            split.per_step(split.device_us),
+        );
     }
     Ok(())
+}
+
+/// Where a measurement's step time went: whole engine steps, their forward passes (host wall time
+/// including the logits read-back) and the device time of the forwards (CUDA events on a GPU). Engine
+/// minus forward is scheduling, sampling and replies; forward minus device is host dispatch the device
+/// did not hide.
+#[derive(Debug, Default, Clone, Copy)]
+struct StepSplit {
+    steps: u64,
+    step_us: u64,
+    forward_us: u64,
+    device_us: u64,
+}
+
+impl StepSplit {
+    fn read(e: &EngineHandle) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &e.stats;
+        Self {
+            steps: s.steps.load(Relaxed),
+            step_us: s.step_micros.load(Relaxed),
+            forward_us: s.busy_micros.load(Relaxed),
+            device_us: s.device_micros.load(Relaxed),
+        }
+    }
+
+    fn since(&self, before: &Self) -> Self {
+        Self {
+            steps: self.steps - before.steps,
+            step_us: self.step_us - before.step_us,
+            forward_us: self.forward_us - before.forward_us,
+            device_us: self.device_us - before.device_us,
+        }
+    }
+
+    fn per_step(&self, us: u64) -> f64 {
+        us as f64 / 1e3 / self.steps.max(1) as f64
+    }
 }

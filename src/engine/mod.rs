@@ -103,7 +103,9 @@ pub struct EngineStats {
     /// Generated tokens run through the model (including recomputation after preemption).
     pub decode_tokens: AtomicU64,
     pub preemptions: AtomicU64,
-    /// Host wall time of steps.
+    /// Wall time of whole engine steps: scheduling, the forward, sampling, replies.
+    pub step_micros: AtomicU64,
+    /// Wall time of the forward passes (including the read-back of logits).
     pub busy_micros: AtomicU64,
     /// Device time of steps (CUDA events on a GPU), the basis of GPU-time metering.
     pub device_micros: AtomicU64,
@@ -317,6 +319,7 @@ fn run_loop(
                 Err(_) => break,
             }
         }
+        let t_step = Instant::now();
         while let Ok(seq) = rx.try_recv() {
             sched.add(seq);
         }
@@ -392,6 +395,9 @@ fn run_loop(
             }
         }
         publish(&stats, &sched);
+        stats
+            .step_micros
+            .fetch_add(t_step.elapsed().as_micros() as u64, Ordering::Relaxed);
     }
     tracing::info!("engine stopped");
 }
