@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: &[&str] = &["paged_attention"];
+const KERNELS: &[&str] = &["paged_attention", "activation"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

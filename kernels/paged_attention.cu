@@ -44,6 +44,45 @@ __device__ void write_kv(T *__restrict__ cache, const T *__restrict__ src,
     for (int i = threadIdx.x; i < row; i += blockDim.x) d[i] = s[i];
 }
 
+// Fused projection epilogue: from one (tokens, (heads + 2 kv_heads) * head_dim) Q|K|V matmul output,
+// RoPE (pairs (i, i + d/2)) on Q into q_out, RoPE on K and the plain V into the caches at the token's
+// slot. One thread block per (token, head of Q|K|V); cos, sin are (tokens, d/2) for each token's position.
+template <typename T>
+__device__ void rope_write_qkv(T *__restrict__ q_out, T *__restrict__ k_cache,
+                               T *__restrict__ v_cache, const T *__restrict__ qkv,
+                               const T *__restrict__ cos, const T *__restrict__ sin,
+                               const uint32_t *__restrict__ slots, int n_heads, int n_kv_heads,
+                               int d) {
+    const size_t t = blockIdx.x;
+    const int j = blockIdx.y;
+    const int half = d / 2;
+    const T *src = qkv + t * (size_t)(n_heads + 2 * n_kv_heads) * d + (size_t)j * d;
+    const size_t slot = slots[t];
+    T *dst;
+    bool rotate = true;
+    if (j < n_heads) {
+        dst = q_out + (t * n_heads + j) * d;
+    } else if (j < n_heads + n_kv_heads) {
+        dst = k_cache + (slot * n_kv_heads + (j - n_heads)) * d;
+    } else {
+        dst = v_cache + (slot * n_kv_heads + (j - n_heads - n_kv_heads)) * d;
+        rotate = false;
+    }
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        if (rotate) {
+            const float x1 = to_f(src[i]);
+            const float x2 = to_f(src[i + half]);
+            const float c = to_f(cos[t * half + i]);
+            const float s = to_f(sin[t * half + i]);
+            dst[i] = from_f<T>(x1 * c - x2 * s);
+            dst[i + half] = from_f<T>(x1 * s + x2 * c);
+        } else {
+            dst[i] = src[i];
+            dst[i + half] = src[i + half];
+        }
+    }
+}
+
 // One thread block of WARPS warps per (token, head): grid (tokens, heads). Each warp walks every WARPS-th key with an
 // online softmax, its lanes splitting head_dim; the warps' partial results are merged at the end.
 template <typename T>
@@ -137,6 +176,12 @@ __device__ void paged_attention(T *__restrict__ out, const T *__restrict__ q,
     extern "C" __global__ void write_kv_##NAME(T *cache, const T *src, const uint32_t *slots,    \
                                                int row) {                                        \
         write_kv<T>(cache, src, slots, row);                                                     \
+    }                                                                                            \
+    extern "C" __global__ void rope_write_qkv_##NAME(                                           \
+        T *q_out, T *k_cache, T *v_cache, const T *qkv, const T *cos, const T *sin,              \
+        const uint32_t *slots, int n_heads, int n_kv_heads, int d) {                             \
+        rope_write_qkv<T>(q_out, k_cache, v_cache, qkv, cos, sin, slots, n_heads, n_kv_heads,   \
+                          d);                                                                    \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(32 * WARPS) paged_attention_##NAME(             \
         T *out, const T *q, const T *k_cache, const T *v_cache, const uint32_t *block_tables,    \

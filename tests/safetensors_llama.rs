@@ -125,6 +125,21 @@ fn safetensors_checkpoint_matches_the_gguf_it_came_from() {
         assert_eq!(argmax(&a), argmax(&b), "{prompt:?} (max diff {diff})");
         assert!(diff < 2.0, "{prompt:?}: max logit diff {diff}");
     }
+    // The fused Q|K|V and gate|up projections (what a GPU load uses) give the same logits.
+    let fused =
+        hearth::model::safetensors::load_with(&PathBuf::from(&dir), "fused", &Device::Cpu, true)
+            .expect("fused load");
+    for prompt in common::PROMPTS {
+        let ids = st.tokenizer.encode(prompt).unwrap();
+        let a = last_logits(&st, &ids);
+        let b = last_logits(&fused, &ids);
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-3, "{prompt:?}: fused vs separate max diff {diff}");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 

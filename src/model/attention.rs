@@ -90,6 +90,49 @@ impl<'a> StepAttention<'a> {
         write_kv(cache, new, &self.batch.slot_mapping)
     }
 
+    /// Whether `rope_write_qkv` is available (the CUDA backend).
+    pub fn fuses_rope(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if self.cuda.is_some() {
+            return true;
+        }
+        false
+    }
+
+    /// From a fused Q|K|V projection (tokens, (heads + 2 kv_heads) * head_dim): RoPE (halves layout)
+    /// on Q and K with per-token `cos`/`sin` (tokens, head_dim / 2), K and V into the layer's caches;
+    /// returns the rotated Q (tokens, heads, head_dim). Only where `fuses_rope`.
+    pub fn rope_write_qkv(
+        &self,
+        qkv: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        p: &AttnParams,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(b) = &self.cuda {
+            let op = super::cuda_attention::RopeWriteQkv {
+                batch: b,
+                k_cache,
+                v_cache,
+                n_heads: p.n_heads,
+                n_kv_heads: p.n_kv_heads,
+                head_dim: p.head_dim,
+            };
+            return Ok(qkv.contiguous()?.apply_op3_no_bwd(
+                &cos.contiguous()?,
+                &sin.contiguous()?,
+                &op,
+            )?);
+        }
+        let _ = (qkv, cos, sin, k_cache, v_cache, p);
+        Err(HearthError::InvalidRequest(
+            "fused RoPE + KV write needs the CUDA attention backend".into(),
+        ))
+    }
+
     /// Attention of `q` (tokens, heads, head_dim) over a layer's caches.
     pub fn attend(
         &self,

@@ -8,6 +8,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
     bail, CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, InplaceOp2, Layout, Shape,
+    Storage, Tensor,
 };
 
 use super::attention::AttnParams;
@@ -269,6 +270,140 @@ impl CustomOp3 for Attend<'_> {
             DType::F32 => self.launch::<f32>(&dev, qs, ql, ks, kl, vs, vl, suffix),
             DType::F16 => self.launch::<half::f16>(&dev, qs, ql, ks, kl, vs, vl, suffix),
             _ => self.launch::<half::bf16>(&dev, qs, ql, ks, kl, vs, vl, suffix),
+        }
+    }
+}
+
+/// The fused projection epilogue: RoPE on Q and K of a fused Q|K|V matmul output, K and V written to
+/// the layer's caches at the slot mapping, rotated Q returned (tokens, heads, head_dim).
+pub struct RopeWriteQkv<'a> {
+    pub batch: &'a CudaBatch,
+    pub k_cache: &'a Tensor,
+    pub v_cache: &'a Tensor,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+fn cuda_storage<'g>(
+    guard: &'g candle_core::StorageRef<'_>,
+    what: &str,
+) -> candle_core::Result<&'g CudaStorage> {
+    match &**guard {
+        Storage::Cuda(s) => Ok(s),
+        _ => bail!("{what} is not on a CUDA device"),
+    }
+}
+
+impl RopeWriteQkv<'_> {
+    #[allow(clippy::too_many_arguments)]
+    fn launch<T: CudaDType + DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        qkv: &CudaStorage,
+        ql: &Layout,
+        cos: &CudaStorage,
+        cl: &Layout,
+        sin: &CudaStorage,
+        sl: &Layout,
+        suffix: &str,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let n = self.batch.n_tokens;
+        let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let (kg, kl) = self.k_cache.storage_and_layout();
+        let (vg, vl) = self.v_cache.storage_and_layout();
+        for l in [kl, vl] {
+            check_contiguous(self.name(), l)?;
+        }
+        // SAFETY (of writing through read guards): the caches are only ever used by the engine
+        // thread that runs this op, so no reader can observe the write concurrently.
+        let k = cuda_storage(&kg, "the K cache")?
+            .as_cuda_slice::<T>()?
+            .slice(kl.start_offset()..);
+        let v = cuda_storage(&vg, "the V cache")?
+            .as_cuda_slice::<T>()?
+            .slice(vl.start_offset()..);
+        let src = qkv.as_cuda_slice::<T>()?.slice(ql.start_offset()..);
+        let c = cos.as_cuda_slice::<T>()?.slice(cl.start_offset()..);
+        let s = sin.as_cuda_slice::<T>()?.slice(sl.start_offset()..);
+        // SAFETY: every element is written by the kernel below.
+        let q = unsafe { dev.alloc::<T>(n * h * d)? };
+        let func = dev.get_or_load_custom_func(&format!("rope_write_qkv_{suffix}"), MODULE, PTX)?;
+        let ints = [h as i32, kvh as i32, d as i32];
+        let mut b = func.builder();
+        b.arg(&q);
+        b.arg(&k);
+        b.arg(&v);
+        b.arg(&src);
+        b.arg(&c);
+        b.arg(&s);
+        b.arg(&self.batch.slot_mapping);
+        for i in &ints {
+            b.arg(i);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, (h + 2 * kvh) as u32, 1),
+            block_dim: ((d / 2).clamp(1, 128) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: shapes were checked against the batch; slots come from the block pool.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(q, dev.clone()),
+            Shape::from((n, h, d)),
+        ))
+    }
+}
+
+impl CustomOp3 for RopeWriteQkv<'_> {
+    fn name(&self) -> &'static str {
+        "rope-write-qkv-cuda"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        bail!("rope-write-qkv-cuda runs on CUDA tensors only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        qkv: &CudaStorage,
+        ql: &Layout,
+        cos: &CudaStorage,
+        cl: &Layout,
+        sin: &CudaStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        for l in [ql, cl, sl] {
+            check_contiguous(self.name(), l)?;
+        }
+        let (n, width) = ql.shape().dims2()?;
+        let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        if n != self.batch.n_tokens || width != (h + 2 * kvh) * d || d % 2 != 0 {
+            bail!("rope-write-qkv: ({n}, {width}) does not fit {h} + 2 x {kvh} heads of {d}");
+        }
+        if cl.shape().dims2()? != (n, d / 2) || sl.shape().dims2()? != (n, d / 2) {
+            bail!("rope-write-qkv: cos/sin must be (tokens, head_dim / 2)");
+        }
+        if cos.dtype() != qkv.dtype()
+            || sin.dtype() != qkv.dtype()
+            || self.k_cache.dtype() != qkv.dtype()
+        {
+            bail!("rope-write-qkv: dtypes differ");
+        }
+        let dev = qkv.device().clone();
+        let suffix = kernel_suffix(qkv.dtype())?;
+        match qkv.dtype() {
+            DType::F32 => self.launch::<f32>(&dev, qkv, ql, cos, cl, sin, sl, suffix),
+            DType::F16 => self.launch::<half::f16>(&dev, qkv, ql, cos, cl, sin, sl, suffix),
+            _ => self.launch::<half::bf16>(&dev, qkv, ql, cos, cl, sin, sl, suffix),
         }
     }
 }

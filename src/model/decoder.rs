@@ -72,19 +72,31 @@ impl Norm {
     }
 }
 
+/// The Q, K and V projections: three matrices, or one with rows Q | K | V (one matmul; on CUDA its
+/// output goes straight to the fused RoPE + KV-write kernel).
+#[derive(Debug)]
+pub enum QkvProj {
+    Separate { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
+/// The gate and up projections: two matrices, or one with rows gate | up.
+#[derive(Debug)]
+pub enum GateUpProj {
+    Separate { gate: Linear, up: Linear },
+    Fused(Linear),
+}
+
 #[derive(Debug)]
 pub struct Layer {
     pub attn_norm: Norm,
-    pub wq: Linear,
-    pub wk: Linear,
-    pub wv: Linear,
+    pub qkv: QkvProj,
     pub wo: Linear,
     pub q_norm: Option<Norm>,
     pub k_norm: Option<Norm>,
     pub post_attn_norm: Option<Norm>,
     pub ffn_norm: Norm,
-    pub gate: Linear,
-    pub up: Linear,
+    pub gate_up: GateUpProj,
     pub down: Linear,
     pub post_ffn_norm: Option<Norm>,
 }
@@ -222,6 +234,51 @@ impl Decoder {
         }
     }
 
+    /// Q, K, V as (tokens, heads, head_dim) each.
+    fn project_qkv(&self, p: &QkvProj, h: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let cfg = &self.cfg;
+        let n = h.dim(0)?;
+        let (qd, kd) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
+        let (q, k, v) = match p {
+            QkvProj::Separate { q, k, v } => (q.forward(h)?, k.forward(h)?, v.forward(h)?),
+            QkvProj::Fused(w) => {
+                let y = w.forward(h)?;
+                (
+                    y.narrow(1, 0, qd)?,
+                    y.narrow(1, qd, kd)?,
+                    y.narrow(1, qd + kd, kd)?,
+                )
+            }
+        };
+        Ok((
+            q.reshape((n, cfg.n_heads, cfg.head_dim))?,
+            k.reshape((n, cfg.n_kv_heads, cfg.head_dim))?,
+            v.reshape((n, cfg.n_kv_heads, cfg.head_dim))?,
+        ))
+    }
+
+    /// act(gate(h)) * up(h).
+    fn gated(&self, p: &GateUpProj, h: &Tensor) -> Result<Tensor> {
+        let act = |g: &Tensor| -> Result<Tensor> {
+            Ok(match self.cfg.activation {
+                Activation::Silu => candle_nn::ops::silu(g)?,
+                Activation::GeluTanh => g.gelu()?,
+            })
+        };
+        match p {
+            GateUpProj::Separate { gate, up } => Ok((act(&gate.forward(h)?)? * up.forward(h)?)?),
+            GateUpProj::Fused(w) => {
+                let y = w.forward(h)?;
+                #[cfg(feature = "cuda")]
+                if y.device().is_cuda() && self.cfg.activation == Activation::Silu {
+                    return Ok(y.apply_op1_no_bwd(&super::cuda_activation::SiluMul)?);
+                }
+                let inner = y.dim(1)? / 2;
+                Ok((act(&y.narrow(1, 0, inner)?)? * y.narrow(1, inner, inner)?)?)
+            }
+        }
+    }
+
     /// One forward over a ragged batch. K/V of every token are written to `kv`; returns the logits
     /// (rows of `batch.logit_rows()`, vocab) as f32.
     pub fn forward(
@@ -258,6 +315,7 @@ impl Decoder {
         };
 
         let attn = StepAttention::new(backend, batch, dev)?;
+        let fused_rope = attn.fuses_rope() && cfg.rope_layout == RopeLayout::Halves;
         let mut x = self.embed.forward(&ids)?.to_dtype(cfg.dtype)?;
         if let Some(s) = cfg.embed_scale {
             x = (x * s as f64)?;
@@ -265,41 +323,40 @@ impl Decoder {
         for (li, layer) in self.layers.iter().enumerate() {
             let window = cfg.layer_window(li);
             let h = layer.attn_norm.forward(&x)?;
-            let q = layer
-                .wq
-                .forward(&h)?
-                .reshape((n, cfg.n_heads, cfg.head_dim))?;
-            let k = layer
-                .wk
-                .forward(&h)?
-                .reshape((n, cfg.n_kv_heads, cfg.head_dim))?;
-            let v = layer
-                .wv
-                .forward(&h)?
-                .reshape((n, cfg.n_kv_heads, cfg.head_dim))?;
-            let q = match &layer.q_norm {
-                Some(nm) => nm.forward(&q)?,
-                None => q,
-            };
-            let k = match &layer.k_norm {
-                Some(nm) => nm.forward(&k)?,
-                None => k,
-            };
             let (cos, sin) = if window.is_some() {
                 (&cos_l, &sin_l)
             } else {
                 (&cos_g, &sin_g)
             };
-            let q = self.rope(&q, cos, sin)?;
-            let k = self.rope(&k, cos, sin)?;
-            attn.write(&kv.k[li], &k)?;
-            attn.write(&kv.v[li], &v)?;
             let params = AttnParams {
                 n_heads: cfg.n_heads,
                 n_kv_heads: cfg.n_kv_heads,
                 head_dim: cfg.head_dim,
                 scale: cfg.attn_scale,
                 window,
+            };
+            let q = match &layer.qkv {
+                QkvProj::Fused(w)
+                    if fused_rope && layer.q_norm.is_none() && layer.k_norm.is_none() =>
+                {
+                    attn.rope_write_qkv(&w.forward(&h)?, cos, sin, &kv.k[li], &kv.v[li], &params)?
+                }
+                _ => {
+                    let (q, k, v) = self.project_qkv(&layer.qkv, &h)?;
+                    let q = match &layer.q_norm {
+                        Some(nm) => nm.forward(&q)?,
+                        None => q,
+                    };
+                    let k = match &layer.k_norm {
+                        Some(nm) => nm.forward(&k)?,
+                        None => k,
+                    };
+                    let q = self.rope(&q, cos, sin)?;
+                    let k = self.rope(&k, cos, sin)?;
+                    attn.write(&kv.k[li], &k)?;
+                    attn.write(&kv.v[li], &v)?;
+                    q
+                }
             };
             let a = attn.attend(&q, &kv.k[li], &kv.v[li], &params)?;
             let a = layer
@@ -312,12 +369,7 @@ impl Decoder {
             x = (x + a)?;
 
             let h = layer.ffn_norm.forward(&x)?;
-            let g = layer.gate.forward(&h)?;
-            let g = match cfg.activation {
-                Activation::Silu => candle_nn::ops::silu(&g)?,
-                Activation::GeluTanh => g.gelu()?,
-            };
-            let f = layer.down.forward(&(g * layer.up.forward(&h)?)?)?;
+            let f = layer.down.forward(&self.gated(&layer.gate_up, &h)?)?;
             let f = match &layer.post_ffn_norm {
                 Some(nm) => nm.forward(&f)?,
                 None => f,

@@ -10,7 +10,9 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Device};
 
 use super::chat::ChatTemplate;
-use super::decoder::{Activation, Decoder, DecoderConfig, Embeddings, Layer, Norm, RopeLayout};
+use super::decoder::{
+    Activation, Decoder, DecoderConfig, Embeddings, GateUpProj, Layer, Norm, QkvProj, RopeLayout,
+};
 use super::linear::Linear;
 use super::tokenizer::Tokenizer;
 use super::Model;
@@ -206,16 +208,20 @@ pub fn load(path: &Path, name: &str, device: &Device) -> Result<Model> {
         let p = format!("blk.{i}");
         layers.push(Layer {
             attn_norm: rd.norm(&format!("{p}.attn_norm.weight"), rms_eps)?,
-            wq: rd.linear(&format!("{p}.attn_q.weight"))?,
-            wk: rd.linear(&format!("{p}.attn_k.weight"))?,
-            wv: rd.linear(&format!("{p}.attn_v.weight"))?,
+            qkv: QkvProj::Separate {
+                q: rd.linear(&format!("{p}.attn_q.weight"))?,
+                k: rd.linear(&format!("{p}.attn_k.weight"))?,
+                v: rd.linear(&format!("{p}.attn_v.weight"))?,
+            },
             wo: rd.linear(&format!("{p}.attn_output.weight"))?,
             q_norm: rd.opt_norm(&format!("{p}.attn_q_norm.weight"), rms_eps)?,
             k_norm: rd.opt_norm(&format!("{p}.attn_k_norm.weight"), rms_eps)?,
             post_attn_norm: rd.opt_norm(&format!("{p}.post_attention_norm.weight"), rms_eps)?,
             ffn_norm: rd.norm(&format!("{p}.ffn_norm.weight"), rms_eps)?,
-            gate: rd.linear(&format!("{p}.ffn_gate.weight"))?,
-            up: rd.linear(&format!("{p}.ffn_up.weight"))?,
+            gate_up: GateUpProj::Separate {
+                gate: rd.linear(&format!("{p}.ffn_gate.weight"))?,
+                up: rd.linear(&format!("{p}.ffn_up.weight"))?,
+            },
             down: rd.linear(&format!("{p}.ffn_down.weight"))?,
             post_ffn_norm: rd.opt_norm(&format!("{p}.post_ffw_norm.weight"), rms_eps)?,
         });

@@ -4,6 +4,8 @@ pub mod attention;
 pub mod batch;
 pub mod chat;
 #[cfg(feature = "cuda")]
+pub mod cuda_activation;
+#[cfg(feature = "cuda")]
 pub mod cuda_attention;
 pub mod decoder;
 pub mod gguf;

@@ -8,7 +8,9 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::chat::ChatTemplate;
-use super::decoder::{Activation, Decoder, DecoderConfig, Embeddings, Layer, Norm, RopeLayout};
+use super::decoder::{
+    Activation, Decoder, DecoderConfig, Embeddings, GateUpProj, Layer, Norm, QkvProj, RopeLayout,
+};
 use super::linear::Linear;
 use super::tokenizer::Tokenizer;
 use super::Model;
@@ -73,6 +75,10 @@ impl HfConfig {
     }
 }
 
+fn dense(w: Tensor) -> Linear {
+    Linear::Candle(QMatMul::Tensor(w))
+}
+
 fn file_err(path: &Path, reason: impl std::fmt::Display) -> HearthError {
     HearthError::ModelFile {
         path: path.display().to_string(),
@@ -113,7 +119,14 @@ fn load_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> 
     Ok(all)
 }
 
+/// Load a checkpoint; on a GPU the Q/K/V and gate/up projections are fused (one matmul each).
 pub fn load(dir: &Path, name: &str, device: &Device) -> Result<Model> {
+    load_with(dir, name, device, !device.is_cpu())
+}
+
+/// `fuse`: concatenate the Q, K, V weights and the gate, up weights, so each group is one matmul (fewer
+/// kernel launches per layer on a GPU; on the CPU it only serves to test the fused path).
+pub fn load_with(dir: &Path, name: &str, device: &Device, fuse: bool) -> Result<Model> {
     let cfg: HfConfig = read_json(&dir.join("config.json"))?;
     if let Some(a) = cfg.architectures.first() {
         if !matches!(a.as_str(), "LlamaForCausalLM" | "MistralForCausalLM") {
@@ -148,40 +161,52 @@ pub fn load(dir: &Path, name: &str, device: &Device) -> Result<Model> {
     };
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        let mut lin = |n: &str| -> Result<Linear> {
-            Ok(Linear::Candle(QMatMul::Tensor(take(&format!(
-                "{p}.{n}.weight"
-            ))?)))
+        let mut w = |n: &str| take(&format!("{p}.{n}.weight"));
+        let (wq, wk, wv) = (
+            w("self_attn.q_proj")?,
+            w("self_attn.k_proj")?,
+            w("self_attn.v_proj")?,
+        );
+        let wo = dense(w("self_attn.o_proj")?);
+        let (gate, up) = (w("mlp.gate_proj")?, w("mlp.up_proj")?);
+        let down = dense(w("mlp.down_proj")?);
+        let (qkv, gate_up) = if fuse {
+            (
+                QkvProj::Fused(dense(Tensor::cat(&[wq, wk, wv], 0)?)),
+                GateUpProj::Fused(dense(Tensor::cat(&[gate, up], 0)?)),
+            )
+        } else {
+            (
+                QkvProj::Separate {
+                    q: dense(wq),
+                    k: dense(wk),
+                    v: dense(wv),
+                },
+                GateUpProj::Separate {
+                    gate: dense(gate),
+                    up: dense(up),
+                },
+            )
         };
-        let wq = lin("self_attn.q_proj")?;
-        let wk = lin("self_attn.k_proj")?;
-        let wv = lin("self_attn.v_proj")?;
-        let wo = lin("self_attn.o_proj")?;
-        let gate = lin("mlp.gate_proj")?;
-        let up = lin("mlp.up_proj")?;
-        let down = lin("mlp.down_proj")?;
         layers.push(Layer {
             attn_norm: norm(take(&format!("{p}.input_layernorm.weight"))?),
-            wq,
-            wk,
-            wv,
+            qkv,
             wo,
             q_norm: None,
             k_norm: None,
             post_attn_norm: None,
             ffn_norm: norm(take(&format!("{p}.post_attention_layernorm.weight"))?),
-            gate,
-            up,
+            gate_up,
             down,
             post_ffn_norm: None,
         });
     }
     let final_norm = norm(take("model.norm.weight")?);
-    let lm_head = Linear::Candle(QMatMul::Tensor(if cfg.tie_word_embeddings {
+    let lm_head = dense(if cfg.tie_word_embeddings {
         embed.clone()
     } else {
         take("lm_head.weight")?
-    }));
+    });
     let _ = cfg.intermediate_size;
     let dcfg = DecoderConfig {
         arch: "llama".into(),
