@@ -1,19 +1,6 @@
 // Gated MLP activation over a fused gate|up matmul output: out[r, i] = act(gu[r, i]) * gu[r, I + i],
 // computed in f32 and rounded once. One launch instead of two (activation, product) plus no split copies.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-    return __float2bfloat16(x);
-}
+#include "common.cuh"
 
 template <typename T>
 __device__ void silu_mul(T *__restrict__ out, const T *__restrict__ gu, size_t rows, size_t inner) {

@@ -107,3 +107,41 @@ fn read_rows(logits: &Tensor, full: &[bool]) -> Result<Vec<Row>> {
     }
     Ok(rows)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::sampler::Sampler;
+    use crate::engine::SamplingParams;
+
+    /// Rows read back as argmax + log-normalizer give the token and log-probability the sampler
+    /// computes from the whole row; whole rows come back untouched and in order.
+    #[test]
+    fn device_greedy_rows_match_the_sampler() {
+        let dev = candle_core::Device::Cpu;
+        let logits = Tensor::randn(0f32, 3.0, (5, 1000), &dev).unwrap();
+        let whole = logits.to_vec2::<f32>().unwrap();
+        let full = [true, false, false, true, false];
+        let rows = read_rows(&logits, &full).unwrap();
+        for (i, row) in rows.iter().enumerate() {
+            match row {
+                Row::Full(r) => {
+                    assert!(full[i]);
+                    assert_eq!(r, &whole[i]);
+                }
+                Row::Greedy { token, logprob } => {
+                    assert!(!full[i]);
+                    let mut s = Sampler::new(SamplingParams::greedy());
+                    let want = s.sample(&whole[i], &[]);
+                    assert_eq!(*token, want.token);
+                    assert!(
+                        (logprob - want.logprob).abs() < 1e-4,
+                        "{logprob} vs {}",
+                        want.logprob
+                    );
+                }
+            }
+        }
+        assert!(read_rows(&logits, &[true]).is_err());
+    }
+}
