@@ -9,6 +9,7 @@ pub mod cuda_activation;
 pub mod cuda_attention;
 pub mod decoder;
 pub mod gguf;
+pub mod hub;
 pub mod linear;
 pub mod safetensors;
 pub mod tokenizer;
@@ -35,8 +36,13 @@ pub struct Model {
 }
 
 impl Model {
-    /// Load a GGUF file, or a folder holding a safetensors checkpoint.
+    /// Load a GGUF file, a folder holding a safetensors checkpoint, or either from the Hugging Face Hub
+    /// (`hf:ORG/REPO[@REVISION][:FILE]`, see `hub`).
     pub fn load(path: &Path, name: &str, device: &Device) -> Result<Self> {
+        if let Some(spec) = path.to_str().and_then(hub::parse) {
+            let local = hub::resolve(&spec?, hf_hub::Cache::from_env(), hub::offline_from_env())?;
+            return Self::load(&local, name, device);
+        }
         if path.is_dir() {
             return safetensors::load(path, name, device);
         }
