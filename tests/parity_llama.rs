@@ -56,11 +56,7 @@ fn last_position_logits_match_quantized_llama() {
             batch.push(&ids, 0, &table, true);
             let ours = model.decoder.forward(&batch, &kv, backend).unwrap();
             let ours = ours.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
-            let diff = ours
-                .iter()
-                .zip(&theirs)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let diff = common::max_abs_diff(&ours, &theirs);
             assert!(
                 diff < LOGIT_TOL,
                 "{backend:?} {prompt:?}: max logit diff {diff}"

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
-use hearth::model::{AttentionBackend, Batch, Model};
+use hearth::model::{AttentionBackend, Model};
 
 /// Undo llama.cpp's permutation of Q/K rows (HF halves layout -> GGUF interleaved layout).
 fn unpermute(w: &Tensor, n_head: usize) -> Tensor {
@@ -78,20 +78,6 @@ fn convert(gguf: &std::path::Path, dir: &std::path::Path) {
     m.tokenizer.save_json(&dir.join("tokenizer.json")).unwrap();
 }
 
-fn last_logits(m: &Model, ids: &[u32]) -> Vec<f32> {
-    let kv = m.decoder.new_kv_cache(64, 16).unwrap();
-    let table: Vec<u32> = (0..64).collect();
-    let mut b = Batch::new(16);
-    b.push(ids, 0, &table, true);
-    m.decoder
-        .forward(&b, &kv, AttentionBackend::Cpu)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
 fn argmax(v: &[f32]) -> usize {
     v.iter()
         .enumerate()
@@ -115,13 +101,9 @@ fn safetensors_checkpoint_matches_the_gguf_it_came_from() {
             ids,
             "tokenizer.json round trip"
         );
-        let a = last_logits(&st, &ids);
-        let b = last_logits(&gg, &ids);
-        let diff = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let a = common::last_logits(&st, &ids, AttentionBackend::Cpu);
+        let b = common::last_logits(&gg, &ids, AttentionBackend::Cpu);
+        let diff = common::max_abs_diff(&a, &b);
         assert_eq!(argmax(&a), argmax(&b), "{prompt:?} (max diff {diff})");
         assert!(diff < 2.0, "{prompt:?}: max logit diff {diff}");
     }
@@ -131,13 +113,9 @@ fn safetensors_checkpoint_matches_the_gguf_it_came_from() {
             .expect("fused load");
     for prompt in common::PROMPTS {
         let ids = st.tokenizer.encode(prompt).unwrap();
-        let a = last_logits(&st, &ids);
-        let b = last_logits(&fused, &ids);
-        let diff = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let a = common::last_logits(&st, &ids, AttentionBackend::Cpu);
+        let b = common::last_logits(&fused, &ids, AttentionBackend::Cpu);
+        let diff = common::max_abs_diff(&a, &b);
         assert!(diff < 1e-3, "{prompt:?}: fused vs separate max diff {diff}");
     }
     std::fs::remove_dir_all(&dir).ok();

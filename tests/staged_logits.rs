@@ -3,7 +3,7 @@
 mod common;
 
 use hearth::logits::{stage_ends, staged_logits};
-use hearth::model::{AttentionBackend, Batch};
+use hearth::model::AttentionBackend;
 
 #[test]
 fn staged_logits_equal_whole_prompt_forward() {
@@ -21,24 +21,8 @@ fn staged_logits_equal_whole_prompt_forward() {
             let p = &prompts[info.prompt];
             assert!(stage_ends(p.len()).contains(&info.pos));
             // Reference: the prefix up to this position in one forward.
-            let ids = &p[..=info.pos];
-            let kv = m.decoder.new_kv_cache(64, 16).unwrap();
-            let table: Vec<u32> = (0..64).collect();
-            let mut b = Batch::new(16);
-            b.push(ids, 0, &table, true);
-            let whole: Vec<f32> = m
-                .decoder
-                .forward(&b, &kv, backend)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let diff = row
-                .iter()
-                .zip(&whole)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let whole = common::last_logits(&m, &p[..=info.pos], backend);
+            let diff = common::max_abs_diff(row, &whole);
             // The CPU backend's arithmetic does not depend on how tokens are batched; the portable one
             // sums in a shape-dependent order, and 8-bit activation rounding can amplify that
             // (tests/parity_llama.rs has the measured bound).

@@ -4,10 +4,8 @@
 //! read. Tests never reach a hub: they resolve from a cache laid out on disk.
 use std::path::PathBuf;
 
-use hf_hub::{Cache, Repo, RepoType};
-use serde::Deserialize;
-
 use crate::error::{HearthError, Result};
+use hf_hub::{Cache, Repo, RepoType};
 
 const PREFIX: &str = "hf:";
 
@@ -125,20 +123,8 @@ pub fn resolve(spec: &HubSpec, cache: Cache, offline: bool) -> Result<PathBuf> {
     source.get(spec, "tokenizer_config.json")?;
     match source.get(spec, "model.safetensors.index.json")? {
         Some(index) => {
-            #[derive(Deserialize)]
-            struct Index {
-                weight_map: std::collections::HashMap<String, String>,
-            }
-            let text = std::fs::read_to_string(&index)?;
-            let idx: Index = serde_json::from_str(&text).map_err(|e| HearthError::ModelFile {
-                path: index.display().to_string(),
-                reason: e.to_string(),
-            })?;
-            let mut shards: Vec<&String> = idx.weight_map.values().collect();
-            shards.sort();
-            shards.dedup();
-            for s in shards {
-                source.require(spec, s)?;
+            for s in super::safetensors::shard_files(&index)? {
+                source.require(spec, &s)?;
             }
         }
         None => {

@@ -94,18 +94,26 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).map_err(|e| file_err(path, e))
 }
 
+/// The weight files a `model.safetensors.index.json` names, each once, in name order.
+pub fn shard_files(index: &Path) -> Result<Vec<String>> {
+    #[derive(Deserialize)]
+    struct Index {
+        weight_map: HashMap<String, String>,
+    }
+    let idx: Index = read_json(index)?;
+    let mut f: Vec<_> = idx.weight_map.into_values().collect();
+    f.sort();
+    f.dedup();
+    Ok(f)
+}
+
 fn load_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     let index = dir.join("model.safetensors.index.json");
     let files: Vec<std::path::PathBuf> = if index.exists() {
-        #[derive(Deserialize)]
-        struct Index {
-            weight_map: HashMap<String, String>,
-        }
-        let idx: Index = read_json(&index)?;
-        let mut f: Vec<_> = idx.weight_map.values().cloned().collect();
-        f.sort();
-        f.dedup();
-        f.into_iter().map(|n| dir.join(n)).collect()
+        shard_files(&index)?
+            .into_iter()
+            .map(|n| dir.join(n))
+            .collect()
     } else {
         vec![dir.join("model.safetensors")]
     };

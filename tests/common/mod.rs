@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use hearth::engine::{Engine, EngineConfig, EngineHandle, Request, SamplingParams};
-use hearth::model::Model;
+use hearth::model::{AttentionBackend, Batch, Model};
 
 pub fn models_dir() -> PathBuf {
     let dir = std::env::var_os("HEARTH_MODELS_DIR")
@@ -135,4 +135,28 @@ impl TestServer {
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
     }
+}
+
+/// Next-token logits after `ids` (at most 1024 tokens), from one forward of the whole prompt.
+pub fn last_logits(m: &Model, ids: &[u32], backend: AttentionBackend) -> Vec<f32> {
+    let kv = m.decoder.new_kv_cache(64, 16).unwrap();
+    let table: Vec<u32> = (0..64).collect();
+    let mut b = Batch::new(16);
+    b.push(ids, 0, &table, true);
+    m.decoder
+        .forward(&b, &kv, backend)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Largest absolute element-wise difference.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
 }
