@@ -161,19 +161,15 @@ fn prefix_suite(args: &BenchArgs, name: &str) -> Result<()> {
     for round in 0..args.repeat.max(1) {
         for (k, e) in [&off, &on].into_iter().enumerate() {
             let prompts = prompts_for(e, round * 2 + k)?;
-            let stats = e.stats.clone();
+            let e2 = e.clone();
             let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let sampler = {
                 let done = done.clone();
                 std::thread::spawn(move || {
                     let mut w = Vec::new();
                     while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                        let a = stats
-                            .kv_slots_allocated
-                            .load(std::sync::atomic::Ordering::Relaxed);
-                        let u = stats
-                            .kv_slots_used
-                            .load(std::sync::atomic::Ordering::Relaxed);
+                        let s = e2.stats();
+                        let (a, u) = (s.kv_slots_allocated, s.kv_slots_used);
                         if a > 0 {
                             w.push(1.0 - u as f64 / a as f64);
                         }
@@ -306,13 +302,12 @@ struct StepSplit {
 
 impl StepSplit {
     fn read(e: &EngineHandle) -> Self {
-        use std::sync::atomic::Ordering::Relaxed;
-        let s = &e.stats;
+        let s = e.stats();
         Self {
-            steps: s.steps.load(Relaxed),
-            step_us: s.step_micros.load(Relaxed),
-            forward_us: s.busy_micros.load(Relaxed),
-            device_us: s.device_micros.load(Relaxed),
+            steps: s.steps,
+            step_us: s.step_micros,
+            forward_us: s.busy_micros,
+            device_us: s.device_micros,
         }
     }
 

@@ -30,6 +30,10 @@ pub struct Config {
     /// Requests that may wait per model before new ones get 429.
     pub max_waiting: usize,
     pub prefix_caching: bool,
+    /// max_tokens of a request that names none, clamped to what fits the context and the KV pool.
+    pub default_max_tokens: usize,
+    /// Cap on prompts x n x max_tokens of one request.
+    pub max_request_tokens: usize,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
@@ -60,6 +64,8 @@ impl Default for Config {
             max_seqs: 256,
             max_waiting: 1024,
             prefix_caching: true,
+            default_max_tokens: 1024,
+            max_request_tokens: 262_144,
             max_body_bytes: 4 << 20,
             drain_timeout_secs: 30,
             device: None,
@@ -96,6 +102,18 @@ impl Config {
             },
             backend: None,
             prefix_caching: self.prefix_caching,
+            default_max_tokens: self.default_max_tokens,
+        }
+    }
+}
+
+impl Config {
+    /// What one request may ask for.
+    pub fn limits(&self) -> crate::server::validate::Limits {
+        crate::server::validate::Limits {
+            max_request_tokens: self.max_request_tokens,
+            default_max_tokens: self.default_max_tokens,
+            ..Default::default()
         }
     }
 }

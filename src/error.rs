@@ -23,6 +23,9 @@ pub enum HearthError {
     KvCapacity { needed: usize, total: usize },
     #[error("the request queue is full ({0} waiting); retry later")]
     QueueFull(usize),
+    /// A fault of the server, not of the request (a failed engine step, a broken invariant).
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error("the engine has stopped")]
     EngineStopped,
     #[error("tensor error: {0}")]

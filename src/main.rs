@@ -160,7 +160,7 @@ fn main() -> Result<()> {
                 prompt: ids,
                 params,
             })?;
-            let mut text = TextStream::new(engine.tokenizer.clone(), Vec::new());
+            let mut text = TextStream::new(engine.tokenizer.clone(), Vec::new().into());
             let mut out = std::io::stdout().lock();
             for ev in rx.iter() {
                 match ev {

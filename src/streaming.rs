@@ -1,26 +1,28 @@
-//! Incremental detokenization: text arrives token by token, never as broken UTF-8, and text that may be
-//! the start of a stop string is held back until it is known not to be.
+//! Incremental detokenization: text arrives token by token, never as broken UTF-8, and text that may
+//! be the start of a stop string is held back until it is known not to be. Each token costs a decode
+//! of a short window of recent ids (the `tokenizers` crate's stream decoding), not of the whole output.
 use std::sync::Arc;
 
 use crate::error::Result;
+use crate::model::tokenizer::DecodeState;
 use crate::model::Tokenizer;
 
 pub struct TextStream {
     tokenizer: Arc<Tokenizer>,
-    ids: Vec<u32>,
-    /// Bytes of the decoded text already handed out.
-    emitted: usize,
-    stops: Vec<String>,
+    state: DecodeState,
+    /// Decoded text not yet handed out (held back for stop strings).
+    pending: String,
+    stops: Arc<[String]>,
     stopped: bool,
 }
 
 impl TextStream {
-    pub fn new(tokenizer: Arc<Tokenizer>, stops: Vec<String>) -> Self {
+    pub fn new(tokenizer: Arc<Tokenizer>, stops: Arc<[String]>) -> Self {
         Self {
             tokenizer,
-            ids: Vec::new(),
-            emitted: 0,
-            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            state: DecodeState::default(),
+            pending: String::new(),
+            stops,
             stopped: false,
         }
     }
@@ -35,46 +37,50 @@ impl TextStream {
         if self.stopped {
             return Ok(String::new());
         }
-        self.ids.push(id);
-        let text = self.tokenizer.decode(&self.ids)?;
-        // A trailing U+FFFD means a multi-byte character is still incomplete.
-        let complete = text.trim_end_matches('\u{FFFD}');
-        Ok(self.release(complete.to_string(), false))
+        if let Some(piece) = self.tokenizer.decode_step(id, &mut self.state)? {
+            self.pending.push_str(&piece);
+        }
+        Ok(self.release(false))
     }
 
-    /// The rest of the text at the end of generation.
+    /// The rest of the text at the end of generation (an incomplete last character included, as
+    /// U+FFFD).
     pub fn finish(&mut self) -> Result<String> {
         if self.stopped {
             return Ok(String::new());
         }
-        let text = self.tokenizer.decode(&self.ids)?;
-        Ok(self.release(text, true))
+        if !self.state.undecoded().is_empty() {
+            let text = self.tokenizer.decode(self.state.ids())?;
+            if let Some(rest) = text.strip_prefix(self.state.prefix()) {
+                self.pending.push_str(rest);
+            }
+        }
+        Ok(self.release(true))
     }
 
-    fn release(&mut self, text: String, last: bool) -> String {
-        if text.len() < self.emitted || !text.is_char_boundary(self.emitted) {
-            return String::new();
-        }
-        let mut end = text.len();
-        for s in &self.stops {
-            if let Some(p) = text[self.emitted..].find(s.as_str()) {
-                end = end.min(self.emitted + p);
+    fn release(&mut self, last: bool) -> String {
+        let mut end = self.pending.len();
+        for s in self.stops.iter().filter(|s| !s.is_empty()) {
+            if let Some(p) = self.pending.find(s.as_str()) {
+                end = end.min(p);
                 self.stopped = true;
             }
         }
         if !self.stopped && !last {
             // Hold back a suffix that could still grow into a stop string.
-            for s in &self.stops {
+            for s in self.stops.iter() {
                 for k in (1..s.len()).rev() {
-                    if s.is_char_boundary(k) && text[self.emitted..].ends_with(&s[..k]) {
-                        end = end.min(text.len() - k);
+                    if s.is_char_boundary(k) && self.pending.ends_with(&s[..k]) {
+                        end = end.min(self.pending.len() - k);
                         break;
                     }
                 }
             }
         }
-        let out = text[self.emitted..end].to_string();
-        self.emitted = end;
+        let out: String = self.pending.drain(..end).collect();
+        if self.stopped {
+            self.pending.clear();
+        }
         out
     }
 }

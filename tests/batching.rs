@@ -86,11 +86,7 @@ fn sixteen_prompts_batched_with_chunked_prefill_match_each_alone() {
             .collect();
         assert_eq!(toks, alone[i], "prompt {i} ({} tokens)", lens[i]);
     }
-    let stats = &e.stats;
-    assert!(
-        stats.steps.load(std::sync::atomic::Ordering::Relaxed) > 0,
-        "the engine ran steps"
-    );
+    assert!(e.stats().steps > 0, "the engine ran steps");
     common::wait_idle(&e);
 }
 

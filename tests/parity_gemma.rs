@@ -6,8 +6,8 @@
 //! Tolerances: both quantize activations to 8 bits before the quantized matmuls but differ in kernels and
 //! summation order, and llama.cpp keeps its KV cache in f16 and takes GELU from an f16 table (Hearth
 //! uses f32 for both). On this 4-bit model that moves logits by up to ~0.8 (measured: 0.35-0.74 over
-//! the top 64 logits of the 5 prompts). We require identical token ids, the same argmax,
-//! |logit diff| < 1.5 over llama.cpp's top 64 logits, greedy continuations that agree until a step
+//! the top 64 logits of the 5 prompts). We require identical token ids, the same argmax (or, where
+//! llama.cpp's top two are within 1.0, one of its near-tied tokens), |logit diff| < 1.5 over llama.cpp's top 64 logits, greedy continuations that agree until a step
 //! where llama.cpp's top two logits are within 1.0 (a near-tie), and, teacher-forced on llama.cpp's
 //! continuation, the same argmax at every step that is not such a near-tie.
 mod common;
@@ -70,11 +70,27 @@ fn gemma3_logits_match_llama_cpp() {
                 .max_by(|a, b| a.1.total_cmp(b.1))
                 .unwrap()
                 .0;
-            assert_eq!(
-                ours_argmax as u64,
-                p["argmax"].as_u64().unwrap(),
-                "{backend:?} {text:?}"
-            );
+            // The same argmax, unless llama.cpp's own top two are a near-tie: then ours must be one
+            // of its tokens within TIE_MARGIN of its best (as the teacher-forced test below).
+            let top = p["top_logits"].as_array().unwrap();
+            let (best, second) = (top[0][1].as_f64().unwrap(), top[1][1].as_f64().unwrap());
+            if best - second >= TIE_MARGIN {
+                assert_eq!(
+                    ours_argmax as u64,
+                    p["argmax"].as_u64().unwrap(),
+                    "{backend:?} {text:?}"
+                );
+            } else {
+                let near: Vec<u64> = top
+                    .iter()
+                    .filter(|t| t[1].as_f64().unwrap() >= best - TIE_MARGIN)
+                    .map(|t| t[0].as_u64().unwrap())
+                    .collect();
+                assert!(
+                    near.contains(&(ours_argmax as u64)),
+                    "{backend:?} {text:?}: argmax {ours_argmax} is not among llama.cpp's near-tie {near:?}"
+                );
+            }
             let mut worst = 0f32;
             for pair in p["top_logits"].as_array().unwrap() {
                 let id = pair[0].as_u64().unwrap() as usize;

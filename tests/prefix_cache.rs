@@ -2,8 +2,6 @@
 //! preemption under a tiny pool keeps every output exact, and tenants never share blocks.
 mod common;
 
-use std::sync::atomic::Ordering;
-
 use hearth::engine::{EngineConfig, EngineHandle, Request, SamplingParams, SchedulerConfig};
 use proptest::prelude::*;
 
@@ -30,7 +28,7 @@ fn ids(e: &EngineHandle, seed: u64, len: usize) -> Vec<u32> {
 }
 
 fn run(e: &EngineHandle, prompt: &[u32], tenant: Option<&str>, n: usize) -> (Vec<u32>, usize, u64) {
-    let before = e.stats.prefill_tokens.load(Ordering::Relaxed);
+    let before = e.stats().prefill_tokens;
     let (toks, _, usage) = e
         .generate(Request {
             prompt: prompt.to_vec(),
@@ -42,7 +40,7 @@ fn run(e: &EngineHandle, prompt: &[u32], tenant: Option<&str>, n: usize) -> (Vec
             tenant: tenant.map(String::from),
         })
         .unwrap();
-    let computed = e.stats.prefill_tokens.load(Ordering::Relaxed) - before;
+    let computed = e.stats().prefill_tokens - before;
     (
         toks.iter().map(|s| s.token).collect(),
         usage.cached_tokens,
@@ -86,11 +84,9 @@ fn shared_prefix_is_computed_once_and_output_is_unchanged() {
             "prefix {prefix_len}: output differs from caching off"
         );
     }
-    let s = &on.stats;
-    assert!(s.prefix_hit_tokens.load(Ordering::Relaxed) >= 800);
-    assert!(
-        s.prefix_query_tokens.load(Ordering::Relaxed) > s.prefix_hit_tokens.load(Ordering::Relaxed)
-    );
+    let s = on.stats();
+    assert!(s.prefix_hit_tokens >= 800);
+    assert!(s.prefix_query_tokens > s.prefix_hit_tokens);
     common::wait_idle(&on);
     assert!(
         on.cached_blocks() > 0,
@@ -218,7 +214,7 @@ fn a_tiny_pool_does_preempt() {
         assert_eq!(n, 20);
     }
     assert!(
-        e.stats.preemptions.load(Ordering::Relaxed) > 0,
+        e.stats().preemptions > 0,
         "6 x 50 tokens cannot fit 160 slots"
     );
     common::wait_idle(&e);

@@ -5,68 +5,8 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
-use common::TestServer;
+use common::{agent, get, post, sse, TestServer};
 use serde_json::{json, Value};
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into()
-}
-
-fn post(base: &str, path: &str, body: &str) -> (u16, Value, Option<String>) {
-    let mut r = agent()
-        .post(&format!("{base}{path}"))
-        .header("content-type", "application/json")
-        .send(body)
-        .expect("request sent");
-    let status = r.status().as_u16();
-    let retry = r
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .map(String::from);
-    let text = r.body_mut().read_to_string().unwrap_or_default();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::Null),
-        retry,
-    )
-}
-
-fn get(base: &str, path: &str) -> (u16, Value) {
-    let mut r = agent()
-        .get(&format!("{base}{path}"))
-        .call()
-        .expect("request sent");
-    let status = r.status().as_u16();
-    let text = r.body_mut().read_to_string().unwrap_or_default();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
-
-/// Every `data:` payload of an SSE response, in order.
-fn sse(base: &str, path: &str, body: &Value) -> Vec<String> {
-    let mut r = agent()
-        .post(&format!("{base}{path}"))
-        .header("content-type", "application/json")
-        .send(body.to_string())
-        .expect("request sent");
-    assert_eq!(r.status().as_u16(), 200);
-    let ct = r
-        .headers()
-        .get("content-type")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_string();
-    assert!(ct.starts_with("text/event-stream"), "{ct}");
-    BufReader::new(r.body_mut().as_reader())
-        .lines()
-        .map_while(|l| l.ok())
-        .filter_map(|l| l.strip_prefix("data: ").map(String::from))
-        .collect()
-}
 
 fn assert_error(v: &Value, code: Option<&str>) {
     let e = &v["error"];

@@ -7,8 +7,6 @@
 //! is evicted only when the pool needs a block; blocks that hold nothing reusable are handed out first.
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 
 #[derive(Debug, Default, Clone)]
 struct Meta {
@@ -22,13 +20,41 @@ struct Meta {
     lru_key: Option<u64>,
 }
 
-/// Gauges mirrored for readers on other threads (metrics, tests).
+/// One sequence's KV blocks and the prefix-cache chain of its full ones. Only the pool creates,
+/// grows and empties it; its one exit is `BlockPool::release` (dropping a non-empty one is a leak,
+/// caught in debug builds).
 #[derive(Debug, Default)]
-pub struct PoolGauges {
-    /// Blocks that can be allocated: empty ones plus cached ones nobody uses.
-    pub free: AtomicUsize,
-    /// Of those, blocks that still hold a reusable prefix.
-    pub cached: AtomicUsize,
+pub struct Allocation {
+    blocks: Vec<u32>,
+    /// Chained hashes of the leading full blocks registered in the prefix index.
+    hashes: Vec<u64>,
+    /// Prefix-cache namespace: blocks are shared only under the same salt.
+    salt: u64,
+}
+
+impl Allocation {
+    pub fn new(salt: u64) -> Self {
+        Self {
+            blocks: Vec::new(),
+            hashes: Vec::new(),
+            salt,
+        }
+    }
+
+    /// The block table, in token order.
+    pub fn blocks(&self) -> &[u32] {
+        &self.blocks
+    }
+}
+
+impl Drop for Allocation {
+    fn drop(&mut self) {
+        debug_assert!(
+            self.blocks.is_empty() || std::thread::panicking(),
+            "{} KV blocks leaked: an allocation was dropped without release",
+            self.blocks.len()
+        );
+    }
 }
 
 #[derive(Debug)]
@@ -42,7 +68,6 @@ pub struct BlockPool {
     index: HashMap<u64, u32>,
     tick: u64,
     caching: bool,
-    gauges: Arc<PoolGauges>,
 }
 
 /// The chained hash of a full block.
@@ -59,7 +84,7 @@ pub const ROOT_HASH: u64 = 0x9e37_79b9_7f4a_7c15;
 
 impl BlockPool {
     pub fn new(num_blocks: usize, block_size: usize, caching: bool) -> Self {
-        let pool = Self {
+        Self {
             block_size,
             meta: vec![Meta::default(); num_blocks],
             // Reversed so blocks are handed out from id 0 up.
@@ -68,10 +93,7 @@ impl BlockPool {
             index: HashMap::new(),
             tick: 0,
             caching,
-            gauges: Arc::new(PoolGauges::default()),
-        };
-        pool.sync();
-        pool
+        }
     }
 
     pub fn block_size(&self) -> usize {
@@ -94,20 +116,14 @@ impl BlockPool {
         self.cached.len()
     }
 
-    pub fn gauges(&self) -> Arc<PoolGauges> {
-        self.gauges.clone()
+    /// Whether every block is free or cached (nothing held): true whenever no sequence exists.
+    pub fn all_free(&self) -> bool {
+        self.num_free() == self.num_total() && self.meta.iter().all(|m| m.ref_count == 0)
     }
 
     /// Blocks needed to hold `tokens` tokens.
     pub fn blocks_for(&self, tokens: usize) -> usize {
         tokens.div_ceil(self.block_size)
-    }
-
-    fn sync(&self) {
-        self.gauges.free.store(self.num_free(), Ordering::Relaxed);
-        self.gauges
-            .cached
-            .store(self.cached.len(), Ordering::Relaxed);
     }
 
     /// Take one block: an empty one if any, else evict the least recently freed cached one.
@@ -131,25 +147,25 @@ impl BlockPool {
         Some(b)
     }
 
-    /// Grow `table` so it holds `tokens` tokens. All or nothing: on `false` the table is unchanged.
-    pub fn append(&mut self, table: &mut Vec<u32>, tokens: usize) -> bool {
-        let need = self.blocks_for(tokens).saturating_sub(table.len());
+    /// Grow `alloc` so it holds `tokens` tokens. All or nothing: on `false` it is unchanged.
+    pub fn grow(&mut self, alloc: &mut Allocation, tokens: usize) -> bool {
+        let need = self.blocks_for(tokens).saturating_sub(alloc.blocks.len());
         if need > self.num_free() {
             return false;
         }
         for _ in 0..need {
             if let Some(b) = self.take() {
-                table.push(b);
+                alloc.blocks.push(b);
             }
         }
-        self.sync();
         true
     }
 
-    /// Release every block of `table` (the one place blocks are freed) and empty it. Tail blocks are
+    /// Release every block of `alloc` (the one place blocks are freed) and empty it. Tail blocks are
     /// released first so that, among a sequence's cached blocks, the tail is evicted first.
-    pub fn free(&mut self, table: &mut Vec<u32>) {
-        for b in table.drain(..).rev() {
+    pub fn release(&mut self, alloc: &mut Allocation) {
+        alloc.hashes.clear();
+        for b in alloc.blocks.drain(..).rev() {
             let m = &mut self.meta[b as usize];
             debug_assert!(m.ref_count > 0, "double free of block {b}");
             m.ref_count = m.ref_count.saturating_sub(1);
@@ -166,22 +182,24 @@ impl BlockPool {
                 self.empty.push(b);
             }
         }
-        self.sync();
     }
 
-    /// The longest chain of cached full blocks that starts `tokens` under `salt`, at most `max_blocks`
-    /// long. The blocks are referenced for the caller; their hashes come back too.
+    /// Start an empty `alloc` with the longest chain of cached full blocks that begins `tokens`
+    /// under its salt, at most `max_blocks` long; returns the number of tokens those blocks hold.
     pub fn match_prefix(
         &mut self,
+        alloc: &mut Allocation,
         tokens: &[u32],
-        salt: u64,
         max_blocks: usize,
-    ) -> (Vec<u32>, Vec<u64>) {
-        let mut blocks = Vec::new();
-        let mut hashes = Vec::new();
-        if !self.caching {
-            return (blocks, hashes);
+    ) -> usize {
+        debug_assert!(
+            alloc.blocks.is_empty(),
+            "prefix match into a used allocation"
+        );
+        if !self.caching || !alloc.blocks.is_empty() {
+            return 0;
         }
+        let salt = alloc.salt;
         let mut parent = ROOT_HASH;
         for chunk in tokens.chunks_exact(self.block_size).take(max_blocks) {
             let h = block_hash(parent, salt, chunk);
@@ -196,16 +214,30 @@ impl BlockPool {
                 }
             }
             m.ref_count += 1;
-            blocks.push(b);
-            hashes.push(h);
+            alloc.blocks.push(b);
+            alloc.hashes.push(h);
             parent = h;
         }
-        self.sync();
-        (blocks, hashes)
+        alloc.blocks.len() * self.block_size
     }
 
-    /// Record that `block` is full with `tokens` (its K/V written), so later requests can reuse it.
-    pub fn register(&mut self, block: u32, parent: u64, salt: u64, tokens: &[u32]) -> u64 {
+    /// Record that the first `computed` of `tokens` have their K/V written: blocks that became
+    /// full join the prefix index, so later requests can reuse them.
+    pub fn commit(&mut self, alloc: &mut Allocation, tokens: &[u32], computed: usize) {
+        let bs = self.block_size;
+        while (alloc.hashes.len() + 1) * bs <= computed.min(tokens.len()) {
+            let i = alloc.hashes.len();
+            let Some(&block) = alloc.blocks.get(i) else {
+                break;
+            };
+            let parent = alloc.hashes.last().copied().unwrap_or(ROOT_HASH);
+            let h = self.register(block, parent, alloc.salt, &tokens[i * bs..(i + 1) * bs]);
+            alloc.hashes.push(h);
+        }
+    }
+
+    /// Index `block`, full with `tokens`, under its chained hash.
+    fn register(&mut self, block: u32, parent: u64, salt: u64, tokens: &[u32]) -> u64 {
         let h = block_hash(parent, salt, tokens);
         if !self.caching {
             return h;
@@ -230,30 +262,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn append_is_all_or_nothing_and_free_returns_everything() {
+    fn grow_is_all_or_nothing_and_release_returns_everything() {
         let mut pool = BlockPool::new(4, 16, true);
-        let mut a = Vec::new();
-        assert!(pool.append(&mut a, 33));
-        assert_eq!(a.len(), 3);
-        let mut b = Vec::new();
-        assert!(!pool.append(&mut b, 20));
-        assert!(b.is_empty());
+        let mut a = Allocation::new(0);
+        assert!(pool.grow(&mut a, 33));
+        assert_eq!(a.blocks().len(), 3);
+        let mut b = Allocation::new(0);
+        assert!(!pool.grow(&mut b, 20));
+        assert!(b.blocks().is_empty());
         assert_eq!(pool.num_free(), 1);
-        assert!(pool.append(&mut a, 48));
-        assert_eq!(a.len(), 3);
-        pool.free(&mut a);
+        assert!(pool.grow(&mut a, 48));
+        assert_eq!(a.blocks().len(), 3);
+        pool.release(&mut a);
         assert_eq!(pool.num_free(), 4);
-        assert_eq!(pool.gauges().free.load(Ordering::Relaxed), 4);
+        assert!(pool.all_free());
     }
 
-    fn fill(pool: &mut BlockPool, tokens: &[u32], salt: u64) -> Vec<u32> {
-        let mut table = Vec::new();
-        assert!(pool.append(&mut table, tokens.len()));
-        let mut parent = ROOT_HASH;
-        for (b, chunk) in table.iter().zip(tokens.chunks_exact(pool.block_size())) {
-            parent = pool.register(*b, parent, salt, chunk);
-        }
-        table
+    fn fill(pool: &mut BlockPool, tokens: &[u32], salt: u64) -> Allocation {
+        let mut a = Allocation::new(salt);
+        assert!(pool.grow(&mut a, tokens.len()));
+        pool.commit(&mut a, tokens, tokens.len());
+        a
     }
 
     #[test]
@@ -261,34 +290,49 @@ mod tests {
         let mut pool = BlockPool::new(8, 4, true);
         let toks: Vec<u32> = (0..10).collect();
         let mut t = fill(&mut pool, &toks, 1);
-        pool.free(&mut t);
+        pool.release(&mut t);
         assert_eq!(pool.num_cached(), 2, "two full blocks stay cached");
-        let (hit, _) = pool.match_prefix(&toks, 1, usize::MAX);
-        assert_eq!(hit.len(), 2);
-        let (other, _) = pool.match_prefix(&toks, 2, usize::MAX);
-        assert!(other.is_empty(), "another salt must not hit");
+        let mut hit = Allocation::new(1);
+        assert_eq!(pool.match_prefix(&mut hit, &toks, usize::MAX), 8);
+        let mut other = Allocation::new(2);
+        assert_eq!(
+            pool.match_prefix(&mut other, &toks, usize::MAX),
+            0,
+            "another salt must not hit"
+        );
         let mut diverging = toks.clone();
         diverging[5] = 99;
-        let (partial, _) = pool.match_prefix(&diverging, 1, usize::MAX);
-        assert_eq!(partial.len(), 1, "only the first block matches");
-        let (mut hit, mut partial) = (hit, partial);
-        pool.free(&mut hit);
-        pool.free(&mut partial);
+        let mut partial = Allocation::new(1);
+        assert_eq!(
+            pool.match_prefix(&mut partial, &diverging, usize::MAX),
+            4,
+            "only the first block matches"
+        );
+        for a in [&mut hit, &mut other, &mut partial] {
+            pool.release(a);
+        }
         assert_eq!(pool.num_free(), 8);
+        assert!(pool.all_free());
     }
 
     #[test]
     fn cached_blocks_are_evicted_last_and_oldest_first() {
         let mut pool = BlockPool::new(4, 2, true);
         let mut a = fill(&mut pool, &[1, 2, 3, 4], 0);
-        pool.free(&mut a);
+        pool.release(&mut a);
         // Two empty blocks remain: they go before any cached one.
-        let mut b = Vec::new();
-        assert!(pool.append(&mut b, 4));
+        let mut b = Allocation::new(0);
+        assert!(pool.grow(&mut b, 4));
         assert_eq!(pool.num_cached(), 2);
         // The next block evicts a cached one: the tail block (freed first), not the head.
-        assert!(pool.append(&mut b, 6));
-        let (hit, _) = pool.match_prefix(&[1, 2, 3, 4], 0, usize::MAX);
-        assert_eq!(hit.len(), 1, "the head block survived");
+        assert!(pool.grow(&mut b, 6));
+        let mut hit = Allocation::new(0);
+        assert_eq!(
+            pool.match_prefix(&mut hit, &[1, 2, 3, 4], usize::MAX),
+            2,
+            "the head block survived"
+        );
+        pool.release(&mut hit);
+        pool.release(&mut b);
     }
 }

@@ -7,8 +7,8 @@ pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::DType;
@@ -20,7 +20,7 @@ pub use sequence::{Event, FinishReason, Usage};
 use crate::error::{HearthError, Result};
 use crate::model::{AttentionBackend, ChatTemplate, KvCache, Model, Tokenizer};
 use block_pool::BlockPool;
-use runner::{Row, Runner};
+use runner::Runner;
 use scheduler::Scheduler;
 use sequence::Sequence;
 
@@ -57,6 +57,8 @@ pub struct EngineConfig {
     pub backend: Option<AttentionBackend>,
     /// Reuse the KV of cached prompt prefixes.
     pub prefix_caching: bool,
+    /// max_tokens of a request that names none (clamped to what fits the context and the pool).
+    pub default_max_tokens: usize,
 }
 
 impl Default for EngineConfig {
@@ -68,6 +70,7 @@ impl Default for EngineConfig {
             scheduler: SchedulerConfig::default(),
             backend: None,
             prefix_caching: true,
+            default_max_tokens: 1024,
         }
     }
 }
@@ -91,29 +94,60 @@ impl Request {
     }
 }
 
-/// Counters the engine keeps; read from any thread.
-#[derive(Debug, Default)]
+/// The engine's numbers, published as one snapshot after every step (the only copy readers see).
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct EngineStats {
-    pub running: AtomicUsize,
-    pub waiting: AtomicUsize,
-    pub total_blocks: AtomicUsize,
-    pub steps: AtomicU64,
+    pub running: usize,
+    pub waiting: usize,
+    pub total_blocks: usize,
+    /// Blocks that can be allocated: empty ones plus cached ones nobody uses.
+    pub free_blocks: usize,
+    /// Of those, blocks that still hold a reusable prefix.
+    pub cached_blocks: usize,
+    pub steps: u64,
     /// Prompt tokens run through the model (prefix-cache hits are not).
-    pub prefill_tokens: AtomicU64,
+    pub prefill_tokens: u64,
     /// Generated tokens run through the model (including recomputation after preemption).
-    pub decode_tokens: AtomicU64,
-    pub preemptions: AtomicU64,
+    pub decode_tokens: u64,
+    pub preemptions: u64,
     /// Wall time of whole engine steps: scheduling, the forward, sampling, replies.
-    pub step_micros: AtomicU64,
+    pub step_micros: u64,
     /// Wall time of the forward passes (including the read-back of logits).
-    pub busy_micros: AtomicU64,
+    pub busy_micros: u64,
     /// Device time of steps (CUDA events on a GPU), the basis of GPU-time metering.
-    pub device_micros: AtomicU64,
-    pub prefix_query_tokens: AtomicU64,
-    pub prefix_hit_tokens: AtomicU64,
+    pub device_micros: u64,
+    pub prefix_query_tokens: u64,
+    pub prefix_hit_tokens: u64,
     /// KV token slots held by running sequences, and of those holding a token.
-    pub kv_slots_allocated: AtomicUsize,
-    pub kv_slots_used: AtomicUsize,
+    pub kv_slots_allocated: usize,
+    pub kv_slots_used: usize,
+}
+
+impl EngineStats {
+    /// Count one step's work.
+    fn add_step(&mut self, out: &scheduler::StepOutputs, step: Duration) {
+        self.steps += 1;
+        for s in &out.seqs {
+            self.prefill_tokens += s.prompt_tokens as u64;
+            self.decode_tokens += (s.tokens - s.prompt_tokens) as u64;
+        }
+        self.busy_micros += out.forward_time.as_micros() as u64;
+        self.device_micros += out.device_time.as_micros() as u64;
+        self.step_micros += step.as_micros() as u64;
+    }
+
+    /// Take the gauges of the scheduler and its pool.
+    fn observe(&mut self, sched: &Scheduler) {
+        self.running = sched.num_running();
+        self.waiting = sched.num_waiting();
+        self.total_blocks = sched.pool.num_total();
+        self.free_blocks = sched.pool.num_free();
+        self.cached_blocks = sched.pool.num_cached();
+        self.preemptions = sched.preemptions;
+        self.prefix_query_tokens = sched.prefix_query_tokens;
+        self.prefix_hit_tokens = sched.prefix_hit_tokens;
+        (self.kv_slots_allocated, self.kv_slots_used) = sched.kv_slot_usage();
+    }
 }
 
 /// Everything a client needs to build prompts and read replies, plus the way in.
@@ -125,10 +159,10 @@ pub struct EngineHandle {
     pub tokenizer: Arc<Tokenizer>,
     pub chat_template: Arc<ChatTemplate>,
     pub max_context: usize,
-    pub stats: Arc<EngineStats>,
-    pool: Arc<block_pool::PoolGauges>,
+    stats: Arc<Mutex<EngineStats>>,
     block_size: usize,
     max_waiting: usize,
+    default_max_tokens: usize,
 }
 
 impl EngineHandle {
@@ -145,6 +179,11 @@ impl EngineHandle {
                 "token id {bad} is outside the vocabulary ({vocab})"
             )));
         }
+        if let Some(&(bad, _)) = req.params.logit_bias.iter().find(|&&(t, _)| t >= vocab) {
+            return Err(HearthError::InvalidRequest(format!(
+                "logit_bias names token {bad}, outside the vocabulary ({vocab})"
+            )));
+        }
         let prompt_len = req.prompt.len();
         if prompt_len >= self.max_context {
             return Err(HearthError::ContextLength {
@@ -153,6 +192,15 @@ impl EngineHandle {
             });
         }
         let room = self.max_context - prompt_len;
+        // The longest this sequence can get must fit the pool, or it could never finish.
+        let pool_tokens = self.total_blocks() * self.block_size;
+        if prompt_len >= pool_tokens {
+            return Err(HearthError::KvCapacity {
+                needed: (prompt_len + 1).div_ceil(self.block_size),
+                total: self.total_blocks(),
+            });
+        }
+        let fits = room.min(pool_tokens - prompt_len);
         let max_tokens = match req.params.max_tokens {
             Some(m) if m > room => {
                 return Err(HearthError::ContextLength {
@@ -160,15 +208,16 @@ impl EngineHandle {
                     context: self.max_context,
                 })
             }
+            Some(m) if m > fits => {
+                return Err(HearthError::KvCapacity {
+                    needed: (prompt_len + m).div_ceil(self.block_size),
+                    total: self.total_blocks(),
+                })
+            }
             Some(m) => m,
-            None => room,
+            // Omitted: the configured default, clamped to what fits the context and the pool.
+            None => self.default_max_tokens.min(fits),
         };
-        // The longest this sequence can get must fit the pool, or it could never finish.
-        let total = self.stats.total_blocks.load(Ordering::Relaxed);
-        let needed = (prompt_len + max_tokens).div_ceil(self.block_size);
-        if needed > total {
-            return Err(HearthError::KvCapacity { needed, total });
-        }
         let salt = {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -176,7 +225,7 @@ impl EngineHandle {
             req.tenant.hash(&mut h);
             h.finish()
         };
-        let waiting = self.stats.waiting.load(Ordering::Relaxed) + self.tx.len();
+        let waiting = self.stats().waiting + self.tx.len();
         if waiting >= self.max_waiting {
             return Err(HearthError::QueueFull(waiting));
         }
@@ -186,41 +235,55 @@ impl EngineHandle {
             prompt_len,
             tokens: req.prompt,
             num_computed: 0,
-            block_table: Vec::new(),
+            alloc: block_pool::Allocation::new(salt),
             sampler: sampler::Sampler::new(req.params),
             max_tokens,
             eos_ids: self.tokenizer.eos_ids.clone(),
             reply,
             arrived: Instant::now(),
-            cached_tokens: 0,
-            salt,
-            block_hashes: Vec::new(),
-            admitted: false,
-            queue_secs: 0.0,
+            admitted: None,
         };
         self.tx.send(seq).map_err(|_| HearthError::EngineStopped)?;
         Ok(rx)
     }
 
+    /// The longest prompt, in characters, that could fit the context and the KV pool: more
+    /// characters than this are more tokens than fit, whatever the text (see
+    /// `Tokenizer::max_token_chars`), so such a prompt is refused before it is tokenized.
+    pub fn max_prompt_chars(&self) -> usize {
+        let fits = self
+            .max_context
+            .min(self.total_blocks() * self.block_size)
+            .saturating_sub(1);
+        fits.saturating_mul(self.tokenizer.max_token_chars())
+    }
+
+    /// The latest snapshot of the engine's numbers.
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
     /// Blocks that can be allocated (empty, or cached and unused).
     pub fn free_blocks(&self) -> usize {
-        self.pool.free.load(Ordering::Relaxed)
+        self.stats().free_blocks
     }
 
     /// Unused blocks that still hold a cached prefix.
     pub fn cached_blocks(&self) -> usize {
-        self.pool.cached.load(Ordering::Relaxed)
+        self.stats().cached_blocks
     }
 
     pub fn total_blocks(&self) -> usize {
-        self.stats.total_blocks.load(Ordering::Relaxed)
+        self.stats().total_blocks
     }
 
     /// Whether no request is queued or running.
     pub fn is_idle(&self) -> bool {
-        self.stats.running.load(Ordering::Relaxed) == 0
-            && self.stats.waiting.load(Ordering::Relaxed) == 0
-            && self.tx.is_empty()
+        let s = self.stats();
+        s.running == 0 && s.waiting == 0 && self.tx.is_empty()
     }
 
     /// Run a request to the end and collect its tokens (a convenience for the CLI, tests, benches).
@@ -232,7 +295,7 @@ impl EngineHandle {
                 Event::Admitted { .. } => {}
                 Event::Token(s) => out.push(s),
                 Event::Finished { reason, usage } => return Ok((out, reason, usage)),
-                Event::Error(e) => return Err(HearthError::InvalidRequest(e)),
+                Event::Error(e) => return Err(HearthError::Internal(e)),
             }
         }
         Err(HearthError::EngineStopped)
@@ -270,8 +333,10 @@ impl Engine {
             .backend
             .unwrap_or_else(|| AttentionBackend::best_for(&d.device, dtype));
         let pool = BlockPool::new(num_blocks, cfg.block_size, cfg.prefix_caching);
-        let stats = Arc::new(EngineStats::default());
-        stats.total_blocks.store(num_blocks, Ordering::Relaxed);
+        let scheduler = Scheduler::new(cfg.scheduler.clone(), pool, model.max_context());
+        let mut first = EngineStats::default();
+        first.observe(&scheduler);
+        let stats = Arc::new(Mutex::new(first));
         let (tx, rx) = flume::unbounded::<Sequence>();
         let handle = EngineHandle {
             tx,
@@ -281,9 +346,9 @@ impl Engine {
             chat_template: Arc::new(model.chat_template.clone()),
             max_context: model.max_context(),
             stats: stats.clone(),
-            pool: pool.gauges(),
             block_size: cfg.block_size,
             max_waiting: cfg.scheduler.max_waiting,
+            default_max_tokens: cfg.default_max_tokens,
         };
         tracing::info!(
             model = %model.name,
@@ -298,7 +363,6 @@ impl Engine {
             kv,
             backend,
         };
-        let scheduler = Scheduler::new(cfg.scheduler, pool);
         std::thread::Builder::new()
             .name(format!("engine-{}", model.name))
             .spawn(move || run_loop(runner, scheduler, rx, stats))?;
@@ -306,115 +370,57 @@ impl Engine {
     }
 }
 
+/// The engine thread: take new requests, then `schedule -> execute -> update`, publish the stats,
+/// send the replies; until every handle is gone and no work is left.
 fn run_loop(
     runner: Runner,
     mut sched: Scheduler,
     rx: flume::Receiver<Sequence>,
-    stats: Arc<EngineStats>,
+    shared: Arc<Mutex<EngineStats>>,
 ) {
+    let mut stats = EngineStats::default();
     loop {
         if sched.is_idle() {
+            debug_assert!(sched.pool.all_free(), "KV blocks held with no sequence");
             match rx.recv() {
                 Ok(seq) => sched.add(seq),
                 Err(_) => break,
             }
         }
         let t_step = Instant::now();
-        while let Ok(seq) = rx.try_recv() {
+        for seq in rx.try_iter() {
             sched.add(seq);
         }
-        sched.abort_cancelled();
         let plan = sched.schedule();
-        stats.running.store(sched.num_running(), Ordering::Relaxed);
-        stats.waiting.store(sched.num_waiting(), Ordering::Relaxed);
-        stats
-            .preemptions
-            .store(sched.preemptions, Ordering::Relaxed);
-        if plan.is_empty() {
-            if !sched.is_idle() {
-                // Nothing fits right now (should not happen: admission checks capacity); avoid spinning.
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            continue;
-        }
-        let full: Vec<bool> = plan
-            .items
-            .iter()
-            .filter(|it| it.wants_logits)
-            .map(|it| {
-                sched
-                    .get_mut(it.seq_id)
-                    .is_none_or(|s| s.sampler.needs_full_logits())
-            })
-            .collect();
-        let out = match runner.execute(&plan, &full) {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::error!(error = %e, "step failed");
-                sched.fail(&plan, &e.to_string());
-                continue;
+        let outputs = if plan.is_empty() {
+            sched.take_pending()
+        } else {
+            match runner.execute(&plan) {
+                Ok(out) => sched.update(&plan, out),
+                Err(e) => {
+                    tracing::error!(error = %e, "step failed");
+                    sched.fail(&plan, &e.to_string())
+                }
             }
         };
-        stats.steps.fetch_add(1, Ordering::Relaxed);
-        stats
-            .busy_micros
-            .fetch_add(out.elapsed.as_micros() as u64, Ordering::Relaxed);
-        stats
-            .device_micros
-            .fetch_add(out.device_time.as_micros() as u64, Ordering::Relaxed);
-        sched.mark_computed(&plan);
-        let mut rows = out.rows.into_iter();
-        for item in plan.items.iter() {
-            let prompt = item.prompt_tokens as u64;
-            stats.prefill_tokens.fetch_add(prompt, Ordering::Relaxed);
-            stats
-                .decode_tokens
-                .fetch_add(item.tokens.len() as u64 - prompt, Ordering::Relaxed);
-            if !item.wants_logits {
-                continue;
-            }
-            let Some(row) = rows.next() else { break };
-            let Some(seq) = sched.get_mut(item.seq_id) else {
-                continue;
-            };
-            let sampled = match row {
-                Row::Full(r) => seq.sampler.sample(&r, &seq.tokens),
-                Row::Greedy { token, logprob } => seq.sampler.accept_greedy(token, logprob),
-            };
-            let done = seq.push(&sampled);
-            let gone = seq.reply.send(Event::Token(sampled)).is_err();
-            let done = if seq.tokens.len() >= runner.decoder.cfg.max_context {
-                Some(done.unwrap_or(FinishReason::Length))
-            } else {
-                done
-            };
-            match (done, gone) {
-                (_, true) => sched.finish(item.seq_id, FinishReason::Aborted),
-                (Some(r), false) => sched.finish(item.seq_id, r),
-                (None, false) => {}
-            }
+        if !plan.is_empty() {
+            stats.add_step(&outputs, t_step.elapsed());
         }
-        publish(&stats, &sched);
-        stats
-            .step_micros
-            .fetch_add(t_step.elapsed().as_micros() as u64, Ordering::Relaxed);
+        stats.observe(&sched);
+        publish(&shared, &stats);
+        let idle_but_waiting = plan.is_empty() && !sched.is_idle();
+        outputs.send();
+        if idle_but_waiting {
+            // Nothing fits right now (admission checks capacity, so this is rare): avoid spinning.
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
     tracing::info!("engine stopped");
 }
 
-fn publish(stats: &EngineStats, sched: &Scheduler) {
-    stats.running.store(sched.num_running(), Ordering::Relaxed);
-    stats.waiting.store(sched.num_waiting(), Ordering::Relaxed);
-    stats
-        .preemptions
-        .store(sched.preemptions, Ordering::Relaxed);
-    stats
-        .prefix_query_tokens
-        .store(sched.prefix_query_tokens, Ordering::Relaxed);
-    stats
-        .prefix_hit_tokens
-        .store(sched.prefix_hit_tokens, Ordering::Relaxed);
-    let (alloc, used) = sched.kv_slot_usage();
-    stats.kv_slots_allocated.store(alloc, Ordering::Relaxed);
-    stats.kv_slots_used.store(used, Ordering::Relaxed);
+fn publish(shared: &Mutex<EngineStats>, stats: &EngineStats) {
+    match shared.lock() {
+        Ok(mut s) => s.clone_from(stats),
+        Err(p) => p.into_inner().clone_from(stats),
+    }
 }

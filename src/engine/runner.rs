@@ -42,14 +42,21 @@ impl Runner {
         b
     }
 
-    /// Run the plan; `full[i]` says whether the i-th logits row goes back whole (else greedy on device).
-    pub fn execute(&self, plan: &StepPlan, full: &[bool]) -> Result<StepOutput> {
+    /// Run the plan: one forward, then a logits row (whole, or argmax on the device) for every item
+    /// that wants one, as the item says.
+    pub fn execute(&self, plan: &StepPlan) -> Result<StepOutput> {
         let t0 = Instant::now();
         let batch = self.batch(plan);
+        let full: Vec<bool> = plan
+            .items
+            .iter()
+            .filter(|it| it.wants_logits)
+            .map(|it| it.full_logits)
+            .collect();
         let timer = StepTimer::start(&self.decoder.device);
         let logits = self.decoder.forward(&batch, &self.kv, self.backend)?;
         let device_time = timer.stop();
-        let rows = read_rows(&logits, full)?;
+        let rows = read_rows(&logits, &full)?;
         Ok(StepOutput {
             rows,
             elapsed: t0.elapsed(),
@@ -62,7 +69,7 @@ impl Runner {
 fn read_rows(logits: &Tensor, full: &[bool]) -> Result<Vec<Row>> {
     let n = logits.dim(0)?;
     if full.len() != n {
-        return Err(HearthError::InvalidRequest(format!(
+        return Err(HearthError::Internal(format!(
             "{} sampling flags for {n} logit rows",
             full.len()
         )));

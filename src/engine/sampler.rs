@@ -28,6 +28,9 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     /// Number of top alternatives to return with each token's log-probability; None: no logprobs.
     pub logprobs: Option<usize>,
+    /// Added to a token's logit before it is picked (OpenAI's `logit_bias`, -100..100); reported
+    /// log-probabilities stay those of the model.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -45,6 +48,7 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             logprobs: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -81,6 +85,13 @@ impl SamplingParams {
         }
         if self.logprobs.is_some_and(|n| n > 20) {
             return bad("top_logprobs must be at most 20");
+        }
+        if self
+            .logit_bias
+            .iter()
+            .any(|&(_, b)| !(b.is_finite() && (-100.0..=100.0).contains(&b)))
+        {
+            return bad("logit_bias values must be between -100 and 100");
         }
         Ok(())
     }
@@ -138,6 +149,7 @@ impl Sampler {
             && p.repetition_penalty == 1.0
             && p.presence_penalty == 0.0
             && p.frequency_penalty == 0.0
+            && p.logit_bias.is_empty()
             && p.logprobs.is_none_or(|n| n == 0))
     }
 
@@ -181,6 +193,11 @@ impl Sampler {
                 if let Some(l) = work.get_mut(t as usize) {
                     *l -= p.presence_penalty + p.frequency_penalty * c as f32;
                 }
+            }
+        }
+        for &(t, b) in &p.logit_bias {
+            if let Some(l) = work.get_mut(t as usize) {
+                *l += b;
             }
         }
 
@@ -355,6 +372,42 @@ mod tests {
             1,
             "token 0 was output once: penalised"
         );
+    }
+
+    #[test]
+    fn logit_bias_steers_the_pick_but_not_the_reported_logprob() {
+        let l = vec![2.0, 1.9, 0.0];
+        let mut plain = Sampler::new(SamplingParams::greedy());
+        let want = plain.sample(&l, &[]);
+        let mut s = Sampler::new(SamplingParams {
+            logit_bias: vec![(2, 5.0), (0, -100.0)],
+            ..SamplingParams::greedy()
+        });
+        assert!(s.needs_full_logits());
+        let got = s.sample(&l, &[]);
+        assert_eq!(got.token, 2);
+        let mut p2 = Sampler::new(SamplingParams {
+            logprobs: Some(3),
+            ..SamplingParams::greedy()
+        });
+        let lp2 = p2
+            .sample(&l, &[])
+            .top
+            .iter()
+            .find(|t| t.0 == 2)
+            .map(|t| t.1);
+        assert_eq!(
+            Some(got.logprob),
+            lp2,
+            "the model's log-probability of token 2"
+        );
+        assert_ne!(want.token, got.token);
+        assert!(SamplingParams {
+            logit_bias: vec![(1, 101.0)],
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
     }
 
     #[test]

@@ -1,10 +1,15 @@
-//! Continuous batching: which sequences run this step and how many tokens each. Prefill is chunked to a
-//! per-step token budget so a long prompt shares steps with decoding sequences; a sequence is admitted
-//! only when blocks for its chunk exist, and when a running sequence cannot grow, the most recently
-//! admitted one is preempted (its blocks freed, recomputed later). The scheduler never touches tensors.
+//! Continuous batching: which sequences run this step and how many tokens each (`schedule`), and
+//! what follows from the step's logits (`update`: sample, append, decide finishes). Prefill is
+//! chunked to a per-step token budget so a long prompt shares steps with decoding sequences; a
+//! sequence is admitted only when blocks for its chunk exist, and when a running sequence cannot
+//! grow, the most recently admitted one is preempted (its blocks released, recomputed later).
+//! The scheduler never touches tensors and deals in token counts; the block pool keeps the blocks
+//! and their prefix-cache chains.
 use std::collections::VecDeque;
+use std::time::Duration;
 
-use super::block_pool::{BlockPool, ROOT_HASH};
+use super::block_pool::BlockPool;
+use super::runner::{Row, StepOutput};
 use super::sequence::{Event, FinishReason, Sequence};
 
 #[derive(Debug, Clone)]
@@ -36,6 +41,8 @@ pub struct Scheduled {
     pub block_table: Vec<u32>,
     /// The chunk reaches the end of the known tokens, so a new token is sampled after it.
     pub wants_logits: bool,
+    /// The sampler needs the whole logits row (else the argmax and its log-probability suffice).
+    pub full_logits: bool,
     /// How many of the chunk's tokens are prompt tokens (the rest are generated ones).
     pub prompt_tokens: usize,
 }
@@ -55,13 +62,56 @@ impl StepPlan {
     }
 }
 
+/// One sequence's part in a step, as metering needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqStep {
+    pub seq_id: u64,
+    /// Tokens the step ran for it (prompt chunk, recomputation, or one decode token).
+    pub tokens: usize,
+    /// Of those, prompt tokens.
+    pub prompt_tokens: usize,
+    /// Tokens in its KV cache after the step (what attention read).
+    pub context_len: usize,
+}
+
+/// What a step produced: replies to send, and the facts metering and stats need.
+#[derive(Debug, Default)]
+pub struct StepOutputs {
+    /// Each event with the channel it goes to, in order.
+    pub events: Vec<(flume::Sender<Event>, Event)>,
+    pub seqs: Vec<SeqStep>,
+    /// Host wall time of the forward and its read-back.
+    pub forward_time: Duration,
+    /// Device time of the step (CUDA events on a GPU; wall time on the CPU).
+    pub device_time: Duration,
+}
+
+impl StepOutputs {
+    /// Send every event; a closed channel is noticed by the next `schedule`.
+    pub fn send(self) {
+        for (tx, ev) in self.events {
+            let _ = tx.send(ev);
+        }
+    }
+}
+
+/// How a sequence leaves the scheduler.
+enum Ending {
+    Finished(FinishReason),
+    Failed(String),
+}
+
 #[derive(Debug)]
 pub struct Scheduler {
     cfg: SchedulerConfig,
     pub pool: BlockPool,
+    /// The model's context length (prompt + generated tokens).
+    max_context: usize,
     waiting: VecDeque<Sequence>,
     /// In admission order: the last one is preempted first.
     running: Vec<Sequence>,
+    /// Events produced by `schedule` (admissions, cancellations), handed out with the next outputs.
+    pending: Vec<(flume::Sender<Event>, Event)>,
     pub preemptions: u64,
     /// Prompt tokens looked up in the prefix cache, and of those found there.
     pub prefix_query_tokens: u64,
@@ -69,12 +119,14 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(cfg: SchedulerConfig, pool: BlockPool) -> Self {
+    pub fn new(cfg: SchedulerConfig, pool: BlockPool, max_context: usize) -> Self {
         Self {
             cfg,
             pool,
+            max_context,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            pending: Vec::new(),
             preemptions: 0,
             prefix_query_tokens: 0,
             prefix_hit_tokens: 0,
@@ -97,39 +149,73 @@ impl Scheduler {
         self.running.is_empty() && self.waiting.is_empty()
     }
 
-    pub fn get_mut(&mut self, id: u64) -> Option<&mut Sequence> {
-        self.running.iter_mut().find(|s| s.id == id)
+    /// Events not yet handed out (from a `schedule` whose plan turned out empty).
+    pub fn take_pending(&mut self) -> StepOutputs {
+        StepOutputs {
+            events: std::mem::take(&mut self.pending),
+            ..StepOutputs::default()
+        }
     }
 
-    /// Drop sequences whose client has gone away; their blocks are free when this returns.
-    pub fn abort_cancelled(&mut self) -> usize {
-        let mut n = 0;
-        let pool = &mut self.pool;
-        let mut drop_if = |s: &mut Sequence| {
-            if s.is_cancelled() {
-                pool.free(&mut s.block_table);
-                n += 1;
-                false
-            } else {
-                true
-            }
+    /// Token slots allocated to running sequences, and of those holding a token (for KV waste).
+    pub fn kv_slot_usage(&self) -> (usize, usize) {
+        let bs = self.pool.block_size();
+        self.running.iter().fold((0, 0), |(alloc, used), s| {
+            let slots = s.alloc.blocks().len() * bs;
+            (alloc + slots, used + s.tokens.len().min(slots))
+        })
+    }
+
+    /// Remove a sequence for good: release its blocks and queue its last event. Every way out of
+    /// the scheduler (finish, cancellation, failure) goes through here.
+    fn retire(&mut self, mut s: Sequence, ending: Ending) {
+        self.pool.release(&mut s.alloc);
+        let ev = match ending {
+            Ending::Finished(reason) => Event::Finished {
+                reason,
+                usage: s.usage(),
+            },
+            Ending::Failed(msg) => Event::Error(msg),
         };
-        self.running.retain_mut(&mut drop_if);
-        self.waiting.retain_mut(&mut drop_if);
-        n
+        self.pending.push((s.reply, ev));
+    }
+
+    /// Retire sequences whose client has gone away, running or waiting.
+    fn retire_cancelled(&mut self) {
+        if !self
+            .running
+            .iter()
+            .chain(&self.waiting)
+            .any(Sequence::is_cancelled)
+        {
+            return;
+        }
+        let (gone, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(Sequence::is_cancelled);
+        let (gone_waiting, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(Sequence::is_cancelled);
+        self.running = running;
+        self.waiting = waiting.into();
+        for s in gone.into_iter().chain(gone_waiting) {
+            self.retire(s, Ending::Finished(FinishReason::Aborted));
+        }
     }
 
     fn preempt_last(&mut self) {
         if let Some(mut s) = self.running.pop() {
-            self.pool.free(&mut s.block_table);
+            self.pool.release(&mut s.alloc);
             s.num_computed = 0;
-            s.block_hashes.clear();
             self.preemptions += 1;
             self.waiting.push_front(s);
         }
     }
 
+    /// Decide the next step: retire cancelled sequences, grow the running ones (preempting when out
+    /// of blocks), then admit waiting ones while the token budget, the batch size and the pool allow.
     pub fn schedule(&mut self) -> StepPlan {
+        self.retire_cancelled();
         let mut budget = self.cfg.max_batch_tokens;
         let mut plan = StepPlan::default();
         let mut i = 0;
@@ -138,7 +224,7 @@ impl Scheduler {
             let want = self.running[i].num_computed + n;
             loop {
                 let seq = &mut self.running[i];
-                if self.pool.append(&mut seq.block_table, want) {
+                if self.pool.grow(&mut seq.alloc, want) {
                     break;
                 }
                 // Out of blocks: recompute the newest sequence later, possibly this one.
@@ -151,45 +237,44 @@ impl Scheduler {
             if i >= self.running.len() {
                 break;
             }
-            let seq = &self.running[i];
-            plan.items.push(Self::item(seq, n));
+            plan.items.push(Self::item(&self.running[i], n));
             budget -= n;
             i += 1;
         }
-        // Admit waiting sequences while the budget, the batch size and the pool allow.
         while budget > 0 && self.running.len() < self.cfg.max_seqs {
             let Some(seq) = self.waiting.front_mut() else {
                 break;
             };
-            if seq.block_table.is_empty() && self.pool.caching() {
+            if seq.alloc.blocks().is_empty() {
                 // Reuse the longest cached prefix, but always compute at least the last token: its
                 // logits are needed.
                 let max_blocks = (seq.tokens.len() - 1) / self.pool.block_size();
-                let (blocks, hashes) = self.pool.match_prefix(&seq.tokens, seq.salt, max_blocks);
-                seq.num_computed = blocks.len() * self.pool.block_size();
-                seq.block_table = blocks;
-                seq.block_hashes = hashes;
+                seq.num_computed = self
+                    .pool
+                    .match_prefix(&mut seq.alloc, &seq.tokens, max_blocks);
             }
             let n = seq.num_pending().min(budget);
-            if !self.pool.append(&mut seq.block_table, seq.num_computed + n) {
+            if !self.pool.grow(&mut seq.alloc, seq.num_computed + n) {
                 // Not now: give the matched blocks back (they stay cached) so nothing is pinned.
-                self.pool.free(&mut seq.block_table);
+                self.pool.release(&mut seq.alloc);
                 seq.num_computed = 0;
-                seq.block_hashes.clear();
                 break;
             }
             if self.pool.caching() {
                 self.prefix_query_tokens += seq.tokens.len() as u64;
                 self.prefix_hit_tokens += seq.num_computed as u64;
             }
-            if !seq.admitted {
-                seq.admitted = true;
-                seq.cached_tokens = seq.num_computed.min(seq.prompt_len);
-                seq.queue_secs = seq.arrived.elapsed().as_secs_f64();
-                let _ = seq.reply.send(Event::Admitted {
-                    cached_tokens: seq.cached_tokens,
-                    queue_secs: seq.queue_secs,
-                });
+            if seq.admitted.is_none() {
+                let cached = seq.num_computed.min(seq.prompt_len);
+                let queue_secs = seq.arrived.elapsed().as_secs_f64();
+                seq.admitted = Some((cached, queue_secs));
+                self.pending.push((
+                    seq.reply.clone(),
+                    Event::Admitted {
+                        cached_tokens: cached,
+                        queue_secs,
+                    },
+                ));
             }
             let Some(seq) = self.waiting.pop_front() else {
                 break;
@@ -207,66 +292,79 @@ impl Scheduler {
             seq_id: seq.id,
             tokens: seq.tokens[start..start + n].to_vec(),
             first_pos: start,
-            block_table: seq.block_table.clone(),
+            block_table: seq.alloc.blocks().to_vec(),
             wants_logits: start + n == seq.tokens.len(),
+            full_logits: seq.sampler.needs_full_logits(),
             prompt_tokens: seq.prompt_len.saturating_sub(start).min(n),
         }
     }
 
-    /// Record that `plan` ran: its tokens are now in the cache.
-    pub fn mark_computed(&mut self, plan: &StepPlan) {
-        let bs = self.pool.block_size();
+    /// Take in a step's result: the planned tokens are now in the cache (full blocks join the prefix
+    /// index), each sequence that wanted logits samples and appends a token, and finished ones are
+    /// retired.
+    pub fn update(&mut self, plan: &StepPlan, out: StepOutput) -> StepOutputs {
+        let mut outputs = StepOutputs {
+            events: std::mem::take(&mut self.pending),
+            seqs: Vec::with_capacity(plan.items.len()),
+            forward_time: out.elapsed,
+            device_time: out.device_time,
+        };
+        let mut rows = out.rows.into_iter();
+        let mut done = Vec::new();
+        // Plan items follow `running`'s order (running ones first, then admissions), so one
+        // forward walk finds them all.
+        let mut at = 0;
         for item in &plan.items {
-            let Some(s) = self.running.iter_mut().find(|s| s.id == item.seq_id) else {
+            let row = if item.wants_logits { rows.next() } else { None };
+            let Some(pos) = self.running[at..]
+                .iter()
+                .position(|s| s.id == item.seq_id)
+                .map(|p| p + at)
+            else {
                 continue;
             };
-            s.num_computed = item.first_pos + item.tokens.len();
-            // Blocks that just became full (all their K/V written) join the prefix cache.
-            while (s.block_hashes.len() + 1) * bs <= s.num_computed {
-                let i = s.block_hashes.len();
-                let parent = s.block_hashes.last().copied().unwrap_or(ROOT_HASH);
-                let h = self.pool.register(
-                    s.block_table[i],
-                    parent,
-                    s.salt,
-                    &s.tokens[i * bs..(i + 1) * bs],
-                );
-                s.block_hashes.push(h);
+            at = pos + 1;
+            let seq = &mut self.running[pos];
+            seq.num_computed = item.first_pos + item.tokens.len();
+            self.pool
+                .commit(&mut seq.alloc, &seq.tokens, seq.num_computed);
+            outputs.seqs.push(SeqStep {
+                seq_id: seq.id,
+                tokens: item.tokens.len(),
+                prompt_tokens: item.prompt_tokens,
+                context_len: seq.num_computed,
+            });
+            let Some(row) = row else { continue };
+            let sampled = match row {
+                Row::Full(r) => seq.sampler.sample(&r, &seq.tokens),
+                Row::Greedy { token, logprob } => seq.sampler.accept_greedy(token, logprob),
+            };
+            seq.push(&sampled);
+            outputs
+                .events
+                .push((seq.reply.clone(), Event::Token(sampled)));
+            if let Some(reason) = seq.finish_reason(self.max_context) {
+                done.push((seq.id, reason));
             }
         }
-    }
-
-    /// Token slots allocated to running sequences, and of those holding a token (for KV waste).
-    pub fn kv_slot_usage(&self) -> (usize, usize) {
-        let bs = self.pool.block_size();
-        self.running.iter().fold((0, 0), |(alloc, used), s| {
-            (
-                alloc + s.block_table.len() * bs,
-                used + s.tokens.len().min(s.block_table.len() * bs),
-            )
-        })
-    }
-
-    /// Remove a finished sequence, free its blocks and tell its client.
-    pub fn finish(&mut self, id: u64, reason: FinishReason) {
-        if let Some(pos) = self.running.iter().position(|s| s.id == id) {
-            let mut s = self.running.remove(pos);
-            self.pool.free(&mut s.block_table);
-            let _ = s.reply.send(Event::Finished {
-                reason,
-                usage: s.usage(),
-            });
+        for (id, reason) in done {
+            if let Some(pos) = self.running.iter().position(|s| s.id == id) {
+                let s = self.running.remove(pos);
+                self.retire(s, Ending::Finished(reason));
+            }
         }
+        outputs.events.append(&mut self.pending);
+        outputs
     }
 
-    /// Fail every running sequence in `plan` (the step's forward failed).
-    pub fn fail(&mut self, plan: &StepPlan, msg: &str) {
+    /// The step's forward failed: retire every sequence in `plan` with the error.
+    pub fn fail(&mut self, plan: &StepPlan, msg: &str) -> StepOutputs {
         for item in &plan.items {
             if let Some(pos) = self.running.iter().position(|s| s.id == item.seq_id) {
-                let mut s = self.running.remove(pos);
-                self.pool.free(&mut s.block_table);
-                let _ = s.reply.send(Event::Error(msg.to_string()));
+                let s = self.running.remove(pos);
+                self.retire(s, Ending::Failed(msg.to_string()));
             }
         }
+        self.take_pending()
     }
 }

@@ -1,15 +1,16 @@
 //! One request's state inside the engine, and the events it sends back.
 use std::time::Instant;
 
+use super::block_pool::Allocation;
 use super::sampler::{Sampled, Sampler};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
-    /// EOS, a stop token, or (decided by the caller) a stop string.
+    /// EOS or a stop token.
     Stop,
     /// max_tokens or the context was reached.
     Length,
-    /// The client went away or the request was cancelled.
+    /// The client went away, or the text layer ended the request (a stop string) by dropping it.
     Aborted,
 }
 
@@ -23,7 +24,8 @@ pub struct Usage {
     pub queue_secs: f64,
 }
 
-/// What a request's reply channel carries.
+/// What a request's reply channel carries: `Admitted` once, then `Token`s, then exactly one of
+/// `Finished` or `Error`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// First admission: how much of the prompt came from the prefix cache, and the time queued.
@@ -36,6 +38,7 @@ pub enum Event {
         reason: FinishReason,
         usage: Usage,
     },
+    /// The engine failed while running this request (a fault of the server, not of the request).
     Error(String),
 }
 
@@ -47,21 +50,16 @@ pub struct Sequence {
     pub tokens: Vec<u32>,
     /// Leading tokens whose K/V are in the cache.
     pub num_computed: usize,
-    pub block_table: Vec<u32>,
+    /// The KV blocks; released only by the scheduler's `retire` (or by preemption).
+    pub alloc: Allocation,
     pub sampler: Sampler,
     /// Stop after this many generated tokens.
     pub max_tokens: usize,
     pub eos_ids: Vec<u32>,
     pub reply: flume::Sender<Event>,
     pub arrived: Instant,
-    /// Prompt tokens whose KV came from the prefix cache at first admission.
-    pub cached_tokens: usize,
-    /// Prefix-cache namespace (tenant and model): blocks are shared only under the same salt.
-    pub salt: u64,
-    /// Chained hashes of the sequence's full, computed blocks, in order.
-    pub block_hashes: Vec<u64>,
-    pub admitted: bool,
-    pub queue_secs: f64,
+    /// Set at first admission: prompt tokens whose KV came from the prefix cache, time queued.
+    pub admitted: Option<(usize, f64)>,
 }
 
 impl Sequence {
@@ -74,32 +72,44 @@ impl Sequence {
         self.tokens.len() - self.num_computed
     }
 
-    /// Whether the client has gone away.
+    /// Whether the client has gone away (or the text layer dropped the request).
     pub fn is_cancelled(&self) -> bool {
         self.reply.is_disconnected()
     }
 
-    /// Append a sampled token and decide whether the sequence is done.
-    pub fn push(&mut self, s: &Sampled) -> Option<FinishReason> {
-        self.tokens.push(s.token);
+    /// Whether the sequence is done, and why: the one place that decides it. `max_context` is the
+    /// model's context length.
+    pub fn finish_reason(&self, max_context: usize) -> Option<FinishReason> {
+        if self.is_cancelled() {
+            return Some(FinishReason::Aborted);
+        }
+        if self.num_generated() == 0 {
+            return None;
+        }
+        let last = self.tokens[self.tokens.len() - 1];
         let params = self.sampler.params();
-        if (!params.ignore_eos && self.eos_ids.contains(&s.token))
-            || params.stop_token_ids.contains(&s.token)
+        if (!params.ignore_eos && self.eos_ids.contains(&last))
+            || params.stop_token_ids.contains(&last)
         {
             Some(FinishReason::Stop)
-        } else if self.num_generated() >= self.max_tokens {
+        } else if self.num_generated() >= self.max_tokens || self.tokens.len() >= max_context {
             Some(FinishReason::Length)
         } else {
             None
         }
     }
 
+    pub fn push(&mut self, s: &Sampled) {
+        self.tokens.push(s.token);
+    }
+
     pub fn usage(&self) -> Usage {
+        let (cached_tokens, queue_secs) = self.admitted.unwrap_or_default();
         Usage {
             prompt_tokens: self.prompt_len,
             completion_tokens: self.num_generated(),
-            cached_tokens: self.cached_tokens,
-            queue_secs: self.queue_secs,
+            cached_tokens,
+            queue_secs,
         }
     }
 }

@@ -33,6 +33,11 @@ const CHATML_TEMPLATE: &str =
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
 {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
+/// Marks around message content in a rendered prompt (Unicode noncharacters, which no text
+/// exchanged with a client may carry).
+pub const CONTENT_OPEN: char = '\u{FDD0}';
+pub const CONTENT_CLOSE: char = '\u{FDD1}';
+
 #[derive(Debug, Clone)]
 pub struct ChatTemplate {
     source: String,
@@ -59,6 +64,35 @@ impl ChatTemplate {
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
         }
+    }
+
+    /// The prompt text for `messages` with every message's content between `CONTENT_OPEN` and
+    /// `CONTENT_CLOSE` (its surrounding whitespace outside them, so a template's `trim` still works),
+    /// for `Tokenizer::encode_chat`, which recognises special tokens only outside the marks.
+    pub fn render_marked(&self, messages: &[ChatMessage]) -> Result<String> {
+        let marked: Vec<ChatMessage> = messages
+            .iter()
+            .map(|m| {
+                if m.content.contains([CONTENT_OPEN, CONTENT_CLOSE]) {
+                    return Err(HearthError::InvalidRequest(
+                        "message content contains the noncharacter U+FDD0 or U+FDD1".into(),
+                    ));
+                }
+                let core = m.content.trim();
+                let lead = &m.content[..m.content.len() - m.content.trim_start().len()];
+                let trail = &m.content[m.content.trim_end().len()..];
+                let content = if core.is_empty() {
+                    m.content.clone()
+                } else {
+                    format!("{lead}{CONTENT_OPEN}{core}{CONTENT_CLOSE}{trail}")
+                };
+                Ok(ChatMessage {
+                    role: m.role.clone(),
+                    content,
+                })
+            })
+            .collect::<Result<_>>()?;
+        self.render(&marked)
     }
 
     /// The prompt text for `messages`, ending with the assistant's turn opener.

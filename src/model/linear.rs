@@ -1,16 +1,25 @@
-//! Linear layers. Candle's CPU matmul for Q4_1 and Q5_0 weights has no SIMD kernel and decodes every
-//! weight block once per activation row, so batching rows gains nothing. `Linear::Tiled` decodes each
-//! weight block once per tile of eight rows and runs the integer dot products with AVX2. Each output is
-//! computed with exactly candle's arithmetic (8-bit activations from candle's own quantizer, the same
-//! per-block float expression in the same order), so results are bit-identical to candle's and do not
-//! depend on how many rows share the call.
-use candle_core::quantized::k_quants::{BlockQ8_0, BlockQ8_1, GgmlType};
+//! Linear layers. On the CPU every quantized weight is multiplied by Hearth's own dispatch, never by
+//! `QMatMul::forward`: candle 0.11 picks repacked kernels by CPUID at run time (AVX512-VNNI, AVX-VNNI
+//! or AVX2 tiers, each with its own activation quantization and summation order) and, for Q6K, by
+//! the number of rows (repacked from two rows on, per-row below). Through it, the same request gave
+//! different logits on an AVX-512 machine than on an AVX2 one, and different logits alone than in a
+//! batch. Here the per-row `k_quants::matmul` (SIMD chosen at compile time, one dot product per
+//! output whatever the number of rows) is the reference, and `Linear::Cpu` adds tiled kernels for
+//! Q4_1, Q5_0 and Q8_0 that decode each weight block once per tile of eight rows and compute every
+//! output with exactly that reference's arithmetic, so results are bit-identical to it at any batch
+//! size and on any x86-64 CPU with AVX2.
+use std::sync::Arc;
+
+use candle_core::quantized::k_quants::{
+    self, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1,
+    BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1, GgmlType,
+};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Module, Tensor};
-use half::f16;
+use candle_core::{DType, Device, Module, Tensor};
+use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::error::Result;
+use crate::error::{HearthError, Result};
 
 const QK: usize = 32;
 const Q4_1_BYTES: usize = 20;
@@ -19,9 +28,9 @@ const Q8_0_BYTES: usize = 34;
 const Q8_1_BYTES: usize = 36;
 /// Activation rows that share one decoded weight block.
 const ROW_TILE: usize = 8;
-/// From this many rows on, the tiled kernel beats candle's (benches/q4_1_matmul.rs, hearth bench):
-/// candle's Q4_1/Q5_0 kernels are scalar, so two rows suffice; its Q8_0 kernel is AVX2 already, so
-/// the tiled one only wins once a whole tile of rows shares each weight block.
+/// From this many rows on, the tiled kernel beats the per-row one (benches/q4_1_matmul.rs, hearth
+/// bench): the per-row Q4_1/Q5_0 kernels are scalar, so two rows suffice; the Q8_0 one is AVX2
+/// already, so the tiled one only wins once a whole tile of rows shares each weight block.
 fn tiled_min_rows(format: Format) -> usize {
     match format {
         Format::Q4_1 | Format::Q5_0 => 2,
@@ -36,8 +45,8 @@ pub enum Format {
     Q4_1,
     /// 5-bit signed with scale; activations in Q8_0.
     Q5_0,
-    /// 8-bit signed with scale; activations in Q8_0. Candle has an AVX2 kernel for it, but one that
-    /// reads each weight block once per row; the tiled one reproduces its arithmetic lane for lane.
+    /// 8-bit signed with scale; activations in Q8_0. The per-row kernel is AVX2 already, but reads
+    /// each weight block once per row; the tiled one reproduces its arithmetic lane for lane.
     Q8_0,
 }
 
@@ -49,92 +58,142 @@ impl Format {
             Self::Q8_0 => Q8_0_BYTES,
         }
     }
+
+    fn of(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q5_0 => Some(Self::Q5_0),
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            _ => None,
+        }
+    }
+}
+
+/// Weight blocks decoded once at load for the tiled kernel, (n, k / 32) in row order.
+#[derive(Debug)]
+pub struct Tiled {
+    format: Format,
+    blocks: Vec<WeightBlock>,
 }
 
 #[derive(Debug)]
 pub enum Linear {
-    /// (n, k) weight blocks as stored in the file. Below `tiled_min_rows` rows candle's own kernel is
-    /// as fast (and gives the same bits), so it is kept too.
-    Tiled {
-        format: Format,
-        /// Weight blocks decoded once at load, (n, k / 32) in row order.
-        blocks: Vec<WeightBlock>,
+    /// A quantized (n, k) weight on the CPU, as stored in the file (shared with the embeddings when
+    /// tied); `tiled` where a tiled kernel exists for its format.
+    Cpu {
+        weight: Arc<QTensor>,
         n: usize,
         k: usize,
-        candle: QMatMul,
+        tiled: Option<Tiled>,
     },
+    /// Dense weights, and every weight on a GPU: candle's matmul.
     Candle(QMatMul),
 }
 
 impl Linear {
     pub fn from_qtensor(t: QTensor) -> Result<Self> {
-        Self::from_arc(std::sync::Arc::new(t))
+        Self::from_arc(Arc::new(t))
     }
 
     /// From a shared tensor (tied embeddings and output projection).
-    pub fn from_arc(t: std::sync::Arc<QTensor>) -> Result<Self> {
+    pub fn from_arc(t: Arc<QTensor>) -> Result<Self> {
         let dims = t.shape().dims().to_vec();
-        let format = match t.dtype() {
-            GgmlDType::Q4_1 => Some(Format::Q4_1),
-            GgmlDType::Q5_0 => Some(Format::Q5_0),
-            GgmlDType::Q8_0 => Some(Format::Q8_0),
+        let on_cpu = t.device().is_cpu() && dims.len() == 2;
+        if !on_cpu || !dims[1].is_multiple_of(t.dtype().block_size()) {
+            return Ok(Self::Candle(QMatMul::from_arc(t)?));
+        }
+        let (n, k) = (dims[0], dims[1]);
+        let tiled = match Format::of(t.dtype()) {
+            Some(format) if k.is_multiple_of(QK) => {
+                let raw = t.data()?;
+                let blocks = raw
+                    .par_chunks_exact(format.block_bytes())
+                    .map(|b| decode_weight(format, b))
+                    .collect();
+                Some(Tiled { format, blocks })
+            }
             _ => None,
         };
-        if let (Some(format), true) = (
-            format,
-            t.device().is_cpu() && dims.len() == 2 && dims[1].is_multiple_of(QK),
-        ) {
-            let raw = t.data()?;
-            let blocks = raw
-                .par_chunks_exact(format.block_bytes())
-                .map(|b| decode_weight(format, b))
-                .collect();
-            return Ok(Self::Tiled {
-                format,
-                blocks,
-                n: dims[0],
-                k: dims[1],
-                candle: QMatMul::from_arc(t)?,
-            });
-        }
-        Ok(Self::Candle(QMatMul::from_arc(t)?))
+        Ok(Self::Cpu {
+            weight: t,
+            n,
+            k,
+            tiled,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Candle(m) => Ok(m.forward(x)?),
-            Self::Tiled {
-                candle, k, format, ..
-            } if x.elem_count() / k < tiled_min_rows(*format)
-                || candle_only()
-                || x.dtype() != DType::F32
-                || !x.device().is_cpu() =>
-            {
-                Ok(candle.forward(x)?)
-            }
-            Self::Tiled {
-                format,
-                blocks,
+        let (weight, n, k, tiled) = match self {
+            Self::Candle(m) => return Ok(m.forward(x)?),
+            Self::Cpu {
+                weight,
                 n,
                 k,
-                ..
-            } => {
-                let dims = x.dims().to_vec();
-                let x = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-                let m = x.len() / k;
-                let out = tiled_matmul(*format, blocks, *n, *k, &x, m);
-                let mut out_dims = dims;
-                if let Some(last) = out_dims.last_mut() {
-                    *last = *n;
-                }
-                Ok(Tensor::from_vec(out, out_dims, &candle_core::Device::Cpu)?)
+                tiled,
+            } => (weight, *n, *k, tiled),
+        };
+        let in_dtype = x.dtype();
+        let mut out_dims = x.dims().to_vec();
+        let xs = x
+            .to_dtype(DType::F32)?
+            .contiguous()?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let m = xs.len() / k;
+        let out = match tiled {
+            Some(t) if m >= tiled_min_rows(t.format) && !per_row_only() => {
+                tiled_matmul(t.format, &t.blocks, n, k, &xs, m)
             }
+            _ => row_matmul(weight, (m, k, n), &xs)?,
+        };
+        if let Some(last) = out_dims.last_mut() {
+            *last = n;
         }
+        Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?.to_dtype(in_dtype)?)
     }
 }
 
-/// `HEARTH_CANDLE_KERNELS=1` turns the tiled kernel off, to measure it against candle's.
-fn candle_only() -> bool {
+/// out (m, n) = x (m, k) . w (n, k)^T through candle's per-row `k_quants::matmul`: each output is
+/// one dot product whose arithmetic depends only on the weight format and the compile-time target
+/// features, not on m or on the CPU's run-time features.
+pub fn row_matmul(w: &QTensor, mkn: (usize, usize, usize), x: &[f32]) -> Result<Vec<f32>> {
+    fn run<T: GgmlType>(raw: &[u8], mkn: (usize, usize, usize), x: &[f32]) -> Result<Vec<f32>> {
+        // SAFETY: the bytes are candle's own Vec<T> storage viewed as bytes (so aligned for T
+        // unless the check below says otherwise), and T is a plain struct of integers and floats
+        // for which every bit pattern is valid.
+        let (pre, blocks, post) = unsafe { raw.align_to::<T>() };
+        if !pre.is_empty() || !post.is_empty() {
+            return Err(HearthError::Internal(format!(
+                "{:?} weight storage is not block-aligned",
+                T::DTYPE
+            )));
+        }
+        let mut dst = vec![0f32; mkn.0 * mkn.2];
+        k_quants::matmul(mkn, x, blocks, &mut dst)?;
+        Ok(dst)
+    }
+    let raw = w.data()?;
+    match w.dtype() {
+        GgmlDType::F32 => run::<f32>(&raw, mkn, x),
+        GgmlDType::F16 => run::<f16>(&raw, mkn, x),
+        GgmlDType::BF16 => run::<bf16>(&raw, mkn, x),
+        GgmlDType::Q4_0 => run::<BlockQ4_0>(&raw, mkn, x),
+        GgmlDType::Q4_1 => run::<BlockQ4_1>(&raw, mkn, x),
+        GgmlDType::Q5_0 => run::<BlockQ5_0>(&raw, mkn, x),
+        GgmlDType::Q5_1 => run::<BlockQ5_1>(&raw, mkn, x),
+        GgmlDType::Q8_0 => run::<BlockQ8_0>(&raw, mkn, x),
+        GgmlDType::Q8_1 => run::<BlockQ8_1>(&raw, mkn, x),
+        GgmlDType::Q2K => run::<BlockQ2K>(&raw, mkn, x),
+        GgmlDType::Q3K => run::<BlockQ3K>(&raw, mkn, x),
+        GgmlDType::Q4K => run::<BlockQ4K>(&raw, mkn, x),
+        GgmlDType::Q5K => run::<BlockQ5K>(&raw, mkn, x),
+        GgmlDType::Q6K => run::<BlockQ6K>(&raw, mkn, x),
+        GgmlDType::Q8K => run::<BlockQ8K>(&raw, mkn, x),
+    }
+}
+
+/// `HEARTH_CANDLE_KERNELS=1` turns the tiled kernels off, to measure them against the per-row ones.
+fn per_row_only() -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OFF.get_or_init(|| std::env::var("HEARTH_CANDLE_KERNELS").is_ok_and(|v| v == "1"))
 }
@@ -425,18 +484,27 @@ pub fn tiled_matmul(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+
+    fn rows(x: &Tensor, m: usize) -> Vec<f32> {
+        x.narrow(0, 0, m)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    }
 
     #[test]
-    fn tiled_kernels_match_candle_bit_for_bit_at_every_batch_size() {
+    fn tiled_kernels_match_the_per_row_reference_bit_for_bit_at_every_batch_size() {
         let dev = Device::Cpu;
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
             let w = Tensor::randn(0f32, 1.0, (96, 256), &dev).unwrap();
-            let reference = QMatMul::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
-            let ours = Linear::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
-            let Linear::Tiled {
-                format,
-                blocks,
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (37, 256), &dev).unwrap();
+            let reference = row_matmul(&q, (37, 256, 96), &rows(&x, 37)).unwrap();
+            let ours = Linear::from_qtensor(q).unwrap();
+            let Linear::Cpu {
+                tiled: Some(Tiled { format, blocks }),
                 n,
                 k,
                 ..
@@ -444,27 +512,52 @@ mod tests {
             else {
                 panic!("{dtype:?} weights must take the tiled kernel");
             };
-            let x = Tensor::randn(0f32, 1.0, (37, 256), &dev).unwrap();
-            let theirs = reference.forward(&x).unwrap().to_vec2::<f32>().unwrap();
             for m in [1usize, 3, 8, 37] {
-                let xs = x
-                    .narrow(0, 0, m)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap();
-                let tiled = tiled_matmul(*format, blocks, *n, *k, &xs, m);
+                let tiled = tiled_matmul(*format, blocks, *n, *k, &rows(&x, m), m);
                 for r in 0..m {
                     assert_eq!(
                         &tiled[r * n..(r + 1) * n],
-                        theirs[r].as_slice(),
+                        &reference[r * n..(r + 1) * n],
                         "{dtype:?} m={m} row {r}"
                     );
                 }
             }
-            let all = ours.forward(&x).unwrap();
-            assert_eq!(all.to_vec2::<f32>().unwrap(), theirs, "{dtype:?}");
+            let all = ours.forward(&x).unwrap().flatten_all().unwrap();
+            assert_eq!(all.to_vec1::<f32>().unwrap(), reference, "{dtype:?}");
+        }
+    }
+
+    /// Every quantized format gives each row the same bits whether it runs alone or with 36 others.
+    /// Through `QMatMul::forward` this fails for Q6K on any x86-64 CPU (repacked kernels from two
+    /// rows on) and for Q8_0 and Q4K on CPUs with AVX512-VNNI or AVX-VNNI.
+    #[test]
+    fn every_cpu_format_is_batch_invariant() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (37, 512), &dev).unwrap();
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            let w = Tensor::randn(0f32, 1.0, (64, 512), &dev).unwrap();
+            let lin = Linear::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
+            assert!(matches!(lin, Linear::Cpu { .. }), "{dtype:?}");
+            let batch = lin.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+            for (r, row) in batch.iter().enumerate() {
+                let alone = lin.forward(&x.narrow(0, r, 1).unwrap()).unwrap();
+                assert_eq!(
+                    &alone.to_vec2::<f32>().unwrap()[0],
+                    row,
+                    "{dtype:?} row {r}"
+                );
+            }
         }
     }
 }

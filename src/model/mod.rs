@@ -58,7 +58,7 @@ impl Model {
 
     /// Prompt token ids of a chat conversation, rendered through the model's template.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-        let text = self.chat_template.render(messages)?;
-        self.tokenizer.encode(&text)
+        let text = self.chat_template.render_marked(messages)?;
+        self.tokenizer.encode_chat(&text)
     }
 }

@@ -15,16 +15,53 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::{AddedToken, DecoderWrapper, PreTokenizerWrapper, Tokenizer as HfTokenizer};
 
+use std::sync::Arc;
+
+use aho_corasick::{AhoCorasick, MatchKind};
+
+use super::chat::{CONTENT_CLOSE, CONTENT_OPEN};
 use crate::error::{HearthError, Result};
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
+/// Where an incremental decode (`Tokenizer::decode_step`) stands: the window of recent ids and the
+/// text they were last decoded to.
+#[derive(Debug, Default, Clone)]
+pub struct DecodeState {
+    ids: Vec<u32>,
+    prefix: String,
+    prefix_index: usize,
+}
+
+impl DecodeState {
+    /// Ids not yet turned into text (an incomplete character at the end of generation).
+    pub fn undecoded(&self) -> &[u32] {
+        &self.ids[self.prefix_index.min(self.ids.len())..]
+    }
+
+    /// The text the window decodes to so far.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The window's ids.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+}
+
 /// A tokenizer plus the special ids the engine needs.
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: HfTokenizer,
+    /// The same tokenizer with special tokens read as plain text, built on first need.
+    plain: std::sync::OnceLock<HfTokenizer>,
+    /// Finds special-token strings in text.
+    specials: Arc<AhoCorasick>,
+    /// No token's text spans more characters than this (an upper bound).
+    max_token_chars: usize,
     pub bos_id: Option<u32>,
     pub eos_ids: Vec<u32>,
     pub add_bos: bool,
@@ -120,8 +157,39 @@ impl Tokenizer {
             }
         }
         let add_bos = md_bool(ct, "tokenizer.ggml.add_bos_token").unwrap_or(model == "llama");
+        // Token strings are in the model's own alphabet (byte-level: one char per byte; SentencePiece:
+        // one char per char, `<0xNN>` for a byte), never shorter than the text they stand for.
+        Self::new(inner, bos_id, eos_ids, add_bos, 1)
+    }
+
+    fn new(
+        inner: HfTokenizer,
+        bos_id: Option<u32>,
+        eos_ids: Vec<u32>,
+        add_bos: bool,
+        chars_factor: usize,
+    ) -> Result<Self> {
+        let specials: Vec<String> = inner
+            .get_added_tokens_decoder()
+            .values()
+            .filter(|t| t.special && !t.content.is_empty())
+            .map(|t| t.content.clone())
+            .collect();
+        let specials = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(&specials)
+            .map_err(tok_err)?;
+        let longest = inner
+            .get_vocab(true)
+            .keys()
+            .map(|k| k.chars().count())
+            .max()
+            .unwrap_or(1);
         Ok(Self {
             inner,
+            plain: std::sync::OnceLock::new(),
+            specials: Arc::new(specials),
+            max_token_chars: longest.max(1) * chars_factor,
             bos_id,
             eos_ids,
             add_bos,
@@ -133,12 +201,83 @@ impl Tokenizer {
         let inner = HfTokenizer::from_file(path).map_err(tok_err)?;
         let bos_id = bos.and_then(|b| inner.token_to_id(b));
         let eos_ids = eos.iter().filter_map(|e| inner.token_to_id(e)).collect();
-        Ok(Self {
-            inner,
-            bos_id,
-            eos_ids,
-            add_bos: false,
-        })
+        // A tokenizer.json may normalize (NFC can fold two characters into one), so its token
+        // strings bound the text they cover less tightly: allow four characters for each.
+        Self::new(inner, bos_id, eos_ids, false, 4)
+    }
+
+    /// An upper bound on the characters of text one token covers.
+    pub fn max_token_chars(&self) -> usize {
+        self.max_token_chars
+    }
+
+    /// Token ids of a chat prompt from `ChatTemplate::render_marked`: special tokens are recognised
+    /// only where the template wrote them; inside message content, text such as `<|im_start|>`
+    /// stays text. Equal to `encode` of the unmarked text whenever the content holds no special
+    /// token's string.
+    pub fn encode_chat(&self, marked: &str) -> Result<Vec<u32>> {
+        let forged = marked.split(CONTENT_OPEN).skip(1).any(|seg| {
+            self.specials
+                .is_match(seg.split(CONTENT_CLOSE).next().unwrap_or(""))
+        });
+        if !forged {
+            return self.encode(&marked.replace([CONTENT_OPEN, CONTENT_CLOSE], ""));
+        }
+        // Split at the specials outside the marks; each stretch between them (template text and
+        // content together, as a whole-text encode would see it) is encoded with specials as text.
+        let mut ids = Vec::new();
+        let mut stretch = String::new();
+        let mut inside = false;
+        let mut rest = marked;
+        while !rest.is_empty() {
+            if inside {
+                let end = rest.find(CONTENT_CLOSE).ok_or_else(|| {
+                    HearthError::ChatTemplate("the template split a message's content".into())
+                })?;
+                stretch.push_str(&rest[..end]);
+                rest = &rest[end + CONTENT_CLOSE.len_utf8()..];
+                inside = false;
+                continue;
+            }
+            let end = rest.find(CONTENT_OPEN).unwrap_or(rest.len());
+            let outside = &rest[..end];
+            let mut at = 0;
+            for m in self.specials.find_iter(outside) {
+                stretch.push_str(&outside[at..m.start()]);
+                self.encode_plain(&stretch, &mut ids)?;
+                stretch.clear();
+                let tok = &outside[m.start()..m.end()];
+                ids.extend(self.inner.token_to_id(tok));
+                at = m.end();
+            }
+            stretch.push_str(&outside[at..]);
+            rest = &rest[end..];
+            if let Some(r) = rest.strip_prefix(CONTENT_OPEN) {
+                rest = r;
+                inside = true;
+            }
+        }
+        self.encode_plain(&stretch, &mut ids)?;
+        if let (true, Some(bos)) = (self.add_bos, self.bos_id) {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
+    }
+
+    fn encode_plain(&self, text: &str, ids: &mut Vec<u32>) -> Result<()> {
+        if text.is_empty() {
+            return Ok(());
+        }
+        let plain = self.plain.get_or_init(|| {
+            let mut t = self.inner.clone();
+            t.set_encode_special_tokens(true);
+            t
+        });
+        let enc = plain.encode_fast(text, false).map_err(tok_err)?;
+        ids.extend_from_slice(enc.get_ids());
+        Ok(())
     }
 
     /// Token ids of `text`; special tokens written in the text are recognised (chat templates rely on it).
@@ -153,6 +292,20 @@ impl Tokenizer {
         }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)
+    }
+
+    /// The next piece of text after `id` in a stream of generated tokens (None while a character is
+    /// incomplete): decodes only a short window of recent ids, so a whole output costs linear time.
+    pub fn decode_step(&self, id: u32, st: &mut DecodeState) -> Result<Option<String>> {
+        tokenizers::tokenizer::step_decode_stream(
+            &self.inner,
+            vec![id],
+            true,
+            &mut st.ids,
+            &mut st.prefix,
+            &mut st.prefix_index,
+        )
+        .map_err(tok_err)
     }
 
     /// Text of `ids` with special tokens left out.

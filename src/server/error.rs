@@ -1,9 +1,11 @@
-//! API errors in OpenAI's shape, with the HTTP status each deserves.
+//! API errors in OpenAI's shape, with the HTTP status each deserves: the request's fault is 4xx
+//! (invalid 400, unknown model 404, too large 413, wrong media type 415, over capacity 429), the
+//! server's is 5xx (a failed engine step 500, shutting down or not ready 503).
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use super::openai::error_body;
+use super::openai::ErrorResponse;
 use crate::error::HearthError;
 
 #[derive(Debug)]
@@ -16,34 +18,103 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, code: Option<&'static str>, m: String) -> Self {
+        Self {
+            status,
+            message: m,
+            kind,
+            param: None,
+            code,
+        }
+    }
+
     pub fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
         Self {
-            status: StatusCode::BAD_REQUEST,
-            message: message.into(),
-            kind: "invalid_request_error",
             param,
-            code: None,
+            ..Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                None,
+                message.into(),
+            )
+        }
+    }
+
+    /// A request field Hearth does not support (yet): refused rather than ignored.
+    pub fn unsupported(param: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code: Some("unsupported_parameter"),
+            ..Self::invalid(message, Some(param))
         }
     }
 
     pub fn model_not_found(model: &str) -> Self {
         Self {
-            status: StatusCode::NOT_FOUND,
-            message: format!("The model `{model}` does not exist"),
-            kind: "invalid_request_error",
             param: Some("model"),
-            code: Some("model_not_found"),
+            ..Self::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("model_not_found"),
+                format!("The model `{model}` does not exist"),
+            )
         }
     }
 
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            Some("request_too_large"),
+            message.into(),
+        )
+    }
+
+    pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            Some(code),
+            message.into(),
+        )
+    }
+
     pub fn shutting_down() -> Self {
-        Self {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            message: "the server is shutting down".into(),
-            kind: "server_error",
-            param: None,
-            code: Some("shutting_down"),
-        }
+        Self::unavailable("shutting_down", "the server is shutting down")
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            Some("internal_error"),
+            message.into(),
+        )
+    }
+
+    /// An error the HTTP layer produced (no route, wrong method, bad media type, ...).
+    pub fn http(status: StatusCode, message: impl Into<String>) -> Self {
+        let code = match status {
+            StatusCode::NOT_FOUND => "not_found",
+            StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+            StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
+            StatusCode::URI_TOO_LONG => "uri_too_long",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "headers_too_large",
+            StatusCode::REQUEST_TIMEOUT => "request_timeout",
+            StatusCode::MISDIRECTED_REQUEST => "invalid_host",
+            s if s.is_server_error() => "server_error",
+            _ => "invalid_request",
+        };
+        let kind = if status.is_server_error() {
+            "server_error"
+        } else {
+            "invalid_request_error"
+        };
+        Self::new(status, kind, Some(code), message.into())
+    }
+
+    pub fn body(&self) -> ErrorResponse {
+        ErrorResponse::new(&self.message, self.kind, self.param, self.code)
     }
 }
 
@@ -58,30 +129,24 @@ impl From<HearthError> for ApiError {
             HearthError::InvalidRequest(_)
             | HearthError::Tokenizer(_)
             | HearthError::ChatTemplate(_) => Self::invalid(message, None),
-            HearthError::QueueFull(_) => Self {
-                status: StatusCode::TOO_MANY_REQUESTS,
+            HearthError::QueueFull(_) => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                Some("queue_full"),
                 message,
-                kind: "rate_limit_error",
-                param: None,
-                code: Some("queue_full"),
-            },
-            HearthError::EngineStopped => Self::shutting_down(),
-            _ => Self {
-                status: StatusCode::INTERNAL_SERVER_ERROR,
-                message,
-                kind: "server_error",
-                param: None,
-                code: None,
-            },
+            ),
+            HearthError::EngineStopped => Self::unavailable("engine_stopped", message),
+            _ => Self::internal(message),
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = error_body(&self.message, self.kind, self.param, self.code);
-        let mut resp = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::TOO_MANY_REQUESTS {
+        let mut resp = (self.status, Json(self.body())).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS
+            || self.status == StatusCode::SERVICE_UNAVAILABLE
+        {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

@@ -1,58 +1,61 @@
-//! Runs one API request's choices on an engine and turns engine events into OpenAI responses: whole
-//! JSON bodies, or Server-Sent Event chunks as tokens arrive. Detokenization is incremental (UTF-8 safe,
-//! stop strings held back); a dropped client drops the receivers, which cancels the sequences.
-use std::sync::atomic::{AtomicU64, Ordering};
+//! Runs a validated request on an engine. Each choice is one stream of typed events (text pieces with
+//! their log-probabilities, then a finish or a failure); the choices' streams are merged, the SSE
+//! response is a map over the merged stream and the JSON response a fold over the same stream.
+//! Dropping the stream (a client gone) drops the engine receivers, which cancels the sequences.
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use serde_json::{json, Value};
-use tokio::sync::mpsc;
+use futures_util::stream::{self, BoxStream, Stream, StreamExt};
+use rand::distr::{Alphanumeric, SampleString};
 
 use super::error::ApiError;
-use super::openai::{PromptTokensDetails, TokenLogprob, TopLogprob, UsageOut};
-use crate::engine::{EngineHandle, Event, FinishReason, Request, SamplingParams};
+use super::openai::{
+    ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta, ChatLogprobs,
+    ChatMessageOut, Completion, CompletionChoice, CompletionLogprobs, ErrorResponse, FinishReason,
+    PromptTokensDetails, TokenLogprob, TopLogprob, Usage,
+};
+use super::validate::{Kind, Validated};
+use crate::engine::{self, EngineHandle, Event, Request};
 use crate::model::Tokenizer;
 use crate::streaming::TextStream;
 use crate::telemetry::names;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Chat,
-    Completion,
-}
-
+/// A validated request with its prompts tokenized, ready to run.
 pub struct Job {
-    pub kind: Kind,
-    pub model: String,
-    pub engine: EngineHandle,
+    pub req: Validated,
     pub prompts: Vec<Vec<u32>>,
-    pub n: usize,
-    pub params: SamplingParams,
-    pub stops: Vec<String>,
-    pub include_usage: bool,
-    pub tenant: Option<String>,
+    pub engine: EngineHandle,
     pub started: Instant,
 }
 
-/// What one choice reports as it goes.
-#[derive(Debug)]
-struct Update {
-    choice: usize,
-    text: String,
-    logprobs: Vec<TokenLogprob>,
-    /// Set on the choice's last update.
-    finish: Option<Finish>,
-}
-
-#[derive(Debug)]
-struct Finish {
-    reason: &'static str,
+/// One choice's usage, reported with its finish.
+#[derive(Debug, Clone, Copy)]
+struct ChoiceUsage {
     prompt_tokens: usize,
     completion_tokens: usize,
     cached_tokens: usize,
     /// The first choice of each prompt carries the prompt's usage; the others only their output.
     counts_prompt: bool,
-    error: Option<String>,
+}
+
+#[derive(Debug)]
+enum ChoiceEvent {
+    Text {
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
+    Finished {
+        reason: FinishReason,
+        usage: ChoiceUsage,
+    },
+    /// The engine failed while running the choice (a server fault).
+    Failed(String),
+}
+
+#[derive(Debug)]
+struct Update {
+    choice: usize,
+    event: ChoiceEvent,
 }
 
 fn now_secs() -> u64 {
@@ -62,14 +65,16 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-fn next_id(kind: Kind) -> String {
-    static N: AtomicU64 = AtomicU64::new(1);
-    let n = N.fetch_add(1, Ordering::Relaxed);
+/// A random response id (a counter would tell clients how busy the server is).
+fn response_id(kind: Kind) -> String {
     let prefix = match kind {
         Kind::Chat => "chatcmpl",
         Kind::Completion => "cmpl",
     };
-    format!("{prefix}-{:x}{n:06x}", now_secs())
+    format!(
+        "{prefix}-{}",
+        Alphanumeric.sample_string(&mut rand::rng(), 24)
+    )
 }
 
 fn token_logprob(tok: &Tokenizer, id: u32, logprob: f32, top: &[(u32, f32)]) -> TokenLogprob {
@@ -96,160 +101,165 @@ fn token_logprob(tok: &Tokenizer, id: u32, logprob: f32, top: &[(u32, f32)]) -> 
 /// Submit every choice up front, so that refusals (queue full, context) surface before any output.
 fn submit_all(job: &Job) -> Result<Vec<(usize, usize, flume::Receiver<Event>)>, ApiError> {
     let mut out = Vec::new();
+    let n = job.req.n;
     for (pi, prompt) in job.prompts.iter().enumerate() {
-        for j in 0..job.n {
-            let mut params = job.params.clone();
+        for j in 0..n {
+            let mut params = job.req.params.clone();
             // n choices with one seed must still differ, reproducibly.
             params.seed = params.seed.map(|s| s.wrapping_add(j as u64));
             let rx = job.engine.submit(Request {
                 prompt: prompt.clone(),
                 params,
-                tenant: job.tenant.clone(),
+                tenant: job.req.user.clone(),
             })?;
-            out.push((pi * job.n + j, prompt.len(), rx));
+            out.push((pi * n + j, prompt.len(), rx));
         }
     }
     Ok(out)
 }
 
-/// What one choice's task needs to know.
-struct ChoiceCtx {
+/// What one choice's stream keeps between engine events.
+struct ChoiceState {
     choice: usize,
-    prompt_tokens: usize,
-    counts_prompt: bool,
-    model: String,
+    rx: flume::Receiver<Event>,
+    text: TextStream,
     tok: Arc<Tokenizer>,
-    stops: Vec<String>,
+    labels: [(&'static str, String); 1],
     want_logprobs: bool,
     started: Instant,
+    last: Instant,
+    usage: ChoiceUsage,
+    done: bool,
 }
 
-/// Drive one choice: engine events in, text pieces out.
-async fn drive(ctx: ChoiceCtx, rx: flume::Receiver<Event>, tx: mpsc::Sender<Update>) {
-    let ChoiceCtx {
-        choice,
-        prompt_tokens,
-        counts_prompt,
-        model,
-        tok,
-        stops,
-        want_logprobs,
-        started,
-    } = ctx;
-    let mut text = TextStream::new(tok.clone(), stops);
-    let mut n = 0usize;
-    let mut cached = 0usize;
-    let mut last = started;
-    let labels = [("model", model)];
-    let finish = |reason, n, cached, error| Finish {
-        reason,
-        prompt_tokens,
-        completion_tokens: n,
-        cached_tokens: cached,
-        counts_prompt,
-        error,
-    };
-    loop {
-        let ev = rx.recv_async().await;
-        let (piece, logprobs, done) = match ev {
-            Ok(Event::Admitted {
+impl ChoiceState {
+    fn finished(&mut self, reason: FinishReason) -> ChoiceEvent {
+        self.done = true;
+        metrics::histogram!(names::E2E_LATENCY, &self.labels)
+            .record(self.started.elapsed().as_secs_f64());
+        if self.usage.counts_prompt {
+            metrics::counter!(names::PROMPT_TOKENS, &self.labels)
+                .increment(self.usage.prompt_tokens as u64);
+        }
+        metrics::counter!(names::REQUESTS_FINISHED, &self.labels).increment(1);
+        ChoiceEvent::Finished {
+            reason,
+            usage: self.usage,
+        }
+    }
+
+    /// The updates one engine event turns into (none, a text piece, a finish, or both).
+    fn on_event(&mut self, ev: Option<Event>) -> Vec<ChoiceEvent> {
+        match ev {
+            Some(Event::Admitted {
                 cached_tokens,
                 queue_secs,
             }) => {
-                cached = cached_tokens;
-                metrics::histogram!(names::QUEUE_TIME, &labels).record(queue_secs);
-                continue;
+                self.usage.cached_tokens = cached_tokens;
+                metrics::histogram!(names::QUEUE_TIME, &self.labels).record(queue_secs);
+                Vec::new()
             }
-            Ok(Event::Token(s)) => {
+            Some(Event::Token(s)) => {
                 let now = Instant::now();
-                if n == 0 {
-                    metrics::histogram!(names::TIME_TO_FIRST_TOKEN, &labels)
-                        .record((now - started).as_secs_f64());
+                if self.usage.completion_tokens == 0 {
+                    metrics::histogram!(names::TIME_TO_FIRST_TOKEN, &self.labels)
+                        .record((now - self.started).as_secs_f64());
                 } else {
-                    metrics::histogram!(names::INTER_TOKEN_LATENCY, &labels)
-                        .record((now - last).as_secs_f64());
+                    metrics::histogram!(names::INTER_TOKEN_LATENCY, &self.labels)
+                        .record((now - self.last).as_secs_f64());
                 }
-                last = now;
-                n += 1;
-                metrics::counter!(names::GENERATION_TOKENS, &labels).increment(1);
-                let piece = text.push(s.token).unwrap_or_default();
-                let lp = if want_logprobs {
-                    vec![token_logprob(&tok, s.token, s.logprob, &s.top)]
+                self.last = now;
+                self.usage.completion_tokens += 1;
+                metrics::counter!(names::GENERATION_TOKENS, &self.labels).increment(1);
+                let text = match self.text.push(s.token) {
+                    Ok(t) => t,
+                    Err(e) => return vec![self.failed(e.to_string())],
+                };
+                let logprobs = if self.want_logprobs {
+                    vec![token_logprob(&self.tok, s.token, s.logprob, &s.top)]
                 } else {
                     Vec::new()
                 };
-                // A stop string ends the choice here; dropping `rx` below cancels the sequence.
-                let done = text.stopped().then(|| finish("stop", n, cached, None));
-                (piece, lp, done)
+                let mut out = vec![ChoiceEvent::Text { text, logprobs }];
+                // A stop string ends the choice here; dropping `rx` then cancels the sequence.
+                if self.text.stopped() {
+                    out.push(self.finished(FinishReason::Stop));
+                }
+                out
             }
-            Ok(Event::Finished { reason, .. }) => {
-                let rest = text.finish().unwrap_or_default();
-                let r = match reason {
-                    FinishReason::Length => "length",
-                    _ => "stop",
+            Some(Event::Finished { reason, usage }) => {
+                self.usage.completion_tokens = usage.completion_tokens;
+                let rest = self.text.finish().unwrap_or_default();
+                let reason = match reason {
+                    engine::FinishReason::Length => FinishReason::Length,
+                    _ => FinishReason::Stop,
                 };
-                (rest, Vec::new(), Some(finish(r, n, cached, None)))
+                let mut out = Vec::new();
+                if !rest.is_empty() {
+                    out.push(ChoiceEvent::Text {
+                        text: rest,
+                        logprobs: Vec::new(),
+                    });
+                }
+                out.push(self.finished(reason));
+                out
             }
-            Ok(Event::Error(e)) => (
-                String::new(),
-                Vec::new(),
-                Some(finish("error", n, cached, Some(e))),
-            ),
-            Err(_) => (
-                String::new(),
-                Vec::new(),
-                Some(finish(
-                    "error",
-                    n,
-                    cached,
-                    Some("the engine stopped".into()),
-                )),
-            ),
-        };
-        let last_update = done.is_some();
-        if let Some(f) = &done {
-            metrics::histogram!(names::E2E_LATENCY, &labels)
-                .record(started.elapsed().as_secs_f64());
-            if f.counts_prompt {
-                metrics::counter!(names::PROMPT_TOKENS, &labels).increment(prompt_tokens as u64);
-            }
-            metrics::counter!(names::REQUESTS_FINISHED, &labels).increment(1);
+            Some(Event::Error(e)) => vec![self.failed(e)],
+            None => vec![self.failed("the engine stopped".into())],
         }
-        let update = Update {
-            choice,
-            text: piece,
-            logprobs,
-            finish: done,
-        };
-        if tx.send(update).await.is_err() || last_update {
-            return; // client gone, or this choice is done: dropping rx cancels it in the engine
-        }
+    }
+
+    fn failed(&mut self, msg: String) -> ChoiceEvent {
+        self.done = true;
+        ChoiceEvent::Failed(msg)
     }
 }
 
-fn spawn_choices(
-    job: &Job,
-    subs: Vec<(usize, usize, flume::Receiver<Event>)>,
-    want_logprobs: bool,
-) -> mpsc::Receiver<Update> {
-    let (tx, rx) = mpsc::channel(256);
-    for (choice, prompt_len, erx) in subs {
-        let ctx = ChoiceCtx {
+/// One choice as a stream of updates; it ends after its finish or failure.
+fn choice_stream(st: ChoiceState) -> impl Stream<Item = Update> + Send {
+    stream::unfold(st, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        let ev = st.rx.recv_async().await.ok();
+        let choice = st.choice;
+        let updates: Vec<Update> = st
+            .on_event(ev)
+            .into_iter()
+            .map(|event| Update { choice, event })
+            .collect();
+        Some((stream::iter(updates), st))
+    })
+    .flatten()
+}
+
+/// Every choice of the job, merged into one stream (fair between choices).
+fn updates(job: &Job) -> Result<BoxStream<'static, Update>, ApiError> {
+    let subs = submit_all(job)?;
+    let streams = subs.into_iter().map(|(choice, prompt_len, rx)| {
+        choice_stream(ChoiceState {
             choice,
-            prompt_tokens: prompt_len,
-            counts_prompt: choice % job.n == 0,
-            model: job.model.clone(),
+            rx,
+            text: TextStream::new(job.engine.tokenizer.clone(), job.req.stops.clone()),
             tok: job.engine.tokenizer.clone(),
-            stops: job.stops.clone(),
-            want_logprobs,
+            labels: [("model", job.req.model.clone())],
+            want_logprobs: job.req.want_logprobs,
             started: job.started,
-        };
-        tokio::spawn(drive(ctx, erx, tx.clone()));
-    }
-    rx
+            last: job.started,
+            usage: ChoiceUsage {
+                prompt_tokens: prompt_len,
+                completion_tokens: 0,
+                cached_tokens: 0,
+                counts_prompt: choice % job.req.n == 0,
+            },
+            done: false,
+        })
+        .boxed()
+    });
+    Ok(stream::select_all(streams).boxed())
 }
 
-fn usage_of(finishes: &[&Finish]) -> UsageOut {
+fn usage_of(finishes: &[ChoiceUsage]) -> Usage {
     let prompt: usize = finishes
         .iter()
         .filter(|f| f.counts_prompt)
@@ -261,7 +271,7 @@ fn usage_of(finishes: &[&Finish]) -> UsageOut {
         .map(|f| f.cached_tokens)
         .sum();
     let completion: usize = finishes.iter().map(|f| f.completion_tokens).sum();
-    UsageOut {
+    Usage {
         prompt_tokens: prompt,
         completion_tokens: completion,
         total_tokens: prompt + completion,
@@ -271,158 +281,288 @@ fn usage_of(finishes: &[&Finish]) -> UsageOut {
     }
 }
 
-/// Legacy completions' logprobs object.
-fn legacy_logprobs(lps: &[TokenLogprob], start_offset: usize) -> Value {
-    let mut offset = start_offset;
-    let mut offsets = Vec::new();
+/// Legacy completions' logprobs object; `offset` is the text offset of the first token.
+fn legacy_logprobs(lps: &[TokenLogprob], offset: usize) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs::default();
+    let mut at = offset;
     for t in lps {
-        offsets.push(offset);
-        offset += t.token.len();
+        out.text_offset.push(at);
+        at += t.token.len();
+        out.tokens.push(t.token.clone());
+        out.token_logprobs.push(t.logprob);
+        out.top_logprobs.push(
+            t.top_logprobs
+                .iter()
+                .map(|x| (x.token.clone(), x.logprob))
+                .collect(),
+        );
     }
-    json!({
-        "tokens": lps.iter().map(|t| &t.token).collect::<Vec<_>>(),
-        "token_logprobs": lps.iter().map(|t| t.logprob).collect::<Vec<_>>(),
-        "top_logprobs": lps.iter().map(|t| t.top_logprobs.iter().map(|x| (x.token.clone(), json!(x.logprob))).collect::<serde_json::Map<String, Value>>()).collect::<Vec<_>>(),
-        "text_offset": offsets,
+    out
+}
+
+/// A whole response body: chat or text completion.
+#[derive(Debug, serde::Serialize)]
+#[serde(untagged)]
+pub enum Body {
+    Chat(ChatCompletion),
+    Completion(Completion),
+}
+
+/// Run to completion: the fold over the updates.
+pub async fn complete(job: Job) -> Result<Body, ApiError> {
+    let mut updates = updates(&job)?;
+    let total = job.prompts.len() * job.req.n;
+    let mut texts = vec![String::new(); total];
+    let mut lps: Vec<Vec<TokenLogprob>> = vec![Vec::new(); total];
+    let mut finishes: Vec<Option<(FinishReason, ChoiceUsage)>> = vec![None; total];
+    while let Some(u) = updates.next().await {
+        match u.event {
+            ChoiceEvent::Text { text, logprobs } => {
+                texts[u.choice].push_str(&text);
+                lps[u.choice].extend(logprobs);
+            }
+            ChoiceEvent::Finished { reason, usage } => finishes[u.choice] = Some((reason, usage)),
+            ChoiceEvent::Failed(e) => return Err(ApiError::internal(e)),
+        }
+    }
+    let usage = usage_of(&finishes.iter().flatten().map(|f| f.1).collect::<Vec<_>>());
+    let reason = |i: usize| finishes[i].map(|f| f.0).unwrap_or(FinishReason::Stop);
+    let want = job.req.want_logprobs;
+    let (id, created, model) = (response_id(job.req.kind), now_secs(), job.req.model);
+    Ok(match job.req.kind {
+        Kind::Chat => Body::Chat(ChatCompletion {
+            id,
+            object: "chat.completion",
+            created,
+            model,
+            choices: texts
+                .into_iter()
+                .zip(lps)
+                .enumerate()
+                .map(|(i, (content, lp))| ChatChoice {
+                    index: i,
+                    message: ChatMessageOut {
+                        role: "assistant",
+                        content,
+                        refusal: None,
+                    },
+                    logprobs: want.then_some(ChatLogprobs {
+                        content: lp,
+                        refusal: None,
+                    }),
+                    finish_reason: reason(i),
+                })
+                .collect(),
+            usage,
+        }),
+        Kind::Completion => Body::Completion(Completion {
+            id,
+            object: "text_completion",
+            created,
+            model,
+            choices: texts
+                .into_iter()
+                .zip(lps)
+                .enumerate()
+                .map(|(i, (text, lp))| CompletionChoice {
+                    index: i,
+                    text,
+                    logprobs: want.then(|| legacy_logprobs(&lp, 0)),
+                    finish_reason: Some(reason(i)),
+                })
+                .collect(),
+            usage: Some(usage),
+        }),
     })
 }
 
-fn logprobs_json(kind: Kind, lps: &[TokenLogprob], offset: usize) -> Value {
-    match kind {
-        Kind::Chat => json!({ "content": lps }),
-        Kind::Completion => legacy_logprobs(lps, offset),
-    }
+/// What the SSE map keeps between updates.
+struct SseState {
+    updates: BoxStream<'static, Update>,
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+    want_logprobs: bool,
+    include_usage: bool,
+    total: usize,
+    /// Text bytes sent per choice (legacy logprobs' offsets).
+    offsets: Vec<usize>,
+    finishes: Vec<ChoiceUsage>,
+    phase: Phase,
 }
 
-/// Run to completion and build the whole response body.
-pub async fn complete(job: Job, want_logprobs: bool) -> Result<Value, ApiError> {
-    let subs = submit_all(&job)?;
-    let total = subs.len();
-    let mut rx = spawn_choices(&job, subs, want_logprobs);
-    let mut texts = vec![String::new(); total];
-    let mut lps: Vec<Vec<TokenLogprob>> = (0..total).map(|_| Vec::new()).collect();
-    let mut finishes: Vec<Option<Finish>> = (0..total).map(|_| None).collect();
-    let mut left = total;
-    while left > 0 {
-        let Some(u) = rx.recv().await else { break };
-        texts[u.choice].push_str(&u.text);
-        lps[u.choice].extend(u.logprobs);
-        if let Some(f) = u.finish {
-            if let Some(e) = &f.error {
-                return Err(ApiError::from(crate::HearthError::InvalidRequest(
-                    e.clone(),
-                )));
-            }
-            finishes[u.choice] = Some(f);
-            left -= 1;
-        }
-    }
-    let done: Vec<&Finish> = finishes.iter().flatten().collect();
-    let usage = usage_of(&done);
-    let choices: Vec<Value> = (0..total)
-        .map(|i| {
-            let reason = finishes[i].as_ref().map(|f| f.reason).unwrap_or("stop");
-            let logprobs = want_logprobs.then(|| logprobs_json(job.kind, &lps[i], 0));
-            match job.kind {
-                Kind::Chat => json!({
-                    "index": i,
-                    "message": { "role": "assistant", "content": texts[i] },
-                    "logprobs": logprobs,
-                    "finish_reason": reason,
-                }),
-                Kind::Completion => json!({
-                    "index": i,
-                    "text": texts[i],
-                    "logprobs": logprobs,
-                    "finish_reason": reason,
-                }),
-            }
-        })
-        .collect();
-    Ok(json!({
-        "id": next_id(job.kind),
-        "object": match job.kind { Kind::Chat => "chat.completion", Kind::Completion => "text_completion" },
-        "created": now_secs(),
-        "model": job.model,
-        "choices": choices,
-        "usage": usage,
-    }))
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Start,
+    Body,
+    Done,
+    End,
 }
 
-/// Start the choices and return the SSE data payloads as they come (the caller frames them).
-pub fn stream(job: Job, want_logprobs: bool) -> Result<mpsc::Receiver<String>, ApiError> {
-    let subs = submit_all(&job)?;
-    let total = subs.len();
-    let mut rx = spawn_choices(&job, subs, want_logprobs);
-    let (out, out_rx) = mpsc::channel::<String>(256);
-    let id = next_id(job.kind);
-    let created = now_secs();
-    tokio::spawn(async move {
-        let object = match job.kind {
-            Kind::Chat => "chat.completion.chunk",
-            Kind::Completion => "text_completion",
+impl SseState {
+    fn chunk(
+        &self,
+        choice: usize,
+        text: String,
+        lps: Vec<TokenLogprob>,
+        fin: Option<FinishReason>,
+    ) -> String {
+        let json = match self.kind {
+            Kind::Chat => serde_json::to_string(&ChatCompletionChunk {
+                id: self.id.clone(),
+                object: "chat.completion.chunk",
+                created: self.created,
+                model: self.model.clone(),
+                choices: vec![ChatChunkChoice {
+                    index: choice,
+                    delta: ChatDelta {
+                        role: None,
+                        content: (!text.is_empty()).then_some(text),
+                    },
+                    logprobs: self.want_logprobs.then_some(ChatLogprobs {
+                        content: lps,
+                        refusal: None,
+                    }),
+                    finish_reason: fin,
+                }],
+                usage: None,
+            }),
+            Kind::Completion => serde_json::to_string(&Completion {
+                id: self.id.clone(),
+                object: "text_completion",
+                created: self.created,
+                model: self.model.clone(),
+                choices: vec![CompletionChoice {
+                    index: choice,
+                    logprobs: self
+                        .want_logprobs
+                        .then(|| legacy_logprobs(&lps, self.offsets[choice])),
+                    text,
+                    finish_reason: fin,
+                }],
+                usage: None,
+            }),
         };
-        let chunk = |choices: Value, usage: Value| {
-            json!({ "id": id, "object": object, "created": created, "model": job.model,
-                    "choices": choices, "usage": usage })
-            .to_string()
-        };
-        if job.kind == Kind::Chat {
-            let first: Vec<Value> = (0..total)
-                .map(|i| {
-                    json!({ "index": i, "delta": { "role": "assistant", "content": "" },
-                                 "logprobs": null, "finish_reason": null })
+        json.unwrap_or_default()
+    }
+
+    fn role_chunk(&self) -> String {
+        serde_json::to_string(&ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.model.clone(),
+            choices: (0..self.total)
+                .map(|i| ChatChunkChoice {
+                    index: i,
+                    delta: ChatDelta {
+                        role: Some("assistant"),
+                        content: Some(String::new()),
+                    },
+                    logprobs: None,
+                    finish_reason: None,
                 })
-                .collect();
-            if out
-                .send(chunk(Value::Array(first), Value::Null))
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-        let mut finishes: Vec<Finish> = Vec::new();
-        let mut offsets = vec![0usize; total];
-        while finishes.len() < total {
-            let Some(u) = rx.recv().await else { break };
-            if let Some(Finish { error: Some(e), .. }) = &u.finish {
-                let _ = out
-                    .send(super::openai::error_body(e, "server_error", None, None).to_string())
-                    .await;
-                return;
-            }
-            let reason = u.finish.as_ref().map(|f| f.reason);
-            if !u.text.is_empty() || !u.logprobs.is_empty() || reason.is_some() {
-                let logprobs =
-                    want_logprobs.then(|| logprobs_json(job.kind, &u.logprobs, offsets[u.choice]));
-                offsets[u.choice] += u.text.len();
-                let c = match job.kind {
-                    Kind::Chat => {
-                        let delta = if u.text.is_empty() {
-                            json!({})
-                        } else {
-                            json!({ "content": u.text })
-                        };
-                        json!({ "index": u.choice, "delta": delta, "logprobs": logprobs, "finish_reason": reason })
+                .collect(),
+            usage: None,
+        })
+        .unwrap_or_default()
+    }
+
+    fn usage_chunk(&self) -> String {
+        let usage = Some(usage_of(&self.finishes));
+        let json = match self.kind {
+            Kind::Chat => serde_json::to_string(&ChatCompletionChunk {
+                id: self.id.clone(),
+                object: "chat.completion.chunk",
+                created: self.created,
+                model: self.model.clone(),
+                choices: Vec::new(),
+                usage,
+            }),
+            Kind::Completion => serde_json::to_string(&Completion {
+                id: self.id.clone(),
+                object: "text_completion",
+                created: self.created,
+                model: self.model.clone(),
+                choices: Vec::new(),
+                usage,
+            }),
+        };
+        json.unwrap_or_default()
+    }
+
+    /// The next SSE data payload.
+    async fn next(&mut self) -> Option<String> {
+        loop {
+            match self.phase {
+                Phase::Start => {
+                    self.phase = Phase::Body;
+                    if self.kind == Kind::Chat {
+                        return Some(self.role_chunk());
                     }
-                    Kind::Completion => {
-                        json!({ "index": u.choice, "text": u.text, "logprobs": logprobs, "finish_reason": reason })
-                    }
-                };
-                if out.send(chunk(json!([c]), Value::Null)).await.is_err() {
-                    return; // client gone: dropping `rx` ends the choice tasks, which cancel
                 }
-            }
-            if let Some(f) = u.finish {
-                finishes.push(f);
+                Phase::Body => {
+                    let Some(u) = self.updates.next().await else {
+                        self.phase = Phase::Done;
+                        if self.include_usage {
+                            return Some(self.usage_chunk());
+                        }
+                        continue;
+                    };
+                    let (text, lps, fin) = match u.event {
+                        ChoiceEvent::Text { text, logprobs } => (text, logprobs, None),
+                        ChoiceEvent::Finished { reason, usage } => {
+                            self.finishes.push(usage);
+                            (String::new(), Vec::new(), Some(reason))
+                        }
+                        ChoiceEvent::Failed(e) => {
+                            self.phase = Phase::Done;
+                            let err = ErrorResponse::new(
+                                &e,
+                                "server_error",
+                                None,
+                                Some("internal_error"),
+                            );
+                            return Some(serde_json::to_string(&err).unwrap_or_default());
+                        }
+                    };
+                    if text.is_empty() && lps.is_empty() && fin.is_none() {
+                        continue;
+                    }
+                    let chunk = self.chunk(u.choice, text.clone(), lps, fin);
+                    self.offsets[u.choice] += text.len();
+                    return Some(chunk);
+                }
+                Phase::Done => {
+                    self.phase = Phase::End;
+                    return Some("[DONE]".to_string());
+                }
+                Phase::End => return None,
             }
         }
-        if job.include_usage {
-            let usage = usage_of(&finishes.iter().collect::<Vec<_>>());
-            let _ = out.send(chunk(json!([]), json!(usage))).await;
-        }
-        let _ = out.send("[DONE]".to_string()).await;
-    });
-    Ok(out_rx)
+    }
+}
+
+/// Start the choices and return the SSE data payloads: the map over the updates, then the usage
+/// chunk (if asked for) and `[DONE]`.
+pub fn stream(job: Job) -> Result<impl Stream<Item = String> + Send + 'static, ApiError> {
+    let updates = updates(&job)?;
+    let total = job.prompts.len() * job.req.n;
+    let st = SseState {
+        updates,
+        kind: job.req.kind,
+        id: response_id(job.req.kind),
+        created: now_secs(),
+        model: job.req.model,
+        want_logprobs: job.req.want_logprobs,
+        include_usage: job.req.include_usage,
+        total,
+        offsets: vec![0; total],
+        finishes: Vec::new(),
+        phase: Phase::Start,
+    };
+    Ok(stream::unfold(st, |mut st| async move {
+        st.next().await.map(|s| (s, st))
+    }))
 }

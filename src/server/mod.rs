@@ -3,6 +3,7 @@ pub mod error;
 pub mod generate;
 pub mod openai;
 pub mod routes;
+pub mod validate;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +28,9 @@ pub struct AppState {
     pub shutting_down: AtomicBool,
     pub prometheus: PrometheusHandle,
     pub created: u64,
+    pub limits: validate::Limits,
+    /// Requests that may tokenize at once (on the blocking pool).
+    pub tokenize_permits: tokio::sync::Semaphore,
 }
 
 pub struct Server {
@@ -76,6 +80,10 @@ impl Server {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            limits: config.limits(),
+            tokenize_permits: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get() * 2),
+            ),
         });
         let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port)).await?;
         let addr = listener.local_addr()?;

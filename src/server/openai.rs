@@ -1,8 +1,12 @@
-//! OpenAI request and response shapes. Unknown fields are ignored; wrong types fail deserialization.
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+//! OpenAI request and response shapes, typed, with their OpenAPI schemas. Unknown request fields are
+//! ignored (clients send many optional ones); fields that would change the result and that Hearth
+//! does not support are refused by `validate`, never silently dropped.
+use std::collections::HashMap;
 
-#[derive(Debug, Deserialize)]
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum OneOrMany {
     One(String),
@@ -18,7 +22,7 @@ impl OneOrMany {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
@@ -26,89 +30,128 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Content {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct MessageIn {
     pub role: String,
     #[serde(default)]
     pub content: Option<Content>,
+    /// Present on assistant messages that called tools (refused until tools are supported).
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub tool_calls: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: Option<bool>,
 }
 
 /// Fields shared by chat and text completions.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct Sampling {
+    #[schema(minimum = 1)]
     pub max_tokens: Option<u32>,
+    #[schema(minimum = 1)]
     pub max_completion_tokens: Option<u32>,
+    #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f32>,
+    #[schema(exclusive_minimum = 0, maximum = 1)]
     pub top_p: Option<f32>,
+    /// Extension: keep only the k most likely tokens (0: no limit).
     pub top_k: Option<u32>,
+    /// Extension: drop tokens less likely than min_p times the most likely one.
+    #[schema(minimum = 0, maximum = 1)]
     pub min_p: Option<f32>,
+    #[schema(minimum = -2, maximum = 2)]
     pub presence_penalty: Option<f32>,
+    #[schema(minimum = -2, maximum = 2)]
     pub frequency_penalty: Option<f32>,
+    /// Extension (as vLLM): multiplicative penalty on tokens seen in the prompt or output.
+    #[schema(exclusive_minimum = 0)]
     pub repetition_penalty: Option<f32>,
     /// Extension (as vLLM): keep generating past the end-of-sequence token.
     pub ignore_eos: Option<bool>,
     pub seed: Option<u64>,
     pub stop: Option<OneOrMany>,
+    #[schema(minimum = 1, maximum = 16)]
     pub n: Option<u32>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
+    /// An end-user label (recorded; it does not choose the tenant).
     pub user: Option<String>,
+    /// Token id (as a string) -> bias in [-100, 100] added to its logit before sampling.
+    pub logit_bias: Option<HashMap<String, f32>>,
+    /// Only `{"type": "text"}` until structured output is supported.
+    #[schema(value_type = Option<Object>)]
+    pub response_format: Option<serde_json::Value>,
+    /// Refused until tool calls are supported.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub tools: Option<serde_json::Value>,
+    /// Only `"none"` until tool calls are supported.
+    #[schema(value_type = Option<Object>)]
+    pub tool_choice: Option<serde_json::Value>,
+    /// The legacy form of `tools` (refused).
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub functions: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatRequest {
     pub model: String,
     pub messages: Vec<MessageIn>,
     pub logprobs: Option<bool>,
+    #[schema(minimum = 0, maximum = 20)]
     pub top_logprobs: Option<u32>,
     #[serde(flatten)]
     pub sampling: Sampling,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct CompletionRequest {
     pub model: String,
     pub prompt: OneOrMany,
     /// Legacy completions: the number of top alternatives per token.
+    #[schema(minimum = 0, maximum = 20)]
     pub logprobs: Option<u32>,
+    /// Echoing the prompt back is not supported; only `false` is accepted.
+    pub echo: Option<bool>,
+    /// Only 1 (or absent) is accepted.
+    pub best_of: Option<u32>,
+    /// Text after the completion is not supported; only absent or empty is accepted.
+    pub suffix: Option<String>,
     #[serde(flatten)]
     pub sampling: Sampling,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
 pub struct PromptTokensDetails {
     pub cached_tokens: usize,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct UsageOut {
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
+pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
     pub prompt_tokens_details: PromptTokensDetails,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct TopLogprob {
     pub token: String,
     pub logprob: f32,
     pub bytes: Vec<u8>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct TokenLogprob {
     pub token: String,
     pub logprob: f32,
@@ -116,9 +159,146 @@ pub struct TokenLogprob {
     pub top_logprobs: Vec<TopLogprob>,
 }
 
-/// An error body: `{"error": {"message", "type", "param", "code"}}`.
-pub fn error_body(message: &str, kind: &str, param: Option<&str>, code: Option<&str>) -> Value {
-    serde_json::json!({
-        "error": { "message": message, "type": kind, "param": param, "code": code }
-    })
+/// Chat log-probabilities: one entry per content token; `refusal` is always null.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatLogprobs {
+    pub content: Vec<TokenLogprob>,
+    #[schema(value_type = Option<Vec<TokenLogprob>>)]
+    pub refusal: Option<Vec<TokenLogprob>>,
+}
+
+/// Legacy completions' log-probabilities.
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    pub top_logprobs: Vec<HashMap<String, f32>>,
+    pub text_offset: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatMessageOut {
+    pub role: &'static str,
+    pub content: String,
+    /// Always null: Hearth's models do not refuse through a separate channel.
+    #[schema(value_type = Option<String>)]
+    pub refusal: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatChoice {
+    pub index: usize,
+    pub message: ChatMessageOut,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: FinishReason,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatCompletion {
+    pub id: String,
+    /// Always `chat.completion`.
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
+pub struct ChatDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatChunkChoice {
+    pub index: usize,
+    pub delta: ChatDelta,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<FinishReason>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    /// Always `chat.completion.chunk`.
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChunkChoice>,
+    /// Only on the last chunk, when `stream_options.include_usage` is set (null otherwise).
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CompletionChoice {
+    pub index: usize,
+    pub text: String,
+    pub logprobs: Option<CompletionLogprobs>,
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// A text completion, whole or (with `stream`) one chunk of it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Completion {
+    pub id: String,
+    /// Always `text_completion`.
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelCard {
+    pub id: String,
+    /// Always `model`.
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelList {
+    /// Always `list`.
+    pub object: &'static str,
+    pub data: Vec<ModelCard>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+/// Every error: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ErrorResponse {
+    pub error: ErrorDetail,
+}
+
+impl ErrorResponse {
+    pub fn new(message: &str, kind: &str, param: Option<&str>, code: Option<&str>) -> Self {
+        Self {
+            error: ErrorDetail {
+                message: message.to_string(),
+                kind: kind.to_string(),
+                param: param.map(String::from),
+                code: code.map(String::from),
+            },
+        }
+    }
 }

@@ -20,6 +20,10 @@ pub mod names {
     pub const ENGINE_STEPS: &str = "hearth_engine_steps_total";
     /// Device time of engine steps (CUDA events on a GPU, wall time on the CPU).
     pub const ENGINE_DEVICE_TIME: &str = "hearth_engine_device_time_microseconds_total";
+    /// Requests whose prompts were tokenized (a refused request never gets here).
+    pub const TOKENIZED_REQUESTS: &str = "hearth_tokenized_requests_total";
+    /// Requests refused before tokenization, by reason (`code`).
+    pub const REJECTED_REQUESTS: &str = "hearth_rejected_requests_total";
 }
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};

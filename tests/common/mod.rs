@@ -2,9 +2,12 @@
 #![allow(dead_code)]
 use std::path::{Path, PathBuf};
 
+use std::io::{BufRead, BufReader};
+
 use candle_core::Device;
 use hearth::engine::{Engine, EngineConfig, EngineHandle, Request, SamplingParams};
 use hearth::model::{AttentionBackend, Batch, Model};
+use serde_json::Value;
 
 pub fn models_dir() -> PathBuf {
     let dir = std::env::var_os("HEARTH_MODELS_DIR")
@@ -159,4 +162,66 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max)
+}
+
+// HTTP helpers for tests against a running server.
+
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+pub fn post(base: &str, path: &str, body: &str) -> (u16, Value, Option<String>) {
+    let mut r = agent()
+        .post(&format!("{base}{path}"))
+        .header("content-type", "application/json")
+        .send(body)
+        .expect("request sent");
+    let status = r.status().as_u16();
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    let text = r.body_mut().read_to_string().unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+        retry,
+    )
+}
+
+pub fn get(base: &str, path: &str) -> (u16, Value) {
+    let mut r = agent()
+        .get(&format!("{base}{path}"))
+        .call()
+        .expect("request sent");
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// Every `data:` payload of an SSE response, in order.
+pub fn sse(base: &str, path: &str, body: &Value) -> Vec<String> {
+    let mut r = agent()
+        .post(&format!("{base}{path}"))
+        .header("content-type", "application/json")
+        .send(body.to_string())
+        .expect("request sent");
+    assert_eq!(r.status().as_u16(), 200);
+    let ct = r
+        .headers()
+        .get("content-type")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(ct.starts_with("text/event-stream"), "{ct}");
+    BufReader::new(r.body_mut().as_reader())
+        .lines()
+        .map_while(|l| l.ok())
+        .filter_map(|l| l.strip_prefix("data: ").map(String::from))
+        .collect()
 }
