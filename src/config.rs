@@ -36,6 +36,15 @@ pub struct Config {
     pub max_request_tokens: usize,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Seconds a client has to send a request head (also the idle keep-alive timeout).
+    pub header_read_timeout_secs: u64,
+    /// Seconds a client has to send a request body.
+    pub body_read_timeout_secs: u64,
+    /// Open connections; more are refused with 503. Unset: from the file-descriptor limit.
+    pub max_connections: Option<usize>,
+    /// Host names requests may address (DNS-rebinding protection). Empty: localhost names only when
+    /// bound to loopback, any otherwise.
+    pub allowed_hosts: Vec<String>,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
     pub drain_timeout_secs: u64,
     /// `cuda:N`, `metal`, `cpu`; unset: the best available.
@@ -67,6 +76,10 @@ impl Default for Config {
             default_max_tokens: 1024,
             max_request_tokens: 262_144,
             max_body_bytes: 4 << 20,
+            header_read_timeout_secs: 30,
+            body_read_timeout_secs: 60,
+            max_connections: None,
+            allowed_hosts: Vec::new(),
             drain_timeout_secs: 30,
             device: None,
         }

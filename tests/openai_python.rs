@@ -1,5 +1,8 @@
-//! Drives the official `openai` Python client (pinned in scripts/test.sh) against two live servers:
-//! the normal one and a tiny one (one running slot, one waiting slot, 4 KiB bodies) for 429 and 413.
+//! Drives the official `openai` Python client (pinned in scripts/test.sh) against live servers: the
+//! normal one and a tiny one (one running slot, one waiting slot, 4 KiB bodies) for 429 and 413;
+//! then checks the API contract (tests/python/test_api_contract.py): a valid /openapi.json, responses
+//! that validate against OpenAI's published schemas, and a schemathesis fuzz run with no 5xx against
+//! a server that caps generation at 16 tokens per request.
 mod common;
 
 use std::path::PathBuf;
@@ -21,11 +24,16 @@ fn official_openai_client_works_against_hearth() {
         c.max_waiting = 1;
         c.max_body_bytes = 4096;
     });
+    let fuzz = TestServer::named("smollm2-135m-instruct", |c| {
+        c.max_request_tokens = 16;
+        c.default_max_tokens = 4;
+    });
     let out = std::process::Command::new(&python)
         .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
         .arg(root.join("tests/python"))
         .env("HEARTH_BASE_URL", &main.base)
         .env("HEARTH_TINY_URL", &tiny.base)
+        .env("HEARTH_FUZZ_URL", &fuzz.base)
         .output()
         .expect("pytest runs");
     let log = format!(
@@ -34,5 +42,5 @@ fn official_openai_client_works_against_hearth() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "pytest failed:\n{log}");
-    assert!(log.contains("9 passed"), "{log}");
+    assert!(log.contains("16 passed"), "{log}");
 }

@@ -101,7 +101,7 @@ impl ApiError {
             StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "headers_too_large",
             StatusCode::REQUEST_TIMEOUT => "request_timeout",
-            StatusCode::MISDIRECTED_REQUEST => "invalid_host",
+            StatusCode::FORBIDDEN => "invalid_host",
             s if s.is_server_error() => "server_error",
             _ => "invalid_request",
         };

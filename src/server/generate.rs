@@ -390,6 +390,8 @@ struct SseState {
     offsets: Vec<usize>,
     finishes: Vec<ChoiceUsage>,
     phase: Phase,
+    /// Turns true at the server's drain deadline.
+    cut: tokio::sync::watch::Receiver<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -503,7 +505,20 @@ impl SseState {
                     }
                 }
                 Phase::Body => {
-                    let Some(u) = self.updates.next().await else {
+                    let next = tokio::select! {
+                        u = self.updates.next() => u,
+                        Ok(_) = self.cut.wait_for(|cut| *cut) => {
+                            self.phase = Phase::Done;
+                            let err = ErrorResponse::new(
+                                "the server is shutting down: this stream was cut at the drain deadline",
+                                "server_error",
+                                None,
+                                Some("shutting_down"),
+                            );
+                            return Some(serde_json::to_string(&err).unwrap_or_default());
+                        }
+                    };
+                    let Some(u) = next else {
                         self.phase = Phase::Done;
                         if self.include_usage {
                             return Some(self.usage_chunk());
@@ -546,7 +561,10 @@ impl SseState {
 
 /// Start the choices and return the SSE data payloads: the map over the updates, then the usage
 /// chunk (if asked for) and `[DONE]`.
-pub fn stream(job: Job) -> Result<impl Stream<Item = String> + Send + 'static, ApiError> {
+pub fn stream(
+    job: Job,
+    cut: tokio::sync::watch::Receiver<bool>,
+) -> Result<impl Stream<Item = String> + Send + 'static, ApiError> {
     let updates = updates(&job)?;
     let total = job.prompts.len() * job.req.n;
     let st = SseState {
@@ -561,6 +579,7 @@ pub fn stream(job: Job) -> Result<impl Stream<Item = String> + Send + 'static, A
         offsets: vec![0; total],
         finishes: Vec::new(),
         phase: Phase::Start,
+        cut,
     };
     Ok(stream::unfold(st, |mut st| async move {
         st.next().await.map(|s| (s, st))

@@ -1,6 +1,7 @@
 //! The OpenAI-compatible HTTP server: axum routes over one engine per model.
 pub mod error;
 pub mod generate;
+pub mod http;
 pub mod openai;
 pub mod routes;
 pub mod validate;
@@ -10,12 +11,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
 use candle_core::Device;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::Notify;
+use tower::ServiceBuilder;
+use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::RequestBodyTimeoutLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 use crate::config::Config;
 use crate::engine::{Engine, EngineHandle};
@@ -31,6 +35,9 @@ pub struct AppState {
     pub limits: validate::Limits,
     /// Requests that may tokenize at once (on the blocking pool).
     pub tokenize_permits: tokio::sync::Semaphore,
+    pub http: Arc<http::HttpConfig>,
+    /// Turns true at the drain deadline: streams still running end with an error event.
+    pub cut: tokio::sync::watch::Sender<bool>,
 }
 
 pub struct Server {
@@ -41,7 +48,22 @@ pub struct Server {
     loader: tokio::task::JoinHandle<Result<()>>,
 }
 
-pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
+/// The routes, under the HTTP middleware (outermost first): request id, span and log line, OpenAI
+/// error bodies for the HTTP layer's own errors, Host and Content-Type checks, body timeout.
+pub fn router(state: Arc<AppState>) -> Router {
+    let http = state.http.clone();
+    let x_request_id = axum::http::HeaderName::from_static("x-request-id");
+    let trace = TraceLayer::new_for_http()
+        .make_span_with(|req: &axum::http::Request<_>| {
+            let id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            tracing::info_span!("request", id, method = %req.method(), path = %req.uri().path())
+        })
+        .on_request(())
+        .on_response(DefaultOnResponse::new().level(tracing::Level::INFO));
     Router::new()
         .route("/v1/chat/completions", post(routes::chat))
         .route("/v1/completions", post(routes::completions))
@@ -49,9 +71,45 @@ pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
         .route("/health", get(routes::health))
         .route("/ready", get(routes::ready))
         .route("/metrics", get(routes::metrics))
+        .route("/openapi.json", get(routes::openapi))
         .fallback(routes::not_found)
-        .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
+        .layer(
+            ServiceBuilder::new()
+                .layer(axum::middleware::from_fn(http::drop_malformed_request_id))
+                .layer(SetRequestIdLayer::new(x_request_id.clone(), http::RandomId))
+                .layer(trace)
+                .layer(PropagateRequestIdLayer::new(x_request_id))
+                .layer(axum::middleware::from_fn(http::json_errors))
+                .layer(axum::middleware::from_fn_with_state(
+                    http.clone(),
+                    http::guard,
+                ))
+                .layer(RequestBodyTimeoutLayer::new(http.body_read_timeout)),
+        )
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "Hearth",
+        description = "OpenAI-compatible LLM inference server"
+    ),
+    paths(
+        routes::chat,
+        routes::completions,
+        routes::models,
+        routes::health,
+        routes::ready,
+        routes::metrics,
+        routes::openapi
+    )
+)]
+struct ApiDoc;
+
+/// The OpenAPI document of every route, from the request and response types.
+pub fn openapi_doc() -> utoipa::openapi::OpenApi {
+    <ApiDoc as utoipa::OpenApi>::openapi()
 }
 
 fn load_all(config: &Config, device: &Device) -> Result<Vec<(String, EngineHandle)>> {
@@ -72,6 +130,7 @@ impl Server {
     /// Bind, start serving (/health answers at once), and load the models in the background;
     /// /ready turns 200 when they are loaded.
     pub async fn start(config: Config, device: Device) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port)).await?;
         let state = Arc::new(AppState {
             engines: OnceLock::new(),
             shutting_down: AtomicBool::new(false),
@@ -84,21 +143,28 @@ impl Server {
             tokenize_permits: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get() * 2),
             ),
+            http: Arc::new(http::HttpConfig {
+                header_read_timeout: Duration::from_secs(config.header_read_timeout_secs.max(1)),
+                body_read_timeout: Duration::from_secs(config.body_read_timeout_secs.max(1)),
+                max_connections: config
+                    .max_connections
+                    .unwrap_or_else(|| http::default_max_connections(http::raise_fd_limit())),
+                max_body_bytes: config.max_body_bytes,
+                drain_bytes: config.max_body_bytes.max(1 << 20),
+                allowed_hosts: config.allowed_hosts.clone(),
+                bound: listener.local_addr()?.ip(),
+            }),
+            cut: tokio::sync::watch::channel(false).0,
         });
-        let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port)).await?;
         let addr = listener.local_addr()?;
-        tracing::info!(%addr, "listening");
+        tracing::info!(%addr, max_connections = state.http.max_connections, "listening");
         let stop = Arc::new(Notify::new());
-        let app = router(state.clone(), config.max_body_bytes);
+        let app = router(state.clone());
         let stop_signal = stop.clone();
-        let serve = tokio::spawn(async move {
-            let result = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop_signal.notified().await })
-                .await;
-            if let Err(e) = result {
-                tracing::error!(error = %e, "server error");
-            }
-        });
+        let http_cfg = state.http.clone();
+        let serve = tokio::spawn(http::serve(listener, app, http_cfg, async move {
+            stop_signal.notified().await
+        }));
         let loader_state = state.clone();
         let loader = tokio::task::spawn_blocking(move || {
             let engines = load_all(&config, &device)?;
@@ -122,12 +188,22 @@ impl Server {
             .map_err(|e| HearthError::InvalidRequest(format!("model loader panicked: {e}")))?
     }
 
-    /// Stop accepting, let in-flight requests finish for up to `drain`, then return.
+    /// Stop accepting, let in-flight requests finish for up to `drain` (idle connections close at
+    /// once), then cut the streams still running (each ends with an error event and `[DONE]`) and
+    /// return.
     pub async fn shutdown(self, drain: Duration) {
         self.state.shutting_down.store(true, Ordering::Relaxed);
         self.stop.notify_one();
-        if tokio::time::timeout(drain, self.serve).await.is_err() {
-            tracing::warn!(?drain, "drain timeout: exiting with requests still running");
+        let mut serve = self.serve;
+        if tokio::time::timeout(drain, &mut serve).await.is_err() {
+            tracing::warn!(?drain, "drain deadline: cutting the requests still running");
+            let _ = self.state.cut.send(true);
+            if tokio::time::timeout(Duration::from_secs(2), serve)
+                .await
+                .is_err()
+            {
+                tracing::warn!("exiting with connections still open");
+            }
         }
     }
 }

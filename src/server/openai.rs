@@ -105,6 +105,7 @@ pub struct Sampling {
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatRequest {
+    #[schema(example = "smollm2-135m-instruct")]
     pub model: String,
     pub messages: Vec<MessageIn>,
     pub logprobs: Option<bool>,
@@ -116,6 +117,7 @@ pub struct ChatRequest {
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct CompletionRequest {
+    #[schema(example = "smollm2-135m-instruct")]
     pub model: String,
     pub prompt: OneOrMany,
     /// Legacy completions: the number of top alternatives per token.
@@ -256,6 +258,8 @@ pub struct Completion {
     pub created: u64,
     pub model: String,
     pub choices: Vec<CompletionChoice>,
+    /// Absent on stream chunks but the usage one (OpenAI's schema does not allow null here).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
 }
 

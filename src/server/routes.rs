@@ -4,10 +4,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -16,24 +15,24 @@ use serde_json::json;
 
 use super::error::ApiError;
 use super::generate::{self, Job};
-use super::openai::{ChatRequest, CompletionRequest, ModelCard, ModelList};
+use super::openai::{
+    ChatCompletion, ChatCompletionChunk, ChatRequest, Completion, CompletionRequest, ErrorResponse,
+    ModelCard, ModelList,
+};
 use super::validate::{self, Input, Validated};
 use super::AppState;
 use crate::engine::EngineHandle;
 use crate::telemetry::names;
 
-/// The body as JSON of type T: a body over the size limit is a 413, anything malformed a 400.
-fn parse<T: serde::de::DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
+/// The body as JSON of type T: a body over the size limit is a 413 (see `http::read_body`),
+/// anything malformed a 400.
+async fn parse<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
 ) -> Result<T, ApiError> {
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large("the request body is too large")
-        } else {
-            ApiError::invalid(e.body_text(), None)
-        }
-    })?;
-    serde_json::from_slice(&body)
+    let bytes = super::http::read_body(&state.http, headers, body).await?;
+    serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))
 }
 
@@ -98,7 +97,7 @@ async fn run(state: Arc<AppState>, req: Validated, started: Instant) -> Result<R
         started,
     };
     if stream {
-        let events = generate::stream(job)?
+        let events = generate::stream(job, state.cut.subscribe())?
             .map(|data| Ok::<_, std::convert::Infallible>(SseEvent::default().data(data)));
         Ok(Sse::new(events)
             .keep_alive(KeepAlive::default())
@@ -108,24 +107,52 @@ async fn run(state: Arc<AppState>, req: Validated, started: Instant) -> Result<R
     }
 }
 
+/// Create a chat completion.
+#[utoipa::path(post, path = "/v1/chat/completions", request_body = ChatRequest,
+    responses(
+        (status = 200, description = "The completion (JSON), or with `stream` its chunks as Server-Sent Events", body = ChatCompletion, content_type = "application/json"),
+        (status = 200, description = "With `stream`: `data: <chunk>` events, then `data: [DONE]`", body = ChatCompletionChunk, content_type = "text/event-stream"),
+        (status = 400, body = ErrorResponse), (status = 404, body = ErrorResponse),
+        (status = 413, body = ErrorResponse), (status = 415, body = ErrorResponse),
+        (status = 429, body = ErrorResponse), (status = 500, body = ErrorResponse),
+        (status = 503, body = ErrorResponse)))]
 pub async fn chat(
     State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let req = validate::chat(parse::<ChatRequest>(body)?, &state.limits)?;
+    let req = validate::chat(
+        parse::<ChatRequest>(&state, &headers, body).await?,
+        &state.limits,
+    )?;
     run(state, req, started).await
 }
 
+/// Create a text completion.
+#[utoipa::path(post, path = "/v1/completions", request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "The completion (JSON), or with `stream` its chunks as Server-Sent Events", body = Completion, content_type = "application/json"),
+        (status = 200, description = "With `stream`: `data: <chunk>` events, then `data: [DONE]`", body = Completion, content_type = "text/event-stream"),
+        (status = 400, body = ErrorResponse), (status = 404, body = ErrorResponse),
+        (status = 413, body = ErrorResponse), (status = 415, body = ErrorResponse),
+        (status = 429, body = ErrorResponse), (status = 500, body = ErrorResponse),
+        (status = 503, body = ErrorResponse)))]
 pub async fn completions(
     State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let req = validate::completion(parse::<CompletionRequest>(body)?, &state.limits)?;
+    let req = validate::completion(
+        parse::<CompletionRequest>(&state, &headers, body).await?,
+        &state.limits,
+    )?;
     run(state, req, started).await
 }
 
+/// The served models.
+#[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList)))]
 pub async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
     let data = state
         .engines
@@ -147,10 +174,16 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
     })
 }
 
+/// Liveness: 200 while the process serves HTTP.
+#[utoipa::path(get, path = "/health", responses((status = 200, body = Object, description = "`{\"status\": \"ok\"}`")))]
 pub async fn health() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
+/// Readiness: 200 once every model is loaded, 503 while loading or shutting down.
+#[utoipa::path(get, path = "/ready", responses(
+    (status = 200, body = Object, description = "`{\"status\": \"ready\"}`"),
+    (status = 503, body = Object, description = "`{\"status\": \"loading\"}`")))]
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     if state.engines.get().is_some() && !state.shutting_down.load(Ordering::Relaxed) {
         Json(json!({ "status": "ready" })).into_response()
@@ -164,6 +197,7 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// Prometheus text: engine gauges are read at scrape time from the same counters the engine keeps.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, body = String, content_type = "text/plain", description = "Prometheus exposition format")))]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     if let Some(engines) = state.engines.get() {
         for (name, e) in engines {
@@ -191,6 +225,12 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.prometheus.render(),
     )
         .into_response()
+}
+
+/// This server's OpenAPI 3.1 document.
+#[utoipa::path(get, path = "/openapi.json", responses((status = 200, body = Object, description = "OpenAPI 3.1")))]
+pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(super::openapi_doc())
 }
 
 pub async fn not_found() -> ApiError {
