@@ -1,24 +1,24 @@
 """Streaming throughput of a running OpenAI-compatible server: N concurrent streaming completions
 (SSE), each generating exactly M tokens (EOS ignored), all tokens over wall time.
 
-    .venv-test/bin/python benches/serve_stream.py --url http://127.0.0.1:8080 --model smollm2-135m-instruct \
+    python3 benches/serve_stream.py --url http://127.0.0.1:8080 --model smollm2-135m-instruct \
         --concurrency 64 --max-tokens 32 --rounds 3
 
-Prints one line per round and the best and median aggregate tok/s. Uses httpx (installed with the
-openai client in .venv-test). A token is one SSE chunk that carries text; the usage chunk at the end
-gives the exact count, which is what is reported.
+Prints one line per round and the best and median aggregate tok/s. Standard library only (one thread
+per stream). Tokens are counted from the usage chunk at the end of each stream.
 """
 import argparse
-import asyncio
+import http.client
 import json
 import statistics
+import threading
 import time
+import urllib.parse
 
-import httpx
 
-
-async def one(client, url, model, prompt, max_tokens):
-    body = {
+def one(url, model, prompt, max_tokens, out, i):
+    u = urllib.parse.urlsplit(url)
+    body = json.dumps({
         "model": model,
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -26,32 +26,43 @@ async def one(client, url, model, prompt, max_tokens):
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
-    }
-    tokens = 0
-    first = None
+    })
     t0 = time.perf_counter()
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif first is None:
-                first = time.perf_counter() - t0
-    return tokens, first
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
+    conn.request("POST", "/v1/completions", body, {"content-type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == 200, r.read()
+    tokens, first = 0, None
+    for raw in r:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+        elif first is None:
+            first = time.perf_counter() - t0
+    conn.close()
+    out[i] = (tokens, first)
 
 
-async def round_(url, model, n, max_tokens, r):
-    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        prompts = [f"Story {r}-{i}: once upon a time, in a quiet town by the sea," for i in range(n)]
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(one(client, url, model, p, max_tokens) for p in prompts))
-        wall = time.perf_counter() - t0
-    total = sum(t for t, _ in results)
-    ttft = statistics.median(f for _, f in results if f is not None)
+def round_(url, model, n, max_tokens, r):
+    out = [None] * n
+    threads = [
+        threading.Thread(
+            target=one,
+            args=(url, model, f"Story {r}-{i}: once upon a time, in a quiet town by the sea,", max_tokens, out, i),
+        )
+        for i in range(n)
+    ]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    total = sum(t for t, _ in out)
+    ttft = statistics.median(f for _, f in out if f is not None)
     return total / wall, ttft
 
 
@@ -65,7 +76,7 @@ def main():
     a = ap.parse_args()
     rates = []
     for r in range(a.rounds):
-        rate, ttft = asyncio.run(round_(a.url, a.model, a.concurrency, a.max_tokens, r))
+        rate, ttft = round_(a.url, a.model, a.concurrency, a.max_tokens, r)
         rates.append(rate)
         print(f"round {r}: {rate:.1f} tok/s aggregate, TTFT p50 {ttft * 1e3:.0f} ms", flush=True)
     print(f"best {max(rates):.1f} tok/s, median {statistics.median(rates):.1f} tok/s")

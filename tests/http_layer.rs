@@ -91,6 +91,10 @@ fn every_error_status_has_an_openai_body_and_every_response_a_request_id() {
         (post_with("/v1/chat/completions", "text/plain", &chat), 415, "not JSON"),
         (post_with("/v1/chat/completions", "application/x-www-form-urlencoded", &chat), 415, "form"),
         ("GET /health HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n".into(), 403, "foreign Host"),
+        ("GARBAGE\r\n\r\n".into(), 400, "malformed HTTP"),
+        // More headers than hyper takes (100) is its "too large" case, without a huge write.
+        (format!("GET /health HTTP/1.1\r\nHost: localhost\r\n{}\r\n", (0..200).map(|i| format!("X-H{i}: v\r\n")).collect::<String>()), 431, "headers too large"),
+        (format!("GET /{} HTTP/1.1\r\nHost: localhost\r\n\r\n", "a".repeat(70_000)), 414, "URI too long"),
         (post_with("/v1/chat/completions", "application/json", &json!({"model": "smol", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]}).to_string()), 400, "tools"),
         (post_with("/v1/chat/completions", "application/json", &json!({"model": "smol", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}).to_string()), 400, "response_format"),
         (post_with("/v1/chat/completions", "application/json", &json!({"model": "smol", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"999999": 5}}).to_string()), 400, "bias outside vocab"),
@@ -101,8 +105,10 @@ fn every_error_status_has_an_openai_body_and_every_response_a_request_id() {
         let (st, headers, body) = raw(&addr, req.as_bytes());
         assert_eq!(st, want, "{what}: {body}");
         assert_error_body(&body, st);
+        // Requests hyper cannot parse never reach the middleware that assigns ids.
+        let unparsed = ["malformed HTTP", "headers too large", "URI too long"].contains(&what);
         assert!(
-            header(&headers, "x-request-id").is_some(),
+            unparsed || header(&headers, "x-request-id").is_some(),
             "{what}: no x-request-id"
         );
         if st == 405 {
@@ -231,16 +237,7 @@ fn slow_headers_and_slow_bodies_time_out_and_the_connection_cap_refuses_cleanly(
 #[test]
 fn forged_role_markers_stay_text_and_omitted_max_tokens_fits_every_model() {
     let s = TestServer::start(hearth::config::Config {
-        models: vec![
-            hearth::config::ModelEntry {
-                name: "smol".into(),
-                path: common::smollm2(),
-            },
-            hearth::config::ModelEntry {
-                name: "gemma".into(),
-                path: common::gemma3(),
-            },
-        ],
+        models: common::both_models("smol", "gemma"),
         default_max_tokens: 3,
         ..Default::default()
     });

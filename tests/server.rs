@@ -21,16 +21,7 @@ fn assert_error(v: &Value, code: Option<&str>) {
 #[test]
 fn endpoints_respond_and_both_default_models_load() {
     let s = TestServer::start(hearth::config::Config {
-        models: vec![
-            hearth::config::ModelEntry {
-                name: "smollm2-135m-instruct".into(),
-                path: common::smollm2(),
-            },
-            hearth::config::ModelEntry {
-                name: "gemma-3-270m".into(),
-                path: common::gemma3(),
-            },
-        ],
+        models: common::both_models("smollm2-135m-instruct", "gemma-3-270m"),
         ..Default::default()
     });
     assert_eq!(get(&s.base, "/health").0, 200);

@@ -58,16 +58,7 @@ fn complete(base: &str, model: &str, prompt: &str) -> (String, Vec<f64>) {
 #[test]
 fn both_models_give_the_same_bits_alone_and_among_4_and_16_concurrent_requests() {
     let cfg = hearth::config::Config {
-        models: vec![
-            hearth::config::ModelEntry {
-                name: "smol".into(),
-                path: common::smollm2(),
-            },
-            hearth::config::ModelEntry {
-                name: "gemma".into(),
-                path: common::gemma3(),
-            },
-        ],
+        models: common::both_models("smol", "gemma"),
         // A small step budget so long prompts are chunked and share steps with decodes.
         max_batch_tokens: 128,
         ..Default::default()

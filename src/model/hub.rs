@@ -102,8 +102,9 @@ pub fn resolve(spec: &HubSpec, cache: Cache, offline: bool) -> Result<PathBuf> {
     let source = if offline {
         Source::Cache(cache.repo(repo))
     } else {
+        // Download progress bars (hf-hub's, through indicatif) only where someone watches them.
         let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
-            .with_progress(false)
+            .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .build()
             .map_err(|e| HearthError::ModelNotFound(format!("{spec}: {e}")))?;
         let api = api.repo(repo);

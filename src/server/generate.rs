@@ -135,6 +135,12 @@ struct ChoiceState {
 impl ChoiceState {
     fn finished(&mut self, reason: FinishReason) -> ChoiceEvent {
         self.done = true;
+        tracing::debug!(
+            choice = self.choice,
+            ?reason,
+            completion_tokens = self.usage.completion_tokens,
+            "finished"
+        );
         metrics::histogram!(names::E2E_LATENCY, &self.labels)
             .record(self.started.elapsed().as_secs_f64());
         if self.usage.counts_prompt {
@@ -157,13 +163,24 @@ impl ChoiceState {
             }) => {
                 self.usage.cached_tokens = cached_tokens;
                 metrics::histogram!(names::QUEUE_TIME, &self.labels).record(queue_secs);
+                tracing::debug!(
+                    choice = self.choice,
+                    cached_tokens,
+                    queue_ms = queue_secs * 1e3,
+                    "queued -> prefill"
+                );
                 Vec::new()
             }
             Some(Event::Token(s)) => {
                 let now = Instant::now();
                 if self.usage.completion_tokens == 0 {
-                    metrics::histogram!(names::TIME_TO_FIRST_TOKEN, &self.labels)
-                        .record((now - self.started).as_secs_f64());
+                    let ttft = (now - self.started).as_secs_f64();
+                    metrics::histogram!(names::TIME_TO_FIRST_TOKEN, &self.labels).record(ttft);
+                    tracing::debug!(
+                        choice = self.choice,
+                        ttft_ms = ttft * 1e3,
+                        "prefill -> decode"
+                    );
                 } else {
                     metrics::histogram!(names::INTER_TOKEN_LATENCY, &self.labels)
                         .record((now - self.last).as_secs_f64());
@@ -211,6 +228,7 @@ impl ChoiceState {
 
     fn failed(&mut self, msg: String) -> ChoiceEvent {
         self.done = true;
+        tracing::error!(choice = self.choice, error = %msg, "failed");
         ChoiceEvent::Failed(msg)
     }
 }

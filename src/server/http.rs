@@ -269,6 +269,152 @@ fn body_error(e: axum::Error) -> ApiError {
     }
 }
 
+/// A connection's socket, with one rewrite: the answers hyper writes by itself to requests it cannot
+/// parse (400 malformed, 414 URI too long, 431 headers too large) have no body; they get OpenAI's
+/// error body like every other error. The app's own errors always have a body, so a bodiless 4xx or
+/// 5xx head can only be hyper's.
+struct ErrorBodyIo {
+    inner: TcpStream,
+    /// Rewritten bytes still to send, and how many are sent.
+    pending: Vec<u8>,
+    sent: usize,
+}
+
+impl ErrorBodyIo {
+    fn new(inner: TcpStream) -> Self {
+        Self {
+            inner,
+            pending: Vec::new(),
+            sent: 0,
+        }
+    }
+
+    /// The head with a JSON error body, if `buf` is a bodiless error head written by hyper.
+    fn rewrite(buf: &[u8]) -> Option<Vec<u8>> {
+        if !(buf.starts_with(b"HTTP/1.1 4") || buf.starts_with(b"HTTP/1.1 5")) || buf.len() > 1024 {
+            return None;
+        }
+        let head = std::str::from_utf8(buf).ok()?;
+        let rest = head.strip_prefix("HTTP/1.1 ")?;
+        let code: u16 = rest.get(..3)?.parse().ok()?;
+        let status = StatusCode::from_u16(code).ok()?;
+        if !(status.is_client_error() || status.is_server_error())
+            || !head.ends_with("\r\n\r\n")
+            || !head.contains("\r\ncontent-length: 0\r\n")
+        {
+            return None;
+        }
+        let message = match status {
+            StatusCode::URI_TOO_LONG => "the request URI is too long",
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "the request headers are too large",
+            _ => "the request is not valid HTTP",
+        };
+        let body = serde_json::to_string(&ApiError::http(status, message).body()).ok()?;
+        let head = head.trim_end_matches("\r\n").replace(
+            "\r\ncontent-length: 0",
+            &format!(
+                "\r\ncontent-type: application/json\r\ncontent-length: {}",
+                body.len()
+            ),
+        );
+        Some(format!("{head}\r\n\r\n{body}").into_bytes())
+    }
+
+    fn poll_pending(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        use tokio::io::AsyncWrite;
+        while self.sent < self.pending.len() {
+            match std::pin::Pin::new(&mut self.inner).poll_write(cx, &self.pending[self.sent..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
+                }
+                Poll::Ready(Ok(n)) => self.sent += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.pending.clear();
+        self.sent = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncRead for ErrorBodyIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for ErrorBodyIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if let Poll::Ready(Err(e)) = this.poll_pending(cx) {
+            return Poll::Ready(Err(e));
+        }
+        if !this.pending.is_empty() {
+            return Poll::Pending;
+        }
+        if let Some(bytes) = Self::rewrite(buf) {
+            this.pending = bytes;
+            // The whole head is taken; the rewritten bytes go out on this and later polls.
+            if let Poll::Ready(Err(e)) = this.poll_pending(cx) {
+                return Poll::Ready(Err(e));
+            }
+            return Poll::Ready(Ok(buf.len()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        // An error head hyper writes by itself travels alone (its body is empty): route it
+        // through `poll_write`, everything else straight to the socket.
+        let first = bufs.iter().find(|b| !b.is_empty());
+        if !self.pending.is_empty() || first.is_some_and(|b| Self::rewrite(b).is_some()) {
+            let first: &[u8] = first.map_or(&[], |b| b);
+            return self.poll_write(cx, first);
+        }
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_pending(cx))?;
+        std::pin::Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_pending(cx))?;
+        std::pin::Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
 /// Answer a connection over the cap with a 503 and close it.
 async fn refuse(mut stream: TcpStream) {
     let body = serde_json::to_string(
@@ -329,7 +475,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let svc = TowerToHyperService::new(app.clone());
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .serve_connection_with_upgrades(TokioIo::new(ErrorBodyIo::new(stream)), svc)
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

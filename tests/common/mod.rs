@@ -29,6 +29,20 @@ pub fn gemma3() -> PathBuf {
     models_dir().join("gemma-3-270m-q4_k_m.gguf")
 }
 
+/// Both default models, SmolLM2 then Gemma 3, under the given names.
+pub fn both_models(smol: &str, gemma: &str) -> Vec<hearth::config::ModelEntry> {
+    vec![
+        hearth::config::ModelEntry {
+            name: smol.into(),
+            path: smollm2(),
+        },
+        hearth::config::ModelEntry {
+            name: gemma.into(),
+            path: gemma3(),
+        },
+    ]
+}
+
 pub fn load(path: &Path) -> Model {
     Model::load(path, "test", &Device::Cpu).expect("model loads")
 }
