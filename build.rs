@@ -5,11 +5,18 @@ use std::process::Command;
 
 const KERNELS: &[&str] = &["paged_attention", "activation"];
 
+// The kernels' limits, owned by the Rust side (the launchers use the same constants).
+#[allow(dead_code)]
+mod kernel_limits {
+    include!("src/ops/kernel_limits.rs");
+}
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     println!("cargo:rerun-if-changed=kernels/common.cuh");
+    println!("cargo:rerun-if-changed=src/ops/kernel_limits.rs");
     for k in KERNELS {
         println!("cargo:rerun-if-changed=kernels/{k}.cu");
     }
@@ -26,6 +33,11 @@ fn main() {
         let out = out_dir.join(format!("{k}.ptx"));
         let status = Command::new(&nvcc)
             .args(["--ptx", "-O3", "-lineinfo"])
+            .arg(format!("-DHEARTH_ATTN_WARPS={}", kernel_limits::ATTN_WARPS))
+            .arg(format!(
+                "-DHEARTH_ATTN_MAX_PER_LANE={}",
+                kernel_limits::ATTN_MAX_PER_LANE
+            ))
             .arg(format!("-arch=compute_{cap}"))
             .arg("-o")
             .arg(&out)

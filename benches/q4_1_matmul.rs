@@ -1,7 +1,7 @@
 //! Q4_1 matmul per-row cost, candle's kernel vs Hearth's tiled one, at several batch sizes.
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use hearth::model::linear::Linear;
+use hearth::ops::linear::Linear;
 fn main() {
     let dev = Device::Cpu;
     let w = Tensor::randn(0f32, 1.0, (1536, 576), &dev).unwrap();

@@ -11,9 +11,13 @@
 // Arithmetic is f32 whatever the storage type.
 #include "common.cuh"
 
-#define WARPS 4
-// head_dim <= 32 * MAX_PER_LANE
-#define MAX_PER_LANE 8
+// WARPS and MAX_PER_LANE (head_dim <= 32 * MAX_PER_LANE) come from src/ops/kernel_limits.rs, their
+// one owner, through build.rs (-D flags), so the launcher and the kernel cannot disagree.
+#if !defined(HEARTH_ATTN_WARPS) || !defined(HEARTH_ATTN_MAX_PER_LANE)
+#error "build.rs passes HEARTH_ATTN_WARPS and HEARTH_ATTN_MAX_PER_LANE"
+#endif
+#define WARPS HEARTH_ATTN_WARPS
+#define MAX_PER_LANE HEARTH_ATTN_MAX_PER_LANE
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

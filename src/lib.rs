@@ -4,10 +4,12 @@ pub mod config;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod loader;
 pub mod logits;
 pub mod model;
+pub mod ops;
 pub mod server;
-pub mod streaming;
 pub mod telemetry;
+pub mod text;
 
 pub use error::{HearthError, Result};

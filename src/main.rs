@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use hearth::config::{Config, ModelEntry};
 use hearth::engine::{Engine, EngineConfig, Event, Request, SamplingParams};
 use hearth::model::{AttentionBackend, ChatMessage, Model};
-use hearth::streaming::TextStream;
+use hearth::text::TextStream;
 
 #[derive(Parser)]
 #[command(name = "hearth", version, about = "Self-hosted LLM inference server")]

@@ -109,7 +109,7 @@ fn safetensors_checkpoint_matches_the_gguf_it_came_from() {
     }
     // The fused Q|K|V and gate|up projections (what a GPU load uses) give the same logits.
     let fused =
-        hearth::model::safetensors::load_with(&PathBuf::from(&dir), "fused", &Device::Cpu, true)
+        hearth::loader::safetensors::load_with(&PathBuf::from(&dir), "fused", &Device::Cpu, true)
             .expect("fused load");
     for prompt in common::PROMPTS {
         let ids = st.tokenizer.encode(prompt).unwrap();

@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 
 use hearth::model::{ChatMessage, Model};
-use hearth::streaming::TextStream;
+use hearth::text::TextStream;
 
 fn models() -> Vec<Model> {
     vec![

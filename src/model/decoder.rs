@@ -5,10 +5,10 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 
-use super::attention::{AttentionBackend, AttnParams, KvCache, StepAttention};
 use super::batch::Batch;
-use super::linear::Linear;
 use crate::error::{HearthError, Result};
+use crate::ops::attention::{AttentionBackend, AttnParams, KvCache, StepAttention};
+use crate::ops::linear::Linear;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
@@ -271,7 +271,7 @@ impl Decoder {
                 let y = w.forward(h)?;
                 #[cfg(feature = "cuda")]
                 if y.device().is_cuda() && self.cfg.activation == Activation::Silu {
-                    return Ok(y.apply_op1_no_bwd(&super::cuda_activation::SiluMul)?);
+                    return Ok(y.apply_op1_no_bwd(&crate::ops::cuda_activation::SiluMul)?);
                 }
                 let inner = y.dim(1)? / 2;
                 Ok((act(&y.narrow(1, 0, inner)?)? * y.narrow(1, inner, inner)?)?)

@@ -1,30 +1,18 @@
-//! Model loading and the forward pass: loaders (GGUF, safetensors), tokenizer and chat template, the
-//! shared decoder architecture, and the paged-attention op.
-pub mod attention;
+//! A loaded model and the forward pass: the decoder architecture over a batch description. Loading
+//! is `crate::loader`, text is `crate::text`, the attention op and matmul kernels are `crate::ops`.
 pub mod batch;
-pub mod chat;
-#[cfg(feature = "cuda")]
-pub mod cuda_activation;
-#[cfg(feature = "cuda")]
-pub mod cuda_attention;
 pub mod decoder;
-pub mod gguf;
-pub mod hub;
-pub mod linear;
-pub mod safetensors;
-pub mod tokenizer;
 
 use std::path::Path;
 
 use candle_core::Device;
 
-pub use attention::{AttentionBackend, KvCache};
+pub use crate::ops::attention::{AttentionBackend, KvCache};
+pub use crate::text::{ChatMessage, ChatTemplate, Tokenizer};
 pub use batch::Batch;
-pub use chat::{ChatMessage, ChatTemplate};
 pub use decoder::Decoder;
-pub use tokenizer::Tokenizer;
 
-use crate::error::{HearthError, Result};
+use crate::error::Result;
 
 /// A loaded model: weights, tokenizer, chat template.
 #[derive(Debug)]
@@ -37,19 +25,9 @@ pub struct Model {
 
 impl Model {
     /// Load a GGUF file, a folder holding a safetensors checkpoint, or either from the Hugging Face Hub
-    /// (`hf:ORG/REPO[@REVISION][:FILE]`, see `hub`).
+    /// (see `crate::loader`).
     pub fn load(path: &Path, name: &str, device: &Device) -> Result<Self> {
-        if let Some(spec) = path.to_str().and_then(hub::parse) {
-            let local = hub::resolve(&spec?, hf_hub::Cache::from_env(), hub::offline_from_env())?;
-            return Self::load(&local, name, device);
-        }
-        if path.is_dir() {
-            return safetensors::load(path, name, device);
-        }
-        if !path.exists() {
-            return Err(HearthError::ModelNotFound(path.display().to_string()));
-        }
-        gguf::load(path, name, device)
+        crate::loader::load(path, name, device)
     }
 
     pub fn max_context(&self) -> usize {

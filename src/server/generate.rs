@@ -16,9 +16,8 @@ use super::openai::{
 };
 use super::validate::{Kind, Validated};
 use crate::engine::{self, EngineHandle, Event, Request};
-use crate::model::Tokenizer;
-use crate::streaming::TextStream;
 use crate::telemetry::names;
+use crate::text::{TextStream, Tokenizer};
 
 /// A validated request with its prompts tokenized, ready to run.
 pub struct Job {

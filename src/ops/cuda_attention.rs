@@ -11,13 +11,12 @@ use candle_core::{
     Storage, Tensor,
 };
 
-use super::attention::AttnParams;
-use super::batch::Batch;
+use super::kernel_limits::{ATTN_THREADS as THREADS, MAX_HEAD_DIM};
+use super::AttnParams;
+use crate::model::batch::Batch;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
 const MODULE: &str = "hearth_paged_attention";
-const THREADS: u32 = 128;
-const MAX_HEAD_DIM: usize = 256;
 
 /// One step's batch description in device memory.
 pub struct CudaBatch {

@@ -3,9 +3,9 @@
 //! of a short window of recent ids (the `tokenizers` crate's stream decoding), not of the whole output.
 use std::sync::Arc;
 
+use super::tokenizer::DecodeState;
+use super::Tokenizer;
 use crate::error::Result;
-use crate::model::tokenizer::DecodeState;
-use crate::model::Tokenizer;
 
 pub struct TextStream {
     tokenizer: Arc<Tokenizer>,

@@ -5,8 +5,9 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::batch::{Batch, SeqChunk};
+pub use super::AttnParams;
 use crate::error::{HearthError, Result};
+use crate::model::batch::{Batch, SeqChunk};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionBackend {
@@ -151,17 +152,6 @@ impl<'a> StepAttention<'a> {
         }
         paged_attention(self.backend, q, k_cache, v_cache, self.batch, p)
     }
-}
-
-/// Per-layer attention parameters.
-#[derive(Debug, Clone, Copy)]
-pub struct AttnParams {
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-    pub scale: f32,
-    /// A query at position p sees keys at positions > p - window.
-    pub window: Option<usize>,
 }
 
 /// The paged KV cache of one model: per layer, K and V of shape (slots, kv_heads, head_dim).

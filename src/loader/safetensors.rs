@@ -7,14 +7,14 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use super::chat::ChatTemplate;
-use super::decoder::{
+use crate::error::{HearthError, Result};
+use crate::model::decoder::{
     Activation, Decoder, DecoderConfig, Embeddings, GateUpProj, Layer, Norm, QkvProj, RopeLayout,
 };
-use super::linear::Linear;
-use super::tokenizer::Tokenizer;
-use super::Model;
-use crate::error::{HearthError, Result};
+use crate::model::Model;
+use crate::ops::linear::Linear;
+use crate::text::ChatTemplate;
+use crate::text::Tokenizer;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
