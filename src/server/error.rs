@@ -153,3 +153,39 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The request's faults are 4xx, the server's 5xx; 429 and 503 tell the client when to retry.
+    #[test]
+    fn engine_errors_map_to_the_status_they_deserve() {
+        let cases = [
+            (HearthError::InvalidRequest("x".into()), 400, None),
+            (
+                HearthError::KvCapacity {
+                    needed: 10,
+                    total: 5,
+                },
+                400,
+                Some("context_length_exceeded"),
+            ),
+            (HearthError::QueueFull(3), 429, Some("queue_full")),
+            (
+                HearthError::Internal("step failed".into()),
+                500,
+                Some("internal_error"),
+            ),
+            (HearthError::EngineStopped, 503, Some("engine_stopped")),
+        ];
+        for (e, status, code) in cases {
+            let api = ApiError::from(e);
+            assert_eq!(api.status.as_u16(), status, "{}", api.message);
+            assert_eq!(api.code, code);
+            let resp = api.into_response();
+            let retry = resp.headers().get(header::RETRY_AFTER).is_some();
+            assert_eq!(retry, status == 429 || status == 503);
+        }
+    }
+}
