@@ -23,10 +23,12 @@ struct Reader<'a, R> {
     r: &'a mut R,
     device: &'a Device,
     path: &'a str,
+    progress: indicatif::ProgressBar,
 }
 
 impl<R: Read + Seek> Reader<'_, R> {
     fn qtensor(&mut self, name: &str) -> Result<QTensor> {
+        self.progress.inc(1);
         if !self.ct.tensor_infos.contains_key(name) {
             return Err(HearthError::ModelFile {
                 path: self.path.to_string(),
@@ -186,6 +188,7 @@ pub fn load(path: &Path, name: &str, device: &Device) -> Result<Model> {
         r: &mut file,
         device,
         path: &shown,
+        progress: super::progress(ct.tensor_infos.len(), name),
     };
     let embed_q = Arc::new(rd.qtensor("token_embd.weight")?);
     let lm_head = if rd.ct.tensor_infos.contains_key("output.weight") {
@@ -255,6 +258,7 @@ pub fn load(path: &Path, name: &str, device: &Device) -> Result<Model> {
         rope_freqs,
         device,
     )?;
+    rd.progress.finish_and_clear();
     Ok(Model {
         name: name.to_string(),
         decoder,
