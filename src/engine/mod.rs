@@ -392,6 +392,10 @@ fn run_loop(
             sched.add(seq);
         }
         let plan = sched.schedule();
+        // Admission control reads `waiting` from the snapshot: publish the queue as it is now, not
+        // only after the forward (a request drained from the channel must not be invisible).
+        stats.observe(&sched);
+        publish(&shared, &stats);
         let outputs = if plan.is_empty() {
             sched.take_pending()
         } else {
