@@ -192,12 +192,14 @@ impl EngineHandle {
             });
         }
         let room = self.max_context - prompt_len;
+        // One snapshot for every check below (each read takes the lock and copies it).
+        let snap = self.stats();
         // The longest this sequence can get must fit the pool, or it could never finish.
-        let pool_tokens = self.total_blocks() * self.block_size;
+        let pool_tokens = snap.total_blocks * self.block_size;
         if prompt_len >= pool_tokens {
             return Err(HearthError::KvCapacity {
                 needed: (prompt_len + 1).div_ceil(self.block_size),
-                total: self.total_blocks(),
+                total: snap.total_blocks,
             });
         }
         let fits = room.min(pool_tokens - prompt_len);
@@ -211,7 +213,7 @@ impl EngineHandle {
             Some(m) if m > fits => {
                 return Err(HearthError::KvCapacity {
                     needed: (prompt_len + m).div_ceil(self.block_size),
-                    total: self.total_blocks(),
+                    total: snap.total_blocks,
                 })
             }
             Some(m) => m,
@@ -225,7 +227,7 @@ impl EngineHandle {
             req.tenant.hash(&mut h);
             h.finish()
         };
-        let waiting = self.stats().waiting + self.tx.len();
+        let waiting = snap.waiting + self.tx.len();
         if waiting >= self.max_waiting {
             return Err(HearthError::QueueFull(waiting));
         }

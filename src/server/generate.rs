@@ -420,6 +420,32 @@ enum Phase {
 }
 
 impl SseState {
+    /// A chat chunk with these choices and usage, as JSON.
+    fn chat_chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> String {
+        serde_json::to_string(&ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        })
+        .unwrap_or_default()
+    }
+
+    /// A text-completion chunk with these choices and usage, as JSON.
+    fn completion_chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> String {
+        serde_json::to_string(&Completion {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        })
+        .unwrap_or_default()
+    }
+
     fn chunk(
         &self,
         choice: usize,
@@ -427,13 +453,9 @@ impl SseState {
         lps: Vec<TokenLogprob>,
         fin: Option<FinishReason>,
     ) -> String {
-        let json = match self.kind {
-            Kind::Chat => serde_json::to_string(&ChatCompletionChunk {
-                id: self.id.clone(),
-                object: "chat.completion.chunk",
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![ChatChunkChoice {
+        match self.kind {
+            Kind::Chat => self.chat_chunk(
+                vec![ChatChunkChoice {
                     index: choice,
                     delta: ChatDelta {
                         role: None,
@@ -445,14 +467,10 @@ impl SseState {
                     }),
                     finish_reason: fin,
                 }],
-                usage: None,
-            }),
-            Kind::Completion => serde_json::to_string(&Completion {
-                id: self.id.clone(),
-                object: "text_completion",
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![CompletionChoice {
+                None,
+            ),
+            Kind::Completion => self.completion_chunk(
+                vec![CompletionChoice {
                     index: choice,
                     logprobs: self
                         .want_logprobs
@@ -460,55 +478,32 @@ impl SseState {
                     text,
                     finish_reason: fin,
                 }],
-                usage: None,
-            }),
-        };
-        json.unwrap_or_default()
+                None,
+            ),
+        }
     }
 
     fn role_chunk(&self) -> String {
-        serde_json::to_string(&ChatCompletionChunk {
-            id: self.id.clone(),
-            object: "chat.completion.chunk",
-            created: self.created,
-            model: self.model.clone(),
-            choices: (0..self.total)
-                .map(|i| ChatChunkChoice {
-                    index: i,
-                    delta: ChatDelta {
-                        role: Some("assistant"),
-                        content: Some(String::new()),
-                    },
-                    logprobs: None,
-                    finish_reason: None,
-                })
-                .collect(),
-            usage: None,
-        })
-        .unwrap_or_default()
+        let choices = (0..self.total)
+            .map(|i| ChatChunkChoice {
+                index: i,
+                delta: ChatDelta {
+                    role: Some("assistant"),
+                    content: Some(String::new()),
+                },
+                logprobs: None,
+                finish_reason: None,
+            })
+            .collect();
+        self.chat_chunk(choices, None)
     }
 
     fn usage_chunk(&self) -> String {
         let usage = Some(usage_of(&self.finishes));
-        let json = match self.kind {
-            Kind::Chat => serde_json::to_string(&ChatCompletionChunk {
-                id: self.id.clone(),
-                object: "chat.completion.chunk",
-                created: self.created,
-                model: self.model.clone(),
-                choices: Vec::new(),
-                usage,
-            }),
-            Kind::Completion => serde_json::to_string(&Completion {
-                id: self.id.clone(),
-                object: "text_completion",
-                created: self.created,
-                model: self.model.clone(),
-                choices: Vec::new(),
-                usage,
-            }),
-        };
-        json.unwrap_or_default()
+        match self.kind {
+            Kind::Chat => self.chat_chunk(Vec::new(), usage),
+            Kind::Completion => self.completion_chunk(Vec::new(), usage),
+        }
     }
 
     /// The next SSE data payload.
