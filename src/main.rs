@@ -10,6 +10,11 @@ use hearth::engine::{Engine, EngineConfig, Event, Request, SamplingParams};
 use hearth::model::{AttentionBackend, ChatMessage, Model};
 use hearth::text::TextStream;
 
+/// See Cargo.toml: per-step buffers of tens of megabytes are reused instead of re-mapped.
+#[cfg(unix)]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "hearth", version, about = "Self-hosted LLM inference server")]
 struct Cli {

@@ -89,9 +89,10 @@ fn both_models_give_the_same_bits_alone_and_among_4_and_16_concurrent_requests()
 }
 
 /// candle picks CPU kernels by the SIMD tier it detects at run time; its variables
-/// `MISTRALRS_FORCE_AVX2` / `MISTRALRS_FORCE_AVXVNNI` make it act as on an older CPU. Hearth's
-/// logits must be the same bits under each (on a CPU without VNNI every run takes the AVX2 tier,
-/// and this checks nothing more than determinism).
+/// `MISTRALRS_FORCE_AVX2` / `MISTRALRS_FORCE_AVXVNNI` make it act as on an older CPU, and
+/// `HEARTH_CPU_TIER=avx2` pins Hearth's own tiled kernels to AVX2 (their AVX-512 VNNI tier is
+/// built to give the same bits). Hearth's logits must be the same bits under each (on a CPU
+/// without VNNI every run takes the AVX2 tier, and this checks nothing more than determinism).
 #[test]
 fn logits_do_not_depend_on_the_cpu_simd_tier() {
     let dir = std::env::temp_dir().join(format!("hearth-tiers-{}", std::process::id()));
@@ -111,7 +112,8 @@ fn logits_do_not_depend_on_the_cpu_simd_tier() {
                 .arg("--out")
                 .arg(&out)
                 .env_remove("MISTRALRS_FORCE_AVX2")
-                .env_remove("MISTRALRS_FORCE_AVXVNNI");
+                .env_remove("MISTRALRS_FORCE_AVXVNNI")
+                .env_remove("HEARTH_CPU_TIER");
             if let Some((k, v)) = tier {
                 cmd.env(k, v);
             }
@@ -124,6 +126,7 @@ fn logits_do_not_depend_on_the_cpu_simd_tier() {
         for tier in [
             ("MISTRALRS_FORCE_AVX2", "1"),
             ("MISTRALRS_FORCE_AVXVNNI", "1"),
+            ("HEARTH_CPU_TIER", "avx2"),
         ] {
             assert!(
                 run(Some(tier)) == native,

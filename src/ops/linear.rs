@@ -229,11 +229,14 @@ fn quantize_rows(format: Format, x: &[f32], m: usize, k: usize) -> Vec<u8> {
 
 /// Eight activation rows' block `b`, decoded once: their scales, scaled sums and 8-bit values.
 #[derive(Clone)]
-#[repr(C, align(32))]
+#[repr(C, align(64))]
 struct ActTile {
     d: [f32; ROW_TILE],
     s: [f32; ROW_TILE],
     qs: [[i8; QK]; ROW_TILE],
+    /// Per row, -128 times the sum of each group of four values: the correction that turns VNNI's
+    /// unsigned-by-signed dot product of `w + 128` back into the signed product `w . a`.
+    neg128_sums: [[i32; ROW_TILE]; ROW_TILE],
 }
 
 /// One weight block, decoded once: scale, minimum, and the 4-bit values as bytes (low nibbles then
@@ -252,6 +255,7 @@ fn decode_acts(format: Format, xq: &[u8], m: usize, nb: usize) -> Vec<ActTile> {
         d: [0.0; ROW_TILE],
         s: [0.0; ROW_TILE],
         qs: [[0; QK]; ROW_TILE],
+        neg128_sums: [[0; ROW_TILE]; ROW_TILE],
     };
     let (bytes, qs_at) = match format {
         Format::Q4_1 => (Q8_1_BYTES, 4),
@@ -269,6 +273,12 @@ fn decode_acts(format: Format, xq: &[u8], m: usize, nb: usize) -> Vec<ActTile> {
             }
             for (q, &v) in t.qs[lane].iter_mut().zip(&blk[qs_at..]) {
                 *q = v as i8;
+            }
+            for (sum, group) in t.neg128_sums[lane]
+                .iter_mut()
+                .zip(t.qs[lane].chunks_exact(4))
+            {
+                *sum = -128 * group.iter().map(|&v| v as i32).sum::<i32>();
             }
         }
     }
@@ -315,6 +325,107 @@ fn decode_weight(format: Format, blk: &[u8]) -> WeightBlock {
     }
 }
 
+/// SIMD tier of the tiled kernels, picked once per process. Unlike candle's run-time tiers these
+/// give the same bits on every tier: only the integer part of each dot product (exact, so its
+/// evaluation order is free) changes; every float operation is the AVX2 reference's, lane for lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    Avx2,
+    /// AVX-512 with VNNI: two rows per 512-bit register, `vpdpbusd` for the byte dot products.
+    Avx512Vnni,
+}
+
+/// The best tier this CPU runs; `HEARTH_CPU_TIER=avx2` pins the AVX2 one (to measure or compare).
+pub fn cpu_tier() -> Tier {
+    static TIER: std::sync::OnceLock<Tier> = std::sync::OnceLock::new();
+    *TIER.get_or_init(|| {
+        let pinned = std::env::var("HEARTH_CPU_TIER").is_ok_and(|v| v == "avx2");
+        if !pinned && has_avx512_vnni() {
+            Tier::Avx512Vnni
+        } else {
+            Tier::Avx2
+        }
+    })
+}
+
+fn has_avx512_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+fn q8_0_tile(tier: Tier, wblocks: &[WeightBlock], acts: &[ActTile]) -> [f32; ROW_TILE] {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    if tier == Tier::Avx512Vnni {
+        // SAFETY: `cpu_tier` (or a test that checked the same features) chose this tier only if
+        // the CPU has AVX-512F, AVX-512BW and AVX-512 VNNI.
+        return unsafe { q8_0_tile_avx512(wblocks, acts) };
+    }
+    let _ = tier;
+    q8_0_tile_avx2(wblocks, acts)
+}
+
+/// The AVX-512 VNNI twin of `q8_0_tile_avx2`, bit for bit: rows 2p and 2p+1 share one register
+/// (eight float lanes each, the same lanes as AVX2), `vpdpbusd` on `w + 128` plus the precomputed
+/// `-128 * sum(a)` gives each lane the same exact integer as AVX2's `maddubs`/`madd` pair, and the
+/// scale product, the fused multiply-add and the final horizontal sum are AVX2's per lane.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn q8_0_tile_avx512(wblocks: &[WeightBlock], acts: &[ActTile]) -> [f32; ROW_TILE] {
+    use std::arch::x86_64::*;
+    const PAIRS: usize = ROW_TILE / 2;
+    let mut acc = [_mm512_setzero_ps(); PAIRS];
+    let flip = _mm512_set1_epi8(i8::MIN);
+    // Lanes 0..8 take row 2p's scale, lanes 8..16 row 2p+1's.
+    let spread: [__m512i; PAIRS] = std::array::from_fn(|p| {
+        let (a, b) = (2 * p as i32, 2 * p as i32 + 1);
+        _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b)
+    });
+    for (w, a) in wblocks.iter().zip(acts) {
+        // SAFETY: each load reads exactly a fixed-size array field: 32 weight bytes, the 8 f32
+        // scales, and two consecutive rows (64 bytes) of `qs` and of `neg128_sums`.
+        unsafe {
+            let wq = _mm256_loadu_si256(w.qs.as_ptr() as *const __m256i);
+            let wu = _mm512_xor_si512(_mm512_broadcast_i64x4(wq), flip);
+            let d8 = _mm256_mul_ps(_mm256_set1_ps(w.d), _mm256_loadu_ps(a.d.as_ptr()));
+            let d16 = _mm512_castps256_ps512(d8);
+            for (p, acc_p) in acc.iter_mut().enumerate() {
+                let aq = _mm512_loadu_si512(a.qs[2 * p].as_ptr() as *const __m512i);
+                let bias = _mm512_loadu_si512(a.neg128_sums[2 * p].as_ptr() as *const __m512i);
+                let q = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(bias, wu, aq));
+                let d = _mm512_permutexvar_ps(spread[p], d16);
+                *acc_p = _mm512_fmadd_ps(d, q, *acc_p);
+            }
+        }
+    }
+    let mut out = [0f32; ROW_TILE];
+    for (p, x) in acc.into_iter().enumerate() {
+        out[2 * p] = hsum8(_mm512_castps512_ps256(x));
+        out[2 * p + 1] = hsum8(_mm512_extractf32x8_ps::<1>(x));
+    }
+    out
+}
+
+/// candle's AVX2 `hsum_float_8`, the order every row's eight lanes are summed in.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+#[inline(always)]
+fn hsum8(x: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX2 is enabled at compile time (cfg above); register operations only.
+    unsafe {
+        let res = _mm256_extractf128_ps(x, 1);
+        let res = _mm_add_ps(res, _mm256_castps256_ps128(x));
+        let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
+        let res = _mm_add_ss(res, _mm_movehdup_ps(res));
+        _mm_cvtss_f32(res)
+    }
+}
+
 /// Q8_0 x Q8_0 for one tile: per row exactly candle's AVX2 `vec_dot_q8_0_q8_0` — eight float lanes
 /// per row, `acc = fma(d_w * d_a, lanes, acc)` per block, and the same horizontal sum at the end.
 #[cfg(all(
@@ -322,7 +433,7 @@ fn decode_weight(format: Format, blk: &[u8]) -> WeightBlock {
     target_feature = "avx2",
     target_feature = "fma"
 ))]
-fn q8_0_tile(wblocks: &[WeightBlock], acts: &[ActTile]) -> [f32; ROW_TILE] {
+fn q8_0_tile_avx2(wblocks: &[WeightBlock], acts: &[ActTile]) -> [f32; ROW_TILE] {
     use std::arch::x86_64::*;
     // SAFETY: AVX2 and FMA are enabled at compile time (cfg above); every load reads exactly the
     // 32 bytes of a fixed-size array field.
@@ -340,15 +451,7 @@ fn q8_0_tile(wblocks: &[WeightBlock], acts: &[ActTile]) -> [f32; ROW_TILE] {
                 *acc_r = _mm256_fmadd_ps(d, q, *acc_r);
             }
         }
-        let mut out = [0f32; ROW_TILE];
-        for (o, x) in out.iter_mut().zip(acc) {
-            let res = _mm256_extractf128_ps(x, 1);
-            let res = _mm_add_ps(res, _mm256_castps256_ps128(x));
-            let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
-            let res = _mm_add_ss(res, _mm_movehdup_ps(res));
-            *o = _mm_cvtss_f32(res);
-        }
-        out
+        acc.map(hsum8)
     }
 }
 
@@ -358,7 +461,7 @@ fn q8_0_tile(wblocks: &[WeightBlock], acts: &[ActTile]) -> [f32; ROW_TILE] {
     target_feature = "avx2",
     target_feature = "fma"
 )))]
-fn q8_0_tile(wblocks: &[WeightBlock], acts: &[ActTile]) -> [f32; ROW_TILE] {
+fn q8_0_tile_avx2(wblocks: &[WeightBlock], acts: &[ActTile]) -> [f32; ROW_TILE] {
     let mut out = [0f32; ROW_TILE];
     for (w, a) in wblocks.iter().zip(acts) {
         for (r, o) in out.iter_mut().enumerate() {
@@ -443,42 +546,68 @@ pub fn tiled_matmul(
     x: &[f32],
     m: usize,
 ) -> Vec<f32> {
+    tiled_matmul_on(cpu_tier(), format, w, n, k, x, m)
+}
+
+/// `tiled_matmul` on a given tier (the caller checked that this CPU runs it).
+fn tiled_matmul_on(
+    tier: Tier,
+    format: Format,
+    w: &[WeightBlock],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    m: usize,
+) -> Vec<f32> {
     let nb = k / QK;
     let tiles = m.div_ceil(ROW_TILE);
     let acts = decode_acts(format, &quantize_rows(format, x, m, k), m, nb);
-    // Transposed, padded output (n, tiles * 8) so each task owns a contiguous run of columns.
-    let mp = tiles * ROW_TILE;
-    let mut out_t = vec![0f32; n * mp];
-    out_t
-        .par_chunks_mut(mp * COL_CHUNK)
-        .enumerate()
-        .for_each(|(chunk, dst)| {
-            for (ci, dcol) in dst.chunks_mut(mp).enumerate() {
-                let col = chunk * COL_CHUNK + ci;
+    let mut out = vec![0f32; m * n];
+    let dst = OutPtr(out.as_mut_ptr());
+    (0..n.div_ceil(COL_CHUNK))
+        .into_par_iter()
+        .for_each(|chunk| {
+            for col in chunk * COL_CHUNK..n.min((chunk + 1) * COL_CHUNK) {
                 let wblocks = &w[col * nb..(col + 1) * nb];
-                for (t, dtile) in dcol.chunks_exact_mut(ROW_TILE).enumerate() {
-                    if format == Format::Q8_0 {
-                        dtile.copy_from_slice(&q8_0_tile(wblocks, &acts[t * nb..(t + 1) * nb]));
-                        continue;
+                for t in 0..tiles {
+                    let tile_acts = &acts[t * nb..(t + 1) * nb];
+                    let vals = match format {
+                        Format::Q8_0 => q8_0_tile(tier, wblocks, tile_acts),
+                        Format::Q4_1 => tile_sums::<false>(wblocks, tile_acts),
+                        Format::Q5_0 => tile_sums::<true>(wblocks, tile_acts),
+                    };
+                    for (lane, v) in vals.into_iter().enumerate().take(m - t * ROW_TILE) {
+                        // SAFETY: row t * 8 + lane < m and col < n, so the index is inside `out`;
+                        // each (row, col) is written by exactly one task (the one owning `col`), and
+                        // `out` outlives the parallel loop.
+                        unsafe { *dst.at((t * ROW_TILE + lane) * n + col) = v };
                     }
-                    let mut acc = [0f32; ROW_TILE];
-                    for (wblk, a) in wblocks.iter().zip(&acts[t * nb..(t + 1) * nb]) {
-                        match format {
-                            Format::Q4_1 => tile_step::<false>(&mut acc, wblk, a),
-                            Format::Q5_0 | Format::Q8_0 => tile_step::<true>(&mut acc, wblk, a),
-                        }
-                    }
-                    dtile.copy_from_slice(&acc);
                 }
             }
         });
-    let mut out = vec![0f32; m * n];
-    for (r, orow) in out.chunks_exact_mut(n).enumerate() {
-        for (col, o) in orow.iter_mut().enumerate() {
-            *o = out_t[col * mp + r];
-        }
-    }
     out
+}
+
+/// The output buffer shared by the column tasks, each writing only its own columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the tasks write disjoint elements (see `tiled_matmul_on`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    /// # Safety
+    /// `i` must be inside the buffer.
+    unsafe fn at(self, i: usize) -> *mut f32 {
+        unsafe { self.0.add(i) }
+    }
+}
+
+fn tile_sums<const SIGNED: bool>(wblocks: &[WeightBlock], acts: &[ActTile]) -> [f32; ROW_TILE] {
+    let mut acc = [0f32; ROW_TILE];
+    for (wblk, a) in wblocks.iter().zip(acts) {
+        tile_step::<SIGNED>(&mut acc, wblk, a);
+    }
+    acc
 }
 
 #[cfg(test)]
@@ -492,6 +621,15 @@ mod tests {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap()
+    }
+
+    /// Every tier this CPU can run (on a CPU without AVX-512 VNNI only AVX2 is checked here).
+    fn tiers_here() -> Vec<Tier> {
+        let mut tiers = vec![Tier::Avx2];
+        if has_avx512_vnni() {
+            tiers.push(Tier::Avx512Vnni);
+        }
+        tiers
     }
 
     #[test]
@@ -512,14 +650,16 @@ mod tests {
             else {
                 panic!("{dtype:?} weights must take the tiled kernel");
             };
-            for m in [1usize, 3, 8, 37] {
-                let tiled = tiled_matmul(*format, blocks, *n, *k, &rows(&x, m), m);
-                for r in 0..m {
-                    assert_eq!(
-                        &tiled[r * n..(r + 1) * n],
-                        &reference[r * n..(r + 1) * n],
-                        "{dtype:?} m={m} row {r}"
-                    );
+            for tier in tiers_here() {
+                for m in [1usize, 3, 8, 37] {
+                    let tiled = tiled_matmul_on(tier, *format, blocks, *n, *k, &rows(&x, m), m);
+                    for r in 0..m {
+                        assert_eq!(
+                            &tiled[r * n..(r + 1) * n],
+                            &reference[r * n..(r + 1) * n],
+                            "{dtype:?} {tier:?} m={m} row {r}"
+                        );
+                    }
                 }
             }
             let all = ours.forward(&x).unwrap().flatten_all().unwrap();
