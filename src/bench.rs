@@ -111,6 +111,7 @@ fn run_batch(e: &EngineHandle, prompts: &[Vec<u32>], max_tokens: usize) -> Resul
         .map(|p| {
             e.submit(Request {
                 tenant: None,
+                weight: 1,
                 prompt: p.clone(),
                 params: params.clone(),
             })
@@ -307,7 +308,7 @@ impl StepSplit {
             steps: s.steps,
             step_us: s.step_micros,
             forward_us: s.busy_micros,
-            device_us: s.device_micros,
+            device_us: s.device_nanos / 1000,
         }
     }
 

@@ -5,6 +5,7 @@ use serde::Deserialize;
 
 use crate::engine::{EngineConfig, KvBudget, SchedulerConfig};
 use crate::error::{HearthError, Result};
+use crate::tenancy::{Directory, TenantConfig};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,6 +50,15 @@ pub struct Config {
     pub drain_timeout_secs: u64,
     /// `cuda:N`, `metal`, `cpu`; unset: the best available.
     pub device: Option<String>,
+    /// Keys that may read every tenant's usage (and the metrics when they need a key).
+    pub admin_api_keys: Vec<String>,
+    /// With none (and no admin key) the server runs open, every request as tenant `default`.
+    pub tenants: Vec<TenantConfig>,
+    /// Put /metrics behind an admin key (it is open by default, for Prometheus).
+    pub metrics_require_key: bool,
+    /// Serve HTTPS with this PEM certificate chain and private key (both or neither).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -82,6 +92,11 @@ impl Default for Config {
             allowed_hosts: Vec::new(),
             drain_timeout_secs: 30,
             device: None,
+            admin_api_keys: Vec::new(),
+            tenants: Vec::new(),
+            metrics_require_key: false,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -96,8 +111,15 @@ impl Config {
             path: path.display().to_string(),
             reason: e.to_string(),
         })?;
-        toml::from_str(&text)
-            .map_err(|e| HearthError::InvalidRequest(format!("config {}: {e}", path.display())))
+        let config: Self = toml::from_str(&text)
+            .map_err(|e| HearthError::Config(format!("{}: {e}", path.display())))?;
+        config.directory()?;
+        Ok(config)
+    }
+
+    /// The tenants and keys this config names (checked: unique names and keys).
+    pub fn directory(&self) -> Result<Directory> {
+        Directory::new(&self.admin_api_keys, &self.tenants)
     }
 
     pub fn engine(&self) -> EngineConfig {
@@ -143,5 +165,35 @@ mod tests {
         assert_eq!(c.host, "127.0.0.1");
         assert_eq!(c.models.len(), 1);
         assert!(toml::from_str::<Config>("prot = 1").is_err());
+    }
+
+    #[test]
+    fn tenants_parse_with_defaults_and_bad_ones_fail_to_load() {
+        let c: Config = toml::from_str(
+            "admin_api_keys = [\"sk-admin\"]\n[[tenants]]\nname = \"team-a\"\napi_keys = [\"sk-a\"]\n\
+             requests_per_minute = 600\ntokens_per_minute = 200000\nmax_concurrent = 64\nweight = 2\n\
+             [[tenants]]\nname = \"team-b\"\napi_keys = [\"sk-b\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.tenants.len(), 2);
+        assert_eq!(c.tenants[0].requests_per_minute, Some(600));
+        assert_eq!(c.tenants[0].weight, 2);
+        assert_eq!(c.tenants[1].weight, 1);
+        assert_eq!(c.tenants[1].max_concurrent, None);
+        assert!(!c.directory().unwrap().is_open());
+        assert!(Config::default().directory().unwrap().is_open());
+        let dir = std::env::temp_dir().join(format!("hearth-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(
+            &path,
+            "[[tenants]]\nname = \"a\"\napi_keys = [\"k\", \"k\"]\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            Config::load(Some(&path)),
+            Err(HearthError::Config(_))
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -15,6 +15,8 @@ pub enum HearthError {
     Tokenizer(String),
     #[error("chat template error: {0}")]
     ChatTemplate(String),
+    #[error("invalid configuration: {0}")]
+    Config(String),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     #[error("the prompt has {prompt} tokens, but the model's context is {context} tokens (prompt + max_tokens must fit)")]

@@ -10,6 +10,7 @@ pub mod model;
 pub mod ops;
 pub mod server;
 pub mod telemetry;
+pub mod tenancy;
 pub mod text;
 
 pub use error::{HearthError, Result};

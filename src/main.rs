@@ -130,7 +130,7 @@ fn main() -> Result<()> {
                 .build()?;
             let device = hearth::device::select(cfg.device.as_deref())?;
             tracing::info!(device = ?device, "compute device");
-            rt.block_on(hearth::server::run(cfg, device))?;
+            rt.block_on(hearth::server::run(cfg, config, device))?;
         }
         Cmd::Generate {
             model,
@@ -162,6 +162,7 @@ fn main() -> Result<()> {
             };
             let rx = engine.submit(Request {
                 tenant: None,
+                weight: 1,
                 prompt: ids,
                 params,
             })?;

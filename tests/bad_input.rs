@@ -82,6 +82,7 @@ fn bad_prompts_are_refused_at_submission() {
     let e = common::engine(&common::smollm2(), EngineConfig::default());
     let req = |prompt: Vec<u32>, max_tokens: Option<usize>| Request {
         tenant: None,
+        weight: 1,
         prompt,
         params: SamplingParams {
             max_tokens,
@@ -109,6 +110,7 @@ fn bad_prompts_are_refused_at_submission() {
     let err = e
         .submit(Request {
             tenant: None,
+            weight: 1,
             prompt: vec![1, 2, 3],
             params: SamplingParams {
                 temperature: f32::NAN,

@@ -70,6 +70,7 @@ fn sixteen_prompts_batched_with_chunked_prefill_match_each_alone() {
         .map(|p| {
             e.submit(Request {
                 tenant: None,
+                weight: 1,
                 prompt: p.clone(),
                 params: params.clone(),
             })
@@ -133,6 +134,7 @@ proptest! {
             std::thread::sleep(Duration::from_millis(a.delay_ms));
             let rx = e.submit(Request {
                 tenant: None,
+                weight: 1,
                 prompt: prompt(&e, i as u64, a.prompt_len),
                 params: SamplingParams { max_tokens: Some(a.max_tokens), ignore_eos: true, ..SamplingParams::greedy() },
             }).unwrap();

@@ -38,6 +38,7 @@ fn run(e: &EngineHandle, prompt: &[u32], tenant: Option<&str>, n: usize) -> (Vec
                 ..SamplingParams::greedy()
             },
             tenant: tenant.map(String::from),
+            weight: 1,
         })
         .unwrap();
     let computed = e.stats().prefill_tokens - before;

@@ -2,6 +2,7 @@
 //! `schedule -> execute -> sample -> update` in a loop. Requests arrive over a channel; each gets its
 //! tokens back on its own channel, and a closed channel cancels it.
 pub mod block_pool;
+pub mod metering;
 pub mod runner;
 pub mod sampler;
 pub mod scheduler;
@@ -15,7 +16,7 @@ use candle_core::DType;
 
 pub use sampler::{Sampled, SamplingParams};
 pub use scheduler::SchedulerConfig;
-pub use sequence::{Event, FinishReason, Usage};
+pub use sequence::{DeviceTime, Event, FinishReason, Usage};
 
 use crate::error::{HearthError, Result};
 use crate::model::{AttentionBackend, ChatTemplate, KvCache, Model, Tokenizer};
@@ -82,6 +83,8 @@ pub struct Request {
     pub params: SamplingParams,
     /// Who asks: prefix-cache blocks are never shared between tenants (a timing side channel).
     pub tenant: Option<String>,
+    /// The tenant's share of the engine under contention, relative to other tenants' (>= 1).
+    pub weight: u32,
 }
 
 impl Request {
@@ -90,6 +93,7 @@ impl Request {
             prompt,
             params,
             tenant: None,
+            weight: 1,
         }
     }
 }
@@ -115,7 +119,10 @@ pub struct EngineStats {
     /// Wall time of the forward passes (including the read-back of logits).
     pub busy_micros: u64,
     /// Device time of steps (CUDA events on a GPU), the basis of GPU-time metering.
-    pub device_micros: u64,
+    pub device_nanos: u64,
+    /// The same device time as split over the tenants whose sequences ran (sums to
+    /// `device_nanos`; sequences submitted without a tenant count under "").
+    pub tenant_device_nanos: std::collections::BTreeMap<Arc<str>, u64>,
     pub prefix_query_tokens: u64,
     pub prefix_hit_tokens: u64,
     /// KV token slots held by running sequences, and of those holding a token.
@@ -130,9 +137,11 @@ impl EngineStats {
         for s in &out.seqs {
             self.prefill_tokens += s.prompt_tokens as u64;
             self.decode_tokens += (s.tokens - s.prompt_tokens) as u64;
+            let tenant = s.tenant.clone().unwrap_or_else(|| "".into());
+            *self.tenant_device_nanos.entry(tenant).or_default() += s.device_time.as_nanos() as u64;
         }
         self.busy_micros += out.forward_time.as_micros() as u64;
-        self.device_micros += out.device_time.as_micros() as u64;
+        self.device_nanos += out.device_time.as_nanos() as u64;
         self.step_micros += step.as_micros() as u64;
     }
 
@@ -244,6 +253,9 @@ impl EngineHandle {
             reply,
             arrived: Instant::now(),
             admitted: None,
+            tenant: req.tenant.map(Arc::from),
+            weight: req.weight.max(1),
+            device: DeviceTime::default(),
         };
         self.tx.send(seq).map_err(|_| HearthError::EngineStopped)?;
         Ok(rx)
@@ -335,7 +347,12 @@ impl Engine {
             .backend
             .unwrap_or_else(|| AttentionBackend::best_for(&d.device, dtype));
         let pool = BlockPool::new(num_blocks, cfg.block_size, cfg.prefix_caching);
-        let scheduler = Scheduler::new(cfg.scheduler.clone(), pool, model.max_context());
+        let scheduler = Scheduler::new(
+            cfg.scheduler.clone(),
+            pool,
+            model.max_context(),
+            model.decoder.cost_model(),
+        );
         let mut first = EngineStats::default();
         first.observe(&scheduler);
         let stats = Arc::new(Mutex::new(first));

@@ -5,10 +5,12 @@
 //! grow, the most recently admitted one is preempted (its blocks released, recomputed later).
 //! The scheduler never touches tensors and deals in token counts; the block pool keeps the blocks
 //! and their prefix-cache chains.
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::block_pool::BlockPool;
+use super::metering::{split, CostModel};
 use super::runner::{Row, StepOutput};
 use super::sequence::{Event, FinishReason, Sequence};
 
@@ -72,6 +74,9 @@ pub struct SeqStep {
     pub prompt_tokens: usize,
     /// Tokens in its KV cache after the step (what attention read).
     pub context_len: usize,
+    /// Its share of the step's device time (the shares add up to the step's time).
+    pub device_time: Duration,
+    pub tenant: Option<Arc<str>>,
 }
 
 /// What a step produced: replies to send, and the facts metering and stats need.
@@ -116,14 +121,30 @@ pub struct Scheduler {
     /// Prompt tokens looked up in the prefix cache, and of those found there.
     pub prefix_query_tokens: u64,
     pub prefix_hit_tokens: u64,
+    /// How a step's device time is split over its sequences.
+    cost: CostModel,
+    /// Fair share between tenants: tokens run for each tenant divided by its weight ("virtual
+    /// time"). Admission picks the waiting tenant with the least, so a tenant with a thousand
+    /// queued requests cannot starve another's one, and weights set the shares under contention.
+    vtime: HashMap<Arc<str>, f64>,
+    /// Sequences per tenant in `waiting` or `running`.
+    active: HashMap<Arc<str>, usize>,
+}
+
+/// The fair-share key of a sequence (sequences submitted without a tenant share one).
+fn tenant_key(seq: &Sequence) -> Arc<str> {
+    seq.tenant.clone().unwrap_or_else(|| "".into())
 }
 
 impl Scheduler {
-    pub fn new(cfg: SchedulerConfig, pool: BlockPool, max_context: usize) -> Self {
+    pub fn new(cfg: SchedulerConfig, pool: BlockPool, max_context: usize, cost: CostModel) -> Self {
         Self {
             cfg,
             pool,
             max_context,
+            cost,
+            vtime: HashMap::new(),
+            active: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
             pending: Vec::new(),
@@ -134,7 +155,52 @@ impl Scheduler {
     }
 
     pub fn add(&mut self, seq: Sequence) {
+        let key = tenant_key(&seq);
+        if !self.active.contains_key(&key) {
+            // A tenant coming back starts level with the least-served active one: idle time is not
+            // banked as credit.
+            let floor = self
+                .active
+                .keys()
+                .filter_map(|t| self.vtime.get(t))
+                .copied()
+                .fold(f64::INFINITY, f64::min);
+            let v = self.vtime.entry(key.clone()).or_default();
+            if floor.is_finite() {
+                *v = v.max(floor);
+            }
+        }
+        *self.active.entry(key).or_default() += 1;
         self.waiting.push_back(seq);
+    }
+
+    /// Charge `tokens` run for sequence `seq` to its tenant's virtual time.
+    fn charge(vtime: &mut HashMap<Arc<str>, f64>, seq: &Sequence, tokens: usize) {
+        let v = vtime.entry(tenant_key(seq)).or_default();
+        *v += tokens as f64 / f64::from(seq.weight.max(1));
+    }
+
+    /// The waiting sequence to admit next: a preempted one first (it keeps its place), else the
+    /// oldest of the tenant with the least virtual time (ties: the earlier in the queue).
+    fn next_waiting(&self) -> Option<usize> {
+        let front = self.waiting.front()?;
+        if front.admitted.is_some() {
+            return Some(0);
+        }
+        let mut seen: Vec<&str> = Vec::new();
+        let mut best: Option<(f64, usize)> = None;
+        for (i, s) in self.waiting.iter().enumerate() {
+            let t = s.tenant.as_deref().unwrap_or("");
+            if seen.contains(&t) {
+                continue;
+            }
+            seen.push(t);
+            let v = self.vtime.get(t).copied().unwrap_or(0.0);
+            if best.is_none_or(|(b, _)| v < b) {
+                best = Some((v, i));
+            }
+        }
+        best.map(|(_, i)| i)
     }
 
     pub fn num_running(&self) -> usize {
@@ -170,6 +236,17 @@ impl Scheduler {
     /// the scheduler (finish, cancellation, failure) goes through here.
     fn retire(&mut self, mut s: Sequence, ending: Ending) {
         self.pool.release(&mut s.alloc);
+        let key = tenant_key(&s);
+        if let Some(n) = self.active.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.active.remove(&key);
+            }
+        }
+        if self.active.is_empty() {
+            // Nobody is waiting for anybody: start the next contention from even.
+            self.vtime.clear();
+        }
         let ev = match ending {
             Ending::Finished(reason) => Event::Finished {
                 reason,
@@ -238,11 +315,15 @@ impl Scheduler {
                 break;
             }
             plan.items.push(Self::item(&self.running[i], n));
+            Self::charge(&mut self.vtime, &self.running[i], n);
             budget -= n;
             i += 1;
         }
         while budget > 0 && self.running.len() < self.cfg.max_seqs {
-            let Some(seq) = self.waiting.front_mut() else {
+            let Some(at) = self.next_waiting() else {
+                break;
+            };
+            let Some(seq) = self.waiting.get_mut(at) else {
                 break;
             };
             if seq.alloc.blocks().is_empty() {
@@ -276,10 +357,11 @@ impl Scheduler {
                     },
                 ));
             }
-            let Some(seq) = self.waiting.pop_front() else {
+            let Some(seq) = self.waiting.remove(at) else {
                 break;
             };
             plan.items.push(Self::item(&seq, n));
+            Self::charge(&mut self.vtime, &seq, n);
             budget -= n;
             self.running.push(seq);
         }
@@ -311,11 +393,18 @@ impl Scheduler {
         };
         let mut rows = out.rows.into_iter();
         let mut done = Vec::new();
+        let costs: Vec<u128> = plan
+            .items
+            .iter()
+            .map(|i| self.cost.cost(i.first_pos, i.tokens.len(), i.wants_logits))
+            .collect();
+        let mut shares = split(out.device_time, &costs).into_iter();
         // Plan items follow `running`'s order (running ones first, then admissions), so one
         // forward walk finds them all.
         let mut at = 0;
         for item in &plan.items {
             let row = if item.wants_logits { rows.next() } else { None };
+            let share = shares.next().unwrap_or_default();
             let Some(pos) = self.running[at..]
                 .iter()
                 .position(|s| s.id == item.seq_id)
@@ -328,11 +417,18 @@ impl Scheduler {
             seq.num_computed = item.first_pos + item.tokens.len();
             self.pool
                 .commit(&mut seq.alloc, &seq.tokens, seq.num_computed);
+            // Prompt work (a chunk, or recomputation after preemption) is prefill, the rest decode.
+            let prefill =
+                share.mul_f64(item.prompt_tokens as f64 / item.tokens.len().max(1) as f64);
+            seq.device.prefill += prefill;
+            seq.device.decode += share - prefill;
             outputs.seqs.push(SeqStep {
                 seq_id: seq.id,
                 tokens: item.tokens.len(),
                 prompt_tokens: item.prompt_tokens,
                 context_len: seq.num_computed,
+                device_time: share,
+                tenant: seq.tenant.clone(),
             });
             let Some(row) = row else { continue };
             let sampled = match row {

@@ -1,5 +1,6 @@
 //! One request's state inside the engine, and the events it sends back.
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::block_pool::Allocation;
 use super::sampler::{Sampled, Sampler};
@@ -22,6 +23,23 @@ pub struct Usage {
     pub cached_tokens: usize,
     /// Seconds from submission to first admission.
     pub queue_secs: f64,
+    /// This request's share of the device time of the steps it ran in.
+    pub device: DeviceTime,
+}
+
+/// A sequence's metered device time, split by the kind of step work (see `engine::metering`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceTime {
+    /// Prompt tokens run through the model (and a preempted sequence's recomputation).
+    pub prefill: Duration,
+    /// Decode steps: one new token each.
+    pub decode: Duration,
+}
+
+impl DeviceTime {
+    pub fn total(&self) -> Duration {
+        self.prefill + self.decode
+    }
 }
 
 /// What a request's reply channel carries: `Admitted` once, then `Token`s, then exactly one of
@@ -60,6 +78,11 @@ pub struct Sequence {
     pub arrived: Instant,
     /// Set at first admission: prompt tokens whose KV came from the prefix cache, time queued.
     pub admitted: Option<(usize, f64)>,
+    /// Whom the device time is billed to (also the prefix-cache namespace, via the salt).
+    pub tenant: Option<Arc<str>>,
+    /// The tenant's fair-share weight.
+    pub weight: u32,
+    pub device: DeviceTime,
 }
 
 impl Sequence {
@@ -110,6 +133,7 @@ impl Sequence {
             completion_tokens: self.num_generated(),
             cached_tokens,
             queue_secs,
+            device: self.device,
         }
     }
 }

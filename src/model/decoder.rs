@@ -162,6 +162,34 @@ fn rope_tables(
 }
 
 impl Decoder {
+    /// The constants of the device-time cost model (see `engine::metering`), from the loaded
+    /// weights.
+    pub fn cost_model(&self) -> crate::engine::metering::CostModel {
+        let per_token = self
+            .layers
+            .iter()
+            .map(|l| {
+                let qkv = match &l.qkv {
+                    QkvProj::Separate { q, k, v } => q.weights() + k.weights() + v.weights(),
+                    QkvProj::Fused(w) => w.weights(),
+                };
+                let gate_up = match &l.gate_up {
+                    GateUpProj::Separate { gate, up } => gate.weights() + up.weights(),
+                    GateUpProj::Fused(w) => w.weights(),
+                };
+                qkv + l.wo.weights() + gate_up + l.down.weights()
+            })
+            .sum();
+        crate::engine::metering::CostModel {
+            per_token,
+            per_logits_row: self.lm_head.weights(),
+            per_attended: 2 * (self.cfg.n_heads * self.cfg.head_dim) as u64,
+            windows: (0..self.cfg.n_layers)
+                .map(|i| self.cfg.layer_window(i))
+                .collect(),
+        }
+    }
+
     pub fn new(
         cfg: DecoderConfig,
         embed: Embeddings,

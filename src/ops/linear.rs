@@ -122,6 +122,16 @@ impl Linear {
         })
     }
 
+    /// Number of weights (n x k): multiply-accumulates per input row.
+    pub fn weights(&self) -> u64 {
+        let dims = match self {
+            Self::Cpu { n, k, .. } => return (*n * *k) as u64,
+            Self::Candle(QMatMul::QTensor(t)) => t.shape().dims().to_vec(),
+            Self::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.dims().to_vec(),
+        };
+        dims.iter().product::<usize>() as u64
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (weight, n, k, tiled) = match self {
             Self::Candle(m) => return Ok(m.forward(x)?),

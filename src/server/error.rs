@@ -15,6 +15,8 @@ pub struct ApiError {
     pub kind: &'static str,
     pub param: Option<&'static str>,
     pub code: Option<&'static str>,
+    /// `Retry-After` for a 429 or 503 (one second when unset).
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl ApiError {
@@ -25,6 +27,7 @@ impl ApiError {
             kind,
             param: None,
             code,
+            retry_after: None,
         }
     }
 
@@ -74,6 +77,41 @@ impl ApiError {
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
             Some(code),
+            message.into(),
+        )
+    }
+
+    /// A missing or unknown API key (OpenAI's shape and code).
+    pub fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            Some("invalid_api_key"),
+            "Missing or incorrect API key: send `Authorization: Bearer <key>` with a key \
+             configured for your tenant"
+                .into(),
+        )
+    }
+
+    /// Over one of the tenant's limits: 429 naming it, with the time until a retry can pass.
+    pub fn rate_limited(r: crate::tenancy::limits::Refusal) -> Self {
+        Self {
+            retry_after: Some(r.retry_after),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                Some("rate_limit_exceeded"),
+                r.message,
+            )
+        }
+    }
+
+    /// A valid key that may not do this.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "invalid_request_error",
+            Some("insufficient_permissions"),
             message.into(),
         )
     }
@@ -147,8 +185,13 @@ impl IntoResponse for ApiError {
         if self.status == StatusCode::TOO_MANY_REQUESTS
             || self.status == StatusCode::SERVICE_UNAVAILABLE
         {
+            // Whole seconds, rounded up (a retry sooner would be refused again).
+            let secs = self
+                .retry_after
+                .map_or(1, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
+                .max(1);
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }

@@ -12,7 +12,7 @@ use super::error::ApiError;
 use super::openai::{
     ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta, ChatLogprobs,
     ChatMessageOut, Completion, CompletionChoice, CompletionLogprobs, ErrorResponse, FinishReason,
-    PromptTokensDetails, TokenLogprob, TopLogprob, Usage,
+    PromptTokensDetails, ResponseMetrics, TokenLogprob, TopLogprob, Usage,
 };
 use super::validate::{Kind, Validated};
 use crate::engine::{self, EngineHandle, Event, Request};
@@ -24,10 +24,14 @@ pub struct Job {
     pub req: Validated,
     pub prompts: Vec<Vec<u32>>,
     pub engine: EngineHandle,
+    /// From the request's key: the prefix-cache namespace (and, later, whom the usage is billed to).
+    pub tenant: Arc<crate::tenancy::Tenant>,
+    /// The request's place under its tenant's limits, held until the response ends.
+    pub admission: crate::tenancy::limits::Admission,
     pub started: Instant,
 }
 
-/// One choice's usage, reported with its finish.
+/// One choice's usage and timings, reported with its finish.
 #[derive(Debug, Clone, Copy)]
 struct ChoiceUsage {
     prompt_tokens: usize,
@@ -35,6 +39,10 @@ struct ChoiceUsage {
     cached_tokens: usize,
     /// The first choice of each prompt carries the prompt's usage; the others only their output.
     counts_prompt: bool,
+    queue_secs: f64,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+    device: engine::DeviceTime,
 }
 
 #[derive(Debug)]
@@ -109,7 +117,8 @@ fn submit_all(job: &Job) -> Result<Vec<(usize, usize, flume::Receiver<Event>)>, 
             let rx = job.engine.submit(Request {
                 prompt: prompt.clone(),
                 params,
-                tenant: job.req.user.clone(),
+                tenant: Some(job.tenant.name.to_string()),
+                weight: job.tenant.weight,
             })?;
             out.push((pi * n + j, prompt.len(), rx));
         }
@@ -124,6 +133,9 @@ struct ChoiceState {
     text: TextStream,
     tok: Arc<Tokenizer>,
     labels: [(&'static str, String); 1],
+    /// Whom the tokens are counted for, and where completion tokens are charged.
+    tenant: Arc<str>,
+    limiter: Arc<crate::tenancy::limits::TenantLimiter>,
     want_logprobs: bool,
     started: Instant,
     last: Instant,
@@ -147,6 +159,30 @@ impl ChoiceState {
                 .increment(self.usage.prompt_tokens as u64);
         }
         metrics::counter!(names::REQUESTS_FINISHED, &self.labels).increment(1);
+        let prompt = if self.usage.counts_prompt {
+            self.usage.prompt_tokens
+        } else {
+            0
+        };
+        let cached = if self.usage.counts_prompt {
+            self.usage.cached_tokens
+        } else {
+            0
+        };
+        for (kind, n) in [
+            ("prompt", prompt),
+            ("cached", cached),
+            ("completion", self.usage.completion_tokens),
+        ] {
+            metrics::counter!(
+                names::TENANT_TOKENS,
+                "tenant" => self.tenant.to_string(),
+                "model" => self.labels[0].1.clone(),
+                "kind" => kind
+            )
+            .increment(n as u64);
+        }
+        self.limiter.charge(self.usage.completion_tokens);
         ChoiceEvent::Finished {
             reason,
             usage: self.usage,
@@ -161,6 +197,7 @@ impl ChoiceState {
                 queue_secs,
             }) => {
                 self.usage.cached_tokens = cached_tokens;
+                self.usage.queue_secs = queue_secs;
                 metrics::histogram!(names::QUEUE_TIME, &self.labels).record(queue_secs);
                 tracing::debug!(
                     choice = self.choice,
@@ -185,6 +222,8 @@ impl ChoiceState {
                         .record((now - self.last).as_secs_f64());
                 }
                 self.last = now;
+                self.usage.first_token.get_or_insert(now);
+                self.usage.last_token = Some(now);
                 self.usage.completion_tokens += 1;
                 metrics::counter!(names::GENERATION_TOKENS, &self.labels).increment(1);
                 let text = match self.text.push(s.token) {
@@ -205,6 +244,7 @@ impl ChoiceState {
             }
             Some(Event::Finished { reason, usage }) => {
                 self.usage.completion_tokens = usage.completion_tokens;
+                self.usage.device = usage.device;
                 let rest = self.text.finish().unwrap_or_default();
                 let reason = match reason {
                     engine::FinishReason::Length => FinishReason::Length,
@@ -260,6 +300,8 @@ fn updates(job: &Job) -> Result<BoxStream<'static, Update>, ApiError> {
             text: TextStream::new(job.engine.tokenizer.clone(), job.req.stops.clone()),
             tok: job.engine.tokenizer.clone(),
             labels: [("model", job.req.model.clone())],
+            tenant: job.tenant.name.clone(),
+            limiter: job.admission.limiter(),
             want_logprobs: job.req.want_logprobs,
             started: job.started,
             last: job.started,
@@ -268,6 +310,10 @@ fn updates(job: &Job) -> Result<BoxStream<'static, Update>, ApiError> {
                 completion_tokens: 0,
                 cached_tokens: 0,
                 counts_prompt: choice % job.req.n == 0,
+                queue_secs: 0.0,
+                first_token: None,
+                last_token: None,
+                device: engine::DeviceTime::default(),
             },
             done: false,
         })
@@ -298,6 +344,44 @@ fn usage_of(finishes: &[ChoiceUsage]) -> Usage {
     }
 }
 
+/// The request's measurements from its choices' usage; `started` is its arrival.
+fn metrics_of(finishes: &[ChoiceUsage], started: Instant) -> ResponseMetrics {
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    let first = finishes.iter().filter_map(|f| f.first_token).min();
+    let last = finishes.iter().filter_map(|f| f.last_token).max();
+    let (mut gaps, mut gap_time) = (0usize, std::time::Duration::ZERO);
+    for f in finishes {
+        if let (Some(a), Some(b)) = (f.first_token, f.last_token) {
+            gaps += f.completion_tokens.saturating_sub(1);
+            gap_time += b - a;
+        }
+    }
+    let completion: usize = finishes.iter().map(|f| f.completion_tokens).sum();
+    let device = finishes
+        .iter()
+        .fold(engine::DeviceTime::default(), |acc, f| engine::DeviceTime {
+            prefill: acc.prefill + f.device.prefill,
+            decode: acc.decode + f.device.decode,
+        });
+    let life = last.map_or(started.elapsed(), |l| l - started);
+    ResponseMetrics {
+        queue_time_ms: finishes
+            .iter()
+            .map(|f| f.queue_secs * 1e3)
+            .fold(0.0, f64::max),
+        time_to_first_token_ms: first.map(|t| ms(t - started)),
+        generation_time_ms: match (first, last) {
+            (Some(a), Some(b)) => ms(b - a),
+            _ => 0.0,
+        },
+        mean_itl_ms: (gaps > 0).then(|| ms(gap_time) / gaps as f64),
+        tokens_per_second: completion as f64 / life.as_secs_f64().max(1e-9),
+        device_time_ms: ms(device.total()),
+        prefill_device_time_ms: ms(device.prefill),
+        decode_device_time_ms: ms(device.decode),
+    }
+}
+
 /// Legacy completions' logprobs object; `offset` is the text offset of the first token.
 fn legacy_logprobs(lps: &[TokenLogprob], offset: usize) -> CompletionLogprobs {
     let mut out = CompletionLogprobs::default();
@@ -325,6 +409,15 @@ pub enum Body {
     Completion(Completion),
 }
 
+impl Body {
+    pub fn metrics(&self) -> Option<&ResponseMetrics> {
+        match self {
+            Self::Chat(c) => Some(&c.metrics),
+            Self::Completion(c) => c.metrics.as_ref(),
+        }
+    }
+}
+
 /// Run to completion: the fold over the updates.
 pub async fn complete(job: Job) -> Result<Body, ApiError> {
     let mut updates = updates(&job)?;
@@ -342,7 +435,9 @@ pub async fn complete(job: Job) -> Result<Body, ApiError> {
             ChoiceEvent::Failed(e) => return Err(ApiError::internal(e)),
         }
     }
-    let usage = usage_of(&finishes.iter().flatten().map(|f| f.1).collect::<Vec<_>>());
+    let done: Vec<ChoiceUsage> = finishes.iter().flatten().map(|f| f.1).collect();
+    let usage = usage_of(&done);
+    let metrics = metrics_of(&done, job.started);
     let reason = |i: usize| finishes[i].map(|f| f.0).unwrap_or(FinishReason::Stop);
     let want = job.req.want_logprobs;
     let (id, created, model) = (response_id(job.req.kind), now_secs(), job.req.model);
@@ -371,6 +466,7 @@ pub async fn complete(job: Job) -> Result<Body, ApiError> {
                 })
                 .collect(),
             usage,
+            metrics,
         }),
         Kind::Completion => Body::Completion(Completion {
             id,
@@ -389,6 +485,7 @@ pub async fn complete(job: Job) -> Result<Body, ApiError> {
                 })
                 .collect(),
             usage: Some(usage),
+            metrics: Some(metrics),
         }),
     })
 }
@@ -406,6 +503,10 @@ struct SseState {
     /// Text bytes sent per choice (legacy logprobs' offsets).
     offsets: Vec<usize>,
     finishes: Vec<ChoiceUsage>,
+    /// The request's arrival.
+    started: Instant,
+    /// Held while the stream runs (the tenant's concurrency slot).
+    _admission: crate::tenancy::limits::Admission,
     phase: Phase,
     /// Turns true at the server's drain deadline.
     cut: tokio::sync::watch::Receiver<bool>,
@@ -422,6 +523,9 @@ enum Phase {
 impl SseState {
     /// A chat chunk with these choices and usage, as JSON.
     fn chat_chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> String {
+        let metrics = usage
+            .is_some()
+            .then(|| metrics_of(&self.finishes, self.started));
         serde_json::to_string(&ChatCompletionChunk {
             id: self.id.clone(),
             object: "chat.completion.chunk",
@@ -429,12 +533,16 @@ impl SseState {
             model: self.model.clone(),
             choices,
             usage,
+            metrics,
         })
         .unwrap_or_default()
     }
 
     /// A text-completion chunk with these choices and usage, as JSON.
     fn completion_chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> String {
+        let metrics = usage
+            .is_some()
+            .then(|| metrics_of(&self.finishes, self.started));
         serde_json::to_string(&Completion {
             id: self.id.clone(),
             object: "text_completion",
@@ -442,6 +550,7 @@ impl SseState {
             model: self.model.clone(),
             choices,
             usage,
+            metrics,
         })
         .unwrap_or_default()
     }
@@ -590,6 +699,8 @@ pub fn stream(
         total,
         offsets: vec![0; total],
         finishes: Vec::new(),
+        started: job.started,
+        _admission: job.admission,
         phase: Phase::Start,
         cut,
     };

@@ -45,6 +45,34 @@ pub struct HttpConfig {
     pub allowed_hosts: Vec<String>,
     /// The address the server is bound to.
     pub bound: IpAddr,
+    /// Serve HTTPS with this certificate and key (plain HTTP when None).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// The TLS settings for a PEM certificate chain and private key; ALPN offers HTTP/2 and HTTP/1.1.
+pub fn tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> crate::Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &std::path::Path, e: &dyn std::fmt::Display| {
+        crate::HearthError::Config(format!("TLS {}: {e}", what.display()))
+    };
+    let certs = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad(cert, &e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(cert, &e))?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, &e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(cert, &e))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|e| bad(cert, &e))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
 }
 
 impl HttpConfig {
@@ -273,15 +301,15 @@ fn body_error(e: axum::Error) -> ApiError {
 /// parse (400 malformed, 414 URI too long, 431 headers too large) have no body; they get OpenAI's
 /// error body like every other error. The app's own errors always have a body, so a bodiless 4xx or
 /// 5xx head can only be hyper's.
-struct ErrorBodyIo {
-    inner: TcpStream,
+struct ErrorBodyIo<S> {
+    inner: S,
     /// Rewritten bytes still to send, and how many are sent.
     pending: Vec<u8>,
     sent: usize,
 }
 
-impl ErrorBodyIo {
-    fn new(inner: TcpStream) -> Self {
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> ErrorBodyIo<S> {
+    fn new(inner: S) -> Self {
         Self {
             inner,
             pending: Vec::new(),
@@ -325,7 +353,6 @@ impl ErrorBodyIo {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         use std::task::Poll;
-        use tokio::io::AsyncWrite;
         while self.sent < self.pending.len() {
             match std::pin::Pin::new(&mut self.inner).poll_write(cx, &self.pending[self.sent..]) {
                 Poll::Ready(Ok(0)) => {
@@ -342,7 +369,9 @@ impl ErrorBodyIo {
     }
 }
 
-impl tokio::io::AsyncRead for ErrorBodyIo {
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncRead
+    for ErrorBodyIo<S>
+{
     fn poll_read(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -352,7 +381,9 @@ impl tokio::io::AsyncRead for ErrorBodyIo {
     }
 }
 
-impl tokio::io::AsyncWrite for ErrorBodyIo {
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite
+    for ErrorBodyIo<S>
+{
     fn poll_write(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -474,12 +505,40 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let svc = TowerToHyperService::new(app.clone());
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(ErrorBodyIo::new(stream)), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let Some(tls) = cfg.tls.clone() else {
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(ErrorBodyIo::new(stream)), svc)
+                .into_owned();
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                drop(permit);
+            });
+            continue;
+        };
+        // The handshake runs in the connection's task (a slow client holds up no one else), bounded
+        // by the header timeout like a slow request head.
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let handshake_timeout = cfg.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let accept = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
+            let stream = match tokio::time::timeout(handshake_timeout, accept).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(ErrorBodyIo::new(stream)), svc)
+                .into_owned();
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             drop(permit);
@@ -502,6 +561,7 @@ mod tests {
             drain_bytes: 1,
             allowed_hosts: allowed.iter().map(|s| s.to_string()).collect(),
             bound: bound.parse().unwrap(),
+            tls: None,
         }
     }
 

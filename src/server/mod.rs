@@ -1,4 +1,5 @@
 //! The OpenAI-compatible HTTP server: axum routes over one engine per model.
+pub mod auth;
 pub mod error;
 pub mod generate;
 pub mod http;
@@ -7,8 +8,9 @@ pub mod routes;
 pub mod validate;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::routing::{get, post};
@@ -25,6 +27,7 @@ use crate::config::Config;
 use crate::engine::{Engine, EngineHandle};
 use crate::error::{HearthError, Result};
 use crate::model::Model;
+use crate::tenancy::Directory;
 
 pub struct AppState {
     /// Set once every model is loaded.
@@ -38,6 +41,35 @@ pub struct AppState {
     pub http: Arc<http::HttpConfig>,
     /// Turns true at the drain deadline: streams still running end with an error event.
     pub cut: tokio::sync::watch::Sender<bool>,
+    /// Tenants and keys; replaced whole on reload.
+    pub directory: RwLock<Arc<Directory>>,
+    pub metrics_require_key: bool,
+    /// Per-tenant rate limits and concurrency.
+    pub limiter: crate::tenancy::limits::Limiter,
+}
+
+impl AppState {
+    /// The current tenants and keys.
+    pub fn directory(&self) -> Arc<Directory> {
+        match self.directory.read() {
+            Ok(d) => d.clone(),
+            // A panic while swapping cannot leave a half-built directory (the swap is one store).
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Take the tenants and keys of `config` (a rotated or revoked key counts from the next
+    /// request). An invalid config changes nothing.
+    pub fn reload(&self, config: &Config) -> Result<()> {
+        let directory = Arc::new(config.directory()?);
+        let tenants = directory.tenants().len();
+        match self.directory.write() {
+            Ok(mut d) => *d = directory,
+            Err(poisoned) => *poisoned.into_inner() = directory,
+        }
+        tracing::info!(tenants, "tenants and keys reloaded");
+        Ok(())
+    }
 }
 
 pub struct Server {
@@ -73,7 +105,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(routes::metrics))
         .route("/openapi.json", get(routes::openapi))
         .fallback(routes::not_found)
-        .with_state(state)
+        .with_state(state.clone())
         .layer(
             ServiceBuilder::new()
                 .layer(axum::middleware::from_fn(http::drop_malformed_request_id))
@@ -85,12 +117,33 @@ pub fn router(state: Arc<AppState>) -> Router {
                     http.clone(),
                     http::guard,
                 ))
+                .layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    auth::require_key,
+                ))
                 .layer(RequestBodyTimeoutLayer::new(http.body_read_timeout)),
         )
 }
 
+/// The bearer-key scheme the `/v1` routes declare.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+            );
+    }
+}
+
 #[derive(utoipa::OpenApi)]
 #[openapi(
+    modifiers(&BearerAuth),
     info(
         title = "Hearth",
         description = "OpenAI-compatible LLM inference server"
@@ -130,6 +183,22 @@ impl Server {
     /// Bind, start serving (/health answers at once), and load the models in the background;
     /// /ready turns 200 when they are loaded.
     pub async fn start(config: Config, device: Device) -> Result<Self> {
+        let directory = config.directory()?;
+        if directory.is_open() {
+            tracing::warn!(
+                "no API keys configured: serving open, every request as tenant `{}` (local development only)",
+                crate::tenancy::OPEN_TENANT
+            );
+        }
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(http::tls_config(cert, key)?),
+            (None, None) => None,
+            _ => {
+                return Err(HearthError::Config(
+                    "tls_cert and tls_key go together: set both or neither".into(),
+                ))
+            }
+        };
         let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port)).await?;
         let state = Arc::new(AppState {
             engines: OnceLock::new(),
@@ -153,11 +222,20 @@ impl Server {
                 drain_bytes: config.max_body_bytes.max(1 << 20),
                 allowed_hosts: config.allowed_hosts.clone(),
                 bound: listener.local_addr()?.ip(),
+                tls,
             }),
             cut: tokio::sync::watch::channel(false).0,
+            directory: RwLock::new(Arc::new(directory)),
+            metrics_require_key: config.metrics_require_key,
+            limiter: Default::default(),
         });
         let addr = listener.local_addr()?;
-        tracing::info!(%addr, max_connections = state.http.max_connections, "listening");
+        tracing::info!(
+            %addr,
+            max_connections = state.http.max_connections,
+            https = state.http.tls.is_some(),
+            "listening"
+        );
         let stop = Arc::new(Notify::new());
         let app = router(state.clone());
         let stop_signal = stop.clone();
@@ -226,10 +304,36 @@ async fn termination() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
-/// `hearth serve`: run until SIGTERM / SIGINT, then drain and return.
-pub async fn run(config: Config, device: Device) -> Result<()> {
+/// On each SIGHUP, re-read the config file's tenants and keys. The signal is registered by the
+/// caller, before the models load, so an early SIGHUP cannot take the default action (exit).
+#[cfg(unix)]
+async fn reload_on_hangup(
+    mut hup: tokio::signal::unix::Signal,
+    state: Arc<AppState>,
+    path: Option<PathBuf>,
+) {
+    while hup.recv().await.is_some() {
+        let Some(path) = path.as_deref() else {
+            tracing::warn!("SIGHUP: no --config file to reload");
+            continue;
+        };
+        if let Err(e) = Config::load(Some(path)).and_then(|c| state.reload(&c)) {
+            tracing::error!(error = %e, "SIGHUP: config not reloaded; keeping the current keys");
+        }
+    }
+}
+
+/// `hearth serve`: run until SIGTERM / SIGINT, then drain and return. SIGHUP reloads the tenants
+/// and keys from `config_path`.
+pub async fn run(config: Config, config_path: Option<PathBuf>, device: Device) -> Result<()> {
     let drain = Duration::from_secs(config.drain_timeout_secs);
+    #[cfg(unix)]
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut server = Server::start(config, device).await?;
+    #[cfg(unix)]
+    tokio::spawn(reload_on_hangup(hup, server.state.clone(), config_path));
+    #[cfg(not(unix))]
+    let _ = config_path;
     tokio::select! {
         r = server.wait_ready() => r?,
         _ = termination() => {

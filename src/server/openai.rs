@@ -146,6 +146,26 @@ pub struct Usage {
     pub prompt_tokens_details: PromptTokensDetails,
 }
 
+/// Hearth's per-request measurements (vLLM's field names where it has them): wall-clock phases as
+/// the server saw them, and the request's metered share of device time (see `engine::metering`).
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
+pub struct ResponseMetrics {
+    /// Arrival to admission into the running batch (the longest of the choices').
+    pub queue_time_ms: f64,
+    /// Arrival to the first generated token; null when none was generated.
+    pub time_to_first_token_ms: Option<f64>,
+    /// First generated token to the last.
+    pub generation_time_ms: f64,
+    /// Mean time between consecutive tokens of a choice; null with fewer than two tokens.
+    pub mean_itl_ms: Option<f64>,
+    /// Completion tokens per second of the request's whole life.
+    pub tokens_per_second: f64,
+    /// This request's share of the device time of the engine steps it ran in.
+    pub device_time_ms: f64,
+    pub prefill_device_time_ms: f64,
+    pub decode_device_time_ms: f64,
+}
+
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct TopLogprob {
     pub token: String,
@@ -211,6 +231,7 @@ pub struct ChatCompletion {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
+    pub metrics: ResponseMetrics,
 }
 
 #[derive(Debug, Clone, Default, Serialize, ToSchema)]
@@ -239,6 +260,9 @@ pub struct ChatCompletionChunk {
     pub choices: Vec<ChatChunkChoice>,
     /// Only on the last chunk, when `stream_options.include_usage` is set (null otherwise).
     pub usage: Option<Usage>,
+    /// With the usage, on the last chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<ResponseMetrics>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -261,6 +285,9 @@ pub struct Completion {
     /// Absent on stream chunks but the usage one (OpenAI's schema does not allow null here).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// With the usage: on the whole response, and on the last stream chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<ResponseMetrics>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

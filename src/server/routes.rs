@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -23,6 +23,7 @@ use super::validate::{self, Input, Validated};
 use super::AppState;
 use crate::engine::EngineHandle;
 use crate::telemetry::names;
+use crate::tenancy::{Caller, Tenant};
 
 /// The body as JSON of type T: a body over the size limit is a 413 (see `http::read_body`),
 /// anything malformed a 400.
@@ -80,8 +81,61 @@ async fn tokenize(
     Ok(ids)
 }
 
+/// The tenant an inference request runs as: admin keys read usage, they run no inference.
+fn tenant_of(caller: Caller) -> Result<Arc<Tenant>, ApiError> {
+    match caller {
+        Caller::Tenant { tenant, .. } => Ok(tenant),
+        Caller::Admin { .. } => Err(ApiError::forbidden(
+            "admin keys read usage and metrics; inference needs a tenant's key",
+        )),
+    }
+}
+
+/// Count an inference request under its tenant, model (only a served one: a made-up name must not
+/// become a label) and HTTP status.
+fn count_request(state: &AppState, tenant: &Tenant, model: &str, status: StatusCode) {
+    let served = state
+        .engines
+        .get()
+        .is_some_and(|e| e.iter().any(|(n, _)| n == model));
+    metrics::counter!(
+        names::TENANT_REQUESTS,
+        "tenant" => tenant.name.to_string(),
+        "model" => if served { model.to_string() } else { String::new() },
+        "status" => status.as_u16().to_string()
+    )
+    .increment(1);
+}
+
+/// A request refused before its model is known still counts for its tenant.
+fn counted<T>(state: &AppState, tenant: &Tenant, r: Result<T, ApiError>) -> Result<T, ApiError> {
+    if let Err(e) = &r {
+        count_request(state, tenant, "", e.status);
+    }
+    r
+}
+
+/// Run a validated request and count it.
+async fn run(
+    state: Arc<AppState>,
+    req: Validated,
+    tenant: Arc<Tenant>,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    let model = req.model.clone();
+    let r = run_job(state.clone(), req, tenant.clone(), started).await;
+    let status = r.as_ref().map_or_else(|e| e.status, |resp| resp.status());
+    count_request(&state, &tenant, &model, status);
+    r
+}
+
 /// Validated -> model checks -> tokens -> the response (SSE map or JSON fold).
-async fn run(state: Arc<AppState>, req: Validated, started: Instant) -> Result<Response, ApiError> {
+async fn run_job(
+    state: Arc<AppState>,
+    req: Validated,
+    tenant: Arc<Tenant>,
+    started: Instant,
+) -> Result<Response, ApiError> {
     let engine = engine(&state, &req.model)?;
     if let Err(e) = validate::check_model(&req, &engine) {
         metrics::counter!(names::REJECTED_REQUESTS, "code" => e.code.unwrap_or("invalid"))
@@ -89,11 +143,18 @@ async fn run(state: Arc<AppState>, req: Validated, started: Instant) -> Result<R
         return Err(e);
     }
     let prompts = tokenize(&state, &req, &engine).await?;
+    let prompt_tokens = prompts.iter().map(Vec::len).sum::<usize>() * req.n;
+    let admission = state
+        .limiter
+        .admit(&tenant, prompt_tokens)
+        .map_err(ApiError::rate_limited)?;
     let stream = req.stream;
     let job = Job {
         req,
         prompts,
         engine,
+        tenant,
+        admission,
         started,
     };
     if stream {
@@ -103,7 +164,13 @@ async fn run(state: Arc<AppState>, req: Validated, started: Instant) -> Result<R
             .keep_alive(KeepAlive::default())
             .into_response())
     } else {
-        Ok(Json(generate::complete(job).await?).into_response())
+        let body = generate::complete(job).await?;
+        let device_ms = body.metrics().map_or(0.0, |m| m.device_time_ms);
+        let mut resp = Json(body).into_response();
+        if let Ok(v) = axum::http::HeaderValue::from_str(&format!("{device_ms:.3}")) {
+            resp.headers_mut().insert("x-hearth-device-time-ms", v);
+        }
+        Ok(resp)
     }
 }
 
@@ -112,21 +179,29 @@ async fn run(state: Arc<AppState>, req: Validated, started: Instant) -> Result<R
     responses(
         (status = 200, description = "The completion (JSON), or with `stream` its chunks as Server-Sent Events", body = ChatCompletion, content_type = "application/json"),
         (status = 200, description = "With `stream`: `data: <chunk>` events, then `data: [DONE]`", body = ChatCompletionChunk, content_type = "text/event-stream"),
-        (status = 400, body = ErrorResponse), (status = 404, body = ErrorResponse),
+        (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse),
+        (status = 403, body = ErrorResponse), (status = 404, body = ErrorResponse),
         (status = 413, body = ErrorResponse), (status = 415, body = ErrorResponse),
         (status = 429, body = ErrorResponse), (status = 500, body = ErrorResponse),
-        (status = 503, body = ErrorResponse)))]
+        (status = 503, body = ErrorResponse)),
+    security(("bearer" = [])))]
 pub async fn chat(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let req = validate::chat(
-        parse::<ChatRequest>(&state, &headers, body).await?,
-        &state.limits,
-    )?;
-    run(state, req, started).await
+    let tenant = tenant_of(caller)?;
+    let req = async {
+        validate::chat(
+            parse::<ChatRequest>(&state, &headers, body).await?,
+            &state.limits,
+        )
+    }
+    .await;
+    let req = counted(&state, &tenant, req)?;
+    run(state, req, tenant, started).await
 }
 
 /// Create a text completion.
@@ -134,25 +209,35 @@ pub async fn chat(
     responses(
         (status = 200, description = "The completion (JSON), or with `stream` its chunks as Server-Sent Events", body = Completion, content_type = "application/json"),
         (status = 200, description = "With `stream`: `data: <chunk>` events, then `data: [DONE]`", body = Completion, content_type = "text/event-stream"),
-        (status = 400, body = ErrorResponse), (status = 404, body = ErrorResponse),
+        (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse),
+        (status = 403, body = ErrorResponse), (status = 404, body = ErrorResponse),
         (status = 413, body = ErrorResponse), (status = 415, body = ErrorResponse),
         (status = 429, body = ErrorResponse), (status = 500, body = ErrorResponse),
-        (status = 503, body = ErrorResponse)))]
+        (status = 503, body = ErrorResponse)),
+    security(("bearer" = [])))]
 pub async fn completions(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let req = validate::completion(
-        parse::<CompletionRequest>(&state, &headers, body).await?,
-        &state.limits,
-    )?;
-    run(state, req, started).await
+    let tenant = tenant_of(caller)?;
+    let req = async {
+        validate::completion(
+            parse::<CompletionRequest>(&state, &headers, body).await?,
+            &state.limits,
+        )
+    }
+    .await;
+    let req = counted(&state, &tenant, req)?;
+    run(state, req, tenant, started).await
 }
 
 /// The served models.
-#[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList)))]
+#[utoipa::path(get, path = "/v1/models",
+    responses((status = 200, body = ModelList), (status = 401, body = ErrorResponse)),
+    security(("bearer" = [])))]
 pub async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
     let data = state
         .engines
@@ -199,6 +284,8 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
 /// Prometheus text: engine gauges are read at scrape time from the same counters the engine keeps.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, body = String, content_type = "text/plain", description = "Prometheus exposition format")))]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let mut engine_secs = Vec::new();
+    let mut tenant_secs = Vec::new();
     if let Some(engines) = state.engines.get() {
         for (name, e) in engines {
             let labels = [("model", name.clone())];
@@ -214,15 +301,37 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             metrics::counter!(names::PREFIX_HITS, &labels).absolute(s.prefix_hit_tokens);
             metrics::counter!(names::PREEMPTIONS, &labels).absolute(s.preemptions);
             metrics::counter!(names::ENGINE_STEPS, &labels).absolute(s.steps);
-            metrics::counter!(names::ENGINE_DEVICE_TIME, &labels).absolute(s.device_micros);
+            engine_secs.push((name.clone(), s.device_nanos as f64 / 1e9));
+            for (tenant, nanos) in &s.tenant_device_nanos {
+                if !tenant.is_empty() {
+                    tenant_secs.push((tenant.clone(), name.clone(), *nanos as f64 / 1e9));
+                }
+            }
         }
     }
+    let mut text = state.prometheus.render();
+    text.push_str(&crate::telemetry::render_seconds_counter(
+        names::ENGINE_DEVICE_SECONDS,
+        "Device time of engine steps (CUDA events on a GPU, the forward's wall time on the CPU).",
+        &engine_secs
+            .iter()
+            .map(|(m, v)| (vec![("model", m.as_str())], *v))
+            .collect::<Vec<_>>(),
+    ));
+    text.push_str(&crate::telemetry::render_seconds_counter(
+        names::TENANT_DEVICE_SECONDS,
+        "Engine device time split over the tenants whose requests shared each step.",
+        &tenant_secs
+            .iter()
+            .map(|(t, m, v)| (vec![("tenant", &**t), ("model", m.as_str())], *v))
+            .collect::<Vec<_>>(),
+    ));
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        state.prometheus.render(),
+        text,
     )
         .into_response()
 }

@@ -18,15 +18,47 @@ pub mod names {
     pub const PREFIX_HITS: &str = "hearth_prefix_cache_hits_total";
     pub const PREEMPTIONS: &str = "hearth_num_preemptions_total";
     pub const ENGINE_STEPS: &str = "hearth_engine_steps_total";
-    /// Device time of engine steps (CUDA events on a GPU, wall time on the CPU).
-    pub const ENGINE_DEVICE_TIME: &str = "hearth_engine_device_time_microseconds_total";
+    /// Device time of engine steps (CUDA events on a GPU, the forward's wall time on the CPU).
+    pub const ENGINE_DEVICE_SECONDS: &str = "hearth_engine_device_seconds_total";
+    /// The same time split over the tenants whose requests ran (see `engine::metering`).
+    pub const TENANT_DEVICE_SECONDS: &str = "hearth_tenant_device_seconds_total";
+    /// Tokens by tenant, model and kind (prompt, cached, completion).
+    pub const TENANT_TOKENS: &str = "hearth_tenant_tokens_total";
+    /// Inference requests by tenant, model and HTTP status.
+    pub const TENANT_REQUESTS: &str = "hearth_tenant_requests_total";
     /// Requests whose prompts were tokenized (a refused request never gets here).
     pub const TOKENIZED_REQUESTS: &str = "hearth_tokenized_requests_total";
+    /// Requests refused for a missing or unknown API key (counted only: no tenant to bill).
+    pub const UNAUTHORIZED_REQUESTS: &str = "hearth_unauthorized_requests_total";
     /// Requests refused before tokenization, by reason (`code`).
     pub const REJECTED_REQUESTS: &str = "hearth_rejected_requests_total";
 }
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// A counter family with fractional values in Prometheus text format (the `metrics` crate's
+/// counters are integers; seconds are the base unit promtool asks for).
+pub fn render_seconds_counter(
+    name: &str,
+    help: &str,
+    samples: &[(Vec<(&str, &str)>, f64)],
+) -> String {
+    let escape = |v: &str| {
+        v.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    };
+    let mut out = format!("# HELP {name} {help}\n# TYPE {name} counter\n");
+    for (labels, value) in samples {
+        let labels: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+            .collect();
+        out.push_str(&format!("{name}{{{}}} {value}\n", labels.join(",")));
+    }
+    out
+}
+
 use std::sync::OnceLock;
 
 /// The process-wide Prometheus recorder (installed once; later calls share it).
