@@ -16,6 +16,10 @@ pub struct ModelEntry {
     pub path: PathBuf,
 }
 
+/// Where the usage ledger lives unless the config says otherwise (the data directory, relative
+/// to the working directory).
+pub const DEFAULT_LEDGER: &str = "data/usage.sqlite3";
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -59,6 +63,10 @@ pub struct Config {
     /// Serve HTTPS with this PEM certificate chain and private key (both or neither).
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// The usage ledger (SQLite); unset: no ledger.
+    pub ledger_path: Option<PathBuf>,
+    /// Ledger rows older than this are pruned (0: kept forever).
+    pub ledger_retention_days: u32,
 }
 
 impl Default for Config {
@@ -97,6 +105,8 @@ impl Default for Config {
             metrics_require_key: false,
             tls_cert: None,
             tls_key: None,
+            ledger_path: Some(DEFAULT_LEDGER.into()),
+            ledger_retention_days: 400,
         }
     }
 }

@@ -4,6 +4,7 @@ pub mod config;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod ledger;
 pub mod loader;
 pub mod logits;
 pub mod model;

@@ -10,11 +10,6 @@ use hearth::engine::{Engine, EngineConfig, Event, Request, SamplingParams};
 use hearth::model::{AttentionBackend, ChatMessage, Model};
 use hearth::text::TextStream;
 
-/// See Cargo.toml: per-step buffers of tens of megabytes are reused instead of re-mapped.
-#[cfg(unix)]
-#[global_allocator]
-static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 #[derive(Parser)]
 #[command(name = "hearth", version, about = "Self-hosted LLM inference server")]
 struct Cli {
@@ -63,6 +58,9 @@ enum Cmd {
         /// cuda:N, metal, cpu (default: the config's, else the best available).
         #[arg(long)]
         device: Option<String>,
+        /// The usage ledger file (default: the config's, else data/usage.sqlite3).
+        #[arg(long)]
+        ledger: Option<PathBuf>,
     },
     /// Measure prefill and decode throughput of a model on this machine.
     Bench(hearth::bench::BenchArgs),
@@ -82,6 +80,25 @@ enum Cmd {
         #[arg(long)]
         attention: Option<String>,
     },
+    /// Usage totals from a usage ledger, as a table, CSV or JSON (for finance exports).
+    Usage {
+        #[arg(long, default_value = hearth::config::DEFAULT_LEDGER)]
+        ledger: PathBuf,
+        /// Unix seconds, inclusive.
+        #[arg(long)]
+        start: Option<i64>,
+        /// Unix seconds, exclusive.
+        #[arg(long)]
+        end: Option<i64>,
+        /// Any of tenant,model,user,day.
+        #[arg(long, default_value = "")]
+        group_by: String,
+        #[arg(long)]
+        tenant: Option<String>,
+        /// table, csv or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
     /// Write a model's tokenizer as a Hugging Face tokenizer.json.
     ExportTokenizer {
         #[arg(long)]
@@ -91,17 +108,140 @@ enum Cmd {
     },
 }
 
+/// The ledger's totals in `format` (table, csv, json).
+fn print_usage(
+    rows: &[hearth::ledger::UsageRow],
+    group_by: &[hearth::ledger::GroupBy],
+    format: &str,
+) -> Result<()> {
+    use hearth::ledger::GroupBy;
+    if format == "json" {
+        let v = serde_json::json!({"object": "list", "data": rows});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let mut header: Vec<&str> = group_by
+        .iter()
+        .map(|g| match g {
+            GroupBy::Tenant => "tenant",
+            GroupBy::Model => "model",
+            GroupBy::User => "user",
+            GroupBy::Day => "day",
+        })
+        .collect();
+    header.extend([
+        "requests",
+        "prompt_tokens",
+        "cached_tokens",
+        "completion_tokens",
+        "device_time_ms",
+    ]);
+    let lines: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let mut cells: Vec<String> = group_by
+                .iter()
+                .map(|g| {
+                    match g {
+                        GroupBy::Tenant => &r.tenant,
+                        GroupBy::Model => &r.model,
+                        GroupBy::User => &r.user,
+                        GroupBy::Day => &r.day,
+                    }
+                    .clone()
+                    .unwrap_or_default()
+                })
+                .collect();
+            cells.extend([
+                r.requests.to_string(),
+                r.prompt_tokens.to_string(),
+                r.cached_tokens.to_string(),
+                r.completion_tokens.to_string(),
+                format!("{:.3}", r.device_time_ms),
+            ]);
+            cells
+        })
+        .collect();
+    match format {
+        "csv" => {
+            let quote = |c: &str| {
+                if c.contains([',', '"', '\n']) {
+                    format!("\"{}\"", c.replace('"', "\"\""))
+                } else {
+                    c.to_string()
+                }
+            };
+            println!("{}", header.join(","));
+            for l in &lines {
+                println!(
+                    "{}",
+                    l.iter().map(|c| quote(c)).collect::<Vec<_>>().join(",")
+                );
+            }
+        }
+        "table" => {
+            let widths: Vec<usize> = (0..header.len())
+                .map(|i| {
+                    lines
+                        .iter()
+                        .map(|l| l[i].len())
+                        .chain([header[i].len()])
+                        .max()
+                        .unwrap_or(0)
+                })
+                .collect();
+            let row = |cells: Vec<&str>| {
+                cells
+                    .iter()
+                    .zip(&widths)
+                    .map(|(c, w)| format!("{c:<w$}"))
+                    .collect::<Vec<_>>()
+                    .join("  ")
+            };
+            println!("{}", row(header.clone()));
+            for l in &lines {
+                println!("{}", row(l.iter().map(String::as_str).collect()));
+            }
+        }
+        other => anyhow::bail!("--format {other}: expected table, csv or json"),
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     hearth::telemetry::init_tracing();
     match Cli::parse().cmd {
+        Cmd::Usage {
+            ledger,
+            start,
+            end,
+            group_by,
+            tenant,
+            format,
+        } => {
+            let group_by = hearth::ledger::GroupBy::parse_list(&group_by)?;
+            let q = hearth::ledger::UsageQuery {
+                start,
+                end,
+                tenant,
+                group_by: group_by.clone(),
+            };
+            anyhow::ensure!(ledger.exists(), "no usage ledger at {}", ledger.display());
+            let rows = hearth::ledger::query::run(&ledger, &q)?;
+            print_usage(&rows, &group_by, &format)?;
+        }
         Cmd::Serve {
             config,
             host,
             port,
             models,
             device,
+            ledger,
         } => {
             let mut cfg = Config::load(config.as_deref())?;
+            if ledger.is_some() {
+                cfg.ledger_path = ledger;
+            }
             if device.is_some() {
                 cfg.device = device;
             }

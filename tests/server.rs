@@ -322,9 +322,14 @@ fn sigterm_drains_and_exits_zero() {
         .local_addr()
         .unwrap()
         .port();
+    let ledger =
+        std::env::temp_dir().join(format!("hearth-sigterm-{}.sqlite3", std::process::id()));
+    let _ = std::fs::remove_file(&ledger);
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
         .args(["serve", "--port", &port.to_string(), "--model"])
         .arg(format!("smol={}", common::smollm2().display()))
+        .arg("--ledger")
+        .arg(&ledger)
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -343,19 +348,30 @@ fn sigterm_drains_and_exits_zero() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let b = base.clone();
-    let inflight = std::thread::spawn(move || {
-        post(&b, "/v1/completions", &json!({"model": "smol", "prompt": "Count:", "max_tokens": 40, "temperature": 0, "ignore_eos": true}).to_string())
-    });
+    let inflight: Vec<_> = (0..4)
+        .map(|i| {
+            let b = base.clone();
+            std::thread::spawn(move || {
+                post(&b, "/v1/completions", &json!({"model": "smol", "prompt": format!("Count {i}:"), "max_tokens": 40, "temperature": 0, "ignore_eos": true}).to_string())
+            })
+        })
+        .collect();
     std::thread::sleep(Duration::from_millis(300));
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
-    let (st, v, _) = inflight.join().unwrap();
-    assert_eq!(st, 200, "{v}");
-    assert_eq!(v["usage"]["completion_tokens"], 40);
+    for h in inflight {
+        let (st, v, _) = h.join().unwrap();
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], 40);
+    }
     let status = child.wait().unwrap();
     assert!(status.success(), "exit status {status:?}");
+    // Every request drained by SIGTERM is in the usage ledger.
+    let totals = hearth::ledger::query::run(&ledger, &Default::default()).unwrap();
+    assert_eq!(totals[0].requests, 4, "{totals:?}");
+    assert_eq!(totals[0].completion_tokens, 160);
+    let _ = std::fs::remove_file(&ledger);
 }

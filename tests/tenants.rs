@@ -2,7 +2,7 @@
 //! by key (never by the `user` field), open probes, and live key rotation by SIGHUP.
 mod common;
 
-use common::{agent, TestServer};
+use common::{agent, call, TestServer};
 use hearth::tenancy::TenantConfig;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -22,49 +22,6 @@ fn keyed(name: &str, metrics_require_key: bool) -> TestServer {
         ];
         c.metrics_require_key = metrics_require_key;
     })
-}
-
-/// Status, JSON body and the `www-authenticate` header of a request with an optional key.
-fn call(
-    base: &str,
-    method: &str,
-    path: &str,
-    key: Option<&str>,
-    body: Option<&Value>,
-) -> (u16, Value, Option<String>) {
-    let url = format!("{base}{path}");
-    let auth = key.map(|k| format!("Bearer {k}"));
-    let mut r = match (method, body) {
-        ("GET", _) => {
-            let mut rq = agent().get(&url);
-            if let Some(a) = &auth {
-                rq = rq.header("authorization", a);
-            }
-            rq.call()
-        }
-        (_, b) => {
-            let mut rq = agent()
-                .post(&url)
-                .header("content-type", "application/json");
-            if let Some(a) = &auth {
-                rq = rq.header("authorization", a);
-            }
-            rq.send(b.map(Value::to_string).unwrap_or_default())
-        }
-    }
-    .expect("request sent");
-    let status = r.status().as_u16();
-    let www = r
-        .headers()
-        .get("www-authenticate")
-        .and_then(|v| v.to_str().ok())
-        .map(String::from);
-    let text = r.body_mut().read_to_string().unwrap_or_default();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::Null),
-        www,
-    )
 }
 
 fn chat(model: &str, content: &str, user: Option<&str>) -> Value {
@@ -199,7 +156,8 @@ fn sighup_rotates_keys_without_a_restart() {
         .port();
     let write = |keys: &str| {
         let text = format!(
-            "port = {port}\nkv_cache_mib = 64\n[[models]]\nname = \"smol\"\npath = \"{}\"\n[[tenants]]\nname = \"team-a\"\napi_keys = [{keys}]\n",
+            "port = {port}\nkv_cache_mib = 64\nledger_path = \"{}\"\n[[models]]\nname = \"smol\"\npath = \"{}\"\n[[tenants]]\nname = \"team-a\"\napi_keys = [{keys}]\n",
+            dir.join("usage.sqlite3").display(),
             common::smollm2().display()
         );
         std::fs::write(&cfg, text).unwrap();

@@ -8,6 +8,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use futures_util::stream::{self, BoxStream, Stream, StreamExt};
 use rand::distr::{Alphanumeric, SampleString};
 
+use super::billing::{Ending, Receipt};
 use super::error::ApiError;
 use super::openai::{
     ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta, ChatLogprobs,
@@ -28,6 +29,8 @@ pub struct Job {
     pub tenant: Arc<crate::tenancy::Tenant>,
     /// The request's place under its tenant's limits, held until the response ends.
     pub admission: crate::tenancy::limits::Admission,
+    /// Its ledger row, written when the response ends.
+    pub receipt: Receipt,
     pub started: Instant,
 }
 
@@ -344,6 +347,14 @@ fn usage_of(finishes: &[ChoiceUsage]) -> Usage {
     }
 }
 
+/// The first choice's finish reason (the ledger keeps one per request).
+fn reason_of_first(finishes: &[Option<(FinishReason, ChoiceUsage)>]) -> FinishReason {
+    finishes
+        .first()
+        .and_then(|f| f.map(|f| f.0))
+        .unwrap_or(FinishReason::Stop)
+}
+
 /// The request's measurements from its choices' usage; `started` is its arrival.
 fn metrics_of(finishes: &[ChoiceUsage], started: Instant) -> ResponseMetrics {
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
@@ -419,8 +430,16 @@ impl Body {
 }
 
 /// Run to completion: the fold over the updates.
-pub async fn complete(job: Job) -> Result<Body, ApiError> {
-    let mut updates = updates(&job)?;
+pub async fn complete(mut job: Job) -> Result<Body, ApiError> {
+    let mut updates = match updates(&job) {
+        Ok(u) => u,
+        Err(e) => {
+            job.receipt.finish(Ending::Refused {
+                status: e.status.as_u16(),
+            });
+            return Err(e);
+        }
+    };
     let total = job.prompts.len() * job.req.n;
     let mut texts = vec![String::new(); total];
     let mut lps: Vec<Vec<TokenLogprob>> = vec![Vec::new(); total];
@@ -432,12 +451,20 @@ pub async fn complete(job: Job) -> Result<Body, ApiError> {
                 lps[u.choice].extend(logprobs);
             }
             ChoiceEvent::Finished { reason, usage } => finishes[u.choice] = Some((reason, usage)),
-            ChoiceEvent::Failed(e) => return Err(ApiError::internal(e)),
+            ChoiceEvent::Failed(e) => {
+                job.receipt.finish(Ending::Failed);
+                return Err(ApiError::internal(e));
+            }
         }
     }
     let done: Vec<ChoiceUsage> = finishes.iter().flatten().map(|f| f.1).collect();
     let usage = usage_of(&done);
     let metrics = metrics_of(&done, job.started);
+    job.receipt.finish(Ending::Finished {
+        reason: reason_of_first(&finishes),
+        usage: &usage,
+        metrics: &metrics,
+    });
     let reason = |i: usize| finishes[i].map(|f| f.0).unwrap_or(FinishReason::Stop);
     let want = job.req.want_logprobs;
     let (id, created, model) = (response_id(job.req.kind), now_secs(), job.req.model);
@@ -507,6 +534,9 @@ struct SseState {
     started: Instant,
     /// Held while the stream runs (the tenant's concurrency slot).
     _admission: crate::tenancy::limits::Admission,
+    receipt: Receipt,
+    /// The first choice to finish's reason, for the ledger.
+    first_reason: Option<FinishReason>,
     phase: Phase,
     /// Turns true at the server's drain deadline.
     cut: tokio::sync::watch::Receiver<bool>,
@@ -607,6 +637,25 @@ impl SseState {
         self.chat_chunk(choices, None)
     }
 
+    /// Usage and measurements of the choices finished so far.
+    fn totals(&self) -> (Usage, ResponseMetrics) {
+        (
+            usage_of(&self.finishes),
+            metrics_of(&self.finishes, self.started),
+        )
+    }
+
+    /// Write the ledger row of a stream that ends early, with what was counted by then.
+    fn finish_cut(&mut self, status: u16, reason: &'static str) {
+        let (usage, metrics) = self.totals();
+        self.receipt.finish(Ending::Cut {
+            status,
+            reason,
+            usage: &usage,
+            metrics: &metrics,
+        });
+    }
+
     fn usage_chunk(&self) -> String {
         let usage = Some(usage_of(&self.finishes));
         match self.kind {
@@ -627,20 +676,28 @@ impl SseState {
                 }
                 Phase::Body => {
                     let next = tokio::select! {
-                        u = self.updates.next() => u,
-                        Ok(_) = self.cut.wait_for(|cut| *cut) => {
-                            self.phase = Phase::Done;
-                            let err = ErrorResponse::new(
-                                "the server is shutting down: this stream was cut at the drain deadline",
-                                "server_error",
-                                None,
-                                Some("shutting_down"),
-                            );
-                            return Some(serde_json::to_string(&err).unwrap_or_default());
-                        }
+                        u = self.updates.next() => Some(u),
+                        Ok(_) = self.cut.wait_for(|cut| *cut) => None,
+                    };
+                    let Some(next) = next else {
+                        self.phase = Phase::Done;
+                        self.finish_cut(503, "shutting_down");
+                        let err = ErrorResponse::new(
+                            "the server is shutting down: this stream was cut at the drain deadline",
+                            "server_error",
+                            None,
+                            Some("shutting_down"),
+                        );
+                        return Some(serde_json::to_string(&err).unwrap_or_default());
                     };
                     let Some(u) = next else {
                         self.phase = Phase::Done;
+                        let (usage, metrics) = self.totals();
+                        self.receipt.finish(Ending::Finished {
+                            reason: self.first_reason.unwrap_or(FinishReason::Stop),
+                            usage: &usage,
+                            metrics: &metrics,
+                        });
                         if self.include_usage {
                             return Some(self.usage_chunk());
                         }
@@ -650,10 +707,12 @@ impl SseState {
                         ChoiceEvent::Text { text, logprobs } => (text, logprobs, None),
                         ChoiceEvent::Finished { reason, usage } => {
                             self.finishes.push(usage);
+                            self.first_reason.get_or_insert(reason);
                             (String::new(), Vec::new(), Some(reason))
                         }
                         ChoiceEvent::Failed(e) => {
                             self.phase = Phase::Done;
+                            self.receipt.finish(Ending::Failed);
                             let err = ErrorResponse::new(
                                 &e,
                                 "server_error",
@@ -680,13 +739,29 @@ impl SseState {
     }
 }
 
+impl Drop for SseState {
+    /// A stream dropped before its end: the client left (a finished stream's row is already
+    /// written, and this does nothing).
+    fn drop(&mut self) {
+        self.finish_cut(499, "client_closed");
+    }
+}
+
 /// Start the choices and return the SSE data payloads: the map over the updates, then the usage
 /// chunk (if asked for) and `[DONE]`.
 pub fn stream(
-    job: Job,
+    mut job: Job,
     cut: tokio::sync::watch::Receiver<bool>,
 ) -> Result<impl Stream<Item = String> + Send + 'static, ApiError> {
-    let updates = updates(&job)?;
+    let updates = match updates(&job) {
+        Ok(u) => u,
+        Err(e) => {
+            job.receipt.finish(Ending::Refused {
+                status: e.status.as_u16(),
+            });
+            return Err(e);
+        }
+    };
     let total = job.prompts.len() * job.req.n;
     let st = SseState {
         updates,
@@ -701,6 +776,8 @@ pub fn stream(
         finishes: Vec::new(),
         started: job.started,
         _admission: job.admission,
+        receipt: job.receipt,
+        first_reason: None,
         phase: Phase::Start,
         cut,
     };

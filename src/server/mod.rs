@@ -1,5 +1,6 @@
 //! The OpenAI-compatible HTTP server: axum routes over one engine per model.
 pub mod auth;
+pub mod billing;
 pub mod error;
 pub mod generate;
 pub mod http;
@@ -46,6 +47,8 @@ pub struct AppState {
     pub metrics_require_key: bool,
     /// Per-tenant rate limits and concurrency.
     pub limiter: crate::tenancy::limits::Limiter,
+    /// The usage ledger (None when `ledger_path` is unset).
+    pub ledger: Option<Arc<crate::ledger::Ledger>>,
 }
 
 impl AppState {
@@ -100,6 +103,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(routes::chat))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/models", get(routes::models))
+        .route("/v1/usage", get(routes::usage))
         .route("/health", get(routes::health))
         .route("/ready", get(routes::ready))
         .route("/metrics", get(routes::metrics))
@@ -152,6 +156,7 @@ impl utoipa::Modify for BearerAuth {
         routes::chat,
         routes::completions,
         routes::models,
+        routes::usage,
         routes::health,
         routes::ready,
         routes::metrics,
@@ -228,6 +233,10 @@ impl Server {
             directory: RwLock::new(Arc::new(directory)),
             metrics_require_key: config.metrics_require_key,
             limiter: Default::default(),
+            ledger: config
+                .ledger_path
+                .as_deref()
+                .map(|p| Arc::new(crate::ledger::Ledger::open(p, config.ledger_retention_days))),
         });
         let addr = listener.local_addr()?;
         tracing::info!(
@@ -282,6 +291,10 @@ impl Server {
             {
                 tracing::warn!("exiting with connections still open");
             }
+        }
+        // Every request has ended (or been cut): commit their ledger rows before exiting.
+        if let Some(ledger) = self.state.ledger.clone() {
+            let _ = tokio::task::spawn_blocking(move || ledger.close()).await;
         }
     }
 }

@@ -299,6 +299,27 @@ pub struct ModelCard {
     pub owned_by: &'static str,
 }
 
+/// `GET /v1/usage`: totals per group, from the usage ledger.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct UsageList {
+    /// Always `list`.
+    pub object: &'static str,
+    pub data: Vec<crate::ledger::UsageRow>,
+}
+
+/// `GET /v1/usage` parameters.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+pub struct UsageParams {
+    /// Unix seconds, inclusive (default: the beginning).
+    pub start: Option<i64>,
+    /// Unix seconds, exclusive (default: now).
+    pub end: Option<i64>,
+    /// Any of `tenant,model,user,day`, comma-separated (default: one total).
+    pub group_by: Option<String>,
+    /// Admin keys only: one tenant's rows (a tenant key always reads its own).
+    pub tenant: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ModelList {
     /// Always `list`.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{Extension, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -13,15 +13,17 @@ use axum::Json;
 use futures_util::StreamExt;
 use serde_json::json;
 
+use super::billing::{Ending, Receipt};
 use super::error::ApiError;
 use super::generate::{self, Job};
 use super::openai::{
     ChatCompletion, ChatCompletionChunk, ChatRequest, Completion, CompletionRequest, ErrorResponse,
-    ModelCard, ModelList,
+    ModelCard, ModelList, UsageList, UsageParams,
 };
 use super::validate::{self, Input, Validated};
 use super::AppState;
 use crate::engine::EngineHandle;
+use crate::ledger::{GroupBy, UsageQuery};
 use crate::telemetry::names;
 use crate::tenancy::{Caller, Tenant};
 
@@ -82,9 +84,9 @@ async fn tokenize(
 }
 
 /// The tenant an inference request runs as: admin keys read usage, they run no inference.
-fn tenant_of(caller: Caller) -> Result<Arc<Tenant>, ApiError> {
+fn tenant_of(caller: Caller) -> Result<(Arc<Tenant>, Arc<str>), ApiError> {
     match caller {
-        Caller::Tenant { tenant, .. } => Ok(tenant),
+        Caller::Tenant { tenant, key_id } => Ok((tenant, key_id)),
         Caller::Admin { .. } => Err(ApiError::forbidden(
             "admin keys read usage and metrics; inference needs a tenant's key",
         )),
@@ -107,24 +109,56 @@ fn count_request(state: &AppState, tenant: &Tenant, model: &str, status: StatusC
     .increment(1);
 }
 
-/// A request refused before its model is known still counts for its tenant.
-fn counted<T>(state: &AppState, tenant: &Tenant, r: Result<T, ApiError>) -> Result<T, ApiError> {
+/// A request refused before its model is known still counts, and is a ledger row, for its tenant.
+fn counted<T>(
+    state: &AppState,
+    tenant: &Tenant,
+    receipt: &mut Receipt,
+    r: Result<T, ApiError>,
+) -> Result<T, ApiError> {
     if let Err(e) = &r {
         count_request(state, tenant, "", e.status);
+        receipt.finish(Ending::Refused {
+            status: e.status.as_u16(),
+        });
     }
     r
 }
 
-/// Run a validated request and count it.
+/// The ledger row of a request by this tenant, begun at its arrival.
+fn receipt(
+    state: &AppState,
+    headers: &HeaderMap,
+    tenant: &Tenant,
+    key_id: &str,
+    started: Instant,
+) -> Receipt {
+    let request_id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    Receipt::new(state.ledger.clone(), tenant, key_id, request_id, started)
+}
+
+/// Run a validated request, count it, and see that its ledger row is written.
 async fn run(
     state: Arc<AppState>,
     req: Validated,
     tenant: Arc<Tenant>,
+    mut receipt: Receipt,
     started: Instant,
 ) -> Result<Response, ApiError> {
     let model = req.model.clone();
-    let r = run_job(state.clone(), req, tenant.clone(), started).await;
+    receipt.set_request(&model, req.user.as_deref());
+    // The job takes the receipt once it exists; until then a refusal writes the row here.
+    let mut slot = Some(receipt);
+    let r = run_job(state.clone(), req, tenant.clone(), &mut slot, started).await;
     let status = r.as_ref().map_or_else(|e| e.status, |resp| resp.status());
+    if let Some(mut receipt) = slot {
+        receipt.finish(Ending::Refused {
+            status: status.as_u16(),
+        });
+    }
     count_request(&state, &tenant, &model, status);
     r
 }
@@ -134,6 +168,7 @@ async fn run_job(
     state: Arc<AppState>,
     req: Validated,
     tenant: Arc<Tenant>,
+    receipt: &mut Option<Receipt>,
     started: Instant,
 ) -> Result<Response, ApiError> {
     let engine = engine(&state, &req.model)?;
@@ -149,12 +184,16 @@ async fn run_job(
         .admit(&tenant, prompt_tokens)
         .map_err(ApiError::rate_limited)?;
     let stream = req.stream;
+    let receipt = receipt
+        .take()
+        .ok_or_else(|| ApiError::internal("the request's ledger receipt was taken twice"))?;
     let job = Job {
         req,
         prompts,
         engine,
         tenant,
         admission,
+        receipt,
         started,
     };
     if stream {
@@ -192,7 +231,8 @@ pub async fn chat(
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let tenant = tenant_of(caller)?;
+    let (tenant, key_id) = tenant_of(caller)?;
+    let mut receipt = receipt(&state, &headers, &tenant, &key_id, started);
     let req = async {
         validate::chat(
             parse::<ChatRequest>(&state, &headers, body).await?,
@@ -200,8 +240,8 @@ pub async fn chat(
         )
     }
     .await;
-    let req = counted(&state, &tenant, req)?;
-    run(state, req, tenant, started).await
+    let req = counted(&state, &tenant, &mut receipt, req)?;
+    run(state, req, tenant, receipt, started).await
 }
 
 /// Create a text completion.
@@ -222,7 +262,8 @@ pub async fn completions(
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let tenant = tenant_of(caller)?;
+    let (tenant, key_id) = tenant_of(caller)?;
+    let mut receipt = receipt(&state, &headers, &tenant, &key_id, started);
     let req = async {
         validate::completion(
             parse::<CompletionRequest>(&state, &headers, body).await?,
@@ -230,8 +271,8 @@ pub async fn completions(
         )
     }
     .await;
-    let req = counted(&state, &tenant, req)?;
-    run(state, req, tenant, started).await
+    let req = counted(&state, &tenant, &mut receipt, req)?;
+    run(state, req, tenant, receipt, started).await
 }
 
 /// The served models.
@@ -257,6 +298,52 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
         object: "list",
         data,
     })
+}
+
+/// Usage totals from the ledger: a tenant key sees its own tenant's, an admin key every tenant's.
+/// Rows of requests finished before the query are committed first, so it sees all of them.
+#[utoipa::path(get, path = "/v1/usage", params(UsageParams),
+    responses((status = 200, body = UsageList), (status = 400, body = ErrorResponse),
+        (status = 401, body = ErrorResponse), (status = 403, body = ErrorResponse),
+        (status = 503, body = ErrorResponse)),
+    security(("bearer" = [])))]
+pub async fn usage(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Query(p): Query<UsageParams>,
+) -> Result<Json<UsageList>, ApiError> {
+    let ledger = state.ledger.clone().ok_or_else(|| {
+        ApiError::unavailable(
+            "no_ledger",
+            "this server keeps no usage ledger (ledger_path is unset)",
+        )
+    })?;
+    let tenant = match caller {
+        Caller::Tenant { tenant, .. } => {
+            if p.tenant.as_deref().is_some_and(|t| t != &*tenant.name) {
+                return Err(ApiError::forbidden(
+                    "a tenant key reads only its own tenant's usage",
+                ));
+            }
+            Some(tenant.name.to_string())
+        }
+        Caller::Admin { .. } => p.tenant,
+    };
+    let q = UsageQuery {
+        start: p.start,
+        end: p.end,
+        tenant,
+        group_by: GroupBy::parse_list(p.group_by.as_deref().unwrap_or(""))
+            .map_err(|e| ApiError::invalid(e.to_string(), Some("group_by")))?,
+    };
+    ledger.flush().await;
+    let data = tokio::task::spawn_blocking(move || ledger.query(&q))
+        .await
+        .map_err(|e| ApiError::internal(format!("usage query task failed: {e}")))??;
+    Ok(Json(UsageList {
+        object: "list",
+        data,
+    }))
 }
 
 /// Liveness: 200 while the process serves HTTP.

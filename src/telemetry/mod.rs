@@ -30,6 +30,9 @@ pub mod names {
     pub const TOKENIZED_REQUESTS: &str = "hearth_tokenized_requests_total";
     /// Requests refused for a missing or unknown API key (counted only: no tenant to bill).
     pub const UNAUTHORIZED_REQUESTS: &str = "hearth_unauthorized_requests_total";
+    /// Usage-ledger rows committed, and rows lost (the file could not be written).
+    pub const LEDGER_ROWS_WRITTEN: &str = "hearth_ledger_rows_written_total";
+    pub const LEDGER_ROWS_DROPPED: &str = "hearth_ledger_rows_dropped_total";
     /// Requests refused before tokenization, by reason (`code`).
     pub const REJECTED_REQUESTS: &str = "hearth_rejected_requests_total";
 }

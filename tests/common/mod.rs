@@ -104,9 +104,21 @@ impl TestServer {
             .enable_all()
             .build()
             .unwrap();
+        // Each server keeps its usage ledger in a file of its own (not in the repository).
+        static SERVERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let ledger_path = match cfg.ledger_path {
+            Some(p) if p.as_os_str() != hearth::config::DEFAULT_LEDGER => Some(p),
+            None => None,
+            Some(_) => Some(std::env::temp_dir().join(format!(
+                "hearth-test-{}-{}/usage.sqlite3",
+                std::process::id(),
+                SERVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ))),
+        };
         let cfg = hearth::config::Config {
             host: "127.0.0.1".into(),
             port: 0,
+            ledger_path,
             ..cfg
         };
         let mut server = rt
@@ -219,11 +231,22 @@ pub fn get(base: &str, path: &str) -> (u16, Value) {
 
 /// Every `data:` payload of an SSE response, in order.
 pub fn sse(base: &str, path: &str, body: &Value) -> Vec<String> {
-    let mut r = agent()
+    sse_as(base, path, body, None)
+}
+
+/// `sse` with `Authorization: Bearer key`.
+pub fn sse_with_key(base: &str, path: &str, body: &Value, key: &str) -> Vec<String> {
+    sse_as(base, path, body, Some(key))
+}
+
+fn sse_as(base: &str, path: &str, body: &Value, key: Option<&str>) -> Vec<String> {
+    let mut rq = agent()
         .post(&format!("{base}{path}"))
-        .header("content-type", "application/json")
-        .send(body.to_string())
-        .expect("request sent");
+        .header("content-type", "application/json");
+    if let Some(k) = key {
+        rq = rq.header("authorization", &format!("Bearer {k}"));
+    }
+    let mut r = rq.send(body.to_string()).expect("request sent");
     assert_eq!(r.status().as_u16(), 200);
     let ct = r
         .headers()
@@ -238,4 +261,47 @@ pub fn sse(base: &str, path: &str, body: &Value) -> Vec<String> {
         .map_while(|l| l.ok())
         .filter_map(|l| l.strip_prefix("data: ").map(String::from))
         .collect()
+}
+
+/// Status, JSON body and the `www-authenticate` header of a request with an optional key.
+pub fn call(
+    base: &str,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&Value>,
+) -> (u16, Value, Option<String>) {
+    let url = format!("{base}{path}");
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let mut r = match (method, body) {
+        ("GET", _) => {
+            let mut rq = agent().get(&url);
+            if let Some(a) = &auth {
+                rq = rq.header("authorization", a);
+            }
+            rq.call()
+        }
+        (_, b) => {
+            let mut rq = agent()
+                .post(&url)
+                .header("content-type", "application/json");
+            if let Some(a) = &auth {
+                rq = rq.header("authorization", a);
+            }
+            rq.send(b.map(Value::to_string).unwrap_or_default())
+        }
+    }
+    .expect("request sent");
+    let status = r.status().as_u16();
+    let www = r
+        .headers()
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    let text = r.body_mut().read_to_string().unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+        www,
+    )
 }

@@ -24,6 +24,7 @@ ROUTES = {
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/models",
+    "/v1/usage",
     "/health",
     "/ready",
     "/metrics",

@@ -1,0 +1,119 @@
+//! A request's usage-ledger row: begun once its tenant is known (from the key), written exactly once
+//! when the request ends: finished, refused, failed, cut at shutdown, or left by its client (then on
+//! drop, with what was counted so far).
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::openai::{FinishReason, ResponseMetrics, Usage};
+use crate::ledger::{now_ms, Ledger, Row};
+use crate::tenancy::Tenant;
+
+pub struct Receipt {
+    ledger: Option<Arc<Ledger>>,
+    row: Row,
+    started: Instant,
+    done: bool,
+}
+
+/// How a request ended, for the row.
+pub enum Ending<'a> {
+    Finished {
+        reason: FinishReason,
+        usage: &'a Usage,
+        metrics: &'a ResponseMetrics,
+    },
+    /// The client left (or the stream was cut) before the end, with what was counted by then.
+    Cut {
+        status: u16,
+        reason: &'static str,
+        usage: &'a Usage,
+        metrics: &'a ResponseMetrics,
+    },
+    /// Refused or failed before producing anything.
+    Refused {
+        status: u16,
+    },
+    Failed,
+    /// Dropped with no ending: the client left before anything was counted.
+    ClientClosed,
+}
+
+impl Receipt {
+    pub fn new(
+        ledger: Option<Arc<Ledger>>,
+        tenant: &Tenant,
+        key_id: &str,
+        request_id: &str,
+        started: Instant,
+    ) -> Self {
+        Self {
+            ledger,
+            row: Row {
+                request_id: request_id.into(),
+                tenant: tenant.name.to_string(),
+                key_id: key_id.into(),
+                ..Default::default()
+            },
+            started,
+            done: false,
+        }
+    }
+
+    /// The validated request's model and `user` label.
+    pub fn set_request(&mut self, model: &str, user: Option<&str>) {
+        self.row.model = model.into();
+        self.row.user = user.map(String::from);
+    }
+
+    /// Write the row (once; later calls do nothing).
+    pub fn finish(&mut self, ending: Ending<'_>) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let mut row = std::mem::take(&mut self.row);
+        let (status, reason, counted) = match ending {
+            Ending::Finished {
+                reason,
+                usage,
+                metrics,
+            } => {
+                let r = match reason {
+                    FinishReason::Stop => "stop",
+                    FinishReason::Length => "length",
+                };
+                (200, r, Some((usage, metrics)))
+            }
+            Ending::Cut {
+                status,
+                reason,
+                usage,
+                metrics,
+            } => (status, reason, Some((usage, metrics))),
+            Ending::Refused { status } => (status, "refused", None),
+            Ending::Failed => (500, "error", None),
+            Ending::ClientClosed => (499, "client_closed", None),
+        };
+        row.status = status;
+        row.finish_reason = reason.into();
+        if let Some((u, m)) = counted {
+            row.prompt_tokens = u.prompt_tokens as u64;
+            row.cached_tokens = u.prompt_tokens_details.cached_tokens as u64;
+            row.completion_tokens = u.completion_tokens as u64;
+            row.prefill_device_ms = m.prefill_device_time_ms;
+            row.decode_device_ms = m.decode_device_time_ms;
+            row.queue_ms = m.queue_time_ms;
+            row.ttft_ms = m.time_to_first_token_ms;
+        }
+        row.e2e_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        row.ts_ms = now_ms();
+        if let Some(l) = &self.ledger {
+            l.record(row);
+        }
+    }
+}
+
+impl Drop for Receipt {
+    fn drop(&mut self) {
+        self.finish(Ending::ClientClosed);
+    }
+}

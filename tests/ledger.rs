@@ -1,0 +1,182 @@
+//! The usage ledger over real HTTP on SmolLM2: a row for every request of a known tenant (refused
+//! ones too, 401s never), `/v1/usage` isolation by key, data kept across a restart, an unwritable
+//! ledger that does not stop serving, and the `hearth usage` export.
+mod common;
+
+use common::TestServer;
+use hearth::tenancy::TenantConfig;
+use serde_json::{json, Value};
+
+/// Status and JSON body of a request with an optional key.
+fn call(
+    base: &str,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let (status, v, _) = common::call(base, method, path, key, body);
+    (status, v)
+}
+
+fn server(name: &str, ledger: &std::path::Path) -> TestServer {
+    let ledger = ledger.to_path_buf();
+    TestServer::named(name, move |c| {
+        c.admin_api_keys = vec!["sk-admin".into()];
+        c.tenants = vec![
+            TenantConfig::new("team-a", &["sk-a"]),
+            TenantConfig::new("team-b", &["sk-b"]),
+        ];
+        c.ledger_path = Some(ledger);
+    })
+}
+
+fn rows_by_tenant(base: &str, key: &str) -> Vec<Value> {
+    let (status, v) = call(base, "GET", "/v1/usage?group_by=tenant", Some(key), None);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "list");
+    v["data"].as_array().unwrap().clone()
+}
+
+#[test]
+fn every_request_is_a_row_usage_is_isolated_by_key_and_survives_a_restart() {
+    let dir = std::env::temp_dir().join(format!("hearth-ledger-http-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ledger = dir.join("usage.sqlite3");
+    let mut s = server("ledger", &ledger);
+    let ok = json!({"model": "ledger", "prompt": "The capital of France is", "max_tokens": 3, "user": "alice"});
+    let (status, v) = call(&s.base, "POST", "/v1/completions", Some("sk-a"), Some(&ok));
+    assert_eq!(status, 200, "{v}");
+    let mut device_a = v["metrics"]["device_time_ms"].as_f64().unwrap();
+    let stream = json!({"model": "ledger", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": true, "stream_options": {"include_usage": true}});
+    let events = common::sse_with_key(&s.base, "/v1/chat/completions", &stream, "sk-a");
+    let last: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    device_a += last["metrics"]["device_time_ms"].as_f64().unwrap();
+    // Refused after the key is known: a row with its status. Unauthenticated: no row.
+    let bad = json!({"model": "ledger", "prompt": "x", "temperature": -1});
+    assert_eq!(
+        call(&s.base, "POST", "/v1/completions", Some("sk-a"), Some(&bad)).0,
+        400
+    );
+    assert_eq!(
+        call(
+            &s.base,
+            "POST",
+            "/v1/completions",
+            Some("sk-nobody"),
+            Some(&ok)
+        )
+        .0,
+        401
+    );
+    assert_eq!(
+        call(&s.base, "POST", "/v1/completions", Some("sk-b"), Some(&ok)).0,
+        200
+    );
+
+    let mine = rows_by_tenant(&s.base, "sk-a");
+    assert_eq!(mine.len(), 1, "a tenant key sees only its tenant: {mine:?}");
+    assert_eq!(mine[0]["tenant"], "team-a");
+    assert_eq!(
+        mine[0]["requests"], 3,
+        "two served and one refused: {mine:?}"
+    );
+    assert!(mine[0]["completion_tokens"].as_u64().unwrap() >= 2);
+    let ledger_ms = mine[0]["device_time_ms"].as_f64().unwrap();
+    assert!(
+        (ledger_ms - device_a).abs() < 0.01,
+        "ledger {ledger_ms} ms vs responses {device_a} ms"
+    );
+    let all = rows_by_tenant(&s.base, "sk-admin");
+    assert_eq!(all.len(), 2, "an admin key sees every tenant: {all:?}");
+    assert_eq!(
+        call(
+            &s.base,
+            "GET",
+            "/v1/usage?tenant=team-a",
+            Some("sk-b"),
+            None
+        )
+        .0,
+        403
+    );
+    let (status, v) = call(
+        &s.base,
+        "GET",
+        "/v1/usage?group_by=user,model",
+        Some("sk-a"),
+        None,
+    );
+    assert_eq!(status, 200);
+    let users: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["user"].as_str())
+        .collect();
+    assert!(users.contains(&"alice"), "{v}");
+    assert_eq!(
+        call(
+            &s.base,
+            "GET",
+            "/v1/usage?group_by=colour",
+            Some("sk-a"),
+            None
+        )
+        .0,
+        400
+    );
+    assert_eq!(call(&s.base, "GET", "/v1/usage", None, None).0, 401);
+
+    // A restart on the same file keeps every row.
+    let running = s.server.take().unwrap();
+    s.rt.block_on(running.shutdown(std::time::Duration::from_secs(5)));
+    drop(s);
+    let s = server("ledger", &ledger);
+    let again = rows_by_tenant(&s.base, "sk-admin");
+    assert_eq!(again, all, "the ledger survives a restart");
+
+    // The export command reads the same file.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["usage", "--ledger"])
+        .arg(&ledger)
+        .args(["--group-by", "tenant", "--format", "csv"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let csv = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(
+        lines[0],
+        "tenant,requests,prompt_tokens,cached_tokens,completion_tokens,device_time_ms"
+    );
+    assert!(lines[1].starts_with("team-a,3,"), "{csv}");
+    assert!(lines[2].starts_with("team-b,1,"), "{csv}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_unwritable_ledger_does_not_stop_serving_and_counts_its_lost_rows() {
+    // A path under a regular file can never be created.
+    let blocker = std::env::temp_dir().join(format!("hearth-not-a-dir-{}", std::process::id()));
+    std::fs::write(&blocker, b"x").unwrap();
+    let s = server("unwritable", &blocker.join("usage.sqlite3"));
+    let dropped = "hearth_ledger_rows_dropped_total";
+    let before = s.metric(dropped).unwrap_or(0.0);
+    let ok = json!({"model": "unwritable", "prompt": "Hello", "max_tokens": 2});
+    for _ in 0..3 {
+        assert_eq!(
+            call(&s.base, "POST", "/v1/completions", Some("sk-a"), Some(&ok)).0,
+            200
+        );
+    }
+    // The usage query flushes: by then the writer has given up on the three rows.
+    let (status, _) = call(&s.base, "GET", "/v1/usage", Some("sk-admin"), None);
+    assert_eq!(status, 200);
+    let after = s.metric(dropped).unwrap_or(0.0);
+    assert!(
+        after - before >= 3.0,
+        "lost rows are counted: {before} -> {after}"
+    );
+    let _ = std::fs::remove_file(&blocker);
+}
