@@ -309,6 +309,7 @@ pub struct UsageList {
 
 /// `GET /v1/usage` parameters.
 #[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UsageParams {
     /// Unix seconds, inclusive (default: the beginning).
     pub start: Option<i64>,
