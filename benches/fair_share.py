@@ -22,8 +22,9 @@ then: python3 benches/fair_share.py --url http://127.0.0.1:8080 --model smollm2-
           --tenants a:1,b:1,c:2 --streams 2000 --max-tokens 16
 
 Every tenant sends the same number of identical-length requests at once. Tokens are counted per
-tenant from the start until the first tenant has received all of its tokens (after that it is no
-longer contending); the shares over that window are compared with weight / sum of weights.
+tenant from the start until the first tenant's last request starts streaming (until then every
+tenant has requests waiting, so all are contending); the shares over that window are compared with
+weight / sum of weights.
 """
 import argparse
 import json
@@ -32,7 +33,7 @@ import time
 import urllib.request
 
 
-def stream(url, model, key, max_tokens, stamps, lock, errors):
+def stream(url, model, key, max_tokens, stamps, firsts, lock, errors):
     body = {
         "model": model,
         "prompt": "List the numbers from one to fifty in words:",
@@ -47,13 +48,18 @@ def stream(url, model, key, max_tokens, stamps, lock, errors):
         headers={"content-type": "application/json", "authorization": f"Bearer {key}"},
     )
     try:
+        first = True
         with urllib.request.urlopen(req, timeout=3600) as r:
             for line in r:
                 if line.startswith(b"data: {"):
                     chunk = json.loads(line[6:])
                     if chunk["choices"] and chunk["choices"][0]["text"]:
+                        now = time.monotonic()
                         with lock:
-                            stamps.append(time.monotonic())
+                            stamps.append(now)
+                            if first:
+                                firsts.append(now)
+                        first = False
     except Exception as e:  # noqa: BLE001 - counted and reported
         with lock:
             errors.append(str(e))
@@ -71,6 +77,7 @@ def main():
     tenants = [(n, float(w)) for n, w in (t.split(":") for t in a.tenants.split(","))]
     per = a.streams // len(tenants)
     stamps = {n: [] for n, _ in tenants}
+    firsts = {n: [] for n, _ in tenants}
     lock = threading.Lock()
     errors = []
     threads = []
@@ -80,7 +87,7 @@ def main():
         for n, _ in tenants:
             t = threading.Thread(
                 target=stream,
-                args=(a.url, a.model, f"sk-{n}", a.max_tokens, stamps[n], lock, errors),
+                args=(a.url, a.model, f"sk-{n}", a.max_tokens, stamps[n], firsts[n], lock, errors),
                 daemon=True,
             )
             t.start()
@@ -88,8 +95,9 @@ def main():
     for t in threads:
         t.join()
     wall = time.monotonic() - t0
-    # The window: until the first tenant got its last token.
-    cut = min(max(s) for s in stamps.values() if s)
+    # The window: while every tenant still had requests waiting, i.e. until the first tenant's
+    # last request started streaming (its first token).
+    cut = min(max(f) for f in firsts.values() if f)
     counted = {n: sum(1 for x in stamps[n] if x <= cut) for n, _ in tenants}
     total = sum(counted.values())
     wsum = sum(w for _, w in tenants)
