@@ -7,7 +7,7 @@
 pub mod query;
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -232,10 +232,10 @@ impl Ledger {
     }
 
     fn sender(&self) -> Option<flume::Sender<Msg>> {
-        match self.tx.lock() {
-            Ok(t) => t.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        self.tx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub fn record(&self, row: Row) {
@@ -260,15 +260,17 @@ impl Ledger {
 
     /// Flush, stop the writer and wait for it (shutdown: no row recorded before this is lost).
     pub fn close(&self) {
-        let tx = match self.tx.lock() {
-            Ok(mut t) => t.take(),
-            Err(p) => p.into_inner().take(),
-        };
+        let tx = self
+            .tx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         drop(tx);
-        let writer = match self.writer.lock() {
-            Ok(mut w) => w.take(),
-            Err(p) => p.into_inner().take(),
-        };
+        let writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         if let Some(w) = writer {
             let _ = w.join();
         }

@@ -162,15 +162,10 @@ impl ChoiceState {
                 .increment(self.usage.prompt_tokens as u64);
         }
         metrics::counter!(names::REQUESTS_FINISHED, &self.labels).increment(1);
-        let prompt = if self.usage.counts_prompt {
-            self.usage.prompt_tokens
+        let (prompt, cached) = if self.usage.counts_prompt {
+            (self.usage.prompt_tokens, self.usage.cached_tokens)
         } else {
-            0
-        };
-        let cached = if self.usage.counts_prompt {
-            self.usage.cached_tokens
-        } else {
-            0
+            (0, 0)
         };
         for (kind, n) in [
             ("prompt", prompt),
@@ -551,11 +546,13 @@ enum Phase {
 }
 
 impl SseState {
-    /// A chat chunk with these choices and usage, as JSON.
-    fn chat_chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> String {
-        let metrics = usage
-            .is_some()
-            .then(|| metrics_of(&self.finishes, self.started));
+    /// A chat chunk with these choices (and, on the last, the totals), as JSON.
+    fn chat_chunk(
+        &self,
+        choices: Vec<ChatChunkChoice>,
+        totals: Option<(Usage, ResponseMetrics)>,
+    ) -> String {
+        let (usage, metrics) = totals.unzip();
         serde_json::to_string(&ChatCompletionChunk {
             id: self.id.clone(),
             object: "chat.completion.chunk",
@@ -568,11 +565,13 @@ impl SseState {
         .unwrap_or_default()
     }
 
-    /// A text-completion chunk with these choices and usage, as JSON.
-    fn completion_chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> String {
-        let metrics = usage
-            .is_some()
-            .then(|| metrics_of(&self.finishes, self.started));
+    /// A text-completion chunk with these choices (and, on the last, the totals), as JSON.
+    fn completion_chunk(
+        &self,
+        choices: Vec<CompletionChoice>,
+        totals: Option<(Usage, ResponseMetrics)>,
+    ) -> String {
+        let (usage, metrics) = totals.unzip();
         serde_json::to_string(&Completion {
             id: self.id.clone(),
             object: "text_completion",
@@ -656,11 +655,10 @@ impl SseState {
         });
     }
 
-    fn usage_chunk(&self) -> String {
-        let usage = Some(usage_of(&self.finishes));
+    fn usage_chunk(&self, totals: (Usage, ResponseMetrics)) -> String {
         match self.kind {
-            Kind::Chat => self.chat_chunk(Vec::new(), usage),
-            Kind::Completion => self.completion_chunk(Vec::new(), usage),
+            Kind::Chat => self.chat_chunk(Vec::new(), Some(totals)),
+            Kind::Completion => self.completion_chunk(Vec::new(), Some(totals)),
         }
     }
 
@@ -699,7 +697,7 @@ impl SseState {
                             metrics: &metrics,
                         });
                         if self.include_usage {
-                            return Some(self.usage_chunk());
+                            return Some(self.usage_chunk((usage, metrics)));
                         }
                         continue;
                     };

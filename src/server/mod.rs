@@ -11,7 +11,7 @@ pub mod validate;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::routing::{get, post};
@@ -54,11 +54,11 @@ pub struct AppState {
 impl AppState {
     /// The current tenants and keys.
     pub fn directory(&self) -> Arc<Directory> {
-        match self.directory.read() {
-            Ok(d) => d.clone(),
-            // A panic while swapping cannot leave a half-built directory (the swap is one store).
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        // A panic while swapping cannot leave a half-built directory (the swap is one store).
+        self.directory
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Take the tenants and keys of `config` (a rotated or revoked key counts from the next
@@ -66,10 +66,10 @@ impl AppState {
     pub fn reload(&self, config: &Config) -> Result<()> {
         let directory = Arc::new(config.directory()?);
         let tenants = directory.tenants().len();
-        match self.directory.write() {
-            Ok(mut d) => *d = directory,
-            Err(poisoned) => *poisoned.into_inner() = directory,
-        }
+        *self
+            .directory
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = directory;
         tracing::info!(tenants, "tenants and keys reloaded");
         Ok(())
     }

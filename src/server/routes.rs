@@ -140,6 +140,23 @@ fn receipt(
     Receipt::new(state.ledger.clone(), tenant, key_id, request_id, started)
 }
 
+/// An inference route: the caller's tenant, a ledger row begun at arrival, the body parsed and
+/// validated into a request (a refusal counted and written as a row), then `run`.
+async fn infer<R: serde::de::DeserializeOwned>(
+    state: Arc<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+    validate: fn(R, &validate::Limits) -> Result<Validated, ApiError>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let (tenant, key_id) = tenant_of(caller)?;
+    let mut receipt = receipt(&state, &headers, &tenant, &key_id, started);
+    let req = async { validate(parse::<R>(&state, &headers, body).await?, &state.limits) }.await;
+    let req = counted(&state, &tenant, &mut receipt, req)?;
+    run(state, req, tenant, receipt, started).await
+}
+
 /// Run a validated request, count it, and see that its ledger row is written.
 async fn run(
     state: Arc<AppState>,
@@ -230,18 +247,7 @@ pub async fn chat(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let started = Instant::now();
-    let (tenant, key_id) = tenant_of(caller)?;
-    let mut receipt = receipt(&state, &headers, &tenant, &key_id, started);
-    let req = async {
-        validate::chat(
-            parse::<ChatRequest>(&state, &headers, body).await?,
-            &state.limits,
-        )
-    }
-    .await;
-    let req = counted(&state, &tenant, &mut receipt, req)?;
-    run(state, req, tenant, receipt, started).await
+    infer(state, caller, headers, body, validate::chat).await
 }
 
 /// Create a text completion.
@@ -261,18 +267,7 @@ pub async fn completions(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let started = Instant::now();
-    let (tenant, key_id) = tenant_of(caller)?;
-    let mut receipt = receipt(&state, &headers, &tenant, &key_id, started);
-    let req = async {
-        validate::completion(
-            parse::<CompletionRequest>(&state, &headers, body).await?,
-            &state.limits,
-        )
-    }
-    .await;
-    let req = counted(&state, &tenant, &mut receipt, req)?;
-    run(state, req, tenant, receipt, started).await
+    infer(state, caller, headers, body, validate::completion).await
 }
 
 /// The served models.

@@ -5,7 +5,7 @@
 //! tenant's current levels.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::{Limits, Tenant};
@@ -66,10 +66,7 @@ impl TenantLimiter {
         prompt_tokens: usize,
     ) -> Result<Admission, Refusal> {
         let now = Instant::now();
-        let mut b = match self.buckets.lock() {
-            Ok(b) => b,
-            Err(p) => p.into_inner(),
-        };
+        let mut b = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(max) = limits.max_concurrent {
             if self.running.load(Ordering::Acquire) >= max {
                 return Err(Refusal {
@@ -125,10 +122,7 @@ impl TenantLimiter {
 
     /// Charge generated tokens to the tokens-per-minute bucket (it may go into debt).
     pub fn charge(&self, tokens: usize) {
-        let mut b = match self.buckets.lock() {
-            Ok(b) => b,
-            Err(p) => p.into_inner(),
-        };
+        let mut b = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(bucket) = b.tokens.as_mut() {
             bucket.level -= tokens as f64;
         }
@@ -163,10 +157,7 @@ pub struct Limiter {
 impl Limiter {
     pub fn admit(&self, tenant: &Tenant, prompt_tokens: usize) -> Result<Admission, Refusal> {
         let limiter = {
-            let mut map = match self.tenants.lock() {
-                Ok(m) => m,
-                Err(p) => p.into_inner(),
-            };
+            let mut map = self.tenants.lock().unwrap_or_else(PoisonError::into_inner);
             map.entry(tenant.name.clone()).or_default().clone()
         };
         limiter.admit(&tenant.limits, prompt_tokens)
