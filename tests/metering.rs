@@ -60,7 +60,8 @@ fn concurrent_shares_add_up_to_the_engines_device_time() {
         read(&per_tenant("team-b")),
     );
     // Eight requests at once: short and long prompts (the long ones take several 64-token prefill
-    // chunks that share steps with the others' decoding), streaming and not, two tenants.
+    // chunks that share steps with the others' decoding), streaming and not, two tenants; the long
+    // ones end on a stop string (which the text layer, not the engine, sees first).
     let handles: Vec<_> = (0..8)
         .map(|i| {
             let base = s.base.clone();
@@ -70,10 +71,13 @@ fn concurrent_shares_add_up_to_the_engines_device_time() {
                 } else {
                     "The committee reviewed the quarterly figures in detail. ".repeat(12)
                 };
-                let body = json!({
+                let mut body = json!({
                     "model": "meter", "prompt": prompt, "max_tokens": 4 + 6 * i,
                     "stream": i % 3 == 0, "stream_options": {"include_usage": true},
                 });
+                if i % 2 == 1 {
+                    body["stop"] = json!([" "]);
+                }
                 let key = if i % 4 == 3 { "sk-b" } else { "sk-a" };
                 (
                     key,

@@ -16,7 +16,7 @@ use candle_core::DType;
 
 pub use sampler::{Sampled, SamplingParams};
 pub use scheduler::SchedulerConfig;
-pub use sequence::{DeviceTime, Event, FinishReason, Usage};
+pub use sequence::{DeviceTime, Event, FinishReason, StopHandle, Usage};
 
 use crate::error::{HearthError, Result};
 use crate::model::{AttentionBackend, ChatTemplate, KvCache, Model, Tokenizer};
@@ -178,6 +178,11 @@ impl EngineHandle {
     /// Validate and enqueue a request; its events arrive on the returned channel. Dropping the
     /// receiver cancels the request.
     pub fn submit(&self, req: Request) -> Result<flume::Receiver<Event>> {
+        self.submit_stoppable(req).map(|(rx, _)| rx)
+    }
+
+    /// `submit`, with a handle that ends the request early and still hears its `Finished`.
+    pub fn submit_stoppable(&self, req: Request) -> Result<(flume::Receiver<Event>, StopHandle)> {
         if req.prompt.is_empty() {
             return Err(HearthError::InvalidRequest("the prompt is empty".into()));
         }
@@ -256,9 +261,11 @@ impl EngineHandle {
             tenant: req.tenant.map(Arc::from),
             weight: req.weight.max(1),
             device: DeviceTime::default(),
+            stop: StopHandle::default(),
         };
+        let stop = seq.stop.clone();
         self.tx.send(seq).map_err(|_| HearthError::EngineStopped)?;
-        Ok(rx)
+        Ok((rx, stop))
     }
 
     /// The longest prompt, in characters, that could fit the context and the KV pool: more

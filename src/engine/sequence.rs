@@ -1,4 +1,5 @@
 //! One request's state inside the engine, and the events it sends back.
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,8 @@ pub enum FinishReason {
     Stop,
     /// max_tokens or the context was reached.
     Length,
-    /// The client went away, or the text layer ended the request (a stop string) by dropping it.
+    /// Ended from outside: the client went away (its receiver dropped), or the text layer stopped
+    /// it (a stop string) through its `StopHandle`, which still gets this `Finished`.
     Aborted,
 }
 
@@ -60,6 +62,21 @@ pub enum Event {
     Error(String),
 }
 
+/// Ends a submitted request early. Unlike dropping the receiver, the request's `Finished` (with the
+/// device time its last steps used) still arrives, so a stop string's response is metered whole.
+#[derive(Debug, Clone, Default)]
+pub struct StopHandle(Arc<AtomicBool>);
+
+impl StopHandle {
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 #[derive(Debug)]
 pub struct Sequence {
     pub id: u64,
@@ -83,6 +100,7 @@ pub struct Sequence {
     /// The tenant's fair-share weight.
     pub weight: u32,
     pub device: DeviceTime,
+    pub stop: StopHandle,
 }
 
 impl Sequence {
@@ -95,9 +113,9 @@ impl Sequence {
         self.tokens.len() - self.num_computed
     }
 
-    /// Whether the client has gone away (or the text layer dropped the request).
+    /// Whether the client has gone away or the request was stopped from outside.
     pub fn is_cancelled(&self) -> bool {
-        self.reply.is_disconnected()
+        self.reply.is_disconnected() || self.stop.is_stopped()
     }
 
     /// Whether the sequence is done, and why: the one place that decides it. `max_context` is the

@@ -108,8 +108,11 @@ fn token_logprob(tok: &Tokenizer, id: u32, logprob: f32, top: &[(u32, f32)]) -> 
     }
 }
 
+/// A choice's engine events, and the way to end it early.
+type Submitted = (flume::Receiver<Event>, engine::StopHandle);
+
 /// Submit every choice up front, so that refusals (queue full, context) surface before any output.
-fn submit_all(job: &Job) -> Result<Vec<(usize, usize, flume::Receiver<Event>)>, ApiError> {
+fn submit_all(job: &Job) -> Result<Vec<(usize, usize, Submitted)>, ApiError> {
     let mut out = Vec::new();
     let n = job.req.n;
     for (pi, prompt) in job.prompts.iter().enumerate() {
@@ -117,13 +120,13 @@ fn submit_all(job: &Job) -> Result<Vec<(usize, usize, flume::Receiver<Event>)>, 
             let mut params = job.req.params.clone();
             // n choices with one seed must still differ, reproducibly.
             params.seed = params.seed.map(|s| s.wrapping_add(j as u64));
-            let rx = job.engine.submit(Request {
+            let sub = job.engine.submit_stoppable(Request {
                 prompt: prompt.clone(),
                 params,
                 tenant: Some(job.tenant.name.to_string()),
                 weight: job.tenant.weight,
             })?;
-            out.push((pi * n + j, prompt.len(), rx));
+            out.push((pi * n + j, prompt.len(), sub));
         }
     }
     Ok(out)
@@ -133,6 +136,10 @@ fn submit_all(job: &Job) -> Result<Vec<(usize, usize, flume::Receiver<Event>)>, 
 struct ChoiceState {
     choice: usize,
     rx: flume::Receiver<Event>,
+    /// Set once a stop string ended the text: the engine is told to stop, and the choice finishes
+    /// on the engine's `Finished`, which carries the device time of every step it ran in.
+    stop: engine::StopHandle,
+    stopping: bool,
     text: TextStream,
     tok: Arc<Tokenizer>,
     labels: [(&'static str, String); 1],
@@ -205,6 +212,8 @@ impl ChoiceState {
                 );
                 Vec::new()
             }
+            // Tokens the engine ran before it saw the stop: billed (in `Finished`), not shown.
+            Some(Event::Token(_)) if self.stopping => Vec::new(),
             Some(Event::Token(s)) => {
                 let now = Instant::now();
                 if self.usage.completion_tokens == 0 {
@@ -233,19 +242,22 @@ impl ChoiceState {
                 } else {
                     Vec::new()
                 };
-                let mut out = vec![ChoiceEvent::Text { text, logprobs }];
-                // A stop string ends the choice here; dropping `rx` then cancels the sequence.
                 if self.text.stopped() {
-                    out.push(self.finished(FinishReason::Stop));
+                    self.stopping = true;
+                    self.stop.stop();
                 }
-                out
+                vec![ChoiceEvent::Text { text, logprobs }]
             }
             Some(Event::Finished { reason, usage }) => {
-                self.usage.completion_tokens = usage.completion_tokens;
+                // After a stop string the tokens shown are the ones counted (as OpenAI counts them);
+                // the device time still covers every step the sequence ran in.
+                if !self.stopping {
+                    self.usage.completion_tokens = usage.completion_tokens;
+                }
                 self.usage.device = usage.device;
                 let rest = self.text.finish().unwrap_or_default();
                 let reason = match reason {
-                    engine::FinishReason::Length => FinishReason::Length,
+                    engine::FinishReason::Length if !self.stopping => FinishReason::Length,
                     _ => FinishReason::Stop,
                 };
                 let mut out = Vec::new();
@@ -291,10 +303,12 @@ fn choice_stream(st: ChoiceState) -> impl Stream<Item = Update> + Send {
 /// Every choice of the job, merged into one stream (fair between choices).
 fn updates(job: &Job) -> Result<BoxStream<'static, Update>, ApiError> {
     let subs = submit_all(job)?;
-    let streams = subs.into_iter().map(|(choice, prompt_len, rx)| {
+    let streams = subs.into_iter().map(|(choice, prompt_len, (rx, stop))| {
         choice_stream(ChoiceState {
             choice,
             rx,
+            stop,
+            stopping: false,
             text: TextStream::new(job.engine.tokenizer.clone(), job.req.stops.clone()),
             tok: job.engine.tokenizer.clone(),
             labels: [("model", job.req.model.clone())],
