@@ -180,29 +180,6 @@ impl Scheduler {
         *v += tokens as f64 / f64::from(seq.weight.max(1));
     }
 
-    /// The waiting sequence to admit next: a preempted one first (it keeps its place), else the
-    /// oldest of the tenant with the least virtual time (ties: the earlier in the queue).
-    fn next_waiting(&self) -> Option<usize> {
-        let front = self.waiting.front()?;
-        if front.admitted.is_some() {
-            return Some(0);
-        }
-        let mut seen: Vec<&str> = Vec::new();
-        let mut best: Option<(f64, usize)> = None;
-        for (i, s) in self.waiting.iter().enumerate() {
-            let t = s.tenant.as_deref().unwrap_or("");
-            if seen.contains(&t) {
-                continue;
-            }
-            seen.push(t);
-            let v = self.vtime.get(t).copied().unwrap_or(0.0);
-            if best.is_none_or(|(b, _)| v < b) {
-                best = Some((v, i));
-            }
-        }
-        best.map(|(_, i)| i)
-    }
-
     pub fn num_running(&self) -> usize {
         self.running.len()
     }
@@ -280,92 +257,274 @@ impl Scheduler {
         }
     }
 
-    fn preempt_last(&mut self) {
-        if let Some(mut s) = self.running.pop() {
-            self.pool.release(&mut s.alloc);
-            s.num_computed = 0;
-            self.preemptions += 1;
-            self.waiting.push_front(s);
+    /// Preempt the newest running sequence not in `planned`: its blocks go back, it waits at the
+    /// front of the queue and is recomputed later. False when every running sequence is planned.
+    fn preempt_unplanned(&mut self, planned: &HashMap<u64, usize>) -> bool {
+        let Some(pos) = self
+            .running
+            .iter()
+            .rposition(|s| !planned.contains_key(&s.id))
+        else {
+            return false;
+        };
+        let mut s = self.running.remove(pos);
+        self.pool.release(&mut s.alloc);
+        s.num_computed = 0;
+        self.preemptions += 1;
+        self.waiting.push_front(s);
+        true
+    }
+
+    /// Grow running sequence `id` to hold `want` tokens, preempting the newest unplanned sequences
+    /// when out of blocks (possibly this one). Its position in `running` if it is still there.
+    fn grow_running(
+        &mut self,
+        id: u64,
+        want: usize,
+        planned: &HashMap<u64, usize>,
+    ) -> Option<usize> {
+        loop {
+            let pos = self.running.iter().position(|s| s.id == id)?;
+            if self.pool.grow(&mut self.running[pos].alloc, want) {
+                return Some(pos);
+            }
+            if !self.preempt_unplanned(planned) {
+                return None;
+            }
         }
     }
 
-    /// Decide the next step: retire cancelled sequences, grow the running ones (preempting when out
-    /// of blocks), then admit waiting ones while the token budget, the batch size and the pool allow.
+    /// Put `n` tokens of running sequence `pos` in the plan (or widen its chunk to `n`).
+    fn plan_running(
+        &mut self,
+        plan: &mut StepPlan,
+        planned: &mut HashMap<u64, usize>,
+        pos: usize,
+        n: usize,
+    ) {
+        let seq = &self.running[pos];
+        let before = match planned.get(&seq.id) {
+            Some(&k) => {
+                let before = plan.items[k].tokens.len();
+                plan.items[k] = Self::item(seq, n);
+                before
+            }
+            None => {
+                planned.insert(seq.id, plan.items.len());
+                plan.items.push(Self::item(seq, n));
+                0
+            }
+        };
+        Self::charge(&mut self.vtime, seq, n - before);
+    }
+
+    /// Admit waiting sequence `at` with a chunk of at most `cap` tokens; false when the pool has no
+    /// room for it now (its matched prefix blocks go back, so nothing is pinned).
+    fn admit(
+        &mut self,
+        plan: &mut StepPlan,
+        planned: &mut HashMap<u64, usize>,
+        at: usize,
+        cap: usize,
+    ) -> bool {
+        let Some(seq) = self.waiting.get_mut(at) else {
+            return false;
+        };
+        if seq.alloc.blocks().is_empty() {
+            // Reuse the longest cached prefix, but always compute at least the last token: its
+            // logits are needed.
+            let max_blocks = (seq.tokens.len() - 1) / self.pool.block_size();
+            seq.num_computed = self
+                .pool
+                .match_prefix(&mut seq.alloc, &seq.tokens, max_blocks);
+        }
+        let n = seq.num_pending().min(cap);
+        if !self.pool.grow(&mut seq.alloc, seq.num_computed + n) {
+            self.pool.release(&mut seq.alloc);
+            seq.num_computed = 0;
+            return false;
+        }
+        if self.pool.caching() {
+            self.prefix_query_tokens += seq.tokens.len() as u64;
+            self.prefix_hit_tokens += seq.num_computed as u64;
+        }
+        if seq.admitted.is_none() {
+            let cached = seq.num_computed.min(seq.prompt_len);
+            let queue_secs = seq.arrived.elapsed().as_secs_f64();
+            seq.admitted = Some((cached, queue_secs));
+            self.pending.push((
+                seq.reply.clone(),
+                Event::Admitted {
+                    cached_tokens: cached,
+                    queue_secs,
+                },
+            ));
+        }
+        let Some(seq) = self.waiting.remove(at) else {
+            return false;
+        };
+        self.running.push(seq);
+        let pos = self.running.len() - 1;
+        self.plan_running(plan, planned, pos, n);
+        true
+    }
+
+    /// Decide the next step. Retire cancelled sequences; give every decoding sequence its one
+    /// token (in admission order, preempting the newest when out of blocks); readmit preempted
+    /// sequences (they keep their place); then share the rest of the token budget between the
+    /// tenants with prompt work (running prompts' next chunks first, then admissions): first each
+    /// tenant up to its weighted slice, least-served (virtual time) first, then whatever is left
+    /// to anyone, so a tenant's long prompts cannot hold another's out of a step.
     pub fn schedule(&mut self) -> StepPlan {
         self.retire_cancelled();
         let mut budget = self.cfg.max_batch_tokens;
         let mut plan = StepPlan::default();
+        let mut planned: HashMap<u64, usize> = HashMap::new();
+        let mut admitting = true;
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
-            let n = self.running[i].num_pending().min(budget);
-            let want = self.running[i].num_computed + n;
-            loop {
-                let seq = &mut self.running[i];
-                if self.pool.grow(&mut seq.alloc, want) {
-                    break;
-                }
-                // Out of blocks: recompute the newest sequence later, possibly this one.
-                let victim_is_self = i == self.running.len() - 1;
-                self.preempt_last();
-                if victim_is_self {
-                    break;
-                }
+            let (id, pending, computed) = {
+                let s = &self.running[i];
+                (s.id, s.num_pending(), s.num_computed)
+            };
+            if pending > 1 {
+                i += 1;
+                continue;
             }
-            if i >= self.running.len() {
-                break;
-            }
-            plan.items.push(Self::item(&self.running[i], n));
-            Self::charge(&mut self.vtime, &self.running[i], n);
-            budget -= n;
-            i += 1;
+            let Some(pos) = self.grow_running(id, computed + 1, &planned) else {
+                continue;
+            };
+            self.plan_running(&mut plan, &mut planned, pos, 1);
+            budget -= 1;
+            i = pos + 1;
         }
-        while budget > 0 && self.running.len() < self.cfg.max_seqs {
-            let Some(at) = self.next_waiting() else {
-                break;
-            };
-            let Some(seq) = self.waiting.get_mut(at) else {
-                break;
-            };
-            if seq.alloc.blocks().is_empty() {
-                // Reuse the longest cached prefix, but always compute at least the last token: its
-                // logits are needed.
-                let max_blocks = (seq.tokens.len() - 1) / self.pool.block_size();
-                seq.num_computed = self
-                    .pool
-                    .match_prefix(&mut seq.alloc, &seq.tokens, max_blocks);
-            }
-            let n = seq.num_pending().min(budget);
-            if !self.pool.grow(&mut seq.alloc, seq.num_computed + n) {
-                // Not now: give the matched blocks back (they stay cached) so nothing is pinned.
-                self.pool.release(&mut seq.alloc);
-                seq.num_computed = 0;
+        while budget > 0
+            && self.running.len() < self.cfg.max_seqs
+            && self.waiting.front().is_some_and(|s| s.admitted.is_some())
+        {
+            let before = plan.num_tokens();
+            if !self.admit(&mut plan, &mut planned, 0, budget) {
+                // No room for it yet: nobody else is admitted ahead of it.
+                admitting = false;
                 break;
             }
-            if self.pool.caching() {
-                self.prefix_query_tokens += seq.tokens.len() as u64;
-                self.prefix_hit_tokens += seq.num_computed as u64;
-            }
-            if seq.admitted.is_none() {
-                let cached = seq.num_computed.min(seq.prompt_len);
-                let queue_secs = seq.arrived.elapsed().as_secs_f64();
-                seq.admitted = Some((cached, queue_secs));
-                self.pending.push((
-                    seq.reply.clone(),
-                    Event::Admitted {
-                        cached_tokens: cached,
-                        queue_secs,
-                    },
-                ));
-            }
-            let Some(seq) = self.waiting.remove(at) else {
-                break;
-            };
-            plan.items.push(Self::item(&seq, n));
-            Self::charge(&mut self.vtime, &seq, n);
-            budget -= n;
-            self.running.push(seq);
+            budget -= plan.num_tokens() - before;
         }
+        let quotas = self.weighted_slices(budget);
+        self.share_prompt_work(
+            &mut plan,
+            &mut planned,
+            &mut budget,
+            admitting,
+            Some(quotas),
+        );
+        self.share_prompt_work(&mut plan, &mut planned, &mut budget, admitting, None);
         plan
+    }
+
+    /// Tokens of prompt work `seq` could still get this step (0 for a decoding sequence).
+    fn prompt_work(seq: &Sequence, planned: &HashMap<u64, usize>, plan: &StepPlan) -> usize {
+        let done = planned
+            .get(&seq.id)
+            .map_or(0, |&k| plan.items[k].tokens.len());
+        let pending = seq.num_pending();
+        if pending <= 1 && done == 0 {
+            return 0;
+        }
+        pending - done.min(pending)
+    }
+
+    /// Each tenant with prompt work gets `budget * weight / total weight` tokens (at least one).
+    fn weighted_slices(&self, budget: usize) -> HashMap<Arc<str>, usize> {
+        let mut weights: HashMap<Arc<str>, u32> = HashMap::new();
+        let running = self.running.iter().filter(|s| s.num_pending() > 1);
+        for s in running.chain(&self.waiting) {
+            weights.insert(tenant_key(s), s.weight.max(1));
+        }
+        let total: u64 = weights.values().map(|&w| u64::from(w)).sum();
+        weights
+            .into_iter()
+            .map(|(t, w)| {
+                let slice = budget as u64 * u64::from(w) / total.max(1);
+                (t, (slice as usize).max(1))
+            })
+            .collect()
+    }
+
+    /// Hand out prompt work while the budget lasts: the least-served tenant with work (and, when
+    /// `quotas` is given, slice left) gets its next chunk, a running prompt's before an admission.
+    fn share_prompt_work(
+        &mut self,
+        plan: &mut StepPlan,
+        planned: &mut HashMap<u64, usize>,
+        budget: &mut usize,
+        mut admitting: bool,
+        mut quotas: Option<HashMap<Arc<str>, usize>>,
+    ) {
+        // Tenants whose next chunk found no blocks: no more prompt work for them this step.
+        let mut blocked: Vec<Arc<str>> = Vec::new();
+        while *budget > 0 {
+            let room = |t: &Arc<str>| {
+                if blocked.contains(t) {
+                    return 0;
+                }
+                quotas
+                    .as_ref()
+                    .map_or(usize::MAX, |q| q.get(t).copied().unwrap_or(0))
+            };
+            let can_admit = admitting && self.running.len() < self.cfg.max_seqs;
+            let running = self
+                .running
+                .iter()
+                .filter(|s| Self::prompt_work(s, planned, plan) > 0);
+            let waiting = self.waiting.iter().filter(|_| can_admit);
+            let Some(tenant) = running
+                .chain(waiting)
+                .map(tenant_key)
+                .filter(|t| room(t) > 0)
+                .min_by(|a, b| {
+                    let v = |t: &Arc<str>| self.vtime.get(t).copied().unwrap_or(0.0);
+                    v(a).total_cmp(&v(b))
+                })
+            else {
+                return;
+            };
+            let cap = (*budget).min(room(&tenant));
+            let before = plan.num_tokens();
+            let ongoing = self
+                .running
+                .iter()
+                .find(|s| tenant_key(s) == tenant && Self::prompt_work(s, planned, plan) > 0)
+                .map(|s| (s.id, s.num_computed, Self::prompt_work(s, planned, plan)));
+            if let Some((id, computed, work)) = ongoing {
+                let done = planned.get(&id).map_or(0, |&k| plan.items[k].tokens.len());
+                let n = done + work.min(cap);
+                let grown = if done > 0 {
+                    // Widening a chunk already planned: only with free blocks (no preemption).
+                    let pos = self.running.iter().position(|s| s.id == id);
+                    pos.filter(|&p| self.pool.grow(&mut self.running[p].alloc, computed + n))
+                } else {
+                    self.grow_running(id, computed + n, planned)
+                };
+                if let Some(pos) = grown {
+                    self.plan_running(plan, planned, pos, n);
+                }
+            } else if let Some(at) = self.waiting.iter().position(|s| tenant_key(s) == tenant) {
+                if !self.admit(plan, planned, at, cap) {
+                    admitting = false;
+                }
+            }
+            let used = plan.num_tokens() - before;
+            if used == 0 {
+                blocked.push(tenant.clone());
+            }
+            *budget -= used;
+            if let Some(q) = quotas.as_mut() {
+                if let Some(left) = q.get_mut(&tenant) {
+                    *left = left.saturating_sub(used);
+                }
+            }
+        }
     }
 
     fn item(seq: &Sequence, n: usize) -> Scheduled {
@@ -399,20 +558,18 @@ impl Scheduler {
             .map(|i| self.cost.cost(i.first_pos, i.tokens.len(), i.wants_logits))
             .collect();
         let mut shares = split(out.device_time, &costs).into_iter();
-        // Plan items follow `running`'s order (running ones first, then admissions), so one
-        // forward walk finds them all.
-        let mut at = 0;
+        let index: HashMap<u64, usize> = self
+            .running
+            .iter()
+            .enumerate()
+            .map(|(pos, s)| (s.id, pos))
+            .collect();
         for item in &plan.items {
             let row = if item.wants_logits { rows.next() } else { None };
             let share = shares.next().unwrap_or_default();
-            let Some(pos) = self.running[at..]
-                .iter()
-                .position(|s| s.id == item.seq_id)
-                .map(|p| p + at)
-            else {
+            let Some(&pos) = index.get(&item.seq_id) else {
                 continue;
             };
-            at = pos + 1;
             let seq = &mut self.running[pos];
             seq.num_computed = item.first_pos + item.tokens.len();
             self.pool
