@@ -132,6 +132,17 @@ impl Config {
         Directory::new(&self.admin_api_keys, &self.tenants)
     }
 
+    /// The TLS settings of `tls_cert` and `tls_key` (read from disk now), or None for plain HTTP.
+    pub fn tls(&self) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(crate::server::http::tls_config(cert, key)?)),
+            (None, None) => Ok(None),
+            _ => Err(HearthError::Config(
+                "tls_cert and tls_key go together: set both or neither".into(),
+            )),
+        }
+    }
+
     pub fn engine(&self) -> EngineConfig {
         EngineConfig {
             block_size: self.block_size,

@@ -28,7 +28,7 @@ use tower_http::request_id::{MakeRequestId, RequestId};
 use super::error::ApiError;
 
 /// Limits of the HTTP layer.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct HttpConfig {
     /// Time a client has to send a request head; also how long an idle keep-alive connection lives.
     pub header_read_timeout: Duration,
@@ -45,8 +45,9 @@ pub struct HttpConfig {
     pub allowed_hosts: Vec<String>,
     /// The address the server is bound to.
     pub bound: IpAddr,
-    /// Serve HTTPS with this certificate and key (plain HTTP when None).
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Serve HTTPS with this certificate and key (plain HTTP when None); a reload swaps in a
+    /// renewed certificate for the connections accepted after it.
+    pub tls: Option<std::sync::RwLock<Arc<rustls::ServerConfig>>>,
 }
 
 /// The TLS settings for a PEM certificate chain and private key; ALPN offers HTTP/2 and HTTP/1.1.
@@ -505,7 +506,12 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let svc = TowerToHyperService::new(app.clone());
-        let Some(tls) = cfg.tls.clone() else {
+        let tls = cfg.tls.as_ref().map(|t| {
+            t.read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        });
+        let Some(tls) = tls else {
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(ErrorBodyIo::new(stream)), svc)
                 .into_owned();

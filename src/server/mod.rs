@@ -62,10 +62,20 @@ impl AppState {
     }
 
     /// Take the tenants and keys of `config` (a rotated or revoked key counts from the next
-    /// request). An invalid config changes nothing.
+    /// request) and its TLS certificate (for connections accepted from now on). An invalid config
+    /// changes nothing.
     pub fn reload(&self, config: &Config) -> Result<()> {
         let directory = Arc::new(config.directory()?);
+        let tls = config.tls()?;
         let tenants = directory.tenants().len();
+        match (&self.http.tls, tls) {
+            (Some(current), Some(renewed)) => {
+                *current.write().unwrap_or_else(PoisonError::into_inner) = renewed;
+                tracing::info!("TLS certificate reloaded");
+            }
+            (None, None) => {}
+            _ => tracing::warn!("turning HTTPS on or off takes a restart; kept as it was"),
+        }
         *self
             .directory
             .write()
@@ -195,15 +205,7 @@ impl Server {
                 crate::tenancy::OPEN_TENANT
             );
         }
-        let tls = match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => Some(http::tls_config(cert, key)?),
-            (None, None) => None,
-            _ => {
-                return Err(HearthError::Config(
-                    "tls_cert and tls_key go together: set both or neither".into(),
-                ))
-            }
-        };
+        let tls = config.tls()?.map(RwLock::new);
         let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port)).await?;
         let state = Arc::new(AppState {
             engines: OnceLock::new(),
