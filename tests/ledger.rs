@@ -180,3 +180,63 @@ fn an_unwritable_ledger_does_not_stop_serving_and_counts_its_lost_rows() {
     );
     let _ = std::fs::remove_file(&blocker);
 }
+
+/// Send a request over a raw connection, read `read` bytes of the answer (0: none), then leave.
+fn leave_early(base: &str, body: &Value, read: usize) {
+    use std::io::{Read, Write};
+    let addr = base.trim_start_matches("http://");
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    let body = body.to_string();
+    write!(
+        c,
+        "POST /v1/completions HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer sk-a\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    if read > 0 {
+        let mut buf = vec![0u8; read];
+        c.read_exact(&mut buf).unwrap();
+    } else {
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+    }
+}
+
+#[test]
+fn a_request_whose_client_leaves_is_billed_for_all_the_device_time_it_used() {
+    let dir = std::env::temp_dir().join(format!("hearth-ledger-left-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let s = server("left", &dir.join("usage.sqlite3"));
+    let counter = "hearth_tenant_device_seconds_total{tenant=\"team-a\",model=\"left\"}";
+    let before = s.metric(counter).unwrap_or(0.0);
+    // A JSON request left before its answer, and a stream left after its first chunks: both
+    // were running when their clients went.
+    let long = |stream: bool| json!({"model": "left", "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": true, "stream": stream});
+    leave_early(&s.base, &long(false), 0);
+    leave_early(&s.base, &long(true), 600);
+    // Their rows are written once the engine has handed back their last steps' device time.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let row = loop {
+        let rows = rows_by_tenant(&s.base, "sk-admin");
+        if let Some(r) = rows.iter().find(|r| r["requests"] == 2) {
+            break r.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rows not written: {rows:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let used = s.metric(counter).unwrap() - before;
+    let billed = row["device_time_ms"].as_f64().unwrap() / 1e3;
+    assert!(used > 0.0);
+    assert!(
+        (billed - used).abs() <= 0.01 * used,
+        "ledger bills {billed:.6} s, the tenant's counter moved {used:.6} s"
+    );
+    let generated = row["completion_tokens"].as_u64().unwrap();
+    assert!(
+        generated > 0 && generated < 800,
+        "the tokens generated before the clients left: {row}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -65,6 +65,23 @@ impl Receipt {
         self.row.user = user.map(String::from);
     }
 
+    /// Whether the row has been written (or handed on by `take`).
+    pub fn is_written(&self) -> bool {
+        self.done
+    }
+
+    /// Hand the unwritten row to a new receipt (which writes it); this one writes nothing.
+    pub fn take(&mut self) -> Self {
+        let taken = Self {
+            ledger: self.ledger.take(),
+            row: std::mem::take(&mut self.row),
+            started: self.started,
+            done: self.done,
+        };
+        self.done = true;
+        taken
+    }
+
     /// Write the row (once; later calls do nothing).
     pub fn finish(&mut self, ending: Ending<'_>) {
         if std::mem::replace(&mut self.done, true) {

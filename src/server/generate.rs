@@ -300,9 +300,10 @@ fn choice_stream(st: ChoiceState) -> impl Stream<Item = Update> + Send {
     .flatten()
 }
 
-/// Every choice of the job, merged into one stream (fair between choices).
-fn updates(job: &Job) -> Result<BoxStream<'static, Update>, ApiError> {
+/// Every choice of the job, merged into one stream (fair between choices), and their stop handles.
+fn updates(job: &Job) -> Result<(BoxStream<'static, Update>, Vec<engine::StopHandle>), ApiError> {
     let subs = submit_all(job)?;
+    let stops = subs.iter().map(|(_, _, (_, stop))| stop.clone()).collect();
     let streams = subs.into_iter().map(|(choice, prompt_len, (rx, stop))| {
         choice_stream(ChoiceState {
             choice,
@@ -331,7 +332,94 @@ fn updates(job: &Job) -> Result<BoxStream<'static, Update>, ApiError> {
         })
         .boxed()
     });
-    Ok(stream::select_all(streams).boxed())
+    Ok((stream::select_all(streams).boxed(), stops))
+}
+
+/// A response's running count, and its ledger row: whoever ends the response writes the row
+/// once, with every choice's usage and device time.
+struct Tally {
+    updates: BoxStream<'static, Update>,
+    stops: Vec<engine::StopHandle>,
+    /// The usage of the choices finished so far.
+    finishes: Vec<ChoiceUsage>,
+    receipt: Receipt,
+    /// The request's arrival.
+    started: Instant,
+    /// Already draining after its client left (a second drop writes what it has).
+    draining: bool,
+}
+
+impl Tally {
+    fn new(
+        updates: BoxStream<'static, Update>,
+        stops: Vec<engine::StopHandle>,
+        job: &mut Job,
+    ) -> Self {
+        Self {
+            updates,
+            stops,
+            finishes: Vec::new(),
+            receipt: job.receipt.take(),
+            started: job.started,
+            draining: false,
+        }
+    }
+
+    /// Usage and measurements of the choices finished so far.
+    fn totals(&self) -> (Usage, ResponseMetrics) {
+        (
+            usage_of(&self.finishes),
+            metrics_of(&self.finishes, self.started),
+        )
+    }
+
+    /// Write the row of a response that ends early, with what was counted by then.
+    fn finish_cut(&mut self, status: u16, reason: &'static str) {
+        let (usage, metrics) = self.totals();
+        self.receipt.finish(Ending::Cut {
+            status,
+            reason,
+            usage: &usage,
+            metrics: &metrics,
+        });
+    }
+}
+
+impl Drop for Tally {
+    /// Dropped before its row was written: the client left. Its unfinished choices are stopped
+    /// and their last events (which carry the device time they used) drained in the background,
+    /// so the row bills everything the request ran.
+    fn drop(&mut self) {
+        if self.receipt.is_written() {
+            return;
+        }
+        let runtime = tokio::runtime::Handle::try_current();
+        if self.draining || runtime.is_err() {
+            self.finish_cut(499, "client_closed");
+            return;
+        }
+        for s in &self.stops {
+            s.stop();
+        }
+        let mut rest = Tally {
+            updates: std::mem::replace(&mut self.updates, stream::empty().boxed()),
+            stops: Vec::new(),
+            finishes: std::mem::take(&mut self.finishes),
+            receipt: self.receipt.take(),
+            started: self.started,
+            draining: true,
+        };
+        if let Ok(rt) = runtime {
+            rt.spawn(async move {
+                while let Some(u) = rest.updates.next().await {
+                    if let ChoiceEvent::Finished { usage, .. } = u.event {
+                        rest.finishes.push(usage);
+                    }
+                }
+                rest.finish_cut(499, "client_closed");
+            });
+        }
+    }
 }
 
 fn usage_of(finishes: &[ChoiceUsage]) -> Usage {
@@ -440,8 +528,8 @@ impl Body {
 
 /// Run to completion: the fold over the updates.
 pub async fn complete(mut job: Job) -> Result<Body, ApiError> {
-    let mut updates = match updates(&job) {
-        Ok(u) => u,
+    let mut tally = match updates(&job) {
+        Ok((updates, stops)) => Tally::new(updates, stops, &mut job),
         Err(e) => {
             job.receipt.finish(Ending::Refused {
                 status: e.status.as_u16(),
@@ -453,23 +541,24 @@ pub async fn complete(mut job: Job) -> Result<Body, ApiError> {
     let mut texts = vec![String::new(); total];
     let mut lps: Vec<Vec<TokenLogprob>> = vec![Vec::new(); total];
     let mut finishes: Vec<Option<(FinishReason, ChoiceUsage)>> = vec![None; total];
-    while let Some(u) = updates.next().await {
+    while let Some(u) = tally.updates.next().await {
         match u.event {
             ChoiceEvent::Text { text, logprobs } => {
                 texts[u.choice].push_str(&text);
                 lps[u.choice].extend(logprobs);
             }
-            ChoiceEvent::Finished { reason, usage } => finishes[u.choice] = Some((reason, usage)),
+            ChoiceEvent::Finished { reason, usage } => {
+                finishes[u.choice] = Some((reason, usage));
+                tally.finishes.push(usage);
+            }
             ChoiceEvent::Failed(e) => {
-                job.receipt.finish(Ending::Failed);
+                tally.receipt.finish(Ending::Failed);
                 return Err(ApiError::internal(e));
             }
         }
     }
-    let done: Vec<ChoiceUsage> = finishes.iter().flatten().map(|f| f.1).collect();
-    let usage = usage_of(&done);
-    let metrics = metrics_of(&done, job.started);
-    job.receipt.finish(Ending::Finished {
+    let (usage, metrics) = tally.totals();
+    tally.receipt.finish(Ending::Finished {
         reason: reason_of_first(&finishes),
         usage: &usage,
         metrics: &metrics,
@@ -528,7 +617,7 @@ pub async fn complete(mut job: Job) -> Result<Body, ApiError> {
 
 /// What the SSE map keeps between updates.
 struct SseState {
-    updates: BoxStream<'static, Update>,
+    tally: Tally,
     kind: Kind,
     id: String,
     created: u64,
@@ -538,12 +627,8 @@ struct SseState {
     total: usize,
     /// Text bytes sent per choice (legacy logprobs' offsets).
     offsets: Vec<usize>,
-    finishes: Vec<ChoiceUsage>,
-    /// The request's arrival.
-    started: Instant,
     /// Held while the stream runs (the tenant's concurrency slot).
     _admission: crate::tenancy::limits::Admission,
-    receipt: Receipt,
     /// The first choice to finish's reason, for the ledger.
     first_reason: Option<FinishReason>,
     phase: Phase,
@@ -650,25 +735,6 @@ impl SseState {
         self.chat_chunk(choices, None)
     }
 
-    /// Usage and measurements of the choices finished so far.
-    fn totals(&self) -> (Usage, ResponseMetrics) {
-        (
-            usage_of(&self.finishes),
-            metrics_of(&self.finishes, self.started),
-        )
-    }
-
-    /// Write the ledger row of a stream that ends early, with what was counted by then.
-    fn finish_cut(&mut self, status: u16, reason: &'static str) {
-        let (usage, metrics) = self.totals();
-        self.receipt.finish(Ending::Cut {
-            status,
-            reason,
-            usage: &usage,
-            metrics: &metrics,
-        });
-    }
-
     fn usage_chunk(&self, totals: (Usage, ResponseMetrics)) -> String {
         match self.kind {
             Kind::Chat => self.chat_chunk(Vec::new(), Some(totals)),
@@ -688,12 +754,12 @@ impl SseState {
                 }
                 Phase::Body => {
                     let next = tokio::select! {
-                        u = self.updates.next() => Some(u),
+                        u = self.tally.updates.next() => Some(u),
                         Ok(_) = self.cut.wait_for(|cut| *cut) => None,
                     };
                     let Some(next) = next else {
                         self.phase = Phase::Done;
-                        self.finish_cut(503, "shutting_down");
+                        self.tally.finish_cut(503, "shutting_down");
                         let err = ErrorResponse::new(
                             "the server is shutting down: this stream was cut at the drain deadline",
                             "server_error",
@@ -704,8 +770,8 @@ impl SseState {
                     };
                     let Some(u) = next else {
                         self.phase = Phase::Done;
-                        let (usage, metrics) = self.totals();
-                        self.receipt.finish(Ending::Finished {
+                        let (usage, metrics) = self.tally.totals();
+                        self.tally.receipt.finish(Ending::Finished {
                             reason: self.first_reason.unwrap_or(FinishReason::Stop),
                             usage: &usage,
                             metrics: &metrics,
@@ -718,13 +784,13 @@ impl SseState {
                     let (text, lps, fin) = match u.event {
                         ChoiceEvent::Text { text, logprobs } => (text, logprobs, None),
                         ChoiceEvent::Finished { reason, usage } => {
-                            self.finishes.push(usage);
+                            self.tally.finishes.push(usage);
                             self.first_reason.get_or_insert(reason);
                             (String::new(), Vec::new(), Some(reason))
                         }
                         ChoiceEvent::Failed(e) => {
                             self.phase = Phase::Done;
-                            self.receipt.finish(Ending::Failed);
+                            self.tally.receipt.finish(Ending::Failed);
                             let err = ErrorResponse::new(
                                 &e,
                                 "server_error",
@@ -751,22 +817,14 @@ impl SseState {
     }
 }
 
-impl Drop for SseState {
-    /// A stream dropped before its end: the client left (a finished stream's row is already
-    /// written, and this does nothing).
-    fn drop(&mut self) {
-        self.finish_cut(499, "client_closed");
-    }
-}
-
 /// Start the choices and return the SSE data payloads: the map over the updates, then the usage
 /// chunk (if asked for) and `[DONE]`.
 pub fn stream(
     mut job: Job,
     cut: tokio::sync::watch::Receiver<bool>,
 ) -> Result<impl Stream<Item = String> + Send + 'static, ApiError> {
-    let updates = match updates(&job) {
-        Ok(u) => u,
+    let tally = match updates(&job) {
+        Ok((updates, stops)) => Tally::new(updates, stops, &mut job),
         Err(e) => {
             job.receipt.finish(Ending::Refused {
                 status: e.status.as_u16(),
@@ -776,7 +834,7 @@ pub fn stream(
     };
     let total = job.prompts.len() * job.req.n;
     let st = SseState {
-        updates,
+        tally,
         kind: job.req.kind,
         id: response_id(job.req.kind),
         created: now_secs(),
@@ -785,10 +843,7 @@ pub fn stream(
         include_usage: job.req.include_usage,
         total,
         offsets: vec![0; total],
-        finishes: Vec::new(),
-        started: job.started,
         _admission: job.admission,
-        receipt: job.receipt,
         first_reason: None,
         phase: Phase::Start,
         cut,
