@@ -65,6 +65,11 @@ pub struct Config {
     pub tls_key: Option<PathBuf>,
     /// The usage ledger (SQLite); unset: no ledger.
     pub ledger_path: Option<PathBuf>,
+    /// Split each step's device time over its requests and keep the usage ledger. On by default;
+    /// off only to measure what they cost (then responses report no device time and no rows).
+    pub metering: bool,
+    /// Route groups (`[[routes]]`); none: `auto` over every served model, cheapest first.
+    pub routes: Vec<crate::router::RouteConfig>,
     /// Ledger rows older than this are pruned (0: kept forever).
     pub ledger_retention_days: u32,
 }
@@ -106,6 +111,8 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             ledger_path: Some(DEFAULT_LEDGER.into()),
+            metering: true,
+            routes: Vec::new(),
             ledger_retention_days: 400,
         }
     }
@@ -124,7 +131,14 @@ impl Config {
         let config: Self = toml::from_str(&text)
             .map_err(|e| HearthError::Config(format!("{}: {e}", path.display())))?;
         config.directory()?;
+        config.check_routes()?;
         Ok(config)
+    }
+
+    /// The route groups name served models only (and no model's name).
+    pub fn check_routes(&self) -> Result<()> {
+        let served: Vec<&str> = self.models.iter().map(|m| m.name.as_str()).collect();
+        crate::router::Routes::check(&self.routes, &served)
     }
 
     /// The tenants and keys this config names (checked: unique names and keys).
@@ -159,6 +173,7 @@ impl Config {
             backend: None,
             prefix_caching: self.prefix_caching,
             default_max_tokens: self.default_max_tokens,
+            metering: self.metering,
         }
     }
 }

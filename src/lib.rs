@@ -9,6 +9,7 @@ pub mod loader;
 pub mod logits;
 pub mod model;
 pub mod ops;
+pub mod router;
 pub mod server;
 pub mod telemetry;
 pub mod tenancy;

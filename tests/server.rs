@@ -34,7 +34,8 @@ fn endpoints_respond_and_both_default_models_load() {
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["smollm2-135m-instruct", "gemma-3-270m"]);
+    // The served models, then the default route group over them.
+    assert_eq!(ids, ["smollm2-135m-instruct", "gemma-3-270m", "auto"]);
     for model in ids {
         let (st, v, _) = post(
             &s.base,

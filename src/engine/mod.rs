@@ -60,6 +60,8 @@ pub struct EngineConfig {
     pub prefix_caching: bool,
     /// max_tokens of a request that names none (clamped to what fits the context and the pool).
     pub default_max_tokens: usize,
+    /// Split each step's device time over its sequences (off: their shares are zero).
+    pub metering: bool,
 }
 
 impl Default for EngineConfig {
@@ -72,6 +74,7 @@ impl Default for EngineConfig {
             backend: None,
             prefix_caching: true,
             default_max_tokens: 1024,
+            metering: true,
         }
     }
 }
@@ -172,6 +175,8 @@ pub struct EngineHandle {
     block_size: usize,
     max_waiting: usize,
     default_max_tokens: usize,
+    /// The metering cost model's work for one decoded token (the router orders models by it).
+    pub cost_per_token: u128,
 }
 
 impl EngineHandle {
@@ -354,11 +359,13 @@ impl Engine {
             .backend
             .unwrap_or_else(|| AttentionBackend::best_for(&d.device, dtype));
         let pool = BlockPool::new(num_blocks, cfg.block_size, cfg.prefix_caching);
+        let cost = model.decoder.cost_model();
+        let cost_per_token = cost.cost(0, 1, true);
         let scheduler = Scheduler::new(
             cfg.scheduler.clone(),
             pool,
             model.max_context(),
-            model.decoder.cost_model(),
+            cfg.metering.then_some(cost),
         );
         let mut first = EngineStats::default();
         first.observe(&scheduler);
@@ -375,6 +382,7 @@ impl Engine {
             block_size: cfg.block_size,
             max_waiting: cfg.scheduler.max_waiting,
             default_max_tokens: cfg.default_max_tokens,
+            cost_per_token,
         };
         tracing::info!(
             model = %model.name,

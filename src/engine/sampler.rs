@@ -31,6 +31,10 @@ pub struct SamplingParams {
     /// Added to a token's logit before it is picked (OpenAI's `logit_bias`, -100..100); reported
     /// log-probabilities stay those of the model.
     pub logit_bias: Vec<(u32, f32)>,
+    /// The first this many generated tokens also report their top-1 / top-2 margin (the router's
+    /// doubt signal); they need the whole logit row.
+    #[serde(default)]
+    pub probe_tokens: usize,
 }
 
 impl Default for SamplingParams {
@@ -49,6 +53,7 @@ impl Default for SamplingParams {
             ignore_eos: false,
             logprobs: None,
             logit_bias: Vec::new(),
+            probe_tokens: 0,
         }
     }
 }
@@ -108,6 +113,9 @@ pub struct Sampled {
     pub logprob: f32,
     /// The most likely tokens and their log-probabilities, best first.
     pub top: Vec<(u32, f32)>,
+    /// For a probed token (see `SamplingParams::probe_tokens`): the log-probability of the most
+    /// likely token minus that of the second (0 when they tie: the model could not choose).
+    pub margin: Option<f32>,
 }
 
 /// Per-sequence sampling state.
@@ -117,6 +125,8 @@ pub struct Sampler {
     rng: StdRng,
     /// Output-token counts, for the presence and frequency penalties.
     counts: HashMap<u32, u32>,
+    /// Tokens sampled so far.
+    generated: usize,
 }
 
 fn log_softmax_at(logits: &[f32], max: f32, lse: f32, i: usize) -> f32 {
@@ -133,6 +143,7 @@ impl Sampler {
             params,
             rng,
             counts: HashMap::new(),
+            generated: 0,
         }
     }
 
@@ -146,6 +157,7 @@ impl Sampler {
     pub fn needs_full_logits(&self) -> bool {
         let p = &self.params;
         !(p.is_greedy()
+            && self.generated >= p.probe_tokens
             && p.repetition_penalty == 1.0
             && p.presence_penalty == 0.0
             && p.frequency_penalty == 0.0
@@ -156,10 +168,12 @@ impl Sampler {
     /// Take the token the device picked by argmax, with its log-probability (see `needs_full_logits`).
     pub fn accept_greedy(&mut self, token: u32, logprob: f32) -> Sampled {
         *self.counts.entry(token).or_insert(0) += 1;
+        self.generated += 1;
         Sampled {
             token,
             logprob,
             top: Vec::new(),
+            margin: None,
         }
     }
 
@@ -209,6 +223,12 @@ impl Sampler {
             self.draw(&work)
         };
         *self.counts.entry(token).or_insert(0) += 1;
+        let margin =
+            (self.generated < self.params.probe_tokens).then(|| match top_n(logits, 2)[..] {
+                [a, b] => logits[a] - logits[b],
+                _ => f32::INFINITY,
+            });
+        self.generated += 1;
 
         let top = match top_n_wanted {
             Some(n) if n > 0 => top_n(logits, n)
@@ -221,6 +241,7 @@ impl Sampler {
             token,
             logprob: log_softmax_at(logits, max, lse, token as usize),
             top,
+            margin,
         }
     }
 

@@ -122,7 +122,7 @@ pub struct Scheduler {
     pub prefix_query_tokens: u64,
     pub prefix_hit_tokens: u64,
     /// How a step's device time is split over its sequences.
-    cost: CostModel,
+    cost: Option<CostModel>,
     /// Fair share between tenants: tokens run for each tenant divided by its weight ("virtual
     /// time"). Admission picks the waiting tenant with the least, so a tenant with a thousand
     /// queued requests cannot starve another's one, and weights set the shares under contention.
@@ -137,7 +137,13 @@ fn tenant_key(seq: &Sequence) -> Arc<str> {
 }
 
 impl Scheduler {
-    pub fn new(cfg: SchedulerConfig, pool: BlockPool, max_context: usize, cost: CostModel) -> Self {
+    /// `cost`: how to split a step's device time over its sequences (None: not split).
+    pub fn new(
+        cfg: SchedulerConfig,
+        pool: BlockPool,
+        max_context: usize,
+        cost: Option<CostModel>,
+    ) -> Self {
         Self {
             cfg,
             pool,
@@ -552,12 +558,18 @@ impl Scheduler {
         };
         let mut rows = out.rows.into_iter();
         let mut done = Vec::new();
-        let costs: Vec<u128> = plan
-            .items
-            .iter()
-            .map(|i| self.cost.cost(i.first_pos, i.tokens.len(), i.wants_logits))
-            .collect();
-        let mut shares = split(out.device_time, &costs).into_iter();
+        let shares = match &self.cost {
+            Some(model) => {
+                let costs: Vec<u128> = plan
+                    .items
+                    .iter()
+                    .map(|i| model.cost(i.first_pos, i.tokens.len(), i.wants_logits))
+                    .collect();
+                split(out.device_time, &costs)
+            }
+            None => Vec::new(),
+        };
+        let mut shares = shares.into_iter();
         let index: HashMap<u64, usize> = self
             .running
             .iter()

@@ -120,6 +120,7 @@ impl Receipt {
             row.decode_device_ms = m.decode_device_time_ms;
             row.queue_ms = m.queue_time_ms;
             row.ttft_ms = m.time_to_first_token_ms;
+            row.route = m.route.as_ref().map(|d| d.summary()).unwrap_or_default();
         }
         row.e2e_ms = self.started.elapsed().as_secs_f64() * 1e3;
         row.ts_ms = now_ms();

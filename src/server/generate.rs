@@ -9,6 +9,7 @@ use futures_util::stream::{self, BoxStream, Stream, StreamExt};
 use rand::distr::{Alphanumeric, SampleString};
 
 use super::billing::{Ending, Receipt};
+use super::cascade::StopSet;
 use super::error::ApiError;
 use super::openai::{
     ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta, ChatLogprobs,
@@ -17,6 +18,7 @@ use super::openai::{
 };
 use super::validate::{Kind, Validated};
 use crate::engine::{self, EngineHandle, Event, Request};
+use crate::router::{Decision, Probe};
 use crate::telemetry::names;
 use crate::text::{TextStream, Tokenizer};
 
@@ -32,11 +34,14 @@ pub struct Job {
     /// Its ledger row, written when the response ends.
     pub receipt: Receipt,
     pub started: Instant,
+    /// Set when `model` named a route group: `engine` and `prompts` are its first (cheapest)
+    /// model's, and the cascade may escalate to the others.
+    pub route: Option<super::cascade::RoutePlan>,
 }
 
 /// One choice's usage and timings, reported with its finish.
 #[derive(Debug, Clone, Copy)]
-struct ChoiceUsage {
+pub(super) struct ChoiceUsage {
     prompt_tokens: usize,
     completion_tokens: usize,
     cached_tokens: usize,
@@ -45,14 +50,16 @@ struct ChoiceUsage {
     queue_secs: f64,
     first_token: Option<Instant>,
     last_token: Option<Instant>,
-    device: engine::DeviceTime,
+    pub(super) device: engine::DeviceTime,
 }
 
 #[derive(Debug)]
-enum ChoiceEvent {
+pub(super) enum ChoiceEvent {
     Text {
         text: String,
         logprobs: Vec<TokenLogprob>,
+        /// The token's doubt signal, while the router probes.
+        probe: Option<Probe>,
     },
     Finished {
         reason: FinishReason,
@@ -60,12 +67,46 @@ enum ChoiceEvent {
     },
     /// The engine failed while running the choice (a server fault).
     Failed(String),
+    /// The router's decision (once, before any text of a routed request).
+    Routed(Box<Decision>),
 }
 
 #[derive(Debug)]
-struct Update {
-    choice: usize,
-    event: ChoiceEvent,
+pub(super) struct Update {
+    pub(super) choice: usize,
+    pub(super) event: ChoiceEvent,
+}
+
+/// What starting a request's choices on some model needs (owned: the cascade keeps it to start
+/// the next model).
+#[derive(Clone)]
+pub(super) struct Spec {
+    params: engine::SamplingParams,
+    n: usize,
+    stops: Arc<[String]>,
+    want_logprobs: bool,
+    tenant: Arc<crate::tenancy::Tenant>,
+    limiter: Arc<crate::tenancy::limits::TenantLimiter>,
+    started: Instant,
+}
+
+impl Spec {
+    fn of(job: &Job) -> Self {
+        Self {
+            params: job.req.params.clone(),
+            n: job.req.n,
+            stops: job.req.stops.clone(),
+            want_logprobs: job.req.want_logprobs,
+            tenant: job.tenant.clone(),
+            limiter: job.admission.limiter(),
+            started: job.started,
+        }
+    }
+
+    /// Choices per prompt.
+    pub(super) fn n(&self) -> usize {
+        self.n
+    }
 }
 
 fn now_secs() -> u64 {
@@ -112,19 +153,25 @@ fn token_logprob(tok: &Tokenizer, id: u32, logprob: f32, top: &[(u32, f32)]) -> 
 type Submitted = (flume::Receiver<Event>, engine::StopHandle);
 
 /// Submit every choice up front, so that refusals (queue full, context) surface before any output.
-fn submit_all(job: &Job) -> Result<Vec<(usize, usize, Submitted)>, ApiError> {
+fn submit_all(
+    spec: &Spec,
+    engine: &EngineHandle,
+    prompts: &[Vec<u32>],
+    probe_tokens: usize,
+) -> Result<Vec<(usize, usize, Submitted)>, ApiError> {
     let mut out = Vec::new();
-    let n = job.req.n;
-    for (pi, prompt) in job.prompts.iter().enumerate() {
+    let n = spec.n;
+    for (pi, prompt) in prompts.iter().enumerate() {
         for j in 0..n {
-            let mut params = job.req.params.clone();
+            let mut params = spec.params.clone();
             // n choices with one seed must still differ, reproducibly.
             params.seed = params.seed.map(|s| s.wrapping_add(j as u64));
-            let sub = job.engine.submit_stoppable(Request {
+            params.probe_tokens = probe_tokens;
+            let sub = engine.submit_stoppable(Request {
                 prompt: prompt.clone(),
                 params,
-                tenant: Some(job.tenant.name.to_string()),
-                weight: job.tenant.weight,
+                tenant: Some(spec.tenant.name.to_string()),
+                weight: spec.tenant.weight,
             })?;
             out.push((pi * n + j, prompt.len(), sub));
         }
@@ -246,7 +293,15 @@ impl ChoiceState {
                     self.stopping = true;
                     self.stop.stop();
                 }
-                vec![ChoiceEvent::Text { text, logprobs }]
+                let probe = s.margin.map(|margin| Probe {
+                    logprob: s.logprob,
+                    margin,
+                });
+                vec![ChoiceEvent::Text {
+                    text,
+                    logprobs,
+                    probe,
+                }]
             }
             Some(Event::Finished { reason, usage }) => {
                 // After a stop string the tokens shown are the ones counted (as OpenAI counts them);
@@ -265,6 +320,7 @@ impl ChoiceState {
                     out.push(ChoiceEvent::Text {
                         text: rest,
                         logprobs: Vec::new(),
+                        probe: None,
                     });
                 }
                 out.push(self.finished(reason));
@@ -300,9 +356,15 @@ fn choice_stream(st: ChoiceState) -> impl Stream<Item = Update> + Send {
     .flatten()
 }
 
-/// Every choice of the job, merged into one stream (fair between choices), and their stop handles.
-fn updates(job: &Job) -> Result<(BoxStream<'static, Update>, Vec<engine::StopHandle>), ApiError> {
-    let subs = submit_all(job)?;
+/// Every choice of a request started on `engine`, merged into one stream (fair between choices),
+/// and their stop handles. The first `probe_tokens` tokens of each carry the router's signal.
+pub(super) fn start(
+    spec: &Spec,
+    engine: &EngineHandle,
+    prompts: &[Vec<u32>],
+    probe_tokens: usize,
+) -> Result<(BoxStream<'static, Update>, Vec<engine::StopHandle>), ApiError> {
+    let subs = submit_all(spec, engine, prompts, probe_tokens)?;
     let stops = subs.iter().map(|(_, _, (_, stop))| stop.clone()).collect();
     let streams = subs.into_iter().map(|(choice, prompt_len, (rx, stop))| {
         choice_stream(ChoiceState {
@@ -310,19 +372,19 @@ fn updates(job: &Job) -> Result<(BoxStream<'static, Update>, Vec<engine::StopHan
             rx,
             stop,
             stopping: false,
-            text: TextStream::new(job.engine.tokenizer.clone(), job.req.stops.clone()),
-            tok: job.engine.tokenizer.clone(),
-            labels: [("model", job.req.model.clone())],
-            tenant: job.tenant.name.clone(),
-            limiter: job.admission.limiter(),
-            want_logprobs: job.req.want_logprobs,
-            started: job.started,
-            last: job.started,
+            text: TextStream::new(engine.tokenizer.clone(), spec.stops.clone()),
+            tok: engine.tokenizer.clone(),
+            labels: [("model", engine.name.clone())],
+            tenant: spec.tenant.name.clone(),
+            limiter: spec.limiter.clone(),
+            want_logprobs: spec.want_logprobs,
+            started: spec.started,
+            last: spec.started,
             usage: ChoiceUsage {
                 prompt_tokens: prompt_len,
                 completion_tokens: 0,
                 cached_tokens: 0,
-                counts_prompt: choice % job.req.n == 0,
+                counts_prompt: choice % spec.n == 0,
                 queue_secs: 0.0,
                 first_token: None,
                 last_token: None,
@@ -335,13 +397,27 @@ fn updates(job: &Job) -> Result<(BoxStream<'static, Update>, Vec<engine::StopHan
     Ok((stream::select_all(streams).boxed(), stops))
 }
 
+/// The job's update stream: its choices on its model, or through the router's cascade.
+fn updates(job: &Job) -> Result<(BoxStream<'static, Update>, StopSet), ApiError> {
+    let spec = Spec::of(job);
+    match &job.route {
+        None => {
+            let (updates, stops) = start(&spec, &job.engine, &job.prompts, 0)?;
+            Ok((updates, StopSet::new(stops)))
+        }
+        Some(plan) => super::cascade::run(spec, plan.clone(), &job.engine, &job.prompts),
+    }
+}
+
 /// A response's running count, and its ledger row: whoever ends the response writes the row
 /// once, with every choice's usage and device time.
 struct Tally {
     updates: BoxStream<'static, Update>,
-    stops: Vec<engine::StopHandle>,
+    stops: StopSet,
     /// The usage of the choices finished so far.
     finishes: Vec<ChoiceUsage>,
+    /// The router's decision, for a routed request.
+    route: Option<Decision>,
     receipt: Receipt,
     /// The request's arrival.
     started: Instant,
@@ -350,15 +426,12 @@ struct Tally {
 }
 
 impl Tally {
-    fn new(
-        updates: BoxStream<'static, Update>,
-        stops: Vec<engine::StopHandle>,
-        job: &mut Job,
-    ) -> Self {
+    fn new(updates: BoxStream<'static, Update>, stops: StopSet, job: &mut Job) -> Self {
         Self {
             updates,
             stops,
             finishes: Vec::new(),
+            route: None,
             receipt: job.receipt.take(),
             started: job.started,
             draining: false,
@@ -367,10 +440,9 @@ impl Tally {
 
     /// Usage and measurements of the choices finished so far.
     fn totals(&self) -> (Usage, ResponseMetrics) {
-        (
-            usage_of(&self.finishes),
-            metrics_of(&self.finishes, self.started),
-        )
+        let mut metrics = metrics_of(&self.finishes, self.started);
+        metrics.route = self.route.clone();
+        (usage_of(&self.finishes), metrics)
     }
 
     /// Write the row of a response that ends early, with what was counted by then.
@@ -398,13 +470,12 @@ impl Drop for Tally {
             self.finish_cut(499, "client_closed");
             return;
         }
-        for s in &self.stops {
-            s.stop();
-        }
+        self.stops.stop_all();
         let mut rest = Tally {
             updates: std::mem::replace(&mut self.updates, stream::empty().boxed()),
-            stops: Vec::new(),
+            stops: self.stops.clone(),
             finishes: std::mem::take(&mut self.finishes),
+            route: self.route.take(),
             receipt: self.receipt.take(),
             started: self.started,
             draining: true,
@@ -487,6 +558,7 @@ fn metrics_of(finishes: &[ChoiceUsage], started: Instant) -> ResponseMetrics {
         device_time_ms: ms(device.total()),
         prefill_device_time_ms: ms(device.prefill),
         decode_device_time_ms: ms(device.decode),
+        route: None,
     }
 }
 
@@ -543,10 +615,11 @@ pub async fn complete(mut job: Job) -> Result<Body, ApiError> {
     let mut finishes: Vec<Option<(FinishReason, ChoiceUsage)>> = vec![None; total];
     while let Some(u) = tally.updates.next().await {
         match u.event {
-            ChoiceEvent::Text { text, logprobs } => {
+            ChoiceEvent::Text { text, logprobs, .. } => {
                 texts[u.choice].push_str(&text);
                 lps[u.choice].extend(logprobs);
             }
+            ChoiceEvent::Routed(d) => tally.route = Some(*d),
             ChoiceEvent::Finished { reason, usage } => {
                 finishes[u.choice] = Some((reason, usage));
                 tally.finishes.push(usage);
@@ -565,7 +638,11 @@ pub async fn complete(mut job: Job) -> Result<Body, ApiError> {
     });
     let reason = |i: usize| finishes[i].map(|f| f.0).unwrap_or(FinishReason::Stop);
     let want = job.req.want_logprobs;
-    let (id, created, model) = (response_id(job.req.kind), now_secs(), job.req.model);
+    let model = match &tally.route {
+        Some(d) => d.model.clone(),
+        None => job.req.model,
+    };
+    let (id, created) = (response_id(job.req.kind), now_secs());
     Ok(match job.req.kind {
         Kind::Chat => Body::Chat(ChatCompletion {
             id,
@@ -634,6 +711,10 @@ struct SseState {
     phase: Phase,
     /// Turns true at the server's drain deadline.
     cut: tokio::sync::watch::Receiver<bool>,
+    /// Routed: the first chunk waits for the router's decision (it names the model).
+    routed: bool,
+    /// An update read while waiting for the decision.
+    stash: Option<Update>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -748,13 +829,27 @@ impl SseState {
             match self.phase {
                 Phase::Start => {
                     self.phase = Phase::Body;
+                    if self.routed {
+                        // The first chunk names the model that answers: wait for the decision.
+                        match self.tally.updates.next().await {
+                            Some(Update {
+                                event: ChoiceEvent::Routed(d),
+                                ..
+                            }) => {
+                                self.model = d.model.clone();
+                                self.tally.route = Some(*d);
+                            }
+                            other => self.stash = other,
+                        }
+                    }
                     if self.kind == Kind::Chat {
                         return Some(self.role_chunk());
                     }
                 }
                 Phase::Body => {
+                    let stashed = self.stash.take();
                     let next = tokio::select! {
-                        u = self.tally.updates.next() => Some(u),
+                        u = async { match stashed { Some(u) => Some(u), None => self.tally.updates.next().await } } => Some(u),
                         Ok(_) = self.cut.wait_for(|cut| *cut) => None,
                     };
                     let Some(next) = next else {
@@ -782,7 +877,12 @@ impl SseState {
                         continue;
                     };
                     let (text, lps, fin) = match u.event {
-                        ChoiceEvent::Text { text, logprobs } => (text, logprobs, None),
+                        ChoiceEvent::Text { text, logprobs, .. } => (text, logprobs, None),
+                        ChoiceEvent::Routed(d) => {
+                            self.model = d.model.clone();
+                            self.tally.route = Some(*d);
+                            continue;
+                        }
                         ChoiceEvent::Finished { reason, usage } => {
                             self.tally.finishes.push(usage);
                             self.first_reason.get_or_insert(reason);
@@ -847,6 +947,8 @@ pub fn stream(
         first_reason: None,
         phase: Phase::Start,
         cut,
+        routed: job.route.is_some(),
+        stash: None,
     };
     Ok(stream::unfold(st, |mut st| async move {
         st.next().await.map(|s| (s, st))

@@ -1,6 +1,7 @@
 //! The OpenAI-compatible HTTP server: axum routes over one engine per model.
 pub mod auth;
 pub mod billing;
+pub mod cascade;
 pub mod error;
 pub mod generate;
 pub mod http;
@@ -33,6 +34,8 @@ use crate::tenancy::Directory;
 pub struct AppState {
     /// Set once every model is loaded.
     pub engines: OnceLock<Vec<(String, EngineHandle)>>,
+    /// Route groups over the loaded models (set just before `engines`).
+    pub routes: OnceLock<crate::router::Routes>,
     pub shutting_down: AtomicBool,
     pub prometheus: PrometheusHandle,
     pub created: u64,
@@ -199,6 +202,7 @@ impl Server {
     /// /ready turns 200 when they are loaded.
     pub async fn start(config: Config, device: Device) -> Result<Self> {
         let directory = config.directory()?;
+        config.check_routes()?;
         if directory.is_open() {
             tracing::warn!(
                 "no API keys configured: serving open, every request as tenant `{}` (local development only)",
@@ -209,6 +213,7 @@ impl Server {
         let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port)).await?;
         let state = Arc::new(AppState {
             engines: OnceLock::new(),
+            routes: OnceLock::new(),
             shutting_down: AtomicBool::new(false),
             prometheus: crate::telemetry::prometheus(),
             created: std::time::SystemTime::now()
@@ -238,6 +243,7 @@ impl Server {
             ledger: config
                 .ledger_path
                 .as_deref()
+                .filter(|_| config.metering)
                 .map(|p| Arc::new(crate::ledger::Ledger::open(p, config.ledger_retention_days))),
         });
         let addr = listener.local_addr()?;
@@ -257,6 +263,15 @@ impl Server {
         let loader_state = state.clone();
         let loader = tokio::task::spawn_blocking(move || {
             let engines = load_all(&config, &device)?;
+            let costs: Vec<(String, u128)> = engines
+                .iter()
+                .map(|(name, e)| (name.clone(), e.cost_per_token))
+                .collect();
+            let routes = crate::router::Routes::new(&config.routes, &costs)?;
+            for g in routes.groups() {
+                tracing::info!(route = %g.name, models = ?g.models, policy = ?g.policy, "route group");
+            }
+            let _ = loader_state.routes.set(routes);
             let _ = loader_state.engines.set(engines);
             tracing::info!("ready");
             Ok(())

@@ -164,6 +164,9 @@ pub struct ResponseMetrics {
     pub device_time_ms: f64,
     pub prefill_device_time_ms: f64,
     pub decode_device_time_ms: f64,
+    /// For a request to a route group: which model answered and why (see the README, "Routing").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<crate::router::Decision>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

@@ -54,6 +54,54 @@ fn engine(state: &AppState, model: &str) -> Result<EngineHandle, ApiError> {
         .ok_or_else(|| ApiError::model_not_found(model))
 }
 
+/// The model-specific checks (context length, vocabulary), counted when they refuse.
+fn checked(req: &Validated, engine: &EngineHandle) -> Result<(), ApiError> {
+    validate::check_model(req, engine).inspect_err(|e| {
+        metrics::counter!(names::REJECTED_REQUESTS, "code" => e.code.unwrap_or("invalid"))
+            .increment(1);
+    })
+}
+
+/// A request to a route group: the group's models that can take it (a prompt too long for the
+/// small model's context goes to the next), each with the prompts in its own tokens; the first
+/// runs, the others are the cascade's to escalate to.
+async fn routed(
+    state: &AppState,
+    req: &Validated,
+    group: crate::router::Group,
+) -> Result<
+    (
+        EngineHandle,
+        Vec<Vec<u32>>,
+        Option<super::cascade::RoutePlan>,
+    ),
+    ApiError,
+> {
+    let mut candidates = Vec::new();
+    let mut refusal = None;
+    for name in &group.models {
+        let engine = engine(state, name)?;
+        match checked(req, &engine) {
+            Ok(()) => candidates.push(engine),
+            Err(e) => refusal = refusal.or(Some(e)),
+        }
+    }
+    let mut tokenized = Vec::with_capacity(candidates.len());
+    for engine in candidates {
+        let prompts = tokenize(state, req, &engine).await?;
+        tokenized.push((engine, prompts));
+    }
+    let mut it = tokenized.into_iter();
+    let Some((engine, prompts)) = it.next() else {
+        return Err(refusal.unwrap_or_else(|| ApiError::model_not_found(&req.model)));
+    };
+    let plan = super::cascade::RoutePlan {
+        group,
+        next: it.collect(),
+    };
+    Ok((engine, prompts, Some(plan)))
+}
+
 /// The prompts' token ids, computed on the blocking pool (never on the reactor threads), at most
 /// `tokenize_permits` requests at a time.
 async fn tokenize(
@@ -99,7 +147,8 @@ fn count_request(state: &AppState, tenant: &Tenant, model: &str, status: StatusC
     let served = state
         .engines
         .get()
-        .is_some_and(|e| e.iter().any(|(n, _)| n == model));
+        .is_some_and(|e| e.iter().any(|(n, _)| n == model))
+        || state.routes.get().is_some_and(|r| r.get(model).is_some());
     metrics::counter!(
         names::TENANT_REQUESTS,
         "tenant" => tenant.name.to_string(),
@@ -188,13 +237,15 @@ async fn run_job(
     receipt: &mut Option<Receipt>,
     started: Instant,
 ) -> Result<Response, ApiError> {
-    let engine = engine(&state, &req.model)?;
-    if let Err(e) = validate::check_model(&req, &engine) {
-        metrics::counter!(names::REJECTED_REQUESTS, "code" => e.code.unwrap_or("invalid"))
-            .increment(1);
-        return Err(e);
-    }
-    let prompts = tokenize(&state, &req, &engine).await?;
+    let (engine, prompts, route) = match state.routes.get().and_then(|r| r.get(&req.model)) {
+        Some(group) => routed(&state, &req, group.clone()).await?,
+        None => {
+            let engine = engine(&state, &req.model)?;
+            checked(&req, &engine)?;
+            let prompts = tokenize(&state, &req, &engine).await?;
+            (engine, prompts, None)
+        }
+    };
     let prompt_tokens = prompts.iter().map(Vec::len).sum::<usize>() * req.n;
     let admission = state
         .limiter
@@ -212,6 +263,7 @@ async fn run_job(
         admission,
         receipt,
         started,
+        route,
     };
     if stream {
         let events = generate::stream(job, state.cut.subscribe())?
@@ -222,9 +274,15 @@ async fn run_job(
     } else {
         let body = generate::complete(job).await?;
         let device_ms = body.metrics().map_or(0.0, |m| m.device_time_ms);
+        let route = body
+            .metrics()
+            .and_then(|m| m.route.as_ref().map(|d| d.summary()));
         let mut resp = Json(body).into_response();
         if let Ok(v) = axum::http::HeaderValue::from_str(&format!("{device_ms:.3}")) {
             resp.headers_mut().insert("x-hearth-device-time-ms", v);
+        }
+        if let Some(v) = route.and_then(|r| axum::http::HeaderValue::from_str(&r).ok()) {
+            resp.headers_mut().insert("x-hearth-route", v);
         }
         Ok(resp)
     }
@@ -275,20 +333,21 @@ pub async fn completions(
     responses((status = 200, body = ModelList), (status = 401, body = ErrorResponse)),
     security(("bearer" = [])))]
 pub async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
-    let data = state
-        .engines
+    let card = |id: &str| ModelCard {
+        id: id.to_string(),
+        object: "model",
+        created: state.created,
+        owned_by: "hearth",
+    };
+    // The served models, then the route groups (a group is asked for like a model).
+    let models = state.engines.get().into_iter().flatten().map(|(n, _)| n);
+    let groups = state
+        .routes
         .get()
-        .map(|e| {
-            e.iter()
-                .map(|(name, _)| ModelCard {
-                    id: name.clone(),
-                    object: "model",
-                    created: state.created,
-                    owned_by: "hearth",
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+        .into_iter()
+        .flat_map(|r| r.groups())
+        .map(|g| &g.name);
+    let data = models.chain(groups).map(|n| card(n)).collect();
     Json(ModelList {
         object: "list",
         data,

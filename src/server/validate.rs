@@ -262,6 +262,7 @@ fn sampling(
         ignore_eos: s.ignore_eos.unwrap_or(false),
         logprobs,
         logit_bias: logit_bias(&s)?,
+        probe_tokens: 0,
     };
     params.validate().map_err(ApiError::from)?;
     let v = Validated {

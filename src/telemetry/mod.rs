@@ -35,6 +35,8 @@ pub mod names {
     pub const LEDGER_ROWS_DROPPED: &str = "hearth_ledger_rows_dropped_total";
     /// Requests refused before tokenization, by reason (`code`).
     pub const REJECTED_REQUESTS: &str = "hearth_rejected_requests_total";
+    /// Route-group decisions by answering model and reason (`confident`, `low_logprob`, ...).
+    pub const ROUTER_DECISIONS: &str = "hearth_router_decisions_total";
 }
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};

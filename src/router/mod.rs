@@ -1,0 +1,218 @@
+//! Route groups: a request that names a group in `model` (by default `auto`) gets a model picked for
+//! it. The cascade policy runs the cheapest model first, reads how sure it was of its first tokens
+//! (`signals`), and keeps its answer or escalates to the next model, which answers from the start.
+//! Decisions are data (`Decision`): they travel with the response, the metrics and the ledger.
+pub mod signals;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::error::{HearthError, Result};
+pub use signals::{Probe, Signals, Thresholds};
+
+/// The group that exists without any `[[routes]]` in the config.
+pub const DEFAULT_GROUP: &str = "auto";
+
+/// Tokens the cheaper model generates before the cascade decides (RouteLLM-style routers see none;
+/// a few are enough to read the model's own confidence, and cheap to throw away).
+pub const DEFAULT_PROBE_TOKENS: usize = 8;
+
+fn default_probe_tokens() -> usize {
+    DEFAULT_PROBE_TOKENS
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    /// The models to pick from, cheapest first.
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub policy: Policy,
+    /// Tokens the cheaper model generates before the keep-or-escalate decision.
+    #[serde(default = "default_probe_tokens")]
+    pub probe_tokens: usize,
+    /// Escalate when a signal falls below its threshold.
+    #[serde(default)]
+    pub escalate_below: Thresholds,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// Cheapest model first; escalate on doubt.
+    #[default]
+    Cascade,
+}
+
+/// A route group, resolved against the served models.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Group {
+    pub name: String,
+    /// Cheapest first.
+    pub models: Vec<String>,
+    pub policy: Policy,
+    pub probe_tokens: usize,
+    pub thresholds: Thresholds,
+}
+
+/// Every route group of the server.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Routes {
+    groups: Vec<Group>,
+}
+
+impl Routes {
+    /// Check the configured groups against the served model names: an unknown model, an empty or
+    /// duplicate group, or a group named like a model is a config error (at start-up, not at
+    /// request time).
+    pub fn check(routes: &[RouteConfig], served: &[&str]) -> Result<()> {
+        let bad = |m: String| Err(HearthError::Config(m));
+        for (i, r) in routes.iter().enumerate() {
+            if r.name.is_empty() || served.contains(&r.name.as_str()) {
+                return bad(format!(
+                    "route `{}`: a route needs a name that is not a model's",
+                    r.name
+                ));
+            }
+            if routes[..i].iter().any(|o| o.name == r.name) {
+                return bad(format!("route `{}` is defined twice", r.name));
+            }
+            if r.models.is_empty() {
+                return bad(format!("route `{}` names no models", r.name));
+            }
+            if let Some(m) = r.models.iter().find(|m| !served.contains(&m.as_str())) {
+                return bad(format!(
+                    "route `{}` names model `{m}`, which is not served (served: {})",
+                    r.name,
+                    served.join(", ")
+                ));
+            }
+            if r.probe_tokens == 0 {
+                return bad(format!(
+                    "route `{}`: probe_tokens must be at least 1",
+                    r.name
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The groups over the loaded models. `served` holds each model's name and its device cost of
+    /// one token (the metering cost model's); with no groups configured, `auto` takes every
+    /// served model, cheapest first.
+    pub fn new(routes: &[RouteConfig], served: &[(String, u128)]) -> Result<Self> {
+        let names: Vec<&str> = served.iter().map(|(n, _)| n.as_str()).collect();
+        Self::check(routes, &names)?;
+        let groups = if routes.is_empty() {
+            if served.is_empty() || names.contains(&DEFAULT_GROUP) {
+                Vec::new()
+            } else {
+                let mut by_cost: Vec<&(String, u128)> = served.iter().collect();
+                by_cost.sort_by_key(|(_, cost)| *cost);
+                vec![Group {
+                    name: DEFAULT_GROUP.into(),
+                    models: by_cost.into_iter().map(|(n, _)| n.clone()).collect(),
+                    policy: Policy::Cascade,
+                    probe_tokens: DEFAULT_PROBE_TOKENS,
+                    thresholds: Thresholds::default(),
+                }]
+            }
+        } else {
+            routes
+                .iter()
+                .map(|r| Group {
+                    name: r.name.clone(),
+                    models: r.models.clone(),
+                    policy: r.policy,
+                    probe_tokens: r.probe_tokens,
+                    thresholds: r.escalate_below,
+                })
+                .collect()
+        };
+        Ok(Self { groups })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Group> {
+        self.groups.iter().find(|g| g.name == name)
+    }
+
+    pub fn groups(&self) -> &[Group] {
+        &self.groups
+    }
+}
+
+/// What the router did for one request: the response's `metrics.route`, the `x-hearth-route`
+/// header and the ledger's route column.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct Decision {
+    /// The route group the request named.
+    pub group: String,
+    pub policy: Policy,
+    /// The model that answered.
+    pub model: String,
+    /// Every model that generated for the request, in order (the last answered).
+    pub tried: Vec<String>,
+    pub escalated: bool,
+    /// Tokens the cheaper model had generated (per choice, at most) when it was set aside.
+    pub escalated_at_token: Option<usize>,
+    /// Why the last step went the way it did: `confident`, `low_logprob`, `low_margin`,
+    /// `no_tokens` (the cheaper model stopped at once), or `last_model` (nothing to escalate to).
+    pub reason: String,
+    /// The cheaper model's signals at the last decision (none when no decision was needed).
+    #[schema(value_type = Option<Object>)]
+    pub signals: Option<Signals>,
+    #[schema(value_type = Object)]
+    pub thresholds: Thresholds,
+}
+
+impl Decision {
+    /// One line for the `x-hearth-route` header and the ledger.
+    pub fn summary(&self) -> String {
+        let mut s = format!("{}:{}", self.group, self.model);
+        if self.escalated {
+            s.push_str(&format!(" escalated({})", self.reason));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(name: &str, models: &[&str]) -> RouteConfig {
+        RouteConfig {
+            name: name.into(),
+            models: models.iter().map(|m| m.to_string()).collect(),
+            policy: Policy::Cascade,
+            probe_tokens: 4,
+            escalate_below: Thresholds::default(),
+        }
+    }
+
+    #[test]
+    fn auto_orders_the_served_models_cheapest_first() {
+        let served = [("large".to_string(), 900), ("small".to_string(), 100)];
+        let r = Routes::new(&[], &served).unwrap();
+        assert_eq!(r.get("auto").unwrap().models, ["small", "large"]);
+        assert!(r.get("large").is_none());
+    }
+
+    #[test]
+    fn unknown_models_and_clashing_names_are_config_errors() {
+        let served = ["small", "large"];
+        assert!(Routes::check(&[route("fast", &["small", "large"])], &served).is_ok());
+        for bad in [
+            vec![route("fast", &["small", "huge"])],
+            vec![route("small", &["small"])],
+            vec![route("fast", &[])],
+            vec![route("fast", &["small"]), route("fast", &["large"])],
+        ] {
+            assert!(
+                matches!(Routes::check(&bad, &served), Err(HearthError::Config(_))),
+                "{bad:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! The router's cascade over a request's update stream. The cheapest model of the group generates
+//! first; its first `probe_tokens` tokens of every choice are held back while their doubt signal
+//! is read. Then either the held tokens are released and the model goes on (keep), or the next
+//! model is started on the same request from the start and the cheaper attempt is stopped, its
+//! text dropped and its device time carried into the answer's (escalate). A client never sees text
+//! that is later replaced, and an escalated answer is exactly the larger model's own.
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use futures_util::stream::{self, BoxStream, StreamExt};
+
+use super::error::ApiError;
+use super::generate::{start, ChoiceEvent, Spec, Update};
+use crate::engine::{DeviceTime, EngineHandle, StopHandle};
+use crate::router::{Decision, Group, Probe, Signals};
+
+/// The models a routed request may escalate to, each with the prompts in its own tokens.
+#[derive(Clone)]
+pub struct RoutePlan {
+    pub group: Group,
+    pub next: Vec<(EngineHandle, Vec<Vec<u32>>)>,
+}
+
+/// The stop handles of whatever attempt is running now; once stopped (the client left), no new
+/// attempt starts.
+#[derive(Clone, Default)]
+pub struct StopSet(Arc<Mutex<(Vec<StopHandle>, bool)>>);
+
+impl StopSet {
+    pub fn new(stops: Vec<StopHandle>) -> Self {
+        Self(Arc::new(Mutex::new((stops, false))))
+    }
+
+    pub fn stop_all(&self) {
+        let mut g = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        g.1 = true;
+        g.0.iter().for_each(StopHandle::stop);
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).1
+    }
+
+    /// Swap in a new attempt's handles and return the old ones. After `stop_all` the new attempt
+    /// is stopped at once (and nothing is returned: the old ones were stopped then).
+    fn swap(&self, stops: Vec<StopHandle>) -> Vec<StopHandle> {
+        let mut g = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if g.1 {
+            stops.iter().for_each(StopHandle::stop);
+            return Vec::new();
+        }
+        std::mem::replace(&mut g.0, stops)
+    }
+}
+
+struct Cascade {
+    spec: Spec,
+    group: Group,
+    rest: VecDeque<(EngineHandle, Vec<Vec<u32>>)>,
+    tried: Vec<String>,
+    current: BoxStream<'static, Update>,
+    stops: StopSet,
+    choices: usize,
+    /// While deciding: the updates held back. None once decided.
+    held: Option<Vec<Update>>,
+    probes: Vec<Probe>,
+    /// Per choice: probed tokens, and whether it finished.
+    probed: Vec<usize>,
+    finished: Vec<bool>,
+    /// Per choice: device time of the attempts set aside (charged to the answer: it was spent).
+    carried: Vec<DeviceTime>,
+    escalated_at: Option<usize>,
+    out: VecDeque<Update>,
+}
+
+/// Start a routed request on its group's first model (`engine`, `prompts`) and return its update
+/// stream: a `Routed` decision first, then the answering model's updates.
+pub(super) fn run(
+    spec: Spec,
+    plan: RoutePlan,
+    engine: &EngineHandle,
+    prompts: &[Vec<u32>],
+) -> Result<(BoxStream<'static, Update>, StopSet), ApiError> {
+    let deciding = !plan.next.is_empty();
+    let probe = if deciding { plan.group.probe_tokens } else { 0 };
+    let (current, stops) = start(&spec, engine, prompts, probe)?;
+    let choices = prompts.len() * spec.n();
+    let stops = StopSet::new(stops);
+    let mut c = Cascade {
+        spec,
+        rest: plan.next.into(),
+        tried: vec![engine.name.clone()],
+        current,
+        stops: stops.clone(),
+        choices,
+        held: deciding.then(Vec::new),
+        probes: Vec::new(),
+        probed: vec![0; choices],
+        finished: vec![false; choices],
+        carried: vec![DeviceTime::default(); choices],
+        escalated_at: None,
+        out: VecDeque::new(),
+        group: plan.group,
+    };
+    if !deciding {
+        c.decided("last_model", None);
+    }
+    let updates = stream::unfold(c, |mut c| async move { c.next().await.map(|u| (u, c)) });
+    Ok((updates.boxed(), stops))
+}
+
+impl Cascade {
+    async fn next(&mut self) -> Option<Update> {
+        loop {
+            if let Some(u) = self.out.pop_front() {
+                return Some(u);
+            }
+            let mut u = self.current.next().await?;
+            let Some(held) = self.held.as_mut() else {
+                if let ChoiceEvent::Finished { usage, .. } = &mut u.event {
+                    let carried = self.carried[u.choice];
+                    usage.device.prefill += carried.prefill;
+                    usage.device.decode += carried.decode;
+                }
+                return Some(u);
+            };
+            match &u.event {
+                ChoiceEvent::Text { probe: Some(p), .. } => {
+                    self.probes.push(*p);
+                    self.probed[u.choice] += 1;
+                }
+                ChoiceEvent::Finished { .. } => self.finished[u.choice] = true,
+                ChoiceEvent::Failed(_) => {
+                    // A fault ends the request: no decision to wait for.
+                    self.decided("failed", None);
+                    self.out.push_back(u);
+                    continue;
+                }
+                _ => {}
+            }
+            held.push(u);
+            let ready = (0..self.choices)
+                .all(|i| self.finished[i] || self.probed[i] >= self.group.probe_tokens);
+            if ready {
+                self.decide().await;
+            }
+        }
+    }
+
+    /// Every choice has its probe tokens (or finished): keep this model or escalate.
+    async fn decide(&mut self) {
+        let signals = Signals::of(&self.probes);
+        let doubt = match &signals {
+            Some(s) => s.doubt(&self.group.thresholds),
+            None => Some("no_tokens"),
+        };
+        let Some(reason) = doubt else {
+            self.decided("confident", signals);
+            return;
+        };
+        if self.stops.is_stopped() {
+            self.decided(reason, signals);
+            return;
+        }
+        let Some((engine, prompts)) = self.rest.pop_front() else {
+            self.decided(reason, signals);
+            return;
+        };
+        let probe = if self.rest.is_empty() {
+            0
+        } else {
+            self.group.probe_tokens
+        };
+        // The next model starts before this one stops, so a refusal (its queue is full) leaves the
+        // cheaper answer standing.
+        let (next, stops) = match start(&self.spec, &engine, &prompts, probe) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(model = %engine.name, error = %e.message, "escalation refused; keeping the cheaper answer");
+                self.decided("escalation_refused", signals);
+                return;
+            }
+        };
+        self.stops.swap(stops).iter().for_each(StopHandle::stop);
+        if self.escalated_at.is_none() {
+            self.escalated_at = self.probed.iter().copied().max();
+        }
+        // Drop the cheaper attempt's text; keep the device time it used (its choices' finishes,
+        // held or still to come once it sees the stop).
+        let held = self.held.take().unwrap_or_default();
+        let old = std::mem::replace(&mut self.current, next);
+        let finishes = stream::iter(held).chain(old);
+        let mut finishes = std::pin::pin!(finishes);
+        while let Some(u) = finishes.next().await {
+            if let ChoiceEvent::Finished { usage, .. } = u.event {
+                self.carried[u.choice].prefill += usage.device.prefill;
+                self.carried[u.choice].decode += usage.device.decode;
+            }
+        }
+        self.tried.push(engine.name.clone());
+        self.probes.clear();
+        self.probed.iter_mut().for_each(|p| *p = 0);
+        self.finished.iter_mut().for_each(|f| *f = false);
+        if self.rest.is_empty() {
+            self.decided(reason, signals);
+        } else {
+            self.held = Some(Vec::new());
+        }
+    }
+
+    /// Decided: the decision goes out first, then the held updates, then the rest as they come.
+    fn decided(&mut self, reason: &str, signals: Option<Signals>) {
+        let model = self.tried.last().cloned().unwrap_or_default();
+        let decision = Decision {
+            group: self.group.name.clone(),
+            policy: self.group.policy,
+            model,
+            tried: self.tried.clone(),
+            escalated: self.tried.len() > 1,
+            escalated_at_token: self.escalated_at,
+            reason: reason.into(),
+            signals,
+            thresholds: self.group.thresholds,
+        };
+        metrics::counter!(
+            crate::telemetry::names::ROUTER_DECISIONS,
+            "route" => decision.group.clone(),
+            "model" => decision.model.clone(),
+            "reason" => decision.reason.clone()
+        )
+        .increment(1);
+        self.out.push_back(Update {
+            choice: 0,
+            event: ChoiceEvent::Routed(Box::new(decision)),
+        });
+        let held = self.held.take().unwrap_or_default();
+        // Held finishes also carry the device time of attempts set aside.
+        for mut u in held {
+            if let ChoiceEvent::Finished { usage, .. } = &mut u.event {
+                let carried = self.carried[u.choice];
+                usage.device.prefill += carried.prefill;
+                usage.device.decode += carried.decode;
+            }
+            self.out.push_back(u);
+        }
+    }
+}

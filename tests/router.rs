@@ -1,0 +1,197 @@
+//! The router over real models and real HTTP (SmolLM2 as `small`, Gemma 3 as `large`): `auto`
+//! exists by default, cheapest model first; the cascade keeps the small model's answer exactly or
+//! escalates to exactly the large model's own greedy answer; held-back tokens are never replaced in
+//! a stream; the discarded attempt's device time is charged; routes are checked at start-up.
+mod common;
+
+use common::TestServer;
+use hearth::router::{Policy, RouteConfig, Thresholds};
+use serde_json::{json, Value};
+
+fn route(name: &str, models: [&str; 2], escalate_below: Thresholds) -> RouteConfig {
+    RouteConfig {
+        name: name.into(),
+        models: models.iter().map(|m| m.to_string()).collect(),
+        policy: Policy::Cascade,
+        probe_tokens: 4,
+        escalate_below,
+    }
+}
+
+/// Always keeps the small model (no signal is below these), and always escalates.
+const KEEP: Thresholds = Thresholds {
+    logprob_p10: -1e9,
+    margin_p25: -1.0,
+};
+const ESCALATE: Thresholds = Thresholds {
+    logprob_p10: 1.0,
+    margin_p25: 1e9,
+};
+
+/// SmolLM2 and Gemma 3 under the given names (metrics are process-wide: a test that reads them
+/// uses names of its own), with the groups `keep` and `escalate` over them.
+fn server(small: &str, large: &str) -> TestServer {
+    TestServer::start(hearth::config::Config {
+        models: common::both_models(small, large),
+        routes: vec![
+            route("keep", [small, large], KEEP),
+            route("escalate", [small, large], ESCALATE),
+        ],
+        ..Default::default()
+    })
+}
+
+/// JSON body and the `x-hearth-route` header.
+fn complete(base: &str, body: &Value) -> (Value, Option<String>) {
+    let mut r = common::agent()
+        .post(&format!("{base}/v1/completions"))
+        .header("content-type", "application/json")
+        .send(body.to_string())
+        .expect("request sent");
+    assert_eq!(r.status().as_u16(), 200);
+    let route = r
+        .headers()
+        .get("x-hearth-route")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    let v = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    (v, route)
+}
+
+fn text(v: &Value) -> String {
+    v["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+/// The streamed chunks (JSON), without `[DONE]`.
+fn chunks(base: &str, body: &Value) -> Vec<Value> {
+    common::sse(base, "/v1/completions", body)
+        .into_iter()
+        .filter(|d| d != "[DONE]")
+        .map(|d| serde_json::from_str(&d).unwrap())
+        .collect()
+}
+
+#[test]
+fn the_cascade_keeps_or_escalates_to_exactly_each_models_own_answer() {
+    let s = server("small", "large");
+    let prompt = "Question: What is the capital of Japan?\nAnswer:";
+    let ask = |model: &str| json!({"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": true});
+    let (small, _) = complete(&s.base, &ask("small"));
+    let (large, _) = complete(&s.base, &ask("large"));
+    assert!(
+        small["metrics"].get("route").is_none(),
+        "a model asked by name is not routed"
+    );
+
+    // Kept: the small model's own answer, named as its.
+    let (kept, header) = complete(&s.base, &ask("keep"));
+    assert_eq!(text(&kept), text(&small));
+    assert_eq!(kept["model"], "small");
+    let r = &kept["metrics"]["route"];
+    assert_eq!(r["group"], "keep");
+    assert_eq!(r["escalated"], false);
+    assert_eq!(r["reason"], "confident");
+    assert_eq!(r["signals"]["tokens"], 4, "{r}");
+    assert_eq!(header.as_deref(), Some("keep:small"));
+
+    // Escalated: exactly the large model's greedy answer, and the small attempt is charged.
+    let (esc, header) = complete(&s.base, &ask("escalate"));
+    assert_eq!(text(&esc), text(&large));
+    assert_eq!(esc["model"], "large");
+    let r = &esc["metrics"]["route"];
+    assert_eq!(r["escalated"], true, "{r}");
+    assert_eq!(r["tried"], json!(["small", "large"]));
+    assert_eq!(r["escalated_at_token"], 4);
+    assert_eq!(
+        header.as_deref(),
+        Some("escalate:large escalated(low_logprob)")
+    );
+    assert_eq!(esc["usage"]["completion_tokens"], 12);
+
+    // Streams: the held-back tokens come out once, never replaced; chunks name the answering model.
+    for (group, want, model) in [
+        ("keep", text(&small), "small"),
+        ("escalate", text(&large), "large"),
+    ] {
+        let mut body = ask(group);
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+        let cs = chunks(&s.base, &body);
+        let streamed: String = cs
+            .iter()
+            .filter_map(|c| c["choices"][0]["text"].as_str())
+            .collect();
+        assert_eq!(streamed, want, "{group}");
+        assert!(cs.iter().all(|c| c["model"] == model), "{group}: {cs:?}");
+        let last = cs.last().unwrap();
+        assert_eq!(last["metrics"]["route"]["model"], model);
+    }
+}
+
+#[test]
+fn an_escalated_requests_device_time_includes_the_discarded_attempt() {
+    let s = server("meter-small", "meter-large");
+    let read = |m: &str| {
+        s.metric(&format!(
+            "hearth_tenant_device_seconds_total{{tenant=\"default\",model=\"{m}\"}}"
+        ))
+        .unwrap_or(0.0)
+    };
+    let before = read("meter-small") + read("meter-large");
+    let (v, _) = complete(
+        &s.base,
+        &json!({"model": "escalate", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}),
+    );
+    let used = read("meter-small") + read("meter-large") - before;
+    let billed = v["metrics"]["device_time_ms"].as_f64().unwrap() / 1e3;
+    assert!(read("meter-small") > 0.0, "the small model ran");
+    assert!(
+        (billed - used).abs() <= 0.01 * used,
+        "response bills {billed:.6} s, the engines ran {used:.6} s for it"
+    );
+}
+
+#[test]
+fn auto_exists_by_default_and_bad_routes_are_refused() {
+    let s = TestServer::start(hearth::config::Config {
+        models: common::both_models("small", "large"),
+        ..Default::default()
+    });
+    let (st, models) = common::get(&s.base, "/v1/models");
+    assert_eq!(st, 200);
+    assert_eq!(models["data"][2]["id"], "auto");
+    let (v, _) = complete(
+        &s.base,
+        &json!({"model": "auto", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}),
+    );
+    assert_eq!(
+        v["metrics"]["route"]["tried"][0], "small",
+        "cheapest first: {v}"
+    );
+    let (st, err, _) = common::post(
+        &s.base,
+        "/v1/completions",
+        &json!({"model": "autox", "prompt": "x"}).to_string(),
+    );
+    assert_eq!(st, 404, "{err}");
+    assert_eq!(err["error"]["code"], "model_not_found");
+
+    // A route naming a model that is not served is a start-up error.
+    let mut bad = hearth::config::Config {
+        models: common::both_models("small", "large"),
+        routes: vec![RouteConfig {
+            models: vec!["small".into(), "huge".into()],
+            ..route("fast", ["small", "large"], KEEP)
+        }],
+        port: 0,
+        ..Default::default()
+    };
+    bad.ledger_path = None;
+    let err =
+        s.rt.block_on(hearth::server::Server::start(bad, candle_core::Device::Cpu));
+    assert!(
+        matches!(&err, Err(hearth::HearthError::Config(m)) if m.contains("huge")),
+        "{:?}",
+        err.err()
+    );
+}
