@@ -77,6 +77,11 @@ def main():
         m = statistics.mean(mixed[k])
         r = m / alone[k]
         print(f"{k:32} {alone[k]:9.1f} {m:16.1f} {r:12.3f} {100 * (r / batch - 1):+14.1f}%")
+    # Every request's error against the batch discount, all kinds and rounds together.
+    errors = sorted(100 * (ms / alone[k] / batch - 1) for k in KINDS for ms in mixed[k])
+    q = lambda p: errors[min(len(errors) - 1, int(p * (len(errors) - 1) + 0.5))]
+    print(f"per-request error vs batch over {len(errors)} requests: min {errors[0]:+.1f}%, "
+          f"p10 {q(0.1):+.1f}%, p50 {q(0.5):+.1f}%, p90 {q(0.9):+.1f}%, max {errors[-1]:+.1f}%")
 
 
 if __name__ == "__main__":

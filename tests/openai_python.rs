@@ -1,5 +1,6 @@
 //! Drives the official `openai` Python client (pinned in scripts/test.sh) against live servers: the
-//! normal one and a tiny one (one running slot, one waiting slot, 4 KiB bodies) for 429 and 413;
+//! normal one, a tiny one (one running slot, one waiting slot, 4 KiB bodies) for 429 and 413, and
+//! one with both models and route groups (`auto`, and `escalate`, which always escalates);
 //! then checks the API contract (tests/python/test_api_contract.py): a valid /openapi.json, responses
 //! that validate against OpenAI's published schemas, and a schemathesis fuzz run with no 5xx against
 //! a server that caps generation at 16 tokens per request.
@@ -24,6 +25,30 @@ fn official_openai_client_works_against_hearth() {
         c.max_waiting = 1;
         c.max_body_bytes = 4096;
     });
+    // Both models, the default `auto` group and one that always escalates.
+    let routed = TestServer::start(hearth::config::Config {
+        models: common::both_models("small", "large"),
+        routes: vec![
+            hearth::router::RouteConfig {
+                name: "auto".into(),
+                models: vec!["small".into(), "large".into()],
+                policy: hearth::router::Policy::Cascade,
+                probe_tokens: hearth::router::DEFAULT_PROBE_TOKENS,
+                escalate_below: Default::default(),
+            },
+            hearth::router::RouteConfig {
+                name: "escalate".into(),
+                models: vec!["small".into(), "large".into()],
+                policy: hearth::router::Policy::Cascade,
+                probe_tokens: 2,
+                escalate_below: hearth::router::Thresholds {
+                    logprob_p10: 1.0,
+                    margin_p25: f32::MAX,
+                },
+            },
+        ],
+        ..Default::default()
+    });
     let fuzz = TestServer::named("smollm2-135m-instruct", |c| {
         c.max_request_tokens = 16;
         c.default_max_tokens = 4;
@@ -34,6 +59,7 @@ fn official_openai_client_works_against_hearth() {
         .env("HEARTH_BASE_URL", &main.base)
         .env("HEARTH_TINY_URL", &tiny.base)
         .env("HEARTH_FUZZ_URL", &fuzz.base)
+        .env("HEARTH_ROUTED_URL", &routed.base)
         .output()
         .expect("pytest runs");
     let log = format!(
@@ -42,5 +68,5 @@ fn official_openai_client_works_against_hearth() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "pytest failed:\n{log}");
-    assert!(log.contains("16 passed"), "{log}");
+    assert!(log.contains("17 passed"), "{log}");
 }

@@ -180,3 +180,24 @@ def test_32_concurrent_streams_match_their_solo_output(client):
 
     together = asyncio.run(main())
     assert together == solo
+
+
+def test_route_groups_work_through_the_client():
+    """`auto` and a group that always escalates, over SmolLM2 (`small`) and Gemma 3 (`large`)."""
+    routed = OpenAI(base_url=os.environ["HEARTH_ROUTED_URL"] + "/v1", api_key="unused", max_retries=0, timeout=120)
+    ids = [m.id for m in routed.models.list()]
+    assert ids == ["small", "large", "auto", "escalate"]
+    kw = dict(messages=[{"role": "user", "content": "Name a planet."}], max_tokens=10, temperature=0)
+    auto = routed.chat.completions.create(model="auto", **kw)
+    assert auto.model in ("small", "large")
+    assert auto.model_extra["metrics"]["route"]["model"] == auto.model
+    whole = routed.chat.completions.create(model="escalate", **kw)
+    direct = routed.chat.completions.create(model="large", **kw)
+    assert whole.model == "large"
+    assert whole.choices[0].message.content == direct.choices[0].message.content
+    chunks = list(routed.chat.completions.create(
+        model="escalate", stream=True, stream_options={"include_usage": True}, **kw))
+    assert all(c.model == "large" for c in chunks)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    assert chunks[-1].model_extra["metrics"]["route"]["escalated"] is True
