@@ -123,6 +123,18 @@ impl StepTimer {
     }
 }
 
+/// One engine at a time computes on the CPU: engines of several models share its cores, and a
+/// forward's wall time (the CPU's device time) counts only its own work when it has them to itself.
+/// Running two forwards at once would not finish sooner (each wants every core); it would bill
+/// each for the other's time. None on other devices (a GPU queues kernels itself).
+pub fn cpu_turn(device: &candle_core::Device) -> Option<std::sync::MutexGuard<'static, ()>> {
+    static CPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    device.is_cpu().then(|| {
+        CPU.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -62,8 +62,15 @@ enum Cmd {
         #[arg(long)]
         ledger: Option<PathBuf>,
     },
-    /// Measure prefill and decode throughput of a model on this machine.
+    /// Measure prefill and decode throughput of a model on this machine, or the router's cost /
+    /// quality (`--suite route`).
     Bench(hearth::bench::BenchArgs),
+    /// Route groups: `calibrate` runs the served models over prompts with checkable answers and
+    /// prints the escalation thresholds' cost / quality curve and the thresholds for a target.
+    Route {
+        #[command(subcommand)]
+        cmd: RouteCmd,
+    },
     /// Write next-token logits of prompts (prefill, cached prefill, decode) for comparison with a
     /// reference implementation: raw little-endian f32 rows to --out, row descriptions to stdout.
     Logits {
@@ -208,6 +215,21 @@ fn print_usage(
     Ok(())
 }
 
+#[derive(Debug, Subcommand)]
+enum RouteCmd {
+    Calibrate {
+        /// Prompts with checkable answers (JSON lines; see benches/make_route_set.py).
+        #[arg(long, default_value = "benches/route_set.jsonl")]
+        data: PathBuf,
+        /// The server config whose models are calibrated (default: the default models).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The largest share of requests that may escalate.
+        #[arg(long, default_value_t = 0.4)]
+        target_large_share: f64,
+    },
+}
+
 fn main() -> Result<()> {
     hearth::telemetry::init_tracing();
     match Cli::parse().cmd {
@@ -324,6 +346,14 @@ fn main() -> Result<()> {
             writeln!(out)?;
         }
         Cmd::Bench(args) => hearth::bench::run(&args)?,
+        Cmd::Route {
+            cmd:
+                RouteCmd::Calibrate {
+                    data,
+                    config,
+                    target_large_share,
+                },
+        } => hearth::bench::route::calibrate(&data, config.as_deref(), target_large_share)?,
         Cmd::Logits {
             model,
             prompts,

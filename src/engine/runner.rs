@@ -53,10 +53,12 @@ impl Runner {
             .filter(|it| it.wants_logits)
             .map(|it| it.full_logits)
             .collect();
+        let turn = crate::device::cpu_turn(&self.decoder.device);
         let timer = StepTimer::start(&self.decoder.device);
         let logits = self.decoder.forward(&batch, &self.kv, self.backend)?;
         let device_time = timer.stop();
         let rows = read_rows(&logits, &full)?;
+        drop(turn);
         Ok(StepOutput {
             rows,
             elapsed: t0.elapsed(),

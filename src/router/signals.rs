@@ -31,12 +31,14 @@ pub struct Thresholds {
 }
 
 impl Default for Thresholds {
-    /// A token under ~5% probability in the low tail, or a quarter of the tokens within 0.5 nats
-    /// of the runner-up (see benches/RESULTS.md, "Router").
+    /// Calibrated (`hearth route calibrate --target-large-share 0.4`) on the `tune` half of
+    /// benches/route_set.jsonl with the default models: escalate when the low tail holds a token
+    /// under ~14% probability, or a quarter of the tokens were near ties (see benches/RESULTS.md,
+    /// "Router").
     fn default() -> Self {
         Self {
-            logprob_p10: -3.0,
-            margin_p25: 0.5,
+            logprob_p10: -1.94,
+            margin_p25: 0.075,
         }
     }
 }
@@ -100,10 +102,10 @@ mod tests {
     fn confident_tokens_keep_and_close_runners_up_escalate() {
         let sure = Signals::of(&probes(&[(-0.1, 3.0); 8])).unwrap();
         assert_eq!(sure.doubt(&Thresholds::default()), None);
-        let mut v = vec![(-0.6, 0.2); 3];
+        let mut v = vec![(-0.6, 0.05); 3];
         v.extend([(-0.1, 3.0); 5]);
         let torn = Signals::of(&probes(&v)).unwrap();
-        assert_eq!(torn.margin_p25, 0.2);
+        assert_eq!(torn.margin_p25, 0.05);
         assert_eq!(torn.doubt(&Thresholds::default()), Some("low_margin"));
         assert!(Signals::of(&[]).is_none());
     }

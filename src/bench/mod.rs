@@ -1,5 +1,8 @@
-//! `hearth bench`: prefill and decode throughput of one model through the real engine on this machine.
-//! Prints a Markdown table (the format of benches/RESULTS.md).
+//! `hearth bench`: prefill and decode throughput of one model through the real engine on this machine
+//! (suites `core`, `prefix`), or the router's cost / quality table over served models (`route`).
+//! Prints Markdown tables (the format of benches/RESULTS.md).
+pub mod route;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -11,9 +14,9 @@ use crate::model::Model;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// A GGUF file or a safetensors folder.
+    /// A GGUF file or a safetensors folder (the `core` and `prefix` suites).
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Prompt length for the prefill measurement.
     #[arg(long, default_value_t = 512)]
     pub prefill_tokens: usize,
@@ -26,9 +29,16 @@ pub struct BenchArgs {
     /// Repetitions of each measurement; the best is reported.
     #[arg(long, default_value_t = 2)]
     pub repeat: usize,
-    /// `core`: prefill and decode throughput; `prefix`: the prefix cache's effect.
+    /// `core`: prefill and decode throughput; `prefix`: the prefix cache's effect; `route`: the
+    /// router against always-small and always-large on `--data`.
     #[arg(long, default_value = "core")]
     pub suite: String,
+    /// The `route` suite's prompts with checkable answers (JSON lines).
+    #[arg(long, default_value = "benches/route_set.jsonl")]
+    pub data: PathBuf,
+    /// The `route` suite's server config (models and routes); default: the default models.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// cuda:N, metal, cpu (default: the best available).
     #[arg(long)]
     pub device: Option<String>,
@@ -41,10 +51,16 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
+    fn model_path(&self) -> Result<&PathBuf> {
+        self.model.as_ref().ok_or_else(|| {
+            crate::HearthError::InvalidRequest(format!("the {} suite needs --model", self.suite))
+        })
+    }
+
     fn engine(&self, caching: bool) -> Result<EngineHandle> {
         let device = crate::device::select(self.device.as_deref())?;
         Engine::start(
-            Model::load(&self.model, "bench", &device)?,
+            Model::load(self.model_path()?, "bench", &device)?,
             EngineConfig {
                 kv_budget: crate::engine::KvBudget::Bytes(self.kv_cache_mib << 20),
                 prefix_caching: caching,
@@ -220,8 +236,11 @@ fn prefix_suite(args: &BenchArgs, name: &str) -> Result<()> {
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
+    if args.suite == "route" {
+        return route::suite(args);
+    }
     let name = args
-        .model
+        .model_path()?
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
