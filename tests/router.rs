@@ -145,6 +145,10 @@ fn an_escalated_requests_device_time_includes_the_discarded_attempt() {
     let used = read("meter-small") + read("meter-large") - before;
     let billed = v["metrics"]["device_time_ms"].as_f64().unwrap() / 1e3;
     assert!(read("meter-small") > 0.0, "the small model ran");
+    let escalations = s.metric(
+        "hearth_router_escalations_total{route=\"escalate\",from=\"meter-small\",to=\"meter-large\",reason=\"low_logprob\"}",
+    );
+    assert_eq!(escalations, Some(1.0));
     assert!(
         (billed - used).abs() <= 0.01 * used,
         "response bills {billed:.6} s, the engines ran {used:.6} s for it"

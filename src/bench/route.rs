@@ -165,6 +165,27 @@ impl Bench {
     }
 }
 
+/// The decision-time quantiles the server's Prometheus summary holds for `auto`.
+fn decision_quantiles(bench: &Bench) -> String {
+    let text = bench.server.state.prometheus.render();
+    let q: Vec<String> = text
+        .lines()
+        .filter(|l| l.starts_with(crate::telemetry::names::ROUTER_DECISION_SECONDS))
+        .filter(|l| l.contains("quantile"))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            let quantile = name.split("quantile=\"").nth(1)?.split('"').next()?;
+            let secs: f64 = value.parse().ok()?;
+            Some(format!("quantile {quantile}: {:.3} ms", secs * 1e3))
+        })
+        .collect();
+    if q.is_empty() {
+        "not recorded".into()
+    } else {
+        q.join(", ")
+    }
+}
+
 fn ask(base: &str, model: &str, item: &Item, max_tokens: usize) -> Outcome {
     let body =
         json!({"model": model, "prompt": item.prompt, "max_tokens": max_tokens, "temperature": 0});
@@ -246,6 +267,7 @@ pub fn suite(args: &BenchArgs) -> Result<()> {
             wall_secs: t0.elapsed().as_secs_f64(),
         });
     }
+    let overhead = decision_quantiles(&bench);
     bench.stop();
     let always_large = arms[1].large_secs.max(1e-9);
     println!(
@@ -287,6 +309,27 @@ pub fn suite(args: &BenchArgs) -> Result<()> {
             a.wall_secs
         );
     }
+    // A kept request against the same prompt asked of the small model by name.
+    let (mut kept_auto, mut kept_small, mut kept) = (0.0, 0.0, 0usize);
+    for (i, o) in arms[2].outcomes.iter().enumerate() {
+        if o.route
+            .as_ref()
+            .is_some_and(|r| r["escalated"] == json!(false))
+        {
+            kept_auto += o.device_ms;
+            kept_small += arms[0].outcomes[i].device_ms;
+            kept += 1;
+        }
+    }
+    println!(
+        "\nKept by auto ({kept} prompts): {:.1} s of device time, the same prompts asked of the small model by name {:.1} s ({:+.1}%).",
+        kept_auto / 1e3,
+        kept_small / 1e3,
+        100.0 * (kept_auto / kept_small.max(1e-9) - 1.0)
+    );
+    println!(
+        "Router decision overhead (signals, thresholds, starting the next model): {overhead}."
+    );
     println!("\nBy kind (accuracy: small / large / auto):");
     let mut kinds: BTreeMap<&str, [(usize, usize); 3]> = BTreeMap::new();
     for (i, it) in items.iter().enumerate() {

@@ -13,6 +13,7 @@ use super::error::ApiError;
 use super::generate::{start, ChoiceEvent, Spec, Update};
 use crate::engine::{DeviceTime, EngineHandle, StopHandle};
 use crate::router::{Decision, Group, Probe, Signals};
+use crate::telemetry::names;
 
 /// The models a routed request may escalate to, each with the prompts in its own tokens.
 #[derive(Clone)]
@@ -149,6 +150,12 @@ impl Cascade {
 
     /// Every choice has its probe tokens (or finished): keep this model or escalate.
     async fn decide(&mut self) {
+        let t0 = thread_cpu_secs();
+        let group = self.group.name.clone();
+        let overhead = move |t1: f64| {
+            metrics::histogram!(names::ROUTER_DECISION_SECONDS, "route" => group)
+                .record((t1 - t0).max(0.0));
+        };
         let signals = Signals::of(&self.probes);
         let doubt = match &signals {
             Some(s) => s.doubt(&self.group.thresholds),
@@ -156,6 +163,7 @@ impl Cascade {
         };
         let Some(reason) = doubt else {
             self.decided("confident", signals);
+            overhead(thread_cpu_secs());
             return;
         };
         if self.stops.is_stopped() {
@@ -164,6 +172,7 @@ impl Cascade {
         }
         let Some((engine, prompts)) = self.rest.pop_front() else {
             self.decided(reason, signals);
+            overhead(thread_cpu_secs());
             return;
         };
         let probe = if self.rest.is_empty() {
@@ -182,6 +191,16 @@ impl Cascade {
             }
         };
         self.stops.swap(stops).iter().for_each(StopHandle::stop);
+        // The router's own work ends here; what follows waits for the cheap model's last step.
+        overhead(thread_cpu_secs());
+        metrics::counter!(
+            names::ROUTER_ESCALATIONS,
+            "route" => self.group.name.clone(),
+            "from" => self.tried.last().cloned().unwrap_or_default(),
+            "to" => engine.name.clone(),
+            "reason" => reason
+        )
+        .increment(1);
         if self.escalated_at.is_none() {
             self.escalated_at = self.probed.iter().copied().max();
         }
@@ -223,7 +242,7 @@ impl Cascade {
             thresholds: self.group.thresholds,
         };
         metrics::counter!(
-            crate::telemetry::names::ROUTER_DECISIONS,
+            names::ROUTER_DECISIONS,
             "route" => decision.group.clone(),
             "model" => decision.model.clone(),
             "reason" => decision.reason.clone()
@@ -244,4 +263,25 @@ impl Cascade {
             self.out.push_back(u);
         }
     }
+}
+
+/// CPU time of the calling thread, in seconds. The decision runs on one thread without yielding, so
+/// this is its work; wall time would add whatever the OS gave the engines meanwhile (on a busy
+/// two-core machine, milliseconds).
+#[cfg(unix)]
+fn thread_cpu_secs() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write; the clock id is a constant the OS defines.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+#[cfg(not(unix))]
+fn thread_cpu_secs() -> f64 {
+    0.0
 }

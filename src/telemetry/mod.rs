@@ -37,6 +37,11 @@ pub mod names {
     pub const REJECTED_REQUESTS: &str = "hearth_rejected_requests_total";
     /// Route-group decisions by answering model and reason (`confident`, `low_logprob`, ...).
     pub const ROUTER_DECISIONS: &str = "hearth_router_decisions_total";
+    /// Escalations from one model of a route group to the next.
+    pub const ROUTER_ESCALATIONS: &str = "hearth_router_escalations_total";
+    /// CPU time of the router's own work per decision (signals, thresholds, starting the next
+    /// model), the models' steps excluded.
+    pub const ROUTER_DECISION_SECONDS: &str = "hearth_router_decision_seconds";
 }
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
