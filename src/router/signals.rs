@@ -31,13 +31,13 @@ pub struct Thresholds {
 }
 
 impl Default for Thresholds {
-    /// Calibrated (`hearth route calibrate --target-large-share 0.4`) on the `tune` half of
+    /// Calibrated (`hearth route calibrate --target-large-share 0.3`) on the `tune` half of
     /// benches/route_set.jsonl with the default models: escalate when the low tail holds a token
-    /// under ~14% probability, or a quarter of the tokens were near ties (see benches/RESULTS.md,
-    /// "Router").
+    /// under ~11% probability, or a quarter of the tokens were near ties (see benches/RESULTS.md,
+    /// "Router": the 40% row escalated more and spent more large-model time than it gained).
     fn default() -> Self {
         Self {
-            logprob_p10: -1.94,
+            logprob_p10: -2.245,
             margin_p25: 0.075,
         }
     }
