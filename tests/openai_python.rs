@@ -35,6 +35,7 @@ fn official_openai_client_works_against_hearth() {
                 policy: hearth::router::Policy::Cascade,
                 probe_tokens: hearth::router::DEFAULT_PROBE_TOKENS,
                 escalate_below: Default::default(),
+                rules: Vec::new(),
             },
             hearth::router::RouteConfig {
                 name: "escalate".into(),
@@ -45,6 +46,7 @@ fn official_openai_client_works_against_hearth() {
                     logprob_p10: 1.0,
                     margin_p25: f32::MAX,
                 },
+                rules: Vec::new(),
             },
         ],
         ..Default::default()

@@ -15,6 +15,7 @@ fn route(name: &str, models: [&str; 2], escalate_below: Thresholds) -> RouteConf
         policy: Policy::Cascade,
         probe_tokens: 4,
         escalate_below,
+        rules: Vec::new(),
     }
 }
 
@@ -198,4 +199,49 @@ fn auto_exists_by_default_and_bad_routes_are_refused() {
         "{:?}",
         err.err()
     );
+}
+
+#[test]
+fn rules_pick_the_model_before_the_cascade() {
+    let mut ruled = route("ruled", ["small", "large"], KEEP);
+    ruled.rules = vec![
+        hearth::router::RuleConfig {
+            model: "large".into(),
+            pattern: Some(r"(?i)\btranslate\b".into()),
+            ..Default::default()
+        },
+        hearth::router::RuleConfig {
+            model: "large".into(),
+            min_prompt_tokens: Some(40),
+            ..Default::default()
+        },
+        hearth::router::RuleConfig {
+            model: "small".into(),
+            tenant: Some("someone-else".into()),
+            ..Default::default()
+        },
+    ];
+    let s = TestServer::start(hearth::config::Config {
+        models: common::both_models("small", "large"),
+        routes: vec![ruled],
+        ..Default::default()
+    });
+    let ask = |prompt: &str| {
+        complete(
+            &s.base,
+            &json!({"model": "ruled", "prompt": prompt, "max_tokens": 3, "temperature": 0}),
+        )
+        .0
+    };
+    let v = ask("Translate the word cat into French:");
+    assert_eq!(v["model"], "large");
+    assert_eq!(v["metrics"]["route"]["reason"], "rule_0");
+    assert!(v["metrics"]["route"]["signals"].is_null(), "no cascade ran");
+    let v = ask(&"The committee met again to review the figures. ".repeat(6));
+    assert_eq!(v["model"], "large");
+    assert_eq!(v["metrics"]["route"]["reason"], "rule_1");
+    // No rule matches (the third is another tenant's): the cascade, which keeps the small model.
+    let v = ask("The capital of France is");
+    assert_eq!(v["model"], "small");
+    assert_eq!(v["metrics"]["route"]["reason"], "confident");
 }

@@ -226,6 +226,7 @@ fn probe_route(models: &[String]) -> RouteConfig {
             logprob_p10: f32::MIN,
             margin_p25: f32::MIN,
         },
+        rules: Vec::new(),
     }
 }
 

@@ -35,6 +35,54 @@ pub struct RouteConfig {
     /// Escalate when a signal falls below its threshold.
     #[serde(default)]
     pub escalate_below: Thresholds,
+    /// Checked in order before the cascade: the first rule a request matches picks its model.
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+}
+
+/// A request matches when every condition given holds.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// The group's model that answers a matching request.
+    pub model: String,
+    /// The caller's tenant.
+    pub tenant: Option<String>,
+    /// Prompt tokens (in the group's first model's tokens), at least / at most.
+    pub min_prompt_tokens: Option<usize>,
+    pub max_prompt_tokens: Option<usize>,
+    /// A regular expression found in the last user message (chat) or the prompt (completions).
+    pub pattern: Option<String>,
+}
+
+/// A rule with its pattern compiled.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub config: RuleConfig,
+    pattern: Option<regex::Regex>,
+}
+
+impl Rule {
+    fn new(config: &RuleConfig) -> Result<Self> {
+        let pattern = config
+            .pattern
+            .as_deref()
+            .map(regex::Regex::new)
+            .transpose()
+            .map_err(|e| HearthError::Config(format!("route rule pattern: {e}")))?;
+        Ok(Self {
+            config: config.clone(),
+            pattern,
+        })
+    }
+
+    fn matches(&self, tenant: &str, text: &str, prompt_tokens: usize) -> bool {
+        let c = &self.config;
+        c.tenant.as_deref().is_none_or(|t| t == tenant)
+            && c.min_prompt_tokens.is_none_or(|m| prompt_tokens >= m)
+            && c.max_prompt_tokens.is_none_or(|m| prompt_tokens <= m)
+            && self.pattern.as_ref().is_none_or(|p| p.is_match(text))
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
@@ -46,7 +94,7 @@ pub enum Policy {
 }
 
 /// A route group, resolved against the served models.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Group {
     pub name: String,
     /// Cheapest first.
@@ -54,10 +102,26 @@ pub struct Group {
     pub policy: Policy,
     pub probe_tokens: usize,
     pub thresholds: Thresholds,
+    pub rules: Vec<Rule>,
+}
+
+impl Group {
+    /// The first rule the request matches: its index and model.
+    pub fn rule_for(
+        &self,
+        tenant: &str,
+        text: &str,
+        prompt_tokens: usize,
+    ) -> Option<(usize, &str)> {
+        self.rules
+            .iter()
+            .position(|r| r.matches(tenant, text, prompt_tokens))
+            .map(|i| (i, self.rules[i].config.model.as_str()))
+    }
 }
 
 /// Every route group of the server.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct Routes {
     groups: Vec<Group>,
 }
@@ -94,6 +158,15 @@ impl Routes {
                     r.name
                 ));
             }
+            for rule in &r.rules {
+                if !r.models.contains(&rule.model) {
+                    return bad(format!(
+                        "route `{}`: a rule picks `{}`, which is not one of the route's models",
+                        r.name, rule.model
+                    ));
+                }
+                Rule::new(rule)?;
+            }
         }
         Ok(())
     }
@@ -116,19 +189,23 @@ impl Routes {
                     policy: Policy::Cascade,
                     probe_tokens: DEFAULT_PROBE_TOKENS,
                     thresholds: Thresholds::default(),
+                    rules: Vec::new(),
                 }]
             }
         } else {
             routes
                 .iter()
-                .map(|r| Group {
-                    name: r.name.clone(),
-                    models: r.models.clone(),
-                    policy: r.policy,
-                    probe_tokens: r.probe_tokens,
-                    thresholds: r.escalate_below,
+                .map(|r| {
+                    Ok(Group {
+                        name: r.name.clone(),
+                        models: r.models.clone(),
+                        policy: r.policy,
+                        probe_tokens: r.probe_tokens,
+                        thresholds: r.escalate_below,
+                        rules: r.rules.iter().map(Rule::new).collect::<Result<_>>()?,
+                    })
                 })
-                .collect()
+                .collect::<Result<_>>()?
         };
         Ok(Self { groups })
     }
@@ -188,6 +265,7 @@ mod tests {
             policy: Policy::Cascade,
             probe_tokens: 4,
             escalate_below: Thresholds::default(),
+            rules: Vec::new(),
         }
     }
 
@@ -208,6 +286,21 @@ mod tests {
             vec![route("small", &["small"])],
             vec![route("fast", &[])],
             vec![route("fast", &["small"]), route("fast", &["large"])],
+            vec![RouteConfig {
+                rules: vec![RuleConfig {
+                    model: "huge".into(),
+                    ..Default::default()
+                }],
+                ..route("fast", &["small", "large"])
+            }],
+            vec![RouteConfig {
+                rules: vec![RuleConfig {
+                    model: "large".into(),
+                    pattern: Some("(unclosed".into()),
+                    ..Default::default()
+                }],
+                ..route("fast", &["small", "large"])
+            }],
         ] {
             assert!(
                 matches!(Routes::check(&bad, &served), Err(HearthError::Config(_))),

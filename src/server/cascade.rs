@@ -20,6 +20,8 @@ use crate::telemetry::names;
 pub struct RoutePlan {
     pub group: Group,
     pub next: Vec<(EngineHandle, Vec<Vec<u32>>)>,
+    /// The group's rule that picked the model (then there is nothing to escalate to).
+    pub rule: Option<usize>,
 }
 
 /// The stop handles of whatever attempt is running now; once stopped (the client left), no new
@@ -83,6 +85,7 @@ pub(super) fn run(
     prompts: &[Vec<u32>],
 ) -> Result<(BoxStream<'static, Update>, StopSet), ApiError> {
     let deciding = !plan.next.is_empty();
+    let rule = plan.rule;
     let probe = if deciding { plan.group.probe_tokens } else { 0 };
     let (current, stops) = start(&spec, engine, prompts, probe)?;
     let choices = prompts.len() * spec.n();
@@ -104,7 +107,10 @@ pub(super) fn run(
         group: plan.group,
     };
     if !deciding {
-        c.decided("last_model", None);
+        match rule {
+            Some(i) => c.decided(&format!("rule_{i}"), None),
+            None => c.decided("last_model", None),
+        }
     }
     let updates = stream::unfold(c, |mut c| async move { c.next().await.map(|u| (u, c)) });
     Ok((updates.boxed(), stops))

@@ -68,6 +68,7 @@ fn checked(req: &Validated, engine: &EngineHandle) -> Result<(), ApiError> {
 async fn routed(
     state: &AppState,
     req: &Validated,
+    tenant: &Tenant,
     group: crate::router::Group,
 ) -> Result<
     (
@@ -91,13 +92,29 @@ async fn routed(
         let prompts = tokenize(state, req, &engine).await?;
         tokenized.push((engine, prompts));
     }
+    if tokenized.is_empty() {
+        return Err(refusal.unwrap_or_else(|| ApiError::model_not_found(&req.model)));
+    }
+    // Rules first: the first that matches picks the model (if it can take the request).
+    let prompt_tokens: usize = tokenized[0].1.iter().map(Vec::len).sum();
+    let rule = group
+        .rule_for(&tenant.name, &validate::routing_text(req), prompt_tokens)
+        .and_then(|(i, model)| {
+            let at = tokenized.iter().position(|(e, _)| e.name == model)?;
+            Some((i, at))
+        });
+    let (rule, tokenized) = match rule {
+        Some((i, at)) => (Some(i), vec![tokenized.swap_remove(at)]),
+        None => (None, tokenized),
+    };
     let mut it = tokenized.into_iter();
     let Some((engine, prompts)) = it.next() else {
-        return Err(refusal.unwrap_or_else(|| ApiError::model_not_found(&req.model)));
+        return Err(ApiError::model_not_found(&req.model));
     };
     let plan = super::cascade::RoutePlan {
         group,
         next: it.collect(),
+        rule,
     };
     Ok((engine, prompts, Some(plan)))
 }
@@ -238,7 +255,7 @@ async fn run_job(
     started: Instant,
 ) -> Result<Response, ApiError> {
     let (engine, prompts, route) = match state.routes.get().and_then(|r| r.get(&req.model)) {
-        Some(group) => routed(&state, &req, group.clone()).await?,
+        Some(group) => routed(&state, &req, &tenant, group.clone()).await?,
         None => {
             let engine = engine(&state, &req.model)?;
             checked(&req, &engine)?;

@@ -73,6 +73,19 @@ pub struct Validated {
     pub user: Option<String>,
 }
 
+/// What route rules' patterns read: the last user message of a chat, or the first prompt.
+pub fn routing_text(req: &Validated) -> String {
+    match &req.input {
+        Input::Chat(ms) => ms
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .map(|m| m.content.clone())
+            .unwrap_or_default(),
+        Input::Prompts(ps) => ps.first().cloned().unwrap_or_default(),
+    }
+}
+
 impl Validated {
     /// Characters of text the prompt(s) are made of.
     pub fn prompt_chars(&self) -> usize {
