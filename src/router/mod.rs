@@ -233,8 +233,9 @@ pub struct Decision {
     pub escalated: bool,
     /// Tokens the cheaper model had generated (per choice, at most) when it was set aside.
     pub escalated_at_token: Option<usize>,
-    /// Why the last step went the way it did: `confident`, `low_logprob`, `low_margin`,
-    /// `no_tokens` (the cheaper model stopped at once), or `last_model` (nothing to escalate to).
+    /// Why the last step went the way it did: `rule_N` (the route's rule N picked the model),
+    /// `confident`, `low_logprob`, `low_margin`, `no_tokens` (the cheaper model stopped at once),
+    /// `last_model` (nothing to escalate to) or `escalation_refused`.
     pub reason: String,
     /// The cheaper model's signals at the last decision (none when no decision was needed).
     #[schema(value_type = Option<Object>)]
