@@ -67,15 +67,7 @@ fn sixteen_prompts_batched_with_chunked_prefill_match_each_alone() {
     };
     let rxs: Vec<_> = prompts
         .iter()
-        .map(|p| {
-            e.submit(Request {
-                tenant: None,
-                weight: 1,
-                prompt: p.clone(),
-                params: params.clone(),
-            })
-            .unwrap()
-        })
+        .map(|p| e.submit(Request::new(p.clone(), params.clone())).unwrap())
         .collect();
     for (i, rx) in rxs.into_iter().enumerate() {
         let toks: Vec<u32> = rx

@@ -124,14 +124,7 @@ fn run_batch(e: &EngineHandle, prompts: &[Vec<u32>], max_tokens: usize) -> Resul
     let t0 = Instant::now();
     let rxs = prompts
         .iter()
-        .map(|p| {
-            e.submit(Request {
-                tenant: None,
-                weight: 1,
-                prompt: p.clone(),
-                params: params.clone(),
-            })
-        })
+        .map(|p| e.submit(Request::new(p.clone(), params.clone())))
         .collect::<Result<Vec<_>>>()?;
     let mut tokens = 0;
     for rx in rxs {

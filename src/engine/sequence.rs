@@ -44,6 +44,13 @@ impl DeviceTime {
     }
 }
 
+impl std::ops::AddAssign for DeviceTime {
+    fn add_assign(&mut self, other: Self) {
+        self.prefill += other.prefill;
+        self.decode += other.decode;
+    }
+}
+
 /// What a request's reply channel carries: `Admitted` once, then `Token`s, then exactly one of
 /// `Finished` or `Error`.
 #[derive(Debug, Clone, PartialEq)]

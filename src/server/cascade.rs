@@ -124,11 +124,7 @@ impl Cascade {
             }
             let mut u = self.current.next().await?;
             let Some(held) = self.held.as_mut() else {
-                if let ChoiceEvent::Finished { usage, .. } = &mut u.event {
-                    let carried = self.carried[u.choice];
-                    usage.device.prefill += carried.prefill;
-                    usage.device.decode += carried.decode;
-                }
+                self.carry(&mut u);
                 return Some(u);
             };
             match &u.event {
@@ -218,8 +214,7 @@ impl Cascade {
         let mut finishes = std::pin::pin!(finishes);
         while let Some(u) = finishes.next().await {
             if let ChoiceEvent::Finished { usage, .. } = u.event {
-                self.carried[u.choice].prefill += usage.device.prefill;
-                self.carried[u.choice].decode += usage.device.decode;
+                self.carried[u.choice] += usage.device;
             }
         }
         self.tried.push(engine.name.clone());
@@ -230,6 +225,13 @@ impl Cascade {
             self.decided(reason, signals);
         } else {
             self.held = Some(Vec::new());
+        }
+    }
+
+    /// A finish also bills the device time of its choice's attempts set aside.
+    fn carry(&self, u: &mut Update) {
+        if let ChoiceEvent::Finished { usage, .. } = &mut u.event {
+            usage.device += self.carried[u.choice];
         }
     }
 
@@ -259,13 +261,8 @@ impl Cascade {
             event: ChoiceEvent::Routed(Box::new(decision)),
         });
         let held = self.held.take().unwrap_or_default();
-        // Held finishes also carry the device time of attempts set aside.
         for mut u in held {
-            if let ChoiceEvent::Finished { usage, .. } = &mut u.event {
-                let carried = self.carried[u.choice];
-                usage.device.prefill += carried.prefill;
-                usage.device.decode += carried.decode;
-            }
+            self.carry(&mut u);
             self.out.push_back(u);
         }
     }

@@ -538,9 +538,9 @@ fn metrics_of(finishes: &[ChoiceUsage], started: Instant) -> ResponseMetrics {
     let completion: usize = finishes.iter().map(|f| f.completion_tokens).sum();
     let device = finishes
         .iter()
-        .fold(engine::DeviceTime::default(), |acc, f| engine::DeviceTime {
-            prefill: acc.prefill + f.device.prefill,
-            decode: acc.decode + f.device.decode,
+        .fold(engine::DeviceTime::default(), |mut acc, f| {
+            acc += f.device;
+            acc
         });
     let life = last.map_or(started.elapsed(), |l| l - started);
     ResponseMetrics {
