@@ -32,21 +32,17 @@ fn official_openai_client_works_against_hearth() {
             hearth::router::RouteConfig {
                 name: "auto".into(),
                 models: vec!["small".into(), "large".into()],
-                policy: hearth::router::Policy::Cascade,
-                probe_tokens: hearth::router::DEFAULT_PROBE_TOKENS,
-                escalate_below: Default::default(),
-                rules: Vec::new(),
+                ..Default::default()
             },
             hearth::router::RouteConfig {
                 name: "escalate".into(),
                 models: vec!["small".into(), "large".into()],
-                policy: hearth::router::Policy::Cascade,
                 probe_tokens: 2,
                 escalate_below: hearth::router::Thresholds {
                     logprob_p10: 1.0,
                     margin_p25: f32::MAX,
                 },
-                rules: Vec::new(),
+                ..Default::default()
             },
         ],
         ..Default::default()

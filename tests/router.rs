@@ -12,10 +12,9 @@ fn route(name: &str, models: [&str; 2], escalate_below: Thresholds) -> RouteConf
     RouteConfig {
         name: name.into(),
         models: models.iter().map(|m| m.to_string()).collect(),
-        policy: Policy::Cascade,
         probe_tokens: 4,
         escalate_below,
-        rules: Vec::new(),
+        ..Default::default()
     }
 }
 
@@ -244,4 +243,98 @@ fn rules_pick_the_model_before_the_cascade() {
     let v = ask("The capital of France is");
     assert_eq!(v["model"], "small");
     assert_eq!(v["metrics"]["route"]["reason"], "confident");
+}
+
+#[test]
+fn the_load_policy_skips_a_model_whose_queue_breaks_the_ttft_target() {
+    let target = 200;
+    let s = TestServer::start(hearth::config::Config {
+        models: common::both_models("busy-small", "busy-large"),
+        routes: vec![
+            RouteConfig {
+                policy: Policy::Load,
+                ttft_target_ms: Some(target),
+                ..route("spill", ["busy-small", "busy-large"], KEEP)
+            },
+            RouteConfig {
+                ttft_target_ms: Some(target),
+                ..route("watched", ["busy-small", "busy-large"], KEEP)
+            },
+            RouteConfig {
+                policy: Policy::Rules,
+                ttft_target_ms: Some(target),
+                ..route("plain", ["busy-small", "busy-large"], KEEP)
+            },
+        ],
+        ..Default::default()
+    });
+    let ask = |group: &str| {
+        complete(
+            &s.base,
+            &json!({"model": group, "prompt": "The capital of France is", "max_tokens": 3, "temperature": 0}),
+        )
+        .0
+    };
+    // Idle: the cheapest model; the load policy decides nothing else.
+    let v = ask("spill");
+    assert_eq!(v["model"], "busy-small", "{v}");
+    let r = &v["metrics"]["route"];
+    assert_eq!(r["reason"], "first_model", "{r}");
+    assert_eq!(r["policy"], "load");
+    assert!(r["signals"].is_null(), "no cascade ran: {r}");
+    assert_eq!(r["load"][0]["fits"], true, "{r}");
+
+    // Four long prompts queue on the small model, thousands of tokens of prefill ahead.
+    let filler = "the river ran past the old mill and on into the town ".repeat(60);
+    let flood: Vec<_> = (0..4)
+        .map(|i| {
+            let base = s.base.clone();
+            let body =
+                json!({"model": "busy-small", "prompt": format!("{i} {filler}"), "max_tokens": 1});
+            std::thread::spawn(move || common::post(&base, "/v1/completions", &body.to_string()).0)
+        })
+        .collect();
+    let queued = |m: &str| {
+        s.metric(&format!("hearth_num_requests_waiting{{model=\"{m}\"}}"))
+            .unwrap_or(0.0)
+            + s.metric(&format!("hearth_num_requests_running{{model=\"{m}\"}}"))
+                .unwrap_or(0.0)
+    };
+    let t0 = std::time::Instant::now();
+    while queued("busy-small") < 4.0 {
+        assert!(t0.elapsed().as_secs() < 120, "the flood never queued");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for group in ["spill", "watched"] {
+        let v = ask(group);
+        let r = &v["metrics"]["route"];
+        assert_eq!(v["model"], "busy-large", "{group}: {r}");
+        assert_eq!(r["reason"], "load", "{group}: {r}");
+        assert_eq!(
+            r["tried"],
+            json!(["busy-large"]),
+            "{group}: the small one never ran"
+        );
+        let small = &r["load"][0];
+        assert_eq!(small["model"], "busy-small");
+        assert_eq!(small["fits"], false, "{group}: {r}");
+        assert!(
+            !small["kv_room"].as_bool().unwrap()
+                || small["ttft_ms"].as_f64().unwrap() > target as f64,
+            "{group}: {r}"
+        );
+    }
+    // Policy `rules` weighs no load: the first model, however busy.
+    let v = ask("plain");
+    assert_eq!(v["model"], "busy-small");
+    assert_eq!(v["metrics"]["route"]["reason"], "first_model");
+    assert_eq!(v["metrics"]["route"]["load"], json!([]));
+
+    for f in flood {
+        assert_eq!(f.join().unwrap(), 200);
+    }
+    // Drained: the small model fits again.
+    let v = ask("spill");
+    assert_eq!(v["model"], "busy-small", "{v}");
+    assert_eq!(v["metrics"]["route"]["load"][0]["fits"], true);
 }

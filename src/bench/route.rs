@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use super::BenchArgs;
 use crate::config::Config;
 use crate::error::{HearthError, Result};
-use crate::router::{Policy, RouteConfig, Thresholds, DEFAULT_PROBE_TOKENS};
+use crate::router::{RouteConfig, Thresholds};
 
 /// One prompt with the answers that count as right.
 #[derive(Debug, Clone, Deserialize)]
@@ -220,13 +220,11 @@ fn probe_route(models: &[String]) -> RouteConfig {
     RouteConfig {
         name: "probe".into(),
         models: models.to_vec(),
-        policy: Policy::Cascade,
-        probe_tokens: DEFAULT_PROBE_TOKENS,
         escalate_below: Thresholds {
             logprob_p10: f32::MIN,
             margin_p25: f32::MIN,
         },
-        rules: Vec::new(),
+        ..Default::default()
     }
 }
 

@@ -9,7 +9,7 @@ pub mod scheduler;
 pub mod sequence;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use candle_core::DType;
@@ -131,12 +131,74 @@ pub struct EngineStats {
     /// KV token slots held by running sequences, and of those holding a token.
     pub kv_slots_allocated: usize,
     pub kv_slots_used: usize,
+    /// Prompt tokens queued or in prefill, not yet run through the model.
+    pub pending_prompt_tokens: usize,
+    /// Blocks the waiting sequences need to be admitted.
+    pub waiting_blocks: usize,
+    /// Device time of recent steps against their size: what the router's load policy predicts a
+    /// queue's wait with.
+    pub step_cost: StepCost,
+}
+
+/// A step's device time as `fixed + per_token x tokens`, fitted by least squares over recent
+/// steps (older ones weigh less by a factor per step). A single ratio of time to tokens would
+/// charge a short step's fixed cost to every token of a long prompt, and overstate its wait.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct StepCost {
+    w: f64,
+    x: f64,
+    y: f64,
+    xx: f64,
+    xy: f64,
+}
+
+impl StepCost {
+    /// How much each older step keeps of its weight when a new one comes: about the last fifty
+    /// steps count.
+    const DECAY: f64 = 0.98;
+
+    pub fn add(&mut self, tokens: usize, nanos: f64) {
+        let x = tokens as f64;
+        for v in [
+            &mut self.w,
+            &mut self.x,
+            &mut self.y,
+            &mut self.xx,
+            &mut self.xy,
+        ] {
+            *v *= Self::DECAY;
+        }
+        self.w += 1.0;
+        self.x += x;
+        self.y += nanos;
+        self.xx += x * x;
+        self.xy += x * nanos;
+    }
+
+    /// `(fixed, per_token)` in nanoseconds, None before any step. With steps of one size only
+    /// (no spread to fit a slope on), the time is all per token.
+    pub fn fit(&self) -> Option<(f64, f64)> {
+        if self.w == 0.0 || self.x == 0.0 {
+            return None;
+        }
+        let (mx, my) = (self.x / self.w, self.y / self.w);
+        let var = self.xx / self.w - mx * mx;
+        let slope = (self.xy / self.w - mx * my) / var;
+        if var <= mx * mx * 1e-3 || !slope.is_finite() || slope <= 0.0 {
+            return Some((0.0, my / mx));
+        }
+        let fixed = (my - slope * mx).max(0.0);
+        Some((fixed, slope))
+    }
 }
 
 impl EngineStats {
     /// Count one step's work.
     fn add_step(&mut self, out: &scheduler::StepOutputs, step: Duration) {
         self.steps += 1;
+        let tokens: usize = out.seqs.iter().map(|s| s.tokens).sum();
+        self.step_cost
+            .add(tokens, out.device_time.as_nanos() as f64);
         for s in &out.seqs {
             self.prefill_tokens += s.prompt_tokens as u64;
             self.decode_tokens += (s.tokens - s.prompt_tokens) as u64;
@@ -159,7 +221,24 @@ impl EngineStats {
         self.prefix_query_tokens = sched.prefix_query_tokens;
         self.prefix_hit_tokens = sched.prefix_hit_tokens;
         (self.kv_slots_allocated, self.kv_slots_used) = sched.kv_slot_usage();
+        (self.pending_prompt_tokens, self.waiting_blocks) = sched.queued_work();
     }
+}
+
+/// An engine's queue as a new request would find it (see `router::load`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Load {
+    /// Prompt tokens ahead of it, not yet run.
+    pub pending_prompt_tokens: usize,
+    /// Sequences running (each takes a token of every step's budget while it decodes).
+    pub running: usize,
+    /// Blocks left once the waiting sequences are admitted.
+    pub free_blocks: usize,
+    pub block_size: usize,
+    /// Tokens one step may run.
+    pub max_batch_tokens: usize,
+    /// Measured step time as (fixed, per token) nanoseconds; None before any step has run.
+    pub step_cost: Option<(f64, f64)>,
 }
 
 /// Everything a client needs to build prompts and read replies, plus the way in.
@@ -174,6 +253,7 @@ pub struct EngineHandle {
     stats: Arc<Mutex<EngineStats>>,
     block_size: usize,
     max_waiting: usize,
+    max_batch_tokens: usize,
     default_max_tokens: usize,
     /// The metering cost model's work for one decoded token (the router orders models by it).
     pub cost_per_token: u128,
@@ -306,6 +386,21 @@ impl EngineHandle {
         self.stats().total_blocks
     }
 
+    /// The queue a new request would join, for the router's load policy.
+    pub fn load(&self) -> Load {
+        // Read under the lock, not through `stats()`: a clone would copy the per-tenant map on
+        // every routed request.
+        let s = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        Load {
+            pending_prompt_tokens: s.pending_prompt_tokens,
+            running: s.running,
+            free_blocks: s.free_blocks.saturating_sub(s.waiting_blocks),
+            block_size: self.block_size,
+            max_batch_tokens: self.max_batch_tokens,
+            step_cost: s.step_cost.fit(),
+        }
+    }
+
     /// Whether no request is queued or running.
     pub fn is_idle(&self) -> bool {
         let s = self.stats();
@@ -381,6 +476,7 @@ impl Engine {
             stats: stats.clone(),
             block_size: cfg.block_size,
             max_waiting: cfg.scheduler.max_waiting,
+            max_batch_tokens: cfg.scheduler.max_batch_tokens,
             default_max_tokens: cfg.default_max_tokens,
             cost_per_token,
         };

@@ -198,6 +198,22 @@ impl Scheduler {
         self.running.is_empty() && self.waiting.is_empty()
     }
 
+    /// The prompt work queued ahead of a new request: prompt tokens not yet run (waiting sequences'
+    /// whole prompts, running ones' unfinished prefill), and the blocks the waiting ones need to be
+    /// admitted (before prefix-cache hits, which are not known until admission).
+    pub fn queued_work(&self) -> (usize, usize) {
+        let bs = self.pool.block_size();
+        let prefill = |s: &Sequence| s.prompt_len.saturating_sub(s.num_computed);
+        let waiting_tokens: usize = self.waiting.iter().map(|s| s.num_pending()).sum();
+        let running_tokens: usize = self.running.iter().map(prefill).sum();
+        let blocks = self
+            .waiting
+            .iter()
+            .map(|s| s.tokens.len().div_ceil(bs))
+            .sum();
+        (waiting_tokens + running_tokens, blocks)
+    }
+
     /// Events not yet handed out (from a `schedule` whose plan turned out empty).
     pub fn take_pending(&mut self) -> StepOutputs {
         StepOutputs {

@@ -2,12 +2,14 @@
 //! it. The cascade policy runs the cheapest model first, reads how sure it was of its first tokens
 //! (`signals`), and keeps its answer or escalates to the next model, which answers from the start.
 //! Decisions are data (`Decision`): they travel with the response, the metrics and the ledger.
+pub mod load;
 pub mod signals;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::error::{HearthError, Result};
+pub use load::LoadEstimate;
 pub use signals::{Probe, Signals, Thresholds};
 
 /// The group that exists without any `[[routes]]` in the config.
@@ -38,6 +40,24 @@ pub struct RouteConfig {
     /// Checked in order before the cascade: the first rule a request matches picks its model.
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
+    /// The load policy's target: a model whose queue would delay the first token past this many
+    /// milliseconds is skipped (unset: no load check; `policy = "load"` needs it, `"rules"`
+    /// ignores it).
+    pub ttft_target_ms: Option<u64>,
+}
+
+impl Default for RouteConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            models: Vec::new(),
+            policy: Policy::default(),
+            probe_tokens: DEFAULT_PROBE_TOKENS,
+            escalate_below: Thresholds::default(),
+            rules: Vec::new(),
+            ttft_target_ms: None,
+        }
+    }
 }
 
 /// A request matches when every condition given holds.
@@ -85,10 +105,17 @@ impl Rule {
     }
 }
 
+/// How far down the chain rules -> load -> cascade a group goes; each policy includes the ones
+/// before it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Policy {
-    /// Cheapest model first; escalate on doubt.
+    /// Rules, then the group's first model.
+    Rules,
+    /// Rules, then the cheapest model whose queue meets the TTFT target.
+    Load,
+    /// Rules, the load check (when a target is set), then cheapest model first, escalating on
+    /// doubt.
     #[default]
     Cascade,
 }
@@ -103,6 +130,7 @@ pub struct Group {
     pub probe_tokens: usize,
     pub thresholds: Thresholds,
     pub rules: Vec<Rule>,
+    pub ttft_target: Option<std::time::Duration>,
 }
 
 impl Group {
@@ -152,6 +180,12 @@ impl Routes {
                     served.join(", ")
                 ));
             }
+            if r.policy == Policy::Load && r.ttft_target_ms.is_none() {
+                return bad(format!(
+                    "route `{}`: policy \"load\" needs ttft_target_ms",
+                    r.name
+                ));
+            }
             if r.probe_tokens == 0 {
                 return bad(format!(
                     "route `{}`: probe_tokens must be at least 1",
@@ -190,6 +224,7 @@ impl Routes {
                     probe_tokens: DEFAULT_PROBE_TOKENS,
                     thresholds: Thresholds::default(),
                     rules: Vec::new(),
+                    ttft_target: None,
                 }]
             }
         } else {
@@ -203,6 +238,7 @@ impl Routes {
                         probe_tokens: r.probe_tokens,
                         thresholds: r.escalate_below,
                         rules: r.rules.iter().map(Rule::new).collect::<Result<_>>()?,
+                        ttft_target: r.ttft_target_ms.map(std::time::Duration::from_millis),
                     })
                 })
                 .collect::<Result<_>>()?
@@ -234,9 +270,13 @@ pub struct Decision {
     /// Tokens the cheaper model had generated (per choice, at most) when it was set aside.
     pub escalated_at_token: Option<usize>,
     /// Why the last step went the way it did: `rule_N` (the route's rule N picked the model),
-    /// `confident`, `low_logprob`, `low_margin`, `no_tokens` (the cheaper model stopped at once),
-    /// `last_model` (nothing to escalate to) or `escalation_refused`.
+    /// `load` (the load check left one model), `first_model` (policy rules or load, nothing else
+    /// to decide), `confident`, `low_logprob`, `low_margin`, `no_tokens` (the cheaper model stopped
+    /// at once), `last_model` (nothing to escalate to) or `escalation_refused`.
     pub reason: String,
+    /// The load check's estimate for each model it weighed (empty when the group has no TTFT
+    /// target or a rule picked the model).
+    pub load: Vec<LoadEstimate>,
     /// The cheaper model's signals at the last decision (none when no decision was needed).
     #[schema(value_type = Option<Object>)]
     pub signals: Option<Signals>,
@@ -263,10 +303,8 @@ mod tests {
         RouteConfig {
             name: name.into(),
             models: models.iter().map(|m| m.to_string()).collect(),
-            policy: Policy::Cascade,
             probe_tokens: 4,
-            escalate_below: Thresholds::default(),
-            rules: Vec::new(),
+            ..Default::default()
         }
     }
 
@@ -287,6 +325,10 @@ mod tests {
             vec![route("small", &["small"])],
             vec![route("fast", &[])],
             vec![route("fast", &["small"]), route("fast", &["large"])],
+            vec![RouteConfig {
+                policy: Policy::Load,
+                ..route("fast", &["small", "large"])
+            }],
             vec![RouteConfig {
                 rules: vec![RuleConfig {
                     model: "huge".into(),

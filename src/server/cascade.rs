@@ -12,7 +12,7 @@ use futures_util::stream::{self, BoxStream, StreamExt};
 use super::error::ApiError;
 use super::generate::{start, ChoiceEvent, Spec, Update};
 use crate::engine::{DeviceTime, EngineHandle, StopHandle};
-use crate::router::{Decision, Group, Probe, Signals};
+use crate::router::{Decision, Group, LoadEstimate, Probe, Signals};
 use crate::telemetry::names;
 
 /// The models a routed request may escalate to, each with the prompts in its own tokens.
@@ -20,8 +20,11 @@ use crate::telemetry::names;
 pub struct RoutePlan {
     pub group: Group,
     pub next: Vec<(EngineHandle, Vec<Vec<u32>>)>,
-    /// The group's rule that picked the model (then there is nothing to escalate to).
-    pub rule: Option<usize>,
+    /// Why the model was picked before any generation, when nothing is left to decide (a rule,
+    /// the load check, or a policy without the cascade).
+    pub picked: Option<String>,
+    /// The load check's estimates.
+    pub load: Vec<LoadEstimate>,
 }
 
 /// The stop handles of whatever attempt is running now; once stopped (the client left), no new
@@ -73,6 +76,7 @@ struct Cascade {
     /// Per choice: device time of the attempts set aside (charged to the answer: it was spent).
     carried: Vec<DeviceTime>,
     escalated_at: Option<usize>,
+    load: Vec<LoadEstimate>,
     out: VecDeque<Update>,
 }
 
@@ -85,7 +89,7 @@ pub(super) fn run(
     prompts: &[Vec<u32>],
 ) -> Result<(BoxStream<'static, Update>, StopSet), ApiError> {
     let deciding = !plan.next.is_empty();
-    let rule = plan.rule;
+    let picked = plan.picked;
     let probe = if deciding { plan.group.probe_tokens } else { 0 };
     let (current, stops) = start(&spec, engine, prompts, probe)?;
     let choices = prompts.len() * spec.n();
@@ -103,14 +107,12 @@ pub(super) fn run(
         finished: vec![false; choices],
         carried: vec![DeviceTime::default(); choices],
         escalated_at: None,
+        load: plan.load,
         out: VecDeque::new(),
         group: plan.group,
     };
     if !deciding {
-        match rule {
-            Some(i) => c.decided(&format!("rule_{i}"), None),
-            None => c.decided("last_model", None),
-        }
+        c.decided(picked.as_deref().unwrap_or("last_model"), None);
     }
     let updates = stream::unfold(c, |mut c| async move { c.next().await.map(|u| (u, c)) });
     Ok((updates.boxed(), stops))
@@ -248,6 +250,7 @@ impl Cascade {
             reason: reason.into(),
             signals,
             thresholds: self.group.thresholds,
+            load: self.load.clone(),
         };
         metrics::counter!(
             names::ROUTER_DECISIONS,

@@ -24,6 +24,7 @@ use super::validate::{self, Input, Validated};
 use super::AppState;
 use crate::engine::EngineHandle;
 use crate::ledger::{GroupBy, UsageQuery};
+use crate::router::Policy;
 use crate::telemetry::names;
 use crate::tenancy::{Caller, Tenant};
 
@@ -103,10 +104,38 @@ async fn routed(
             let at = tokenized.iter().position(|(e, _)| e.name == model)?;
             Some((i, at))
         });
-    let (rule, tokenized) = match rule {
-        Some((i, at)) => (Some(i), vec![tokenized.swap_remove(at)]),
+    let (mut picked, mut tokenized) = match rule {
+        Some((i, at)) => (Some(format!("rule_{i}")), vec![tokenized.swap_remove(at)]),
         None => (None, tokenized),
     };
+    let mut load = Vec::new();
+    if picked.is_none() {
+        let target = group.ttft_target.filter(|_| group.policy != Policy::Rules);
+        if let Some(target) = target {
+            load = tokenized
+                .iter()
+                .map(|(e, p)| {
+                    let tokens = p.iter().map(Vec::len).sum();
+                    crate::router::load::estimate(&e.name, &e.load(), tokens, target)
+                })
+                .collect();
+            let keep = crate::router::load::keep(&load);
+            if keep.len() < tokenized.len() {
+                tokenized = tokenized
+                    .into_iter()
+                    .enumerate()
+                    .filter_map(|(i, t)| keep.contains(&i).then_some(t))
+                    .collect();
+                if tokenized.len() == 1 {
+                    picked = Some("load".into());
+                }
+            }
+        }
+        if group.policy != Policy::Cascade && tokenized.len() > 1 {
+            tokenized.truncate(1);
+            picked = Some("first_model".into());
+        }
+    }
     let mut it = tokenized.into_iter();
     let Some((engine, prompts)) = it.next() else {
         return Err(ApiError::model_not_found(&req.model));
@@ -114,7 +143,8 @@ async fn routed(
     let plan = super::cascade::RoutePlan {
         group,
         next: it.collect(),
-        rule,
+        picked,
+        load,
     };
     Ok((engine, prompts, Some(plan)))
 }
