@@ -338,3 +338,88 @@ fn the_load_policy_skips_a_model_whose_queue_breaks_the_ttft_target() {
     assert_eq!(v["model"], "busy-small", "{v}");
     assert_eq!(v["metrics"]["route"]["load"][0]["fits"], true);
 }
+
+#[test]
+fn a_response_not_streamed_may_escalate_at_a_later_window_and_a_stream_never_does() {
+    let prompt = "The capital of France is";
+    let ask = |model: &str, logprobs: bool| {
+        let mut b = json!({"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": true});
+        if logprobs {
+            b["logprobs"] = json!(1);
+        }
+        b
+    };
+    // The small model's own token log-probabilities, read in windows of two tokens.
+    let (small, large) = {
+        let s = TestServer::start(hearth::config::Config {
+            models: common::both_models("small", "large"),
+            ..Default::default()
+        });
+        (
+            complete(&s.base, &ask("small", true)).0,
+            complete(&s.base, &ask("large", false)).0,
+        )
+    };
+    let lp: Vec<f32> = small["choices"][0]["logprobs"]["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let window_min = |w: usize| {
+        lp[2 * w..2 * w + 2]
+            .iter()
+            .copied()
+            .fold(f32::MAX, f32::min)
+    };
+    // Just under the first window's least sure token: the first window passes, and the first
+    // later window holding a less sure token escalates.
+    let threshold = window_min(0) - 1e-3;
+    let late = (1..4)
+        .find(|&w| window_min(w) < threshold)
+        .expect("the prompt's answer has a less sure token after its first two");
+
+    let s = TestServer::start(hearth::config::Config {
+        models: common::both_models("small", "large"),
+        routes: vec![RouteConfig {
+            probe_tokens: 2,
+            watch_tokens: 8,
+            ..route(
+                "watched",
+                ["small", "large"],
+                Thresholds {
+                    logprob_p10: threshold,
+                    margin_p25: -1e9,
+                },
+            )
+        }],
+        ..Default::default()
+    });
+    let (v, header) = complete(&s.base, &ask("watched", false));
+    let r = &v["metrics"]["route"];
+    assert_eq!(r["escalated"], true, "{r}");
+    assert_eq!(r["escalated_at_token"], 2 * (late + 1), "{r}");
+    assert_eq!(
+        text(&v),
+        text(&large),
+        "exactly the large model's own answer"
+    );
+    assert_eq!(
+        header.as_deref(),
+        Some("watched:large escalated(low_logprob)")
+    );
+
+    // Streamed, the first window's tokens go out once it is read: no later escalation.
+    let mut body = ask("watched", false);
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let cs = chunks(&s.base, &body);
+    let streamed: String = cs
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(streamed, text(&small));
+    let r = &cs.last().unwrap()["metrics"]["route"];
+    assert_eq!(r["escalated"], false, "{r}");
+    assert_eq!(r["reason"], "confident");
+}

@@ -44,6 +44,11 @@ pub struct RouteConfig {
     /// milliseconds is skipped (unset: no load check; `policy = "load"` needs it, `"rules"`
     /// ignores it).
     pub ttft_target_ms: Option<u64>,
+    /// For responses not streamed (nothing reaches the client before the end): keep reading the
+    /// cheaper model's doubt, window by window of `probe_tokens`, through this many tokens, and
+    /// escalate at the first doubtful window (0: decide once, after the first window).
+    #[serde(default)]
+    pub watch_tokens: usize,
 }
 
 impl Default for RouteConfig {
@@ -56,6 +61,7 @@ impl Default for RouteConfig {
             escalate_below: Thresholds::default(),
             rules: Vec::new(),
             ttft_target_ms: None,
+            watch_tokens: 0,
         }
     }
 }
@@ -131,6 +137,7 @@ pub struct Group {
     pub thresholds: Thresholds,
     pub rules: Vec<Rule>,
     pub ttft_target: Option<std::time::Duration>,
+    pub watch_tokens: usize,
 }
 
 impl Group {
@@ -225,6 +232,7 @@ impl Routes {
                     thresholds: Thresholds::default(),
                     rules: Vec::new(),
                     ttft_target: None,
+                    watch_tokens: 0,
                 }]
             }
         } else {
@@ -239,6 +247,7 @@ impl Routes {
                         thresholds: r.escalate_below,
                         rules: r.rules.iter().map(Rule::new).collect::<Result<_>>()?,
                         ttft_target: r.ttft_target_ms.map(std::time::Duration::from_millis),
+                        watch_tokens: r.watch_tokens,
                     })
                 })
                 .collect::<Result<_>>()?
@@ -267,7 +276,8 @@ pub struct Decision {
     /// Every model that generated for the request, in order (the last answered).
     pub tried: Vec<String>,
     pub escalated: bool,
-    /// Tokens the cheaper model had generated (per choice, at most) when it was set aside.
+    /// Tokens the cheaper model had generated (per choice, at most) when it was set aside: past
+    /// the first window only for a response not streamed, on a route with `watch_tokens`.
     pub escalated_at_token: Option<usize>,
     /// Why the last step went the way it did: `rule_N` (the route's rule N picked the model),
     /// `load` (the load check left one model), `first_model` (policy rules or load, nothing else
@@ -277,7 +287,7 @@ pub struct Decision {
     /// The load check's estimate for each model it weighed (empty when the group has no TTFT
     /// target or a rule picked the model).
     pub load: Vec<LoadEstimate>,
-    /// The cheaper model's signals at the last decision (none when no decision was needed).
+    /// The cheaper model's signals over the last window read (none when no decision was needed).
     #[schema(value_type = Option<Object>)]
     pub signals: Option<Signals>,
     #[schema(value_type = Object)]

@@ -25,6 +25,9 @@ pub struct RoutePlan {
     pub picked: Option<String>,
     /// The load check's estimates.
     pub load: Vec<LoadEstimate>,
+    /// Tokens per choice through which doubt is read window by window (the group's
+    /// `watch_tokens` for a response not streamed; 0 for a stream, whose first window is sent).
+    pub watch: usize,
 }
 
 /// The stop handles of whatever attempt is running now; once stopped (the client left), no new
@@ -77,6 +80,9 @@ struct Cascade {
     carried: Vec<DeviceTime>,
     escalated_at: Option<usize>,
     load: Vec<LoadEstimate>,
+    watch: usize,
+    /// Tokens per choice of the current attempt whose windows were read and found confident.
+    checked: usize,
     out: VecDeque<Update>,
 }
 
@@ -90,7 +96,11 @@ pub(super) fn run(
 ) -> Result<(BoxStream<'static, Update>, StopSet), ApiError> {
     let deciding = !plan.next.is_empty();
     let picked = plan.picked;
-    let probe = if deciding { plan.group.probe_tokens } else { 0 };
+    let probe = if deciding {
+        plan.group.probe_tokens.max(plan.watch)
+    } else {
+        0
+    };
     let (current, stops) = start(&spec, engine, prompts, probe)?;
     let choices = prompts.len() * spec.n();
     let stops = StopSet::new(stops);
@@ -108,6 +118,8 @@ pub(super) fn run(
         carried: vec![DeviceTime::default(); choices],
         escalated_at: None,
         load: plan.load,
+        watch: plan.watch,
+        checked: 0,
         out: VecDeque::new(),
         group: plan.group,
     };
@@ -144,15 +156,16 @@ impl Cascade {
                 _ => {}
             }
             held.push(u);
-            let ready = (0..self.choices)
-                .all(|i| self.finished[i] || self.probed[i] >= self.group.probe_tokens);
+            let window_end = self.checked + self.group.probe_tokens;
+            let ready = (0..self.choices).all(|i| self.finished[i] || self.probed[i] >= window_end);
             if ready {
                 self.decide().await;
             }
         }
     }
 
-    /// Every choice has its probe tokens (or finished): keep this model or escalate.
+    /// Every choice has its window of probe tokens (or finished): keep this model, read on (while
+    /// watching), or escalate.
     async fn decide(&mut self) {
         let t0 = thread_cpu_secs();
         let group = self.group.name.clone();
@@ -163,9 +176,19 @@ impl Cascade {
         let signals = Signals::of(&self.probes);
         let doubt = match &signals {
             Some(s) => s.doubt(&self.group.thresholds),
+            // Nothing new since a confident window: every choice ended on its boundary.
+            None if self.checked > 0 => None,
             None => Some("no_tokens"),
         };
         let Some(reason) = doubt else {
+            self.checked += self.group.probe_tokens;
+            let all_done = self.finished.iter().all(|f| *f);
+            if self.checked < self.watch && !all_done {
+                // Nothing has reached the client: read the next window before releasing any.
+                self.probes.clear();
+                overhead(thread_cpu_secs());
+                return;
+            }
             self.decided("confident", signals);
             overhead(thread_cpu_secs());
             return;
@@ -182,7 +205,7 @@ impl Cascade {
         let probe = if self.rest.is_empty() {
             0
         } else {
-            self.group.probe_tokens
+            self.group.probe_tokens.max(self.watch)
         };
         // The next model starts before this one stops, so a refusal (its queue is full) leaves the
         // cheaper answer standing.
@@ -221,6 +244,7 @@ impl Cascade {
         }
         self.tried.push(engine.name.clone());
         self.probes.clear();
+        self.checked = 0;
         self.probed.iter_mut().for_each(|p| *p = 0);
         self.finished.iter_mut().for_each(|f| *f = false);
         if self.rest.is_empty() {

@@ -140,11 +140,13 @@ async fn routed(
     let Some((engine, prompts)) = it.next() else {
         return Err(ApiError::model_not_found(&req.model));
     };
+    let watch = if req.stream { 0 } else { group.watch_tokens };
     let plan = super::cascade::RoutePlan {
         group,
         next: it.collect(),
         picked,
         load,
+        watch,
     };
     Ok((engine, prompts, Some(plan)))
 }
