@@ -81,8 +81,19 @@ async fn routed(
 > {
     let mut candidates = Vec::new();
     let mut refusal = None;
-    for name in &group.models {
-        let engine = engine(state, name)?;
+    let engines = group
+        .models
+        .iter()
+        .map(|name| engine(state, name))
+        .collect::<Result<Vec<_>, _>>()?;
+    // A chat request goes only to models that came with a chat template, when the group has any:
+    // one without is a base model, which continues a chat transcript instead of answering it.
+    let chat_only =
+        matches!(req.input, Input::Chat(_)) && engines.iter().any(|e| e.chat_template.is_native());
+    for engine in engines {
+        if chat_only && !engine.chat_template.is_native() {
+            continue;
+        }
         match checked(req, &engine) {
             Ok(()) => candidates.push(engine),
             Err(e) => refusal = refusal.or(Some(e)),

@@ -43,6 +43,9 @@ pub struct ChatTemplate {
     source: String,
     bos_token: String,
     eos_token: String,
+    /// Whether the template came with the model (a file without one is usually a base model,
+    /// not tuned to follow chat turns).
+    native: bool,
 }
 
 fn raise_exception(msg: String) -> std::result::Result<String, JinjaError> {
@@ -52,6 +55,7 @@ fn raise_exception(msg: String) -> std::result::Result<String, JinjaError> {
 impl ChatTemplate {
     /// `template` from the model file if any; otherwise a fallback chosen by architecture.
     pub fn new(template: Option<String>, arch: &str, bos_token: &str, eos_token: &str) -> Self {
+        let native = template.is_some();
         let source = template.unwrap_or_else(|| {
             if arch.starts_with("gemma") {
                 GEMMA_TEMPLATE.to_string()
@@ -63,7 +67,13 @@ impl ChatTemplate {
             source,
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
+            native,
         }
+    }
+
+    /// Whether the model file carried its own template (else a fallback by architecture is used).
+    pub fn is_native(&self) -> bool {
+        self.native
     }
 
     /// The prompt text for `messages` with every message's content between `CONTENT_OPEN` and
