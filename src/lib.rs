@@ -4,6 +4,7 @@ pub mod config;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod grammar;
 pub mod ledger;
 pub mod loader;
 pub mod logits;

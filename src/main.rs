@@ -325,6 +325,7 @@ fn main() -> Result<()> {
             let rx = engine.submit(Request {
                 tenant: None,
                 weight: 1,
+                constraint: None,
                 prompt: ids,
                 params,
             })?;

@@ -83,6 +83,7 @@ fn bad_prompts_are_refused_at_submission() {
     let req = |prompt: Vec<u32>, max_tokens: Option<usize>| Request {
         tenant: None,
         weight: 1,
+        constraint: None,
         prompt,
         params: SamplingParams {
             max_tokens,
@@ -111,6 +112,7 @@ fn bad_prompts_are_refused_at_submission() {
         .submit(Request {
             tenant: None,
             weight: 1,
+            constraint: None,
             prompt: vec![1, 2, 3],
             params: SamplingParams {
                 temperature: f32::NAN,

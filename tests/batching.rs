@@ -127,6 +127,7 @@ proptest! {
             let rx = e.submit(Request {
                 tenant: None,
                 weight: 1,
+                constraint: None,
                 prompt: prompt(&e, i as u64, a.prompt_len),
                 params: SamplingParams { max_tokens: Some(a.max_tokens), ignore_eos: true, ..SamplingParams::greedy() },
             }).unwrap();

@@ -14,6 +14,7 @@ fn request(tenant: &str, prompt: Vec<u32>) -> Request {
         },
         tenant: Some(tenant.into()),
         weight: 1,
+        constraint: None,
     }
 }
 

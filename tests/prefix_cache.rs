@@ -39,6 +39,7 @@ fn run(e: &EngineHandle, prompt: &[u32], tenant: Option<&str>, n: usize) -> (Vec
             },
             tenant: tenant.map(String::from),
             weight: 1,
+            constraint: None,
         })
         .unwrap();
     let computed = e.stats().prefill_tokens - before;

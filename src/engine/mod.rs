@@ -88,6 +88,8 @@ pub struct Request {
     pub tenant: Option<String>,
     /// The tenant's share of the engine under contention, relative to other tenants' (>= 1).
     pub weight: u32,
+    /// The grammar the output must follow (compiled for this engine's vocabulary at submission).
+    pub constraint: Option<crate::grammar::Constraint>,
 }
 
 impl Request {
@@ -97,6 +99,7 @@ impl Request {
             params,
             tenant: None,
             weight: 1,
+            constraint: None,
         }
     }
 }
@@ -257,6 +260,9 @@ pub struct EngineHandle {
     default_max_tokens: usize,
     /// The metering cost model's work for one decoded token (the router orders models by it).
     pub cost_per_token: u128,
+    /// Compiles output constraints for this model's vocabulary; built on the first constrained
+    /// request.
+    grammars: Arc<std::sync::OnceLock<std::result::Result<crate::grammar::Compiler, String>>>,
 }
 
 impl EngineHandle {
@@ -330,6 +336,10 @@ impl EngineHandle {
         if waiting >= self.max_waiting {
             return Err(HearthError::QueueFull(waiting));
         }
+        let mut sampler = sampler::Sampler::new(req.params);
+        if let Some(c) = &req.constraint {
+            sampler = sampler.with_guide(self.grammar_compiler()?.guide(c)?);
+        }
         let (reply, rx) = flume::unbounded();
         let seq = Sequence {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
@@ -337,7 +347,7 @@ impl EngineHandle {
             tokens: req.prompt,
             num_computed: 0,
             alloc: block_pool::Allocation::new(salt),
-            sampler: sampler::Sampler::new(req.params),
+            sampler,
             max_tokens,
             eos_ids: self.tokenizer.eos_ids.clone(),
             reply,
@@ -384,6 +394,15 @@ impl EngineHandle {
 
     pub fn total_blocks(&self) -> usize {
         self.stats().total_blocks
+    }
+
+    fn grammar_compiler(&self) -> Result<&crate::grammar::Compiler> {
+        self.grammars
+            .get_or_init(|| {
+                crate::grammar::Compiler::new(self.tokenizer.clone()).map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| HearthError::Internal(e.clone()))
     }
 
     /// The queue a new request would join, for the router's load policy.
@@ -479,6 +498,7 @@ impl Engine {
             max_batch_tokens: cfg.scheduler.max_batch_tokens,
             default_max_tokens: cfg.default_max_tokens,
             cost_per_token,
+            grammars: Arc::default(),
         };
         tracing::info!(
             model = %model.name,

@@ -127,6 +127,8 @@ pub struct Sampler {
     counts: HashMap<u32, u32>,
     /// Tokens sampled so far.
     generated: usize,
+    /// The output grammar's state, for a constrained request.
+    guide: Option<crate::grammar::Guide>,
 }
 
 fn log_softmax_at(logits: &[f32], max: f32, lse: f32, i: usize) -> f32 {
@@ -144,7 +146,19 @@ impl Sampler {
             rng,
             counts: HashMap::new(),
             generated: 0,
+            guide: None,
         }
+    }
+
+    /// Constrain the output to a grammar.
+    pub fn with_guide(mut self, guide: crate::grammar::Guide) -> Self {
+        self.guide = Some(guide);
+        self
+    }
+
+    /// Whether the output grammar is complete: nothing more may follow.
+    pub fn grammar_finished(&self) -> bool {
+        self.guide.as_ref().is_some_and(|g| g.is_finished())
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -156,13 +170,14 @@ impl Sampler {
     /// numbers per sequence instead of a vocabulary-sized row).
     pub fn needs_full_logits(&self) -> bool {
         let p = &self.params;
-        !(p.is_greedy()
-            && self.generated >= p.probe_tokens
-            && p.repetition_penalty == 1.0
-            && p.presence_penalty == 0.0
-            && p.frequency_penalty == 0.0
-            && p.logit_bias.is_empty()
-            && p.logprobs.is_none_or(|n| n == 0))
+        self.guide.is_some()
+            || !(p.is_greedy()
+                && self.generated >= p.probe_tokens
+                && p.repetition_penalty == 1.0
+                && p.presence_penalty == 0.0
+                && p.frequency_penalty == 0.0
+                && p.logit_bias.is_empty()
+                && p.logprobs.is_none_or(|n| n == 0))
     }
 
     /// Take the token the device picked by argmax, with its log-probability (see `needs_full_logits`).
@@ -214,6 +229,10 @@ impl Sampler {
                 *l += b;
             }
         }
+        if let Some(g) = self.guide.as_mut() {
+            g.mask(&mut work);
+        }
+        let p = &self.params;
 
         let greedy = p.is_greedy();
         let top_n_wanted = p.logprobs;
@@ -223,6 +242,9 @@ impl Sampler {
             self.draw(&work)
         };
         *self.counts.entry(token).or_insert(0) += 1;
+        if let Some(g) = self.guide.as_mut() {
+            g.commit(token);
+        }
         let margin =
             (self.generated < self.params.probe_tokens).then(|| match top_n(logits, 2)[..] {
                 [a, b] => logits[a] - logits[b],

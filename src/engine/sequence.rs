@@ -134,6 +134,9 @@ impl Sequence {
         if self.num_generated() == 0 {
             return None;
         }
+        if self.sampler.grammar_finished() {
+            return Some(FinishReason::Stop);
+        }
         let last = self.tokens[self.tokens.len() - 1];
         let params = self.sampler.params();
         if (!params.ignore_eos && self.eos_ids.contains(&last))

@@ -88,6 +88,7 @@ pub(super) struct Spec {
     tenant: Arc<crate::tenancy::Tenant>,
     limiter: Arc<crate::tenancy::limits::TenantLimiter>,
     started: Instant,
+    constraint: Option<crate::grammar::Constraint>,
 }
 
 impl Spec {
@@ -100,6 +101,7 @@ impl Spec {
             tenant: job.tenant.clone(),
             limiter: job.admission.limiter(),
             started: job.started,
+            constraint: job.req.constraint.clone(),
         }
     }
 
@@ -172,6 +174,7 @@ fn submit_all(
                 params,
                 tenant: Some(spec.tenant.name.to_string()),
                 weight: spec.tenant.weight,
+                constraint: spec.constraint.clone(),
             })?;
             out.push((pi * n + j, prompt.len(), sub));
         }

@@ -89,7 +89,9 @@ pub struct Sampling {
     pub user: Option<String>,
     /// Token id (as a string) -> bias in [-100, 100] added to its logit before sampling.
     pub logit_bias: Option<HashMap<String, f32>>,
-    /// Only `{"type": "text"}` until structured output is supported.
+    /// `{"type": "text" | "json_object"}`, `{"type": "json_schema", "json_schema": {"name",
+    /// "schema", "strict"}}`, or the extensions `{"type": "regex", "regex": "..."}` and
+    /// `{"type": "grammar", "grammar": "<Lark>"}`.
     #[schema(value_type = Option<Object>)]
     pub response_format: Option<serde_json::Value>,
     /// Refused until tool calls are supported.

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use super::error::ApiError;
 use super::openai::{ChatRequest, CompletionRequest, Content, MessageIn, Sampling};
 use crate::engine::{EngineHandle, SamplingParams};
+use crate::error::HearthError;
+use crate::grammar::Constraint;
 use crate::model::ChatMessage;
 
 /// What one request may ask for.
@@ -71,6 +73,8 @@ pub struct Validated {
     pub want_logprobs: bool,
     /// The end-user label from the request (never the tenant).
     pub user: Option<String>,
+    /// The grammar the output must follow (`response_format`).
+    pub constraint: Option<Constraint>,
 }
 
 /// What route rules' patterns read: the last user message of a chat, or the first prompt.
@@ -159,16 +163,56 @@ fn content(m: &MessageIn) -> Result<String, ApiError> {
     })
 }
 
-/// Refuse the fields that would change the result and that Hearth cannot honour yet.
-fn refuse_unsupported(s: &Sampling) -> Result<(), ApiError> {
-    if let Some(rf) = &s.response_format {
-        if rf.get("type").and_then(|t| t.as_str()) != Some("text") {
+/// The output constraint `response_format` asks for: OpenAI's `text`, `json_object` and
+/// `json_schema`, and as extensions (as vLLM and llama.cpp offer) `regex` and `grammar` (Lark, or
+/// GBNF-style rules). The grammar is compiled here once, so a bad one is a 400 before any
+/// tokenization.
+fn response_format(s: &Sampling) -> Result<Option<Constraint>, ApiError> {
+    let Some(rf) = &s.response_format else {
+        return Ok(None);
+    };
+    let field = Some("response_format");
+    let bad = |m: String| ApiError::invalid(m, field);
+    let text = |key: &str| {
+        rf.get(key).and_then(|v| v.as_str()).ok_or_else(|| {
+            bad(format!(
+                "response_format of type `{key}` needs a string field `{key}`"
+            ))
+        })
+    };
+    let constraint = match rf.get("type").and_then(|t| t.as_str()) {
+        Some("text") => return Ok(None),
+        Some("json_object") => Constraint::json_object(),
+        Some("json_schema") => {
+            let spec = rf.get("json_schema").ok_or_else(|| {
+                bad("response_format of type `json_schema` needs `json_schema`".into())
+            })?;
+            match spec.get("schema") {
+                Some(schema) => Constraint::json_schema(schema.clone()),
+                None => Constraint::json_object(),
+            }
+        }
+        Some("regex") => Constraint::regex(text("regex")?),
+        Some("grammar") => Constraint::lark(text("grammar")?),
+        Some(other) => {
             return Err(ApiError::unsupported(
                 "response_format",
-                "response_format other than {\"type\": \"text\"} is not supported yet",
-            ));
+                format!(
+                    "response_format type `{other}` is not supported (text, json_object, \
+                     json_schema, regex, grammar)"
+                ),
+            ))
         }
-    }
+        None => return Err(bad("response_format needs a `type`".into())),
+    };
+    constraint.map(Some).map_err(|e| match e {
+        HearthError::InvalidRequest(m) => bad(format!("response_format: {m}")),
+        other => ApiError::from(other),
+    })
+}
+
+/// Refuse the fields that would change the result and that Hearth cannot honour yet.
+fn refuse_unsupported(s: &Sampling) -> Result<(), ApiError> {
     if s.tools
         .as_ref()
         .is_some_and(|t| !t.as_array().is_some_and(|a| a.is_empty()))
@@ -292,6 +336,7 @@ fn sampling(
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
         want_logprobs: logprobs.is_some(),
+        constraint: response_format(&s)?,
         user: s.user,
     };
     let work = v.num_prompts() * n * max_tokens.unwrap_or(limits.default_max_tokens);

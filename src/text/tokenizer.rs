@@ -295,6 +295,12 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Token ids of a piece of text that continues an output (no BOS).
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode_fast(text, false).map_err(tok_err)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     /// The next piece of text after `id` in a stream of generated tokens (None while a character is
     /// incomplete): decodes only a short window of recent ids, so a whole output costs linear time.
     pub fn decode_step(&self, id: u32, st: &mut DecodeState) -> Result<Option<String>> {
@@ -321,6 +327,17 @@ impl Tokenizer {
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+
+    /// Every token's bytes, by id (special tokens marked with a 0xFF first byte, as llguidance
+    /// expects), read from the tokenizer's own description so byte-level and byte-fallback
+    /// vocabularies both come out as the bytes the model emits.
+    pub fn token_bytes(&self) -> Result<Vec<Vec<u8>>> {
+        let json = self.inner.to_string(false).map_err(tok_err)?;
+        let value: serde_json::Value = serde_json::from_str(&json).map_err(tok_err)?;
+        let mut words = llguidance::token_bytes_from_tokenizer_json(&value).map_err(tok_err)?;
+        words.resize(words.len().max(self.vocab_size), Vec::new());
+        Ok(words)
     }
 
     pub fn vocab_size(&self) -> usize {

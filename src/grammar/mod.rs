@@ -1,0 +1,238 @@
+//! Constrained decoding: a request's output format (a JSON schema, any JSON object, a regular
+//! expression or a Lark grammar) becomes a grammar that llguidance turns into a token mask at every
+//! step. The grammar is checked once when the request is validated (against a byte-level
+//! vocabulary, before any tokenization); each model that runs the request compiles it again for
+//! its own vocabulary, and each sequence keeps a matcher that follows its tokens.
+use std::sync::Arc;
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{self, ApproximateTokEnv, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
+use llguidance::{Matcher, ParserFactory};
+use serde_json::{json, Value};
+
+use crate::error::{HearthError, Result};
+use crate::text::Tokenizer;
+
+/// A request's output constraint, checked and ready to compile for any model.
+#[derive(Debug, Clone)]
+pub struct Constraint {
+    grammar: Arc<TopLevelGrammar>,
+    /// What the client asked for, for logs and errors (`json_schema`, `regex`, ...).
+    pub kind: &'static str,
+}
+
+impl PartialEq for Constraint {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.grammar, &other.grammar)
+    }
+}
+
+/// JSON is generated compact (`{"a": 1, "b": [2, 3]}`): a small model let free with whitespace can
+/// spend its tokens on newlines and indentation, or never leave them.
+fn compact(mut schema: Value) -> Value {
+    if let Some(obj) = schema.as_object_mut() {
+        obj.entry("x-guidance").or_insert_with(
+            || json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
+        );
+    }
+    schema
+}
+
+impl Constraint {
+    /// Any JSON object (`response_format: {"type": "json_object"}`).
+    pub fn json_object() -> Result<Self> {
+        Self::json_schema(json!({"type": "object"}))
+    }
+
+    /// Output that validates against `schema`. An invalid schema, or one using a keyword the
+    /// grammar compiler does not implement, is refused with the compiler's words (which name it).
+    pub fn json_schema(schema: Value) -> Result<Self> {
+        if !(schema.is_object() || schema.is_boolean()) {
+            return Err(HearthError::InvalidRequest(
+                "the JSON schema must be an object".into(),
+            ));
+        }
+        let schema = if schema.is_object() {
+            compact(schema)
+        } else {
+            schema
+        };
+        Self::checked(TopLevelGrammar::from_json_schema(schema), "json_schema")
+    }
+
+    /// Output that matches the regular expression (whole).
+    pub fn regex(rx: &str) -> Result<Self> {
+        Self::checked(TopLevelGrammar::from_regex(rx), "regex")
+    }
+
+    /// Output in the language of a Lark grammar (llguidance's dialect, which also reads GBNF-style
+    /// rules).
+    pub fn lark(grammar: &str) -> Result<Self> {
+        Self::checked(TopLevelGrammar::from_lark(grammar.to_string()), "grammar")
+    }
+
+    /// Compile against a vocabulary of single bytes: every error the grammar can have shows here,
+    /// without any model's tokenizer.
+    fn checked(grammar: TopLevelGrammar, kind: &'static str) -> Result<Self> {
+        static BYTES: std::sync::OnceLock<Option<ParserFactory>> = std::sync::OnceLock::new();
+        let factory = BYTES
+            .get_or_init(|| {
+                let env: TokEnv = Arc::new(ApproximateTokEnv::single_byte());
+                quiet(ParserFactory::new_simple(&env).ok())
+            })
+            .as_ref()
+            .ok_or_else(|| HearthError::Internal("the grammar compiler did not start".into()))?;
+        factory.create_parser(grammar.clone()).map_err(|e| {
+            HearthError::InvalidRequest(format!("{kind}: {}", first_line(&e.to_string())))
+        })?;
+        Ok(Self {
+            grammar: Arc::new(grammar),
+            kind,
+        })
+    }
+}
+
+fn quiet(mut f: Option<ParserFactory>) -> Option<ParserFactory> {
+    if let Some(f) = f.as_mut() {
+        f.quiet();
+    }
+    f
+}
+
+/// llguidance errors can run to a dump of the grammar; the first line says what is wrong.
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s).trim()
+}
+
+/// A model's vocabulary as llguidance sees it: every token's bytes (special tokens marked, so
+/// grammar text never matches them), and the model's tokenizer for text it must tokenize.
+struct Vocabulary {
+    trie: TokTrie,
+    tokenizer: Arc<Tokenizer>,
+}
+
+impl TokenizerEnv for Vocabulary {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<toktrie::TokenId> {
+        self.tokenizer
+            .encode_continuation(&String::from_utf8_lossy(s))
+            .unwrap_or_default()
+    }
+}
+
+/// One model's grammar compiler (built on the first constrained request: the vocabulary's trie
+/// takes a moment for a 262k-token vocabulary).
+pub struct Compiler {
+    factory: ParserFactory,
+    eos_ids: Vec<u32>,
+}
+
+impl Compiler {
+    pub fn new(tokenizer: Arc<Tokenizer>) -> Result<Self> {
+        let words = tokenizer.token_bytes()?;
+        let eos = tokenizer.eos_ids.first().copied().unwrap_or(0);
+        let info = TokRxInfo::new(words.len() as u32, eos);
+        let env: TokEnv = Arc::new(Vocabulary {
+            trie: TokTrie::from(&info, &words),
+            tokenizer: tokenizer.clone(),
+        });
+        let factory = ParserFactory::new_simple(&env)
+            .map_err(|e| HearthError::Internal(format!("grammar compiler: {e}")))?;
+        Ok(Self {
+            factory: quiet(Some(factory)).expect("just built"),
+            eos_ids: tokenizer.eos_ids.clone(),
+        })
+    }
+
+    /// A sequence's guide for `constraint` in this model's tokens.
+    pub fn guide(&self, constraint: &Constraint) -> Result<Guide> {
+        let parser = self
+            .factory
+            .create_parser((*constraint.grammar).clone())
+            .map_err(|e| {
+                HearthError::InvalidRequest(format!(
+                    "{}: {}",
+                    constraint.kind,
+                    first_line(&e.to_string())
+                ))
+            })?;
+        Ok(Guide {
+            matcher: Matcher::new(Ok(parser)),
+            eos_ids: self.eos_ids.clone(),
+            finished: false,
+        })
+    }
+}
+
+/// One sequence's place in its grammar: which tokens may come next, and whether it is complete.
+pub struct Guide {
+    matcher: Matcher,
+    eos_ids: Vec<u32>,
+    finished: bool,
+}
+
+impl std::fmt::Debug for Guide {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guide")
+            .field("finished", &self.finished)
+            .finish()
+    }
+}
+
+impl Guide {
+    /// Set every token the grammar forbids next to -inf. Where the grammar may end, the model's
+    /// end-of-sequence tokens stay allowed; where it must end, only they are.
+    pub fn mask(&mut self, logits: &mut [f32]) {
+        let allowed = match self.matcher.compute_mask_or_eos() {
+            Ok(m) => m,
+            Err(e) => {
+                // A matcher fault (not the model's choice) ends the sequence where it stands.
+                tracing::warn!(error = %e, "grammar matcher failed; ending the sequence");
+                self.finished = true;
+                return;
+            }
+        };
+        let end_allowed = self.matcher.is_stopped()
+            || self.eos_ids.iter().any(|&e| allowed.is_allowed(e))
+            || allowed.is_allowed(self.matcher_eos());
+        for (i, l) in logits.iter_mut().enumerate() {
+            let id = i as u32;
+            let ok = if self.eos_ids.contains(&id) {
+                end_allowed
+            } else {
+                i < allowed.len() && allowed.is_allowed(id)
+            };
+            if !ok {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+
+    fn matcher_eos(&self) -> u32 {
+        self.eos_ids.first().copied().unwrap_or(0)
+    }
+
+    /// Follow the token the sampler picked.
+    pub fn commit(&mut self, token: u32) {
+        if self.eos_ids.contains(&token) {
+            self.finished = true;
+            return;
+        }
+        if let Err(e) = self.matcher.consume_token(token) {
+            tracing::warn!(error = %e, token, "grammar refused a sampled token; ending the sequence");
+            self.finished = true;
+            return;
+        }
+        if self.matcher.is_stopped() {
+            self.finished = true;
+        }
+    }
+
+    /// The grammar is complete (or failed): the sequence ends here.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+}

@@ -1,0 +1,240 @@
+//! Structured output with the real models over HTTP: `response_format` constrains what they write,
+//! checked by an independent JSON Schema validator (the `jsonschema` crate), a regex, or a grammar.
+mod common;
+
+use common::TestServer;
+use hearth::router::{RouteConfig, Thresholds};
+use serde_json::{json, Value};
+
+fn server() -> TestServer {
+    TestServer::start(hearth::config::Config {
+        models: common::both_models("small", "large"),
+        routes: vec![RouteConfig {
+            name: "escalate".into(),
+            models: vec!["small".into(), "large".into()],
+            probe_tokens: 2,
+            escalate_below: Thresholds {
+                logprob_p10: 1.0,
+                margin_p25: 1e9,
+            },
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+}
+
+fn post(base: &str, path: &str, body: &Value) -> (u16, Value) {
+    let (status, v, _) = common::post(base, path, &body.to_string());
+    (status, v)
+}
+
+/// The generated text of a chat or text completion.
+fn text(v: &Value) -> String {
+    let c = &v["choices"][0];
+    c["message"]["content"]
+        .as_str()
+        .or(c["text"].as_str())
+        .unwrap_or_else(|| panic!("no text in {v}"))
+        .to_string()
+}
+
+fn person_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 24},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "role": {"enum": ["engineer", "teacher", "doctor"]},
+            "skills": {"type": "array", "items": {"$ref": "#/$defs/skill"}, "maxItems": 3},
+            "email": {"type": "string", "maxLength": 30}
+        },
+        "required": ["name", "age", "role", "skills"],
+        "additionalProperties": false,
+        "$defs": {"skill": {"type": "object", "properties": {
+            "title": {"type": "string", "maxLength": 16},
+            "level": {"type": "integer", "minimum": 1, "maximum": 5}
+        }, "required": ["title", "level"], "additionalProperties": false}}
+    })
+}
+
+fn assert_valid(schema: &Value, out: &str) {
+    let value: Value =
+        serde_json::from_str(out).unwrap_or_else(|e| panic!("output is not JSON ({e}): {out:?}"));
+    let validator = jsonschema::validator_for(schema).expect("the test's schema is valid");
+    let errors: Vec<String> = validator
+        .iter_errors(&value)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(errors.is_empty(), "{out}: {errors:?}");
+}
+
+#[test]
+fn json_schema_output_validates_on_both_models_streamed_or_not() {
+    let s = server();
+    let schema = person_schema();
+    let format = json!({"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": true}});
+    let chat = json!({"model": "small", "messages": [{"role": "user", "content": "Describe a fictional engineer as JSON."}],
+        "max_tokens": 200, "temperature": 0, "response_format": format});
+    let completion = json!({"model": "large", "prompt": "A person record in JSON:\n",
+        "max_tokens": 200, "temperature": 0, "response_format": format});
+    for (path, body) in [
+        ("/v1/chat/completions", &chat),
+        ("/v1/completions", &completion),
+    ] {
+        let (st, v) = post(&s.base, path, body);
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+        let whole = text(&v);
+        assert_valid(&schema, &whole);
+
+        // Streamed: the same text, chunk by chunk.
+        let mut b = body.clone();
+        b["stream"] = json!(true);
+        let streamed: String = common::sse(&s.base, path, &b)
+            .into_iter()
+            .filter(|d| d != "[DONE]")
+            .map(|d| serde_json::from_str::<Value>(&d).unwrap())
+            .filter_map(|c| {
+                let ch = &c["choices"][0];
+                ch["delta"]["content"]
+                    .as_str()
+                    .or(ch["text"].as_str())
+                    .map(String::from)
+            })
+            .collect();
+        assert_eq!(streamed, whole, "{path}");
+    }
+
+    // json_object: any JSON object.
+    let (st, v) = post(
+        &s.base,
+        "/v1/chat/completions",
+        &json!({"model": "small", "messages": [{"role": "user", "content": "Name a colour, as JSON."}],
+            "max_tokens": 60, "temperature": 0, "response_format": {"type": "json_object"}}),
+    );
+    assert_eq!(st, 200);
+    if v["choices"][0]["finish_reason"] == "stop" {
+        assert!(
+            serde_json::from_str::<Value>(&text(&v))
+                .unwrap()
+                .is_object(),
+            "{v}"
+        );
+    } else {
+        assert!(text(&v).starts_with('{'), "{v}");
+    }
+}
+
+#[test]
+fn regex_and_grammar_constrain_the_text_and_escalation_keeps_the_constraint() {
+    let s = server();
+    let date = "[0-9]{4}-[0-9]{2}-[0-9]{2}";
+    let ask = |model: &str, format: Value| {
+        json!({"model": model, "prompt": "The Apollo 11 landing took place on", "max_tokens": 20,
+            "temperature": 0, "response_format": format})
+    };
+    let re = regex::Regex::new(&format!("^ {date}$")).unwrap();
+    let (st, v) = post(
+        &s.base,
+        "/v1/completions",
+        &ask(
+            "large",
+            json!({"type": "regex", "regex": format!(" {date}")}),
+        ),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert!(re.is_match(&text(&v)), "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+
+    let (st, v) = post(
+        &s.base,
+        "/v1/completions",
+        &json!({"model": "small", "prompt": "Is the sky blue? Answer:", "max_tokens": 10, "temperature": 0,
+            "response_format": {"type": "grammar", "grammar": "start: \" yes\" | \" no\""}}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert!([" yes", " no"].contains(&text(&v).as_str()), "{v}");
+
+    // Escalated to the large model, the constraint goes with the request: its own constrained answer.
+    let format = json!({"type": "regex", "regex": format!(" {date}")});
+    let (_, direct) = post(&s.base, "/v1/completions", &ask("large", format.clone()));
+    let (st, routed) = post(&s.base, "/v1/completions", &ask("escalate", format));
+    assert_eq!(st, 200, "{routed}");
+    assert_eq!(routed["model"], "large");
+    assert_eq!(routed["metrics"]["route"]["escalated"], true);
+    assert_eq!(text(&routed), text(&direct));
+}
+
+#[test]
+fn a_grammar_that_cannot_finish_in_max_tokens_ends_by_length_with_its_partial_text() {
+    let s = server();
+    let (st, v) = post(
+        &s.base,
+        "/v1/completions",
+        &json!({"model": "small", "prompt": "Say a:", "max_tokens": 5, "temperature": 0,
+            "response_format": {"type": "regex", "regex": "(ab){100}"}}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    let t = text(&v);
+    assert!(!t.is_empty() && "ab".repeat(100).starts_with(&t), "{t:?}");
+}
+
+#[test]
+fn bad_constraints_are_400s_naming_what_is_wrong() {
+    let s = server();
+    let ask = |format: Value| {
+        post(
+            &s.base,
+            "/v1/completions",
+            &json!({"model": "small", "prompt": "x", "max_tokens": 4, "response_format": format}),
+        )
+    };
+    for (format, says) in [
+        (
+            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "dependentSchemas": {"a": {}}}}}),
+            "dependentSchemas",
+        ),
+        (
+            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": 5}}),
+            "must be an object",
+        ),
+        (json!({"type": "regex", "regex": "([a-z"}), "regex"),
+        (
+            json!({"type": "grammar", "grammar": "start: nowhere"}),
+            "nowhere",
+        ),
+        (json!({"type": "regex"}), "`regex`"),
+        (json!({"type": "xml"}), "xml"),
+        (json!({"type": "json_schema"}), "json_schema"),
+    ] {
+        let (st, v) = ask(format.clone());
+        assert_eq!(st, 400, "{format}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(says), "{format}: {msg}");
+        assert_eq!(v["error"]["param"], "response_format", "{v}");
+    }
+}
+
+#[test]
+fn unconstrained_requests_in_a_batch_with_constrained_ones_are_token_for_token_their_own() {
+    let s = server();
+    let plain = json!({"model": "small", "prompt": "The history of the printing press", "max_tokens": 24,
+        "temperature": 0, "ignore_eos": true});
+    let (_, alone) = post(&s.base, "/v1/completions", &plain);
+    let schema = person_schema();
+    let base = s.base.clone();
+    let constrained: Vec<_> = (0..3)
+        .map(|i| {
+            let base = base.clone();
+            let body = json!({"model": "small", "prompt": format!("Person {i} as JSON:"), "max_tokens": 80,
+                "temperature": 0, "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": schema}}});
+            std::thread::spawn(move || post(&base, "/v1/completions", &body))
+        })
+        .collect();
+    let (_, together) = post(&s.base, "/v1/completions", &plain);
+    for c in constrained {
+        assert_eq!(c.join().unwrap().0, 200);
+    }
+    assert_eq!(text(&together), text(&alone));
+}
