@@ -204,3 +204,37 @@ def test_route_groups_work_through_the_client():
     streamed = "".join(c.choices[0].text or "" for c in chunks if c.choices)
     assert streamed == whole.choices[0].text
     assert chunks[-1].model_extra["metrics"]["route"]["escalated"] is True
+
+
+def test_structured_output_parses_into_a_pydantic_model(client):
+    """`chat.completions.parse` sends the model's JSON schema (strict); the answer must parse back."""
+    from typing import Literal, Optional
+
+    from pydantic import BaseModel, Field
+
+    class Skill(BaseModel):
+        title: str = Field(max_length=16)
+        level: int = Field(ge=1, le=5)
+
+    class Person(BaseModel):
+        name: str = Field(max_length=24)
+        age: int = Field(ge=0, le=120)
+        role: Literal["engineer", "teacher", "doctor"]
+        skills: list[Skill] = Field(max_length=3)
+        nickname: Optional[str] = Field(max_length=16)
+
+    r = client.chat.completions.parse(
+        model=MODEL, messages=[{"role": "user", "content": "Describe a fictional teacher."}],
+        response_format=Person, max_tokens=200, temperature=0,
+    )
+    assert r.choices[0].finish_reason == "stop"
+    person = r.choices[0].message.parsed
+    assert isinstance(person, Person)
+    assert 0 <= person.age <= 120 and len(person.skills) <= 3
+    # Streamed through the client's structured-output helper: the same object.
+    with client.chat.completions.stream(
+        model=MODEL, messages=[{"role": "user", "content": "Describe a fictional teacher."}],
+        response_format=Person, max_tokens=200, temperature=0,
+    ) as stream:
+        final = stream.get_final_completion()
+    assert final.choices[0].message.parsed == person
