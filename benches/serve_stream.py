@@ -4,7 +4,8 @@
     python3 benches/serve_stream.py --url http://127.0.0.1:8080 --model smollm2-135m-instruct \
         --concurrency 64 --max-tokens 32 --rounds 3
 
-Prints one line per round and the best and median aggregate tok/s. Standard library only (one thread
+Prints one line per round and the best and median aggregate tok/s. `--response-format '{...}'`
+constrains every request (benches/RESULTS.md, "Structured output", for the A/B). Standard library only (one thread
 per stream). Tokens are counted from the usage chunk at the end of each stream.
 """
 import argparse
@@ -16,9 +17,11 @@ import time
 import urllib.parse
 
 
-def one(url, model, prompt, max_tokens, out, i):
+def one(url, model, prompt, max_tokens, out, i, response_format=None):
     u = urllib.parse.urlsplit(url)
+    extra = {"response_format": response_format} if response_format else {}
     body = json.dumps({
+        **extra,
         "model": model,
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -46,12 +49,13 @@ def one(url, model, prompt, max_tokens, out, i):
     out[i] = (tokens, first)
 
 
-def round_(url, model, n, max_tokens, r):
+def round_(url, model, n, max_tokens, r, response_format=None):
     out = [None] * n
     threads = [
         threading.Thread(
             target=one,
-            args=(url, model, f"Story {r}-{i}: once upon a time, in a quiet town by the sea,", max_tokens, out, i),
+            args=(url, model, f"Story {r}-{i}: once upon a time, in a quiet town by the sea,", max_tokens, out, i,
+                  response_format),
         )
         for i in range(n)
     ]
@@ -73,10 +77,12 @@ def main():
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--response-format", type=json.loads, default=None,
+                    help="a response_format object (JSON) every request carries")
     a = ap.parse_args()
     rates = []
     for r in range(a.rounds):
-        rate, ttft = round_(a.url, a.model, a.concurrency, a.max_tokens, r)
+        rate, ttft = round_(a.url, a.model, a.concurrency, a.max_tokens, r, a.response_format)
         rates.append(rate)
         print(f"round {r}: {rate:.1f} tok/s aggregate, TTFT p50 {ttft * 1e3:.0f} ms", flush=True)
     print(f"best {max(rates):.1f} tok/s, median {statistics.median(rates):.1f} tok/s")

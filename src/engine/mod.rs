@@ -549,7 +549,18 @@ fn run_loop(
         let outputs = if plan.is_empty() {
             sched.take_pending()
         } else {
-            match runner.execute(&plan) {
+            let result = if sched.plan_is_constrained(&plan) {
+                // Grammar masks for this step are computed while its forward runs.
+                std::thread::scope(|scope| {
+                    let sched = &mut sched;
+                    let plan = &plan;
+                    scope.spawn(move || sched.prepare_masks(plan));
+                    runner.execute(plan)
+                })
+            } else {
+                runner.execute(&plan)
+            };
+            match result {
                 Ok(out) => sched.update(&plan, out),
                 Err(e) => {
                     tracing::error!(error = %e, "step failed");

@@ -156,6 +156,17 @@ impl Sampler {
         self
     }
 
+    /// Compute the grammar's next mask ahead of `sample` (for a constrained request).
+    pub fn prepare_mask(&mut self) {
+        if let Some(g) = self.guide.as_mut() {
+            g.prepare();
+        }
+    }
+
+    pub fn is_constrained(&self) -> bool {
+        self.guide.is_some()
+    }
+
     /// Whether the output grammar is complete: nothing more may follow.
     pub fn grammar_finished(&self) -> bool {
         self.guide.as_ref().is_some_and(|g| g.is_finished())

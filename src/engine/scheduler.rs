@@ -214,6 +214,33 @@ impl Scheduler {
         (waiting_tokens + running_tokens, blocks)
     }
 
+    /// Whether any sequence of `plan` samples under a grammar (then `prepare_masks` has work).
+    pub fn plan_is_constrained(&self, plan: &StepPlan) -> bool {
+        plan.items.iter().any(|i| {
+            i.wants_logits
+                && self
+                    .running
+                    .iter()
+                    .any(|s| s.id == i.seq_id && s.sampler.is_constrained())
+        })
+    }
+
+    /// Compute the grammar masks the plan's sampling will need, in parallel: the engine runs this
+    /// beside the step's forward, which does not touch the samplers.
+    pub fn prepare_masks(&mut self, plan: &StepPlan) {
+        use rayon::prelude::*;
+        let sampling: std::collections::HashSet<u64> = plan
+            .items
+            .iter()
+            .filter(|i| i.wants_logits)
+            .map(|i| i.seq_id)
+            .collect();
+        self.running
+            .par_iter_mut()
+            .filter(|s| s.sampler.is_constrained() && sampling.contains(&s.id))
+            .for_each(|s| s.sampler.prepare_mask());
+    }
+
     /// Events not yet handed out (from a `schedule` whose plan turned out empty).
     pub fn take_pending(&mut self) -> StepOutputs {
         StepOutputs {

@@ -163,6 +163,7 @@ impl Compiler {
             matcher: Matcher::new(Ok(parser)),
             eos_ids: self.eos_ids.clone(),
             finished: false,
+            ready: None,
         })
     }
 }
@@ -172,6 +173,8 @@ pub struct Guide {
     matcher: Matcher,
     eos_ids: Vec<u32>,
     finished: bool,
+    /// The next mask, computed ahead (while the step's forward runs).
+    ready: Option<llguidance::toktrie::SimpleVob>,
 }
 
 impl std::fmt::Debug for Guide {
@@ -185,8 +188,19 @@ impl std::fmt::Debug for Guide {
 impl Guide {
     /// Set every token the grammar forbids next to -inf. Where the grammar may end, the model's
     /// end-of-sequence tokens stay allowed; where it must end, only they are.
+    /// Compute the next mask now, so `mask` finds it ready.
+    pub fn prepare(&mut self) {
+        if self.ready.is_none() && !self.finished {
+            self.ready = self.matcher.compute_mask_or_eos().ok();
+        }
+    }
+
     pub fn mask(&mut self, logits: &mut [f32]) {
-        let allowed = match self.matcher.compute_mask_or_eos() {
+        let next = match self.ready.take() {
+            Some(m) => Ok(m),
+            None => self.matcher.compute_mask_or_eos(),
+        };
+        let allowed = match next {
             Ok(m) => m,
             Err(e) => {
                 // A matcher fault (not the model's choice) ends the sequence where it stands.
@@ -198,16 +212,28 @@ impl Guide {
         let end_allowed = self.matcher.is_stopped()
             || self.eos_ids.iter().any(|&e| allowed.is_allowed(e))
             || allowed.is_allowed(self.matcher_eos());
-        for (i, l) in logits.iter_mut().enumerate() {
-            let id = i as u32;
-            let ok = if self.eos_ids.contains(&id) {
-                end_allowed
-            } else {
-                i < allowed.len() && allowed.is_allowed(id)
-            };
-            if !ok {
-                *l = f32::NEG_INFINITY;
+        let eos: Vec<(usize, f32)> = self
+            .eos_ids
+            .iter()
+            .filter_map(|&e| logits.get(e as usize).map(|&l| (e as usize, l)))
+            .collect();
+        // Word by word: most words of a mask are all-forbidden or all-allowed.
+        let words = allowed.as_slice();
+        for (w, chunk) in logits.chunks_mut(32).enumerate() {
+            match words.get(w).copied().unwrap_or(0) {
+                0 => chunk.fill(f32::NEG_INFINITY),
+                u32::MAX => {}
+                bits => {
+                    for (b, l) in chunk.iter_mut().enumerate() {
+                        if bits & (1 << b) == 0 {
+                            *l = f32::NEG_INFINITY;
+                        }
+                    }
+                }
             }
+        }
+        for (i, l) in eos {
+            logits[i] = if end_allowed { l } else { f32::NEG_INFINITY };
         }
     }
 
@@ -217,6 +243,7 @@ impl Guide {
 
     /// Follow the token the sampler picked.
     pub fn commit(&mut self, token: u32) {
+        self.ready = None;
         if self.eos_ids.contains(&token) {
             self.finished = true;
             return;
