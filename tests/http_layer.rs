@@ -95,7 +95,7 @@ fn every_error_status_has_an_openai_body_and_every_response_a_request_id() {
         // More headers than hyper takes (100) is its "too large" case, without a huge write.
         (format!("GET /health HTTP/1.1\r\nHost: localhost\r\n{}\r\n", (0..200).map(|i| format!("X-H{i}: v\r\n")).collect::<String>()), 431, "headers too large"),
         (format!("GET /{} HTTP/1.1\r\nHost: localhost\r\n\r\n", "a".repeat(70_000)), 414, "URI too long"),
-        (post_with("/v1/chat/completions", "application/json", &json!({"model": "smol", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]}).to_string()), 400, "tools"),
+        (post_with("/v1/chat/completions", "application/json", &json!({"model": "smol", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "retrieval"}]}).to_string()), 400, "tools"),
         (post_with("/v1/chat/completions", "application/json", &json!({"model": "smol", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "dependentSchemas": {}}}}}).to_string()), 400, "response_format"),
         (post_with("/v1/chat/completions", "application/json", &json!({"model": "smol", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"999999": 5}}).to_string()), 400, "bias outside vocab"),
         (post_with("/v1/completions", "application/json", &json!({"model": "smol", "prompt": ["x", "y", "z"], "n": 16, "max_tokens": 8000}).to_string()), 400, "too much work"),

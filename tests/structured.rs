@@ -238,3 +238,89 @@ fn unconstrained_requests_in_a_batch_with_constrained_ones_are_token_for_token_t
     }
     assert_eq!(text(&together), text(&alone));
 }
+
+#[test]
+fn tool_calls_follow_the_functions_schemas() {
+    let s = server();
+    let params = json!({"type": "object", "properties": {
+        "sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
+        "quantity": {"type": "integer", "minimum": 1, "maximum": 50},
+        "express": {"type": "boolean"}},
+        "required": ["sku", "quantity", "express"], "additionalProperties": false});
+    let tools = json!([
+        {"type": "function", "function": {"name": "order_part", "description": "Order a spare part", "parameters": params}},
+        {"type": "function", "function": {"name": "cancel_order", "parameters": {"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"]}}}
+    ]);
+    let body = json!({"model": "small", "messages": [{"role": "user", "content": "Order two units of part ABC-1234, express."}],
+        "tools": tools, "tool_choice": {"type": "function", "function": {"name": "order_part"}},
+        "parallel_tool_calls": false, "max_tokens": 80, "temperature": 0});
+    let (st, v) = post(&s.base, "/v1/chat/completions", &body);
+    assert_eq!(st, 200, "{v}");
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{v}");
+    assert!(choice["message"]["content"].is_null());
+    let calls = choice["message"]["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1, "parallel_tool_calls false: {v}");
+    assert_eq!(calls[0]["function"]["name"], "order_part");
+    let args = calls[0]["function"]["arguments"].as_str().unwrap();
+    assert_valid(&params, args);
+
+    // The same call streamed, as one delta with the whole arguments.
+    let mut b = body.clone();
+    b["stream"] = json!(true);
+    let chunks: Vec<Value> = common::sse(&s.base, "/v1/chat/completions", &b)
+        .into_iter()
+        .filter(|d| d != "[DONE]")
+        .map(|d| serde_json::from_str(&d).unwrap())
+        .collect();
+    let deltas: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
+        .flatten()
+        .collect();
+    assert_eq!(deltas.len(), 1, "{chunks:?}");
+    assert_eq!(deltas[0]["index"], 0);
+    assert_eq!(deltas[0]["function"]["arguments"].as_str(), Some(args));
+    assert!(chunks.iter().all(|c| c["choices"][0]["delta"]["content"]
+        .as_str()
+        .unwrap_or("")
+        .is_empty()));
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "tool_calls"
+    );
+
+    // Bad tools are 400s before anything runs.
+    for (bad, says) in [
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "bad name"}}]}),
+            "name",
+        ),
+        (
+            json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+            "nope",
+        ),
+        (
+            json!({"tools": tools, "response_format": {"type": "json_object"}}),
+            "cannot be combined",
+        ),
+        (json!({"tool_choice": "required"}), "needs tools"),
+    ] {
+        let mut b = json!({"model": "small", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4});
+        for (k, v) in bad.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        let (st, v) = post(&s.base, "/v1/chat/completions", &b);
+        assert_eq!(st, 400, "{bad}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(says),
+            "{v}"
+        );
+    }
+    let (st, v) = post(
+        &s.base,
+        "/v1/completions",
+        &json!({"model": "small", "prompt": "x", "tools": tools}),
+    );
+    assert_eq!(st, 400, "{v}");
+}

@@ -97,6 +97,7 @@ impl Receipt {
                 let r = match reason {
                     FinishReason::Stop => "stop",
                     FinishReason::Length => "length",
+                    FinishReason::ToolCalls => "tool_calls",
                 };
                 (200, r, Some((usage, metrics)))
             }

@@ -2,6 +2,7 @@
 //! their log-probabilities, then a finish or a failure); the choices' streams are merged, the SSE
 //! response is a map over the merged stream and the JSON response a fold over the same stream.
 //! Dropping the stream (a client gone) drops the engine receivers, which cancels the sequences.
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -14,8 +15,9 @@ use super::error::ApiError;
 use super::openai::{
     ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta, ChatLogprobs,
     ChatMessageOut, Completion, CompletionChoice, CompletionLogprobs, ErrorResponse, FinishReason,
-    PromptTokensDetails, ResponseMetrics, TokenLogprob, TopLogprob, Usage,
+    PromptTokensDetails, ResponseMetrics, TokenLogprob, ToolCallOut, TopLogprob, Usage,
 };
+use super::tools;
 use super::validate::{Kind, Validated};
 use crate::engine::{self, EngineHandle, Event, Request};
 use crate::router::{Decision, Probe};
@@ -656,18 +658,34 @@ pub async fn complete(mut job: Job) -> Result<Body, ApiError> {
                 .into_iter()
                 .zip(lps)
                 .enumerate()
-                .map(|(i, (content, lp))| ChatChoice {
-                    index: i,
-                    message: ChatMessageOut {
-                        role: "assistant",
-                        content,
-                        refusal: None,
-                    },
-                    logprobs: want.then_some(ChatLogprobs {
-                        content: lp,
-                        refusal: None,
-                    }),
-                    finish_reason: reason(i),
+                .map(|(i, (content, lp))| {
+                    let calls = job
+                        .req
+                        .tools
+                        .as_ref()
+                        .and_then(|_| tools::parse_calls(&content));
+                    let (content, tool_calls, finish) = match calls {
+                        Some(c) => (
+                            None,
+                            Some(ToolCallOut::from_calls(c, false)),
+                            FinishReason::ToolCalls,
+                        ),
+                        None => (Some(content), None, reason(i)),
+                    };
+                    ChatChoice {
+                        index: i,
+                        message: ChatMessageOut {
+                            role: "assistant",
+                            content,
+                            tool_calls,
+                            refusal: None,
+                        },
+                        logprobs: want.then_some(ChatLogprobs {
+                            content: lp,
+                            refusal: None,
+                        }),
+                        finish_reason: finish,
+                    }
                 })
                 .collect(),
             usage,
@@ -718,6 +736,10 @@ struct SseState {
     routed: bool,
     /// An update read while waiting for the decision.
     stash: Option<Update>,
+    /// With tools: per choice, the text held while it may still be function calls (a reply that
+    /// starts with `<`), and chunks ready to go out.
+    held: Vec<Option<(String, Vec<TokenLogprob>)>>,
+    queued: VecDeque<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -781,6 +803,7 @@ impl SseState {
                     delta: ChatDelta {
                         role: None,
                         content: (!text.is_empty()).then_some(text),
+                        tool_calls: None,
                     },
                     logprobs: self.want_logprobs.then_some(ChatLogprobs {
                         content: lps,
@@ -804,6 +827,51 @@ impl SseState {
         }
     }
 
+    /// With tools, a choice's text is held until it is plainly not calls (its first character is
+    /// not `<`), or until it finishes: then calls go out as one `tool_calls` delta and a finish
+    /// chunk. Returns what to send now as ordinary text (None: nothing yet, or queued).
+    fn hold(
+        &mut self,
+        choice: usize,
+        text: String,
+        lps: Vec<TokenLogprob>,
+        fin: Option<FinishReason>,
+    ) -> Option<(String, Vec<TokenLogprob>)> {
+        let Some(held) = self.held.get_mut(choice).and_then(Option::as_mut) else {
+            return Some((text, lps));
+        };
+        held.0.push_str(&text);
+        held.1.extend(lps);
+        let start = held.0.trim_start().chars().next();
+        if fin.is_none() && start.is_none_or(|c| c == '<') {
+            return None;
+        }
+        let (text, lps) = self.held[choice].take().unwrap_or_default();
+        if fin.is_none() {
+            return Some((text, lps));
+        }
+        match tools::parse_calls(&text) {
+            Some(calls) => {
+                let delta = |tool_calls, finish_reason| ChatChunkChoice {
+                    index: choice,
+                    delta: ChatDelta {
+                        role: None,
+                        content: None,
+                        tool_calls,
+                    },
+                    logprobs: None,
+                    finish_reason,
+                };
+                let calls = ToolCallOut::from_calls(calls, true);
+                let a = self.chat_chunk(vec![delta(Some(calls), None)], None);
+                let b = self.chat_chunk(vec![delta(None, Some(FinishReason::ToolCalls))], None);
+                self.queued.extend([a, b]);
+                None
+            }
+            None => Some((text, lps)),
+        }
+    }
+
     fn role_chunk(&self) -> String {
         let choices = (0..self.total)
             .map(|i| ChatChunkChoice {
@@ -811,6 +879,7 @@ impl SseState {
                 delta: ChatDelta {
                     role: Some("assistant"),
                     content: Some(String::new()),
+                    tool_calls: None,
                 },
                 logprobs: None,
                 finish_reason: None,
@@ -850,6 +919,9 @@ impl SseState {
                     }
                 }
                 Phase::Body => {
+                    if let Some(chunk) = self.queued.pop_front() {
+                        return Some(chunk);
+                    }
                     let stashed = self.stash.take();
                     let next = tokio::select! {
                         u = async { match stashed { Some(u) => Some(u), None => self.tally.updates.next().await } } => Some(u),
@@ -903,6 +975,9 @@ impl SseState {
                             return Some(serde_json::to_string(&err).unwrap_or_default());
                         }
                     };
+                    let Some((text, lps)) = self.hold(u.choice, text, lps, fin) else {
+                        continue;
+                    };
                     if text.is_empty() && lps.is_empty() && fin.is_none() {
                         continue;
                     }
@@ -952,6 +1027,8 @@ pub fn stream(
         cut,
         routed: job.route.is_some(),
         stash: None,
+        held: vec![job.req.tools.as_ref().map(|_| (String::new(), Vec::new())); total],
+        queued: VecDeque::new(),
     };
     Ok(stream::unfold(st, |mut st| async move {
         st.next().await.map(|s| (s, st))

@@ -7,6 +7,7 @@ pub mod generate;
 pub mod http;
 pub mod openai;
 pub mod routes;
+pub mod tools;
 pub mod validate;
 
 use std::net::SocketAddr;

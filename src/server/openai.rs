@@ -42,7 +42,10 @@ pub struct MessageIn {
     pub role: String,
     #[serde(default)]
     pub content: Option<Content>,
-    /// Present on assistant messages that called tools (refused until tools are supported).
+    /// The call a `tool` message answers (the generic format does not need it).
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    /// Present on assistant messages that called tools.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub tool_calls: Option<serde_json::Value>,
@@ -94,12 +97,15 @@ pub struct Sampling {
     /// `{"type": "grammar", "grammar": "<Lark>"}`.
     #[schema(value_type = Option<Object>)]
     pub response_format: Option<serde_json::Value>,
-    /// Refused until tool calls are supported.
+    /// Functions a chat reply may call (`{"type": "function", "function": {"name", "description",
+    /// "parameters"}}`); refused on text completions.
     #[schema(value_type = Option<Vec<Object>>)]
     pub tools: Option<serde_json::Value>,
-    /// Only `"none"` until tool calls are supported.
+    /// `"none"`, `"auto"` (default), `"required"` or `{"type": "function", "function": {"name"}}`.
     #[schema(value_type = Option<Object>)]
     pub tool_choice: Option<serde_json::Value>,
+    /// Whether a reply may make several calls (default true).
+    pub parallel_tool_calls: Option<bool>,
     /// The legacy form of `tools` (refused).
     #[schema(value_type = Option<Vec<Object>>)]
     pub functions: Option<serde_json::Value>,
@@ -208,12 +214,17 @@ pub struct CompletionLogprobs {
 pub enum FinishReason {
     Stop,
     Length,
+    /// The reply is function calls (`tool_calls`).
+    ToolCalls,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ChatMessageOut {
     pub role: &'static str,
-    pub content: String,
+    /// Null when the reply is function calls.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
     /// Always null: Hearth's models do not refuse through a separate channel.
     #[schema(value_type = Option<String>)]
     pub refusal: Option<String>,
@@ -245,6 +256,45 @@ pub struct ChatDelta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+/// One function call of a reply (in a stream's delta, `index` places it; each call comes whole).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ToolCallOut {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCallOut,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FunctionCallOut {
+    pub name: String,
+    /// The arguments, as a JSON string.
+    pub arguments: String,
+}
+
+impl ToolCallOut {
+    pub fn from_calls(calls: Vec<crate::server::tools::Call>, indexed: bool) -> Vec<Self> {
+        calls
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| Self {
+                index: indexed.then_some(i),
+                id: c.id,
+                kind: "function",
+                function: FunctionCallOut {
+                    name: c.name,
+                    arguments: c.arguments,
+                },
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

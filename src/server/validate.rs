@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::error::ApiError;
 use super::openai::{ChatRequest, CompletionRequest, Content, MessageIn, Sampling};
+use super::tools::{self, Tools};
 use crate::engine::{EngineHandle, SamplingParams};
 use crate::error::HearthError;
 use crate::grammar::Constraint;
@@ -73,8 +74,10 @@ pub struct Validated {
     pub want_logprobs: bool,
     /// The end-user label from the request (never the tenant).
     pub user: Option<String>,
-    /// The grammar the output must follow (`response_format`).
+    /// The grammar the output must follow (`response_format`, or the tools' call format).
     pub constraint: Option<Constraint>,
+    /// The functions a chat reply may call (then a reply made of calls becomes `tool_calls`).
+    pub tools: Option<Tools>,
 }
 
 /// What route rules' patterns read: the last user message of a chat, or the first prompt.
@@ -112,7 +115,9 @@ fn role(m: &MessageIn) -> Result<&'static str, ApiError> {
         "system" | "developer" => "system",
         "user" => "user",
         "assistant" => "assistant",
-        "tool" | "function" => {
+        // A tool's result is read by the model as a user turn (see `tools`).
+        "tool" => "user",
+        "function" => {
             return Err(ApiError::unsupported(
                 "messages",
                 format!("`{}` messages are not supported yet", m.role),
@@ -129,13 +134,30 @@ fn role(m: &MessageIn) -> Result<&'static str, ApiError> {
     })
 }
 
+/// A message's text as the model reads it: a tool result wrapped, an assistant's calls written out.
 fn content(m: &MessageIn) -> Result<String, ApiError> {
-    if m.tool_calls.is_some() {
-        return Err(ApiError::unsupported(
-            "messages",
-            "assistant `tool_calls` are not supported yet",
-        ));
+    let text = text_content(m)?;
+    if m.role == "tool" {
+        return Ok(tools::result_text(&text));
     }
+    match &m.tool_calls {
+        Some(calls) if m.role == "assistant" => {
+            let calls = tools::calls_text(calls)?;
+            Ok(if text.is_empty() {
+                calls
+            } else {
+                format!("{text}\n{calls}")
+            })
+        }
+        Some(_) => Err(ApiError::invalid(
+            "only assistant messages carry `tool_calls`",
+            Some("messages"),
+        )),
+        None => Ok(text),
+    }
+}
+
+fn text_content(m: &MessageIn) -> Result<String, ApiError> {
     Ok(match &m.content {
         None => String::new(),
         Some(Content::Text(t)) => t.clone(),
@@ -213,24 +235,6 @@ fn response_format(s: &Sampling) -> Result<Option<Constraint>, ApiError> {
 
 /// Refuse the fields that would change the result and that Hearth cannot honour yet.
 fn refuse_unsupported(s: &Sampling) -> Result<(), ApiError> {
-    if s.tools
-        .as_ref()
-        .is_some_and(|t| !t.as_array().is_some_and(|a| a.is_empty()))
-    {
-        return Err(ApiError::unsupported(
-            "tools",
-            "tool calls are not supported yet",
-        ));
-    }
-    if s.tool_choice
-        .as_ref()
-        .is_some_and(|t| t.as_str() != Some("none"))
-    {
-        return Err(ApiError::unsupported(
-            "tool_choice",
-            "tool calls are not supported yet; only \"none\" is accepted",
-        ));
-    }
     if s.functions.is_some() {
         return Err(ApiError::unsupported(
             "functions",
@@ -337,6 +341,7 @@ fn sampling(
             .unwrap_or(false),
         want_logprobs: logprobs.is_some(),
         constraint: response_format(&s)?,
+        tools: None,
         user: s.user,
     };
     let work = v.num_prompts() * n * max_tokens.unwrap_or(limits.default_max_tokens);
@@ -365,11 +370,35 @@ pub fn chat(req: ChatRequest, limits: &Limits) -> Result<Validated, ApiError> {
             Some("messages"),
         ));
     }
-    let messages = req
+    let mut messages = req
         .messages
         .iter()
         .map(|m| Ok(ChatMessage::new(role(m)?, &content(m)?)))
         .collect::<Result<Vec<_>, ApiError>>()?;
+    let s = &req.sampling;
+    let tools = Tools::parse(
+        s.tools.as_ref(),
+        s.tool_choice.as_ref(),
+        s.parallel_tool_calls,
+    )?
+    .filter(Tools::callable);
+    if let Some(t) = &tools {
+        if s.response_format
+            .as_ref()
+            .is_some_and(|f| f.get("type").and_then(|t| t.as_str()) != Some("text"))
+        {
+            return Err(ApiError::invalid(
+                "tools and a response_format cannot be combined",
+                Some("response_format"),
+            ));
+        }
+        // The tools go into the system prompt (the first system message, or a new one).
+        let described = t.system_text();
+        match messages.first_mut() {
+            Some(m) if m.role == "system" => m.content = format!("{}\n\n{described}", m.content),
+            _ => messages.insert(0, ChatMessage::new("system", &described)),
+        }
+    }
     let logprobs = match (req.logprobs, req.top_logprobs) {
         (Some(true), t) => Some(t.unwrap_or(0) as usize),
         (_, Some(_)) => {
@@ -380,14 +409,20 @@ pub fn chat(req: ChatRequest, limits: &Limits) -> Result<Validated, ApiError> {
         }
         _ => None,
     };
-    sampling(
+    let constraint = tools.as_ref().map(Tools::constraint).transpose()?.flatten();
+    let mut v = sampling(
         Kind::Chat,
         req.model,
         Input::Chat(messages),
         req.sampling,
         logprobs,
         limits,
-    )
+    )?;
+    if constraint.is_some() {
+        v.constraint = constraint;
+    }
+    v.tools = tools;
+    Ok(v)
 }
 
 pub fn completion(req: CompletionRequest, limits: &Limits) -> Result<Validated, ApiError> {
@@ -399,6 +434,17 @@ pub fn completion(req: CompletionRequest, limits: &Limits) -> Result<Validated, 
     }
     if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::unsupported("suffix", "suffix is not supported"));
+    }
+    if req
+        .sampling
+        .tools
+        .as_ref()
+        .is_some_and(|t| !t.as_array().is_some_and(|a| a.is_empty()))
+    {
+        return Err(ApiError::unsupported(
+            "tools",
+            "tools are for chat completions",
+        ));
     }
     let prompts = req.prompt.into_vec();
     if prompts.is_empty() || prompts.iter().any(|t| t.is_empty()) {

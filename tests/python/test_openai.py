@@ -238,3 +238,74 @@ def test_structured_output_parses_into_a_pydantic_model(client):
     ) as stream:
         final = stream.get_final_completion()
     assert final.choices[0].message.parsed == person
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 30}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+
+
+def test_tool_calls_round_trip_streamed_or_not(client):
+    import json
+
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    kw = dict(model=MODEL, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False,
+              max_tokens=80, temperature=0)
+    r = client.chat.completions.create(messages=msgs, **kw)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather"
+    args = json.loads(call.function.arguments)
+    assert set(args) == {"city", "unit"} and args["unit"] in ("celsius", "fahrenheit")
+
+    # Streamed: the same call, assembled from the deltas as clients do.
+    name, arguments, reasons = "", "", []
+    for chunk in client.chat.completions.create(messages=msgs, stream=True, **kw):
+        for c in chunk.choices:
+            for d in c.delta.tool_calls or []:
+                assert d.index == 0
+                name += d.function.name or ""
+                arguments += d.function.arguments or ""
+            reasons.append(c.finish_reason)
+    assert name == "get_weather" and json.loads(arguments) == args
+    assert reasons[-1] == "tool_calls"
+
+    # The result goes back into the conversation; the model answers in text.
+    msgs += [choice.message.model_dump(exclude_none=True),
+             {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 18, "sky": "clear"}'}]
+    answer = client.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER], tool_choice="none",
+                                           max_tokens=40, temperature=0)
+    assert answer.choices[0].message.content
+    assert not answer.choices[0].message.tool_calls
+    # The call and its result are in the prompt the model read.
+    alone = client.chat.completions.create(model=MODEL, messages=msgs[:1], max_tokens=1, temperature=0)
+    assert answer.usage.prompt_tokens > alone.usage.prompt_tokens + 20
+
+
+def test_langchain_bind_tools_and_with_structured_output_work_unchanged():
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    llm = ChatOpenAI(base_url=BASE, api_key="unused", model=MODEL, temperature=0, max_tokens=120,
+                     max_retries=0, timeout=120)
+
+    class GetWeather(BaseModel):
+        """Current weather in a city."""
+        city: str = Field(max_length=30)
+
+    msg = llm.bind_tools([GetWeather], tool_choice="required").invoke("What is the weather in Paris?")
+    assert msg.tool_calls, msg
+    assert msg.tool_calls[0]["name"] == "GetWeather"
+    assert isinstance(msg.tool_calls[0]["args"]["city"], str)
+
+    class Person(BaseModel):
+        name: str = Field(max_length=24)
+        age: int = Field(ge=0, le=120)
+
+    person = llm.with_structured_output(Person).invoke("Describe a fictional teacher.")
+    assert isinstance(person, Person) and 0 <= person.age <= 120
