@@ -396,6 +396,12 @@ impl EngineHandle {
         self.stats().total_blocks
     }
 
+    /// Build the grammar compiler now if it is not built yet (it takes a moment: call it where
+    /// blocking is fine).
+    pub fn warm_grammar(&self) -> Result<()> {
+        self.grammar_compiler().map(|_| ())
+    }
+
     fn grammar_compiler(&self) -> Result<&crate::grammar::Compiler> {
         self.grammars
             .get_or_init(|| {

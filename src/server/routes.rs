@@ -306,6 +306,19 @@ async fn run_job(
             (engine, prompts, None)
         }
     };
+    if req.constraint.is_some() {
+        // A model's first constrained request builds its grammar compiler (a trie over the whole
+        // vocabulary): on the blocking pool, never on a reactor thread.
+        let mut engines = vec![engine.clone()];
+        if let Some(plan) = &route {
+            engines.extend(plan.next.iter().map(|(e, _)| e.clone()));
+        }
+        tokio::task::spawn_blocking(move || {
+            engines.iter().try_for_each(EngineHandle::warm_grammar)
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("grammar task failed: {e}")))??;
+    }
     let prompt_tokens = prompts.iter().map(Vec::len).sum::<usize>() * req.n;
     let admission = state
         .limiter
