@@ -62,6 +62,19 @@ fn text(v: &Value) -> String {
     v["choices"][0]["text"].as_str().unwrap().to_string()
 }
 
+/// A streamed completion's text and its chunks.
+fn streamed(base: &str, body: &Value) -> (String, Vec<Value>) {
+    let mut body = body.clone();
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let cs = chunks(base, &body);
+    let text = cs
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    (text, cs)
+}
+
 /// The streamed chunks (JSON), without `[DONE]`.
 fn chunks(base: &str, body: &Value) -> Vec<Value> {
     common::sse(base, "/v1/completions", body)
@@ -113,15 +126,8 @@ fn the_cascade_keeps_or_escalates_to_exactly_each_models_own_answer() {
         ("keep", text(&small), "small"),
         ("escalate", text(&large), "large"),
     ] {
-        let mut body = ask(group);
-        body["stream"] = json!(true);
-        body["stream_options"] = json!({"include_usage": true});
-        let cs = chunks(&s.base, &body);
-        let streamed: String = cs
-            .iter()
-            .filter_map(|c| c["choices"][0]["text"].as_str())
-            .collect();
-        assert_eq!(streamed, want, "{group}");
+        let (text, cs) = streamed(&s.base, &ask(group));
+        assert_eq!(text, want, "{group}");
         assert!(cs.iter().all(|c| c["model"] == model), "{group}: {cs:?}");
         let last = cs.last().unwrap();
         assert_eq!(last["metrics"]["route"]["model"], model);
@@ -410,15 +416,8 @@ fn a_response_not_streamed_may_escalate_at_a_later_window_and_a_stream_never_doe
     );
 
     // Streamed, the first window's tokens go out once it is read: no later escalation.
-    let mut body = ask("watched", false);
-    body["stream"] = json!(true);
-    body["stream_options"] = json!({"include_usage": true});
-    let cs = chunks(&s.base, &body);
-    let streamed: String = cs
-        .iter()
-        .filter_map(|c| c["choices"][0]["text"].as_str())
-        .collect();
-    assert_eq!(streamed, text(&small));
+    let (streamed_text, cs) = streamed(&s.base, &ask("watched", false));
+    assert_eq!(streamed_text, text(&small));
     let r = &cs.last().unwrap()["metrics"]["route"];
     assert_eq!(r["escalated"], false, "{r}");
     assert_eq!(r["reason"], "confident");

@@ -209,9 +209,8 @@ impl Guide {
                 return;
             }
         };
-        let end_allowed = self.matcher.is_stopped()
-            || self.eos_ids.iter().any(|&e| allowed.is_allowed(e))
-            || allowed.is_allowed(self.matcher_eos());
+        let end_allowed =
+            self.matcher.is_stopped() || self.eos_ids.iter().any(|&e| allowed.is_allowed(e));
         let eos: Vec<(usize, f32)> = self
             .eos_ids
             .iter()
@@ -235,10 +234,6 @@ impl Guide {
         for (i, l) in eos {
             logits[i] = if end_allowed { l } else { f32::NEG_INFINITY };
         }
-    }
-
-    fn matcher_eos(&self) -> u32 {
-        self.eos_ids.first().copied().unwrap_or(0)
     }
 
     /// Follow the token the sampler picked.

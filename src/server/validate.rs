@@ -383,15 +383,6 @@ pub fn chat(req: ChatRequest, limits: &Limits) -> Result<Validated, ApiError> {
     )?
     .filter(Tools::callable);
     if let Some(t) = &tools {
-        if s.response_format
-            .as_ref()
-            .is_some_and(|f| f.get("type").and_then(|t| t.as_str()) != Some("text"))
-        {
-            return Err(ApiError::invalid(
-                "tools and a response_format cannot be combined",
-                Some("response_format"),
-            ));
-        }
         // The tools go into the system prompt (the first system message, or a new one).
         let described = t.system_text();
         match messages.first_mut() {
@@ -419,6 +410,12 @@ pub fn chat(req: ChatRequest, limits: &Limits) -> Result<Validated, ApiError> {
         limits,
     )?;
     if constraint.is_some() {
+        if v.constraint.is_some() {
+            return Err(ApiError::invalid(
+                "tools and a response_format cannot be combined",
+                Some("response_format"),
+            ));
+        }
         v.constraint = constraint;
     }
     v.tools = tools;
