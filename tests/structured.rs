@@ -180,6 +180,50 @@ fn a_grammar_that_cannot_finish_in_max_tokens_ends_by_length_with_its_partial_te
     assert!(!t.is_empty() && "ab".repeat(100).starts_with(&t), "{t:?}");
 }
 
+/// Pushed (by `logit_bias`) to write `1` and `,` for ever, the model still finishes: a number's
+/// parts end after 16 digits, and an object that lists its properties takes no others.
+#[test]
+fn json_numbers_end_and_listed_objects_take_no_extra_keys() {
+    let s = server();
+    let tok = common::load(&common::smollm2()).tokenizer;
+    let id = |t: &str| {
+        let ids = tok.encode_continuation(t).unwrap();
+        assert_eq!(ids.len(), 1, "{t:?} is one token");
+        ids[0].to_string()
+    };
+    let schema =
+        json!({"type": "object", "properties": {"n": {"type": "number"}}, "required": ["n"]});
+    let (st, v) = post(
+        &s.base,
+        "/v1/completions",
+        &json!({"model": "small", "prompt": "A number as JSON:", "max_tokens": 200, "temperature": 0,
+            "logit_bias": {id("1"): 100, id(","): 100},
+            "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let out = text(&v);
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{out}");
+    assert_valid(&schema, &out);
+    assert!(out.contains(&"1".repeat(16)), "the bias took effect: {out}");
+    let longest = out
+        .split(|c: char| !c.is_ascii_digit())
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
+    assert!(longest <= 16, "{out}");
+    // An object that says `additionalProperties: true` stays open: the same push runs to the limit.
+    let open = json!({"type": "object", "properties": {"n": {"type": "integer", "maximum": 5}},
+        "required": ["n"], "additionalProperties": true});
+    let (_, v) = post(
+        &s.base,
+        "/v1/completions",
+        &json!({"model": "small", "prompt": "A number as JSON:", "max_tokens": 40, "temperature": 0,
+            "logit_bias": {id(","): 100},
+            "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": open}}}),
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+}
+
 #[test]
 fn bad_constraints_are_400s_naming_what_is_wrong() {
     let s = server();
@@ -323,4 +367,67 @@ fn tool_calls_follow_the_functions_schemas() {
         &json!({"model": "small", "prompt": "x", "tools": tools}),
     );
     assert_eq!(st, 400, "{v}");
+}
+
+/// SmolLM2 served with a chat template that has a tool format (`chat_template` in the config): the
+/// template, not Hearth's generic prompt, shows the tools, the calls and the results.
+#[test]
+fn a_template_with_a_tool_format_renders_the_tools_and_the_round_trip() {
+    let template =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hermes_tools.jinja");
+    let s = TestServer::start(hearth::config::Config {
+        models: vec![hearth::config::ModelEntry {
+            chat_template: Some(template.clone()),
+            ..hearth::config::ModelEntry::new("hermes", common::smollm2())
+        }],
+        ..Default::default()
+    });
+    let params = json!({"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+        "required": ["city"]});
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "description": "Current weather in a city", "parameters": params}}]);
+    let ask = "What is the weather in Paris?";
+    let (st, v) = post(
+        &s.base,
+        "/v1/chat/completions",
+        &json!({"model": "hermes", "messages": [{"role": "user", "content": ask}], "tools": tools,
+            "tool_choice": "required", "max_tokens": 60, "temperature": 0}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+    let call = &v["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "get_weather");
+    assert_valid(&params, call["function"]["arguments"].as_str().unwrap());
+
+    // The prompt the server ran is the template's own rendering with the tools.
+    let model = common::load(&common::smollm2());
+    let mut t = model.chat_template.clone();
+    t.replace_source(std::fs::read_to_string(&template).unwrap());
+    let prompt = t
+        .render_marked(
+            &[hearth::model::ChatMessage::new("user", ask)],
+            Some(&tools),
+        )
+        .unwrap();
+    assert!(prompt.contains("<tools>"), "{prompt}");
+    let ids = model.tokenizer.encode_chat(&prompt).unwrap();
+    assert_eq!(v["usage"]["prompt_tokens"], ids.len(), "{v}");
+
+    // The call and its result go back through the template; the model answers in text.
+    let (st, v) = post(
+        &s.base,
+        "/v1/chat/completions",
+        &json!({"model": "hermes", "messages": [
+            {"role": "user", "content": ask},
+            {"role": "assistant", "content": null, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": "18 C and sunny"}],
+            "tools": tools, "tool_choice": "none", "max_tokens": 30, "temperature": 0}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let answer = &v["choices"][0]["message"];
+    assert!(answer["tool_calls"].is_null(), "{v}");
+    assert!(
+        !answer["content"].as_str().unwrap_or("").trim().is_empty(),
+        "{v}"
+    );
 }

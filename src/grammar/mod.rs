@@ -13,12 +13,19 @@ use serde_json::{json, Value};
 use crate::error::{HearthError, Result};
 use crate::text::Tokenizer;
 
+mod numbers;
+mod schema;
+
+use numbers::{DigitTokens, NumberCap};
+
 /// A request's output constraint, checked and ready to compile for any model.
 #[derive(Debug, Clone)]
 pub struct Constraint {
     grammar: Arc<TopLevelGrammar>,
     /// What the client asked for, for logs and errors (`json_schema`, `regex`, ...).
     pub kind: &'static str,
+    /// The output is JSON (its numbers' digits are capped).
+    json: bool,
 }
 
 impl PartialEq for Constraint {
@@ -53,11 +60,15 @@ impl Constraint {
             ));
         }
         let schema = if schema.is_object() {
-            compact(schema)
+            let mut schema = compact(schema);
+            schema::close_objects(&mut schema);
+            schema
         } else {
             schema
         };
-        Self::checked(TopLevelGrammar::from_json_schema(schema), "json_schema")
+        let mut c = Self::checked(TopLevelGrammar::from_json_schema(schema), "json_schema")?;
+        c.json = true;
+        Ok(c)
     }
 
     /// Output that matches the regular expression (whole).
@@ -88,6 +99,7 @@ impl Constraint {
         Ok(Self {
             grammar: Arc::new(grammar),
             kind,
+            json: false,
         })
     }
 }
@@ -128,6 +140,7 @@ impl TokenizerEnv for Vocabulary {
 pub struct Compiler {
     factory: ParserFactory,
     eos_ids: Vec<u32>,
+    digits: DigitTokens,
 }
 
 impl Compiler {
@@ -144,6 +157,7 @@ impl Compiler {
         Ok(Self {
             factory: quiet(Some(factory)).expect("just built"),
             eos_ids: tokenizer.eos_ids.clone(),
+            digits: DigitTokens::new(env),
         })
     }
 
@@ -164,6 +178,7 @@ impl Compiler {
             eos_ids: self.eos_ids.clone(),
             finished: false,
             ready: None,
+            numbers: constraint.json.then(|| NumberCap::new(self.digits.clone())),
         })
     }
 }
@@ -175,6 +190,7 @@ pub struct Guide {
     finished: bool,
     /// The next mask, computed ahead (while the step's forward runs).
     ready: Option<llguidance::toktrie::SimpleVob>,
+    numbers: Option<NumberCap>,
 }
 
 impl std::fmt::Debug for Guide {
@@ -200,7 +216,7 @@ impl Guide {
             Some(m) => Ok(m),
             None => self.matcher.compute_mask_or_eos(),
         };
-        let allowed = match next {
+        let mut allowed = match next {
             Ok(m) => m,
             Err(e) => {
                 // A matcher fault (not the model's choice) ends the sequence where it stands.
@@ -209,6 +225,9 @@ impl Guide {
                 return;
             }
         };
+        if let Some(n) = &self.numbers {
+            n.limit(&mut allowed);
+        }
         let end_allowed =
             self.matcher.is_stopped() || self.eos_ids.iter().any(|&e| allowed.is_allowed(e));
         let eos: Vec<(usize, f32)> = self
@@ -242,6 +261,9 @@ impl Guide {
         if self.eos_ids.contains(&token) {
             self.finished = true;
             return;
+        }
+        if let Some(n) = self.numbers.as_mut() {
+            n.push(token);
         }
         if let Err(e) = self.matcher.consume_token(token) {
             tracing::warn!(error = %e, token, "grammar refused a sampled token; ending the sequence");
