@@ -14,6 +14,20 @@ pub struct ModelEntry {
     pub name: String,
     /// A GGUF file or a safetensors folder.
     pub path: PathBuf,
+    /// A Jinja chat template file used in place of the model's own (for instance one that renders
+    /// `tools`, for a model whose file carries a template without them).
+    #[serde(default)]
+    pub chat_template: Option<PathBuf>,
+}
+
+impl ModelEntry {
+    pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        Self {
+            name: name.into(),
+            path: path.into(),
+            chat_template: None,
+        }
+    }
 }
 
 /// Where the usage ledger lives unless the config says otherwise (the data directory, relative
@@ -80,14 +94,11 @@ impl Default for Config {
             host: "127.0.0.1".into(),
             port: 8080,
             models: vec![
-                ModelEntry {
-                    name: "smollm2-135m-instruct".into(),
-                    path: "models/smollm2-135m-instruct-q4_1.gguf".into(),
-                },
-                ModelEntry {
-                    name: "gemma-3-270m".into(),
-                    path: "models/gemma-3-270m-q4_k_m.gguf".into(),
-                },
+                ModelEntry::new(
+                    "smollm2-135m-instruct",
+                    "models/smollm2-135m-instruct-q4_1.gguf",
+                ),
+                ModelEntry::new("gemma-3-270m", "models/gemma-3-270m-q4_k_m.gguf"),
             ],
             kv_cache_mib: 512,
             kv_cache_fraction: None,

@@ -280,10 +280,7 @@ fn main() -> Result<()> {
                         let (name, path) = m
                             .split_once('=')
                             .with_context(|| format!("--model {m}: expected NAME=PATH"))?;
-                        Ok(ModelEntry {
-                            name: name.to_string(),
-                            path: path.into(),
-                        })
+                        Ok(ModelEntry::new(name, path))
                     })
                     .collect::<Result<Vec<_>>>()?;
             }

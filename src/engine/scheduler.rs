@@ -216,13 +216,17 @@ impl Scheduler {
 
     /// Whether any sequence of `plan` samples under a grammar (then `prepare_masks` has work).
     pub fn plan_is_constrained(&self, plan: &StepPlan) -> bool {
-        plan.items.iter().any(|i| {
-            i.wants_logits
-                && self
-                    .running
-                    .iter()
-                    .any(|s| s.id == i.seq_id && s.sampler.is_constrained())
-        })
+        let constrained: Vec<u64> = self
+            .running
+            .iter()
+            .filter(|s| s.sampler.is_constrained())
+            .map(|s| s.id)
+            .collect();
+        !constrained.is_empty()
+            && plan
+                .items
+                .iter()
+                .any(|i| i.wants_logits && constrained.contains(&i.seq_id))
     }
 
     /// Compute the grammar masks the plan's sampling will need, in parallel: the engine runs this

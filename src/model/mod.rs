@@ -36,7 +36,7 @@ impl Model {
 
     /// Prompt token ids of a chat conversation, rendered through the model's template.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-        let text = self.chat_template.render_marked(messages)?;
+        let text = self.chat_template.render_marked(messages, None)?;
         self.tokenizer.encode_chat(&text)
     }
 }

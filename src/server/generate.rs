@@ -520,14 +520,6 @@ fn usage_of(finishes: &[ChoiceUsage]) -> Usage {
     }
 }
 
-/// The first choice's finish reason (the ledger keeps one per request).
-fn reason_of_first(finishes: &[Option<(FinishReason, ChoiceUsage)>]) -> FinishReason {
-    finishes
-        .first()
-        .and_then(|f| f.map(|f| f.0))
-        .unwrap_or(FinishReason::Stop)
-}
-
 /// The request's measurements from its choices' usage; `started` is its arrival.
 fn metrics_of(finishes: &[ChoiceUsage], started: Instant) -> ResponseMetrics {
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
@@ -635,13 +627,29 @@ pub async fn complete(mut job: Job) -> Result<Body, ApiError> {
             }
         }
     }
+    // A chat reply made of calls becomes `tool_calls` (and finishes as such, in the ledger too).
+    let mut calls: Vec<Option<Vec<tools::Call>>> = texts
+        .iter()
+        .map(|t| {
+            let chat_tools = job
+                .req
+                .tools
+                .as_ref()
+                .filter(|_| job.req.kind == Kind::Chat);
+            chat_tools.and_then(|_| tools::parse_calls(t))
+        })
+        .collect();
+    let reason = |i: usize| match calls[i] {
+        Some(_) => FinishReason::ToolCalls,
+        None => finishes[i].map(|f| f.0).unwrap_or(FinishReason::Stop),
+    };
     let (usage, metrics) = tally.totals();
     tally.receipt.finish(Ending::Finished {
-        reason: reason_of_first(&finishes),
+        reason: reason(0),
         usage: &usage,
         metrics: &metrics,
     });
-    let reason = |i: usize| finishes[i].map(|f| f.0).unwrap_or(FinishReason::Stop);
+    let reasons: Vec<FinishReason> = (0..total).map(reason).collect();
     let want = job.req.want_logprobs;
     let model = match &tally.route {
         Some(d) => d.model.clone(),
@@ -659,18 +667,9 @@ pub async fn complete(mut job: Job) -> Result<Body, ApiError> {
                 .zip(lps)
                 .enumerate()
                 .map(|(i, (content, lp))| {
-                    let calls = job
-                        .req
-                        .tools
-                        .as_ref()
-                        .and_then(|_| tools::parse_calls(&content));
-                    let (content, tool_calls, finish) = match calls {
-                        Some(c) => (
-                            None,
-                            Some(ToolCallOut::from_calls(c, false)),
-                            FinishReason::ToolCalls,
-                        ),
-                        None => (Some(content), None, reason(i)),
+                    let (content, tool_calls) = match calls[i].take() {
+                        Some(c) => (None, Some(ToolCallOut::from_calls(c, false))),
+                        None => (Some(content), None),
                     };
                     ChatChoice {
                         index: i,
@@ -684,7 +683,7 @@ pub async fn complete(mut job: Job) -> Result<Body, ApiError> {
                             content: lp,
                             refusal: None,
                         }),
-                        finish_reason: finish,
+                        finish_reason: reasons[i],
                     }
                 })
                 .collect(),
@@ -704,7 +703,7 @@ pub async fn complete(mut job: Job) -> Result<Body, ApiError> {
                     index: i,
                     text,
                     logprobs: want.then(|| legacy_logprobs(&lp, 0)),
-                    finish_reason: Some(reason(i)),
+                    finish_reason: Some(reasons[i]),
                 })
                 .collect(),
             usage: Some(usage),
@@ -862,6 +861,9 @@ impl SseState {
                     logprobs: None,
                     finish_reason,
                 };
+                if choice == 0 {
+                    self.first_reason = Some(FinishReason::ToolCalls);
+                }
                 let calls = ToolCallOut::from_calls(calls, true);
                 let a = self.chat_chunk(vec![delta(Some(calls), None)], None);
                 let b = self.chat_chunk(vec![delta(None, Some(FinishReason::ToolCalls))], None);
@@ -960,7 +962,9 @@ impl SseState {
                         }
                         ChoiceEvent::Finished { reason, usage } => {
                             self.tally.finishes.push(usage);
-                            self.first_reason.get_or_insert(reason);
+                            if u.choice == 0 {
+                                self.first_reason = Some(reason);
+                            }
                             (String::new(), Vec::new(), Some(reason))
                         }
                         ChoiceEvent::Failed(e) => {

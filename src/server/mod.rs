@@ -190,7 +190,17 @@ fn load_all(config: &Config, device: &Device) -> Result<Vec<(String, EngineHandl
     for (i, m) in config.models.iter().enumerate() {
         let t0 = Instant::now();
         tracing::info!(model = %m.name, path = %m.path.display(), "loading model {}/{total}", i + 1);
-        let model = Model::load(&m.path, &m.name, device)?;
+        let mut model = Model::load(&m.path, &m.name, device)?;
+        if let Some(t) = &m.chat_template {
+            let source = std::fs::read_to_string(t).map_err(|e| {
+                HearthError::Config(format!(
+                    "model `{}`: cannot read chat_template {}: {e}",
+                    m.name,
+                    t.display()
+                ))
+            })?;
+            model.chat_template.replace_source(source);
+        }
         let engine = Engine::start(model, config.engine())?;
         tracing::info!(model = %m.name, secs = t0.elapsed().as_secs_f32(), "model {}/{total} ready", i + 1);
         engines.push((m.name.clone(), engine));

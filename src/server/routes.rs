@@ -20,6 +20,7 @@ use super::openai::{
     ChatCompletion, ChatCompletionChunk, ChatRequest, Completion, CompletionRequest, ErrorResponse,
     ModelCard, ModelList, UsageList, UsageParams,
 };
+use super::tools::{self, Tools};
 use super::validate::{self, Input, Validated};
 use super::AppState;
 use crate::engine::EngineHandle;
@@ -175,11 +176,18 @@ async fn tokenize(
         .await
         .map_err(|_| ApiError::shutting_down())?;
     let input = req.input.clone();
+    let tools = req.tools.clone();
     let e = engine.clone();
     let ids = tokio::task::spawn_blocking(move || -> crate::Result<Vec<Vec<u32>>> {
         match input {
             Input::Chat(messages) => {
-                let text = e.chat_template.render_marked(&messages)?;
+                let text = if e.chat_template.renders_tools() {
+                    let tools = tools.as_ref().map(Tools::openai_json);
+                    e.chat_template.render_marked(&messages, tools.as_ref())?
+                } else {
+                    let messages = tools::generic_messages(&messages, tools.as_ref());
+                    e.chat_template.render_marked(&messages, None)?
+                };
                 Ok(vec![e.tokenizer.encode_chat(&text)?])
             }
             Input::Prompts(ps) => ps.iter().map(|p| e.tokenizer.encode(p)).collect(),

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use crate::grammar::Constraint;
+use crate::text::ChatMessage;
 
 const OPEN: &str = "<tool_call>";
 const CLOSE: &str = "</tool_call>";
@@ -120,6 +121,22 @@ impl Tools {
         }))
     }
 
+    /// The tools as OpenAI's tool objects, for a chat template that renders them.
+    pub fn openai_json(&self) -> Value {
+        Value::Array(
+            self.tools
+                .iter()
+                .map(|t| {
+                    let mut f = json!({"name": t.name, "parameters": t.parameters});
+                    if let Some(d) = &t.description {
+                        f["description"] = json!(d);
+                    }
+                    json!({"type": "function", "function": f})
+                })
+                .collect(),
+        )
+    }
+
     /// Whether the model is told about the tools and may call them.
     pub fn callable(&self) -> bool {
         self.choice != Choice::None
@@ -131,12 +148,8 @@ impl Tools {
             "# Tools\n\nYou may call functions to help with the user's request. \
              The functions, with JSON schemas of their arguments:\n",
         );
-        for t in &self.tools {
-            let mut f = json!({"name": t.name, "parameters": t.parameters});
-            if let Some(d) = &t.description {
-                f["description"] = json!(d);
-            }
-            s.push_str(&f.to_string());
+        for t in self.openai_json().as_array().into_iter().flatten() {
+            s.push_str(&t["function"].to_string());
             s.push('\n');
         }
         s.push_str(&format!(
@@ -185,7 +198,7 @@ impl Tools {
             "calls"
         };
         let lark = format!(
-            "start: {start}\ncalls: {calls}\ncall: {open} %json {call} {close}\nTEXT: /[^<][\\s\\S]*/\n",
+            "start: {start}\ncalls: {calls}\ncall: {open} \"\\n\"? %json {call} \"\\n\"? {close}\nTEXT: /[^<][\\s\\S]*/\n",
             open = serde_json::to_string(OPEN).unwrap_or_default(),
             close = serde_json::to_string(CLOSE).unwrap_or_default(),
         );
@@ -232,8 +245,9 @@ fn tool(v: &Value) -> Result<Tool, ApiError> {
     })
 }
 
-/// An assistant message's `tool_calls` as the text the model would have written.
-pub fn calls_text(tool_calls: &Value) -> Result<String, ApiError> {
+/// An assistant message's `tool_calls`, checked, in the shape chat templates read: OpenAI's, with
+/// each call's `arguments` parsed into an object.
+pub fn checked_calls(tool_calls: &Value) -> Result<Value, ApiError> {
     let calls = tool_calls
         .as_array()
         .ok_or_else(|| bad("`tool_calls` must be an array", "messages"))?;
@@ -252,16 +266,62 @@ pub fn calls_text(tool_calls: &Value) -> Result<String, ApiError> {
             Some(v) => v.clone(),
             None => json!({}),
         };
-        out.push(format!(
-            "{OPEN}{}{CLOSE}",
-            json!({"name": name, "arguments": args})
-        ));
+        let id = c.get("id").and_then(Value::as_str).unwrap_or_default();
+        out.push(
+            json!({"id": id, "type": "function", "function": {"name": name, "arguments": args}}),
+        );
     }
-    Ok(out.join("\n"))
+    Ok(Value::Array(out))
+}
+
+/// Checked calls (`checked_calls`) as the text the model would have written.
+fn calls_text(calls: &Value) -> String {
+    let calls = calls.as_array().map(Vec::as_slice).unwrap_or_default();
+    calls
+        .iter()
+        .map(|c| {
+            let f = &c["function"];
+            format!(
+                "{OPEN}{}{CLOSE}",
+                json!({"name": f["name"], "arguments": f["arguments"]})
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The conversation in Hearth's generic tool format, for a template that does not render tools:
+/// the tools described in the system prompt (the first system message, or a new one), calls
+/// written out in the assistant's turn, and each tool result a user turn.
+pub fn generic_messages(messages: &[ChatMessage], tools: Option<&Tools>) -> Vec<ChatMessage> {
+    let mut out: Vec<ChatMessage> = messages
+        .iter()
+        .map(|m| match (m.role.as_str(), &m.tool_calls) {
+            ("tool", _) => ChatMessage::new("user", &result_text(&m.content)),
+            (role, Some(calls)) => {
+                let calls = calls_text(calls);
+                let content = if m.content.is_empty() {
+                    calls
+                } else {
+                    format!("{}\n{calls}", m.content)
+                };
+                ChatMessage::new(role, &content)
+            }
+            _ => m.clone(),
+        })
+        .collect();
+    if let Some(t) = tools {
+        let described = t.system_text();
+        match out.first_mut() {
+            Some(m) if m.role == "system" => m.content = format!("{}\n\n{described}", m.content),
+            _ => out.insert(0, ChatMessage::new("system", &described)),
+        }
+    }
+    out
 }
 
 /// A `tool` message's content as the text the model reads.
-pub fn result_text(content: &str) -> String {
+fn result_text(content: &str) -> String {
     format!("<tool_response>\n{content}\n</tool_response>")
 }
 
@@ -337,11 +397,13 @@ mod tests {
 
     #[test]
     fn calls_round_trip_through_their_text() {
-        let text = calls_text(&json!([
-            {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}},
-            {"id": "b", "type": "function", "function": {"name": "g", "arguments": "{}"}}
-        ]))
-        .unwrap();
+        let text = calls_text(
+            &checked_calls(&json!([
+                {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}},
+                {"id": "b", "type": "function", "function": {"name": "g", "arguments": "{}"}}
+            ]))
+            .unwrap(),
+        );
         let calls = parse_calls(&text).unwrap();
         assert_eq!(calls.len(), 2);
         assert_eq!(

@@ -97,7 +97,13 @@ impl Validated {
     /// Characters of text the prompt(s) are made of.
     pub fn prompt_chars(&self) -> usize {
         match &self.input {
-            Input::Chat(ms) => ms.iter().map(|m| m.content.chars().count()).sum(),
+            Input::Chat(ms) => ms
+                .iter()
+                .map(|m| {
+                    let calls = m.tool_calls.as_ref().map_or(0, |c| c.to_string().len());
+                    m.content.chars().count() + calls
+                })
+                .sum(),
             Input::Prompts(ps) => ps.iter().map(|p| p.chars().count()).max().unwrap_or(0),
         }
     }
@@ -115,8 +121,7 @@ fn role(m: &MessageIn) -> Result<&'static str, ApiError> {
         "system" | "developer" => "system",
         "user" => "user",
         "assistant" => "assistant",
-        // A tool's result is read by the model as a user turn (see `tools`).
-        "tool" => "user",
+        "tool" => "tool",
         "function" => {
             return Err(ApiError::unsupported(
                 "messages",
@@ -134,27 +139,21 @@ fn role(m: &MessageIn) -> Result<&'static str, ApiError> {
     })
 }
 
-/// A message's text as the model reads it: a tool result wrapped, an assistant's calls written out.
-fn content(m: &MessageIn) -> Result<String, ApiError> {
-    let text = text_content(m)?;
-    if m.role == "tool" {
-        return Ok(tools::result_text(&text));
-    }
+/// A message as the chat template reads it: its text, and an assistant's calls (checked here,
+/// written out per model at tokenization, by the template or in Hearth's generic format).
+fn message(m: &MessageIn) -> Result<ChatMessage, ApiError> {
+    let mut out = ChatMessage::new(role(m)?, &text_content(m)?);
     match &m.tool_calls {
-        Some(calls) if m.role == "assistant" => {
-            let calls = tools::calls_text(calls)?;
-            Ok(if text.is_empty() {
-                calls
-            } else {
-                format!("{text}\n{calls}")
-            })
+        Some(calls) if m.role == "assistant" => out.tool_calls = Some(tools::checked_calls(calls)?),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "only assistant messages carry `tool_calls`",
+                Some("messages"),
+            ))
         }
-        Some(_) => Err(ApiError::invalid(
-            "only assistant messages carry `tool_calls`",
-            Some("messages"),
-        )),
-        None => Ok(text),
+        None => {}
     }
+    Ok(out)
 }
 
 fn text_content(m: &MessageIn) -> Result<String, ApiError> {
@@ -370,10 +369,10 @@ pub fn chat(req: ChatRequest, limits: &Limits) -> Result<Validated, ApiError> {
             Some("messages"),
         ));
     }
-    let mut messages = req
+    let messages = req
         .messages
         .iter()
-        .map(|m| Ok(ChatMessage::new(role(m)?, &content(m)?)))
+        .map(message)
         .collect::<Result<Vec<_>, ApiError>>()?;
     let s = &req.sampling;
     let tools = Tools::parse(
@@ -382,14 +381,6 @@ pub fn chat(req: ChatRequest, limits: &Limits) -> Result<Validated, ApiError> {
         s.parallel_tool_calls,
     )?
     .filter(Tools::callable);
-    if let Some(t) = &tools {
-        // The tools go into the system prompt (the first system message, or a new one).
-        let described = t.system_text();
-        match messages.first_mut() {
-            Some(m) if m.role == "system" => m.content = format!("{}\n\n{described}", m.content),
-            _ => messages.insert(0, ChatMessage::new("system", &described)),
-        }
-    }
     let logprobs = match (req.logprobs, req.top_logprobs) {
         (Some(true), t) => Some(t.unwrap_or(0) as usize),
         (_, Some(_)) => {

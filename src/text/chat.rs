@@ -9,6 +9,10 @@ use crate::error::{HearthError, Result};
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant turn's function calls, in OpenAI's shape with `arguments` as an object (what
+    /// templates with a tool format read: `tool_call.function.arguments | tojson`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
 }
 
 impl ChatMessage {
@@ -16,6 +20,7 @@ impl ChatMessage {
         Self {
             role: role.to_string(),
             content: content.to_string(),
+            tool_calls: None,
         }
     }
 }
@@ -71,15 +76,34 @@ impl ChatTemplate {
         }
     }
 
+    /// A template given by the operator (a file next to the model, as `chat_template` in the
+    /// config) in place of the model's own: it counts as the model's.
+    pub fn replace_source(&mut self, source: String) {
+        self.source = source;
+        self.native = true;
+    }
+
     /// Whether the model file carried its own template (else a fallback by architecture is used).
     pub fn is_native(&self) -> bool {
         self.native
     }
 
+    /// Whether the template renders `tools` itself, in the Hermes format (`<tool_call>` blocks and
+    /// `tool` turns), the one format Hearth's tool grammar and parser read. Other templates get
+    /// Hearth's generic tool prompt (`server::tools`).
+    pub fn renders_tools(&self) -> bool {
+        self.native && self.source.contains("tools") && self.source.contains("<tool_call>")
+    }
+
     /// The prompt text for `messages` with every message's content between `CONTENT_OPEN` and
     /// `CONTENT_CLOSE` (its surrounding whitespace outside them, so a template's `trim` still works),
     /// for `Tokenizer::encode_chat`, which recognises special tokens only outside the marks.
-    pub fn render_marked(&self, messages: &[ChatMessage]) -> Result<String> {
+    /// `tools` (OpenAI's tool objects) are given to templates that `renders_tools`.
+    pub fn render_marked(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+    ) -> Result<String> {
         let marked: Vec<ChatMessage> = messages
             .iter()
             .map(|m| {
@@ -97,16 +121,24 @@ impl ChatTemplate {
                     format!("{lead}{CONTENT_OPEN}{core}{CONTENT_CLOSE}{trail}")
                 };
                 Ok(ChatMessage {
-                    role: m.role.clone(),
                     content,
+                    ..m.clone()
                 })
             })
             .collect::<Result<_>>()?;
-        self.render(&marked)
+        self.render_with(&marked, tools)
     }
 
     /// The prompt text for `messages`, ending with the assistant's turn opener.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String> {
+        self.render_with(messages, None)
+    }
+
+    fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+    ) -> Result<String> {
         if messages.is_empty() {
             return Err(HearthError::InvalidRequest(
                 "messages must not be empty".into(),
@@ -121,8 +153,12 @@ impl ChatTemplate {
         let tmpl = env
             .get_template("chat")
             .map_err(|e| HearthError::ChatTemplate(e.to_string()))?;
+        // Only a template that renders tools sees them (others may print them in a format the
+        // tool grammar does not follow).
+        let tools = tools.filter(|_| self.renders_tools());
         tmpl.render(context! {
             messages => messages,
+            tools => tools,
             add_generation_prompt => true,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
@@ -157,5 +193,47 @@ mod tests {
     fn empty_messages_are_rejected() {
         let t = ChatTemplate::new(None, "llama", "<s>", "</s>");
         assert!(t.render(&[]).is_err());
+    }
+
+    #[test]
+    fn a_template_with_a_tool_format_renders_tools_calls_and_results_itself() {
+        let hermes = include_str!("../../tests/data/hermes_tools.jinja").to_string();
+        let t = ChatTemplate::new(Some(hermes), "llama", "", "<|im_end|>");
+        assert!(t.renders_tools());
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+        let mut call = ChatMessage::new("assistant", "");
+        call.tool_calls = Some(serde_json::json!([{"id": "c1", "type": "function",
+            "function": {"name": "get_weather", "arguments": {"city": "Paris <3"}}}]));
+        let convo = [
+            ChatMessage::new("user", "Weather in Paris?"),
+            call,
+            ChatMessage::new("tool", "18 C, sunny"),
+        ];
+        let out = t.render_marked(&convo, Some(&tools)).unwrap();
+        assert!(out.starts_with("<|im_start|>system\n# Functions"), "{out}");
+        assert!(
+            out.contains("<tools>\n{\"function\":{\"name\":\"get_weather\""),
+            "{out}"
+        );
+        // The call as the model writes one; `tojson` escapes `<`, so no argument reads as a
+        // special token.
+        assert!(
+            out.contains("<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\":\"Paris \\u003c3\"}}\n</tool_call><|im_end|>"),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!(
+                "<tool_response>\n{CONTENT_OPEN}18 C, sunny{CONTENT_CLOSE}\n</tool_response>"
+            )),
+            "{out}"
+        );
+        // No tools given: no tool block.
+        assert!(!t.render(&convo[..1]).unwrap().contains("<tools>"));
+        // A template without a tool format never sees them.
+        let plain = ChatTemplate::new(None, "llama", "", "");
+        assert!(!plain.renders_tools());
+        let out = plain.render_marked(&convo[..1], Some(&tools)).unwrap();
+        assert!(!out.contains("get_weather"), "{out}");
     }
 }

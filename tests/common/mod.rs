@@ -32,14 +32,8 @@ pub fn gemma3() -> PathBuf {
 /// Both default models, SmolLM2 then Gemma 3, under the given names.
 pub fn both_models(smol: &str, gemma: &str) -> Vec<hearth::config::ModelEntry> {
     vec![
-        hearth::config::ModelEntry {
-            name: smol.into(),
-            path: smollm2(),
-        },
-        hearth::config::ModelEntry {
-            name: gemma.into(),
-            path: gemma3(),
-        },
+        hearth::config::ModelEntry::new(smol, smollm2()),
+        hearth::config::ModelEntry::new(gemma, gemma3()),
     ]
 }
 
@@ -141,10 +135,7 @@ impl TestServer {
     /// SmolLM2 under `name`. Metrics are process-wide, so tests that read them use their own name.
     pub fn named(name: &str, f: impl FnOnce(&mut hearth::config::Config)) -> Self {
         let mut cfg = hearth::config::Config {
-            models: vec![hearth::config::ModelEntry {
-                name: name.into(),
-                path: smollm2(),
-            }],
+            models: vec![hearth::config::ModelEntry::new(name, smollm2())],
             ..Default::default()
         };
         f(&mut cfg);
