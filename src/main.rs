@@ -64,7 +64,7 @@ enum Cmd {
     },
     /// Measure prefill and decode throughput of a model on this machine, or the router's cost /
     /// quality (`--suite route`).
-    Bench(hearth::bench::BenchArgs),
+    Bench(Box<hearth::bench::BenchArgs>),
     /// Route groups: `calibrate` runs the served models over prompts with checkable answers and
     /// prints the escalation thresholds' cost / quality curve and the thresholds for a target.
     Route {

@@ -127,6 +127,45 @@ fn different_tenants_never_share_blocks() {
     assert_eq!(out_a, out_a2);
 }
 
+/// A burst of requests behind one fresh prefix: the prefix is computed once, not once for every
+/// request admitted while it was being computed, and every output is what the prompt gives alone.
+#[test]
+fn a_burst_behind_a_fresh_prefix_computes_it_once() {
+    let e = common::engine(&common::smollm2(), EngineConfig::default());
+    let (prefix_len, suffix_len, n) = (320usize, 40usize, 8u64);
+    let prefix = ids(&e, 7, prefix_len);
+    let prompts: Vec<Vec<u32>> = (0..n)
+        .map(|i| [prefix.clone(), ids(&e, 100 + i, suffix_len)].concat())
+        .collect();
+    let before = e.stats().prefill_tokens;
+    let outs: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            let (e, p) = (e.clone(), p.clone());
+            std::thread::spawn(move || run(&e, &p, None, 4).0)
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    let computed = e.stats().prefill_tokens - before;
+    let ideal = prefix_len + n as usize * suffix_len;
+    assert!(
+        computed as f64 <= 1.1 * ideal as f64,
+        "computed {computed} prompt tokens, ideal {ideal}"
+    );
+    let off = common::engine(
+        &common::smollm2(),
+        EngineConfig {
+            prefix_caching: false,
+            ..Default::default()
+        },
+    );
+    for (p, out) in prompts.iter().zip(&outs) {
+        assert_eq!(&run(&off, p, None, 4).0, out);
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Job {
     prefix: usize,

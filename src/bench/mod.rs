@@ -1,7 +1,9 @@
 //! `hearth bench`: prefill and decode throughput of one model through the real engine on this machine
-//! (suites `core`, `prefix`), or the router's cost / quality table over served models (`route`).
-//! Prints Markdown tables (the format of benches/RESULTS.md).
+//! (suites `core`, `prefix`), the router's cost / quality table over served models (`route`), or
+//! any OpenAI-compatible server under streaming load (`serve`). Prints Markdown tables (the format
+//! of benches/RESULTS.md).
 pub mod route;
+pub mod serve;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -14,9 +16,37 @@ use crate::model::Model;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// A GGUF file or a safetensors folder (the `core` and `prefix` suites).
+    /// A GGUF file or a safetensors folder (the `core` and `prefix` suites); the served model's
+    /// name (`serve`).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// `serve`: the servers to load, `URL` or `LABEL=URL` (repeat, or separate with commas).
+    #[arg(long, value_delimiter = ',')]
+    pub url: Vec<String>,
+    /// `serve`: concurrent streams at each level.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
+    pub levels: Vec<usize>,
+    /// `serve`: requests per level.
+    #[arg(long, default_value_t = 32)]
+    pub requests: usize,
+    /// `serve`: tokens each request generates (at most; exactly with --ignore-eos).
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// `serve`: about this many prompt tokens per request.
+    #[arg(long, default_value_t = 200)]
+    pub prompt_tokens: usize,
+    /// `serve`: ask the server to generate past end-of-sequence (`ignore_eos`).
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// `serve`: an API key sent as `Authorization: Bearer`.
+    #[arg(long, env = "HEARTH_API_KEY")]
+    pub api_key: Option<String>,
+    /// `serve`: write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// `serve`: draw tok/s and TTFT against concurrency, one line per server, as SVG here.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
     /// Prompt length for the prefill measurement.
     #[arg(long, default_value_t = 512)]
     pub prefill_tokens: usize,
@@ -195,6 +225,7 @@ fn prefix_suite(args: &BenchArgs, name: &str) -> Result<()> {
         }
     }
     let mean_waste = waste.iter().sum::<f64>() / waste.len().max(1) as f64;
+    let (ratio, ttft_burst, ttft_other) = burst(&on, args.repeat.max(1))?;
     println!("| model | measure | value |");
     println!("| --- | --- | --- |");
     println!(
@@ -225,12 +256,91 @@ fn prefix_suite(args: &BenchArgs, name: &str) -> Result<()> {
         "| {name} | KV waste (unused / allocated slots, mean while decoding) | {:.1}% |",
         mean_waste * 100.0
     );
+    println!(
+        "| {name} | burst of 16 behind a fresh 368-token prefix: computed / ideal prompt tokens | {ratio:.3} |"
+    );
+    println!(
+        "| {name} | same burst: TTFT p50, its requests / 4 unrelated sent with it | {:.0} / {:.0} ms |",
+        ttft_burst * 1e3,
+        ttft_other * 1e3
+    );
     Ok(())
+}
+
+/// 16 requests behind one fresh 368-token prefix (23 blocks of 16) and 4 unrelated ones of the same
+/// length, submitted at once: prompt tokens computed over the ideal (the prefix once, then each
+/// request's own 16), and the median TTFT of each kind. Medians over `rounds` fresh prefixes.
+fn burst(e: &EngineHandle, rounds: usize) -> Result<(f64, f64, f64)> {
+    let (prefix_len, own, n, others) = (368, 16, 16, 4);
+    let mut rows = Vec::new();
+    for r in 0..rounds {
+        let prefix = synthetic_prompt(e, 20_000 + r, prefix_len)?;
+        let mut prompts = Vec::new();
+        for i in 0..n + others {
+            let mut p = if i < n {
+                prefix.clone()
+            } else {
+                synthetic_prompt(e, 30_000 + r * 100 + i, prefix_len)?
+            };
+            p.extend(synthetic_prompt(e, 40_000 + r * 100 + i, own)?);
+            prompts.push(p);
+        }
+        let before = e.stats().prefill_tokens;
+        let t0 = Instant::now();
+        let rxs = prompts
+            .iter()
+            .map(|p| {
+                let params = SamplingParams {
+                    max_tokens: Some(4),
+                    ..SamplingParams::greedy()
+                };
+                e.submit(Request::new(p.clone(), params))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let firsts: Vec<f64> = std::thread::scope(|s| {
+            let waits: Vec<_> = rxs
+                .into_iter()
+                .map(|rx| {
+                    s.spawn(move || {
+                        let mut first = None;
+                        for ev in rx.iter() {
+                            match ev {
+                                Event::Token(_) if first.is_none() => {
+                                    first = Some(t0.elapsed().as_secs_f64());
+                                }
+                                Event::Finished { .. } | Event::Error(_) => break,
+                                _ => {}
+                            }
+                        }
+                        first.unwrap_or(f64::NAN)
+                    })
+                })
+                .collect();
+            waits
+                .into_iter()
+                .map(|w| w.join().unwrap_or(f64::NAN))
+                .collect()
+        });
+        let computed = (e.stats().prefill_tokens - before) as f64;
+        let ideal = (prefix_len + n * own + others * (prefix_len + own)) as f64;
+        rows.push((computed / ideal, median(&firsts[..n]), median(&firsts[n..])));
+    }
+    let col = |f: fn(&(f64, f64, f64)) -> f64| median(&rows.iter().map(f).collect::<Vec<_>>());
+    Ok((col(|r| r.0), col(|r| r.1), col(|r| r.2)))
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     if args.suite == "route" {
         return route::suite(args);
+    }
+    if args.suite == "serve" {
+        return serve_suite(args);
     }
     let name = args
         .model_path()?
@@ -336,4 +446,37 @@ impl StepSplit {
     fn per_step(&self, us: u64) -> f64 {
         us as f64 / 1e3 / self.steps.max(1) as f64
     }
+}
+
+fn serve_suite(args: &BenchArgs) -> Result<()> {
+    if args.url.is_empty() {
+        return Err(crate::HearthError::InvalidRequest(
+            "the serve suite needs --url".into(),
+        ));
+    }
+    let plan = serve::ServePlan {
+        model: args.model_path()?.to_string_lossy().into_owned(),
+        levels: args.levels.clone(),
+        requests: args.requests,
+        max_tokens: args.max_tokens,
+        prompt_tokens: args.prompt_tokens,
+        ignore_eos: args.ignore_eos,
+        api_key: args.api_key.clone(),
+    };
+    let runs = args
+        .url
+        .iter()
+        .map(|u| serve::run(u, &plan))
+        .collect::<Result<Vec<_>>>()?;
+    println!("{}", serve::table(&runs));
+    if let Some(p) = &args.json {
+        let text = serde_json::to_string_pretty(&runs)
+            .map_err(|e| crate::HearthError::Internal(e.to_string()))?;
+        std::fs::write(p, text)
+            .map_err(|e| crate::HearthError::Internal(format!("{}: {e}", p.display())))?;
+    }
+    if let Some(p) = &args.plot {
+        serve::plot(&runs, p)?;
+    }
+    Ok(())
 }

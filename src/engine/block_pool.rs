@@ -45,6 +45,15 @@ impl Allocation {
     pub fn blocks(&self) -> &[u32] {
         &self.blocks
     }
+
+    /// Leading full blocks in the prefix index (matched, or computed and committed).
+    pub fn num_hashed(&self) -> usize {
+        self.hashes.len()
+    }
+
+    pub fn salt(&self) -> u64 {
+        self.salt
+    }
 }
 
 impl Drop for Allocation {
@@ -182,6 +191,26 @@ impl BlockPool {
                 self.empty.push(b);
             }
         }
+    }
+
+    /// The chained hashes of the full blocks of `tokens` under `salt`.
+    pub fn chain(&self, salt: u64, tokens: &[u32]) -> Vec<u64> {
+        let mut parent = ROOT_HASH;
+        tokens
+            .chunks_exact(self.block_size)
+            .map(|chunk| {
+                parent = block_hash(parent, salt, chunk);
+                parent
+            })
+            .collect()
+    }
+
+    /// How many leading hashes of a chain are in the prefix index now.
+    pub fn cached_run(&self, chain: &[u64]) -> usize {
+        chain
+            .iter()
+            .take_while(|h| self.index.contains_key(*h))
+            .count()
     }
 
     /// Start an empty `alloc` with the longest chain of cached full blocks that begins `tokens`

@@ -347,6 +347,7 @@ impl EngineHandle {
             tokens: req.prompt,
             num_computed: 0,
             alloc: block_pool::Allocation::new(salt),
+            prompt_hashes: Vec::new(),
             sampler,
             max_tokens,
             eos_ids: self.tokenizer.eos_ids.clone(),
@@ -481,12 +482,13 @@ impl Engine {
         let pool = BlockPool::new(num_blocks, cfg.block_size, cfg.prefix_caching);
         let cost = model.decoder.cost_model();
         let cost_per_token = cost.cost(0, 1, true);
-        let scheduler = Scheduler::new(
+        let mut scheduler = Scheduler::new(
             cfg.scheduler.clone(),
             pool,
             model.max_context(),
             cfg.metering.then_some(cost),
         );
+        scheduler.masks_ahead = !d.device.is_cpu();
         let mut first = EngineStats::default();
         first.observe(&scheduler);
         let stats = Arc::new(Mutex::new(first));
@@ -555,8 +557,11 @@ fn run_loop(
         let outputs = if plan.is_empty() {
             sched.take_pending()
         } else {
-            let result = if sched.plan_is_constrained(&plan) {
-                // Grammar masks for this step are computed while its forward runs.
+            // On an accelerator the host is idle while the forward runs: the step's grammar masks
+            // are computed then. On the CPU the forward takes every core, so a mask costs the
+            // same there; the sampler checks the device's argmax instead and masks only when the
+            // grammar refuses it.
+            let result = if sched.masks_ahead && sched.plan_is_constrained(&plan) {
                 std::thread::scope(|scope| {
                     let sched = &mut sched;
                     let plan = &plan;

@@ -25,6 +25,9 @@ pub struct StepOutput {
     pub elapsed: Duration,
     /// Time the device spent on the step (CUDA events on a GPU; wall time on the CPU).
     pub device_time: Duration,
+    /// The step's logits (one row per `rows` entry), for a sampler that finds the device's argmax
+    /// refused by its grammar and needs the whole row after all.
+    pub logits: Option<Tensor>,
 }
 
 pub struct Runner {
@@ -63,6 +66,7 @@ impl Runner {
             rows,
             elapsed: t0.elapsed(),
             device_time,
+            logits: Some(logits),
         })
     }
 }

@@ -163,6 +163,16 @@ impl Sampler {
         }
     }
 
+    /// When the grammar refuses the device's argmax, compute the mask now (the engine does this
+    /// for a step's refused picks in parallel, before sampling them one by one).
+    pub fn prepare_if_refused(&mut self, token: u32) {
+        if let Some(g) = self.guide.as_mut() {
+            if !g.allows(token) {
+                g.prepare();
+            }
+        }
+    }
+
     pub fn is_constrained(&self) -> bool {
         self.guide.is_some()
     }
@@ -179,9 +189,11 @@ impl Sampler {
     /// Whether sampling needs the whole logit row; plain greedy without logprobs needs only the argmax
     /// and the log-normalizer, which the runner computes on the device (a GPU then sends back two
     /// numbers per sequence instead of a vocabulary-sized row).
-    pub fn needs_full_logits(&self) -> bool {
+    /// A constrained request needs it only when its mask is computed ahead (`masks_ahead`, on an
+    /// accelerator); otherwise the device's argmax is checked against the grammar first.
+    pub fn needs_full_logits(&self, masks_ahead: bool) -> bool {
         let p = &self.params;
-        self.guide.is_some()
+        (masks_ahead && self.guide.is_some())
             || !(p.is_greedy()
                 && self.generated >= p.probe_tokens
                 && p.repetition_penalty == 1.0
@@ -191,27 +203,45 @@ impl Sampler {
                 && p.logprobs.is_none_or(|n| n == 0))
     }
 
-    /// Take the token the device picked by argmax, with its log-probability (see `needs_full_logits`).
-    pub fn accept_greedy(&mut self, token: u32, logprob: f32) -> Sampled {
+    /// Take the token the device picked by argmax, with its log-probability (see `needs_full_logits`);
+    /// None, and nothing changed, when the output grammar refuses it (then `sample` the whole row).
+    pub fn accept_greedy(&mut self, token: u32, logprob: f32) -> Option<Sampled> {
+        if let Some(g) = self.guide.as_mut() {
+            if !g.allows(token) {
+                return None;
+            }
+            g.commit(token);
+        }
         *self.counts.entry(token).or_insert(0) += 1;
         self.generated += 1;
-        Sampled {
+        Some(Sampled {
             token,
             logprob,
             top: Vec::new(),
             margin: None,
-        }
+        })
     }
 
     /// Pick the next token from `logits`; `context` is the prompt plus the output so far.
     pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> Sampled {
+        self.sample_normalized(logits, context, None)
+    }
+
+    /// `sample`, given the row's maximum and log-sum-exp when the device computed them already
+    /// (a vocabulary of exponentials is most of a sample's cost on a 262k vocabulary).
+    pub fn sample_normalized(
+        &mut self,
+        logits: &[f32],
+        context: &[u32],
+        norm: Option<(f32, f32)>,
+    ) -> Sampled {
         let p = &self.params;
         // Log-probabilities are reported from the raw distribution, as OpenAI and vLLM do.
-        let (max, lse) = {
+        let (max, lse) = norm.unwrap_or_else(|| {
             let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
             (max, sum.ln())
-        };
+        });
 
         let mut work: Vec<f32> = logits.to_vec();
         if p.repetition_penalty != 1.0 {
@@ -240,17 +270,30 @@ impl Sampler {
                 *l += b;
             }
         }
-        if let Some(g) = self.guide.as_mut() {
-            g.mask(&mut work);
-        }
-        let p = &self.params;
-
-        let greedy = p.is_greedy();
         let top_n_wanted = p.logprobs;
-        let token = if greedy {
-            argmax(&work)
-        } else {
-            self.draw(&work)
+        // Under a grammar, the pick from the unmasked logits is checked first and kept when the
+        // grammar allows it; only a refused pick pays for the whole mask, then picks again. For
+        // argmax that is the masked argmax. For plain temperature sampling it is rejection
+        // sampling: a token t comes out with p(t) + (1 - A) p(t) / A = p(t) / A (A: the allowed
+        // mass), the masked distribution. Top-k, top-p and min-p cut the distribution by its
+        // shape, so they (and a mask prepared ahead, on an accelerator) mask first.
+        let check_first = self.guide.as_ref().is_some_and(|g| !g.has_ready_mask())
+            && (p.is_greedy() || (p.top_k == 0 && p.top_p >= 1.0 && p.min_p == 0.0));
+        let mut token = None;
+        if check_first {
+            let t = self.pick(&work);
+            if self.guide.as_mut().is_some_and(|g| g.allows(t)) {
+                token = Some(t);
+            }
+        }
+        let token = match token {
+            Some(t) => t,
+            None => {
+                if let Some(g) = self.guide.as_mut() {
+                    g.mask(&mut work);
+                }
+                self.pick(&work)
+            }
         };
         *self.counts.entry(token).or_insert(0) += 1;
         if let Some(g) = self.guide.as_mut() {
@@ -275,6 +318,14 @@ impl Sampler {
             logprob: log_softmax_at(logits, max, lse, token as usize),
             top,
             margin,
+        }
+    }
+
+    fn pick(&mut self, logits: &[f32]) -> u32 {
+        if self.params.is_greedy() {
+            argmax(logits)
+        } else {
+            self.draw(logits)
         }
     }
 
@@ -437,7 +488,7 @@ mod tests {
             logit_bias: vec![(2, 5.0), (0, -100.0)],
             ..SamplingParams::greedy()
         });
-        assert!(s.needs_full_logits());
+        assert!(s.needs_full_logits(false));
         let got = s.sample(&l, &[]);
         assert_eq!(got.token, 2);
         let mut p2 = Sampler::new(SamplingParams {

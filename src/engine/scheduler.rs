@@ -110,6 +110,9 @@ enum Ending {
 pub struct Scheduler {
     cfg: SchedulerConfig,
     pub pool: BlockPool,
+    /// Grammar masks are computed ahead, beside the forward (on an accelerator, where the host is
+    /// idle meanwhile); on the CPU the device's argmax is checked against the grammar instead.
+    pub masks_ahead: bool,
     /// The model's context length (prompt + generated tokens).
     max_context: usize,
     waiting: VecDeque<Sequence>,
@@ -147,6 +150,7 @@ impl Scheduler {
         Self {
             cfg,
             pool,
+            masks_ahead: false,
             max_context,
             cost,
             vtime: HashMap::new(),
@@ -160,7 +164,7 @@ impl Scheduler {
         }
     }
 
-    pub fn add(&mut self, seq: Sequence) {
+    pub fn add(&mut self, mut seq: Sequence) {
         let key = tenant_key(&seq);
         if !self.active.contains_key(&key) {
             // A tenant coming back starts level with the least-served active one: idle time is not
@@ -177,7 +181,34 @@ impl Scheduler {
             }
         }
         *self.active.entry(key).or_default() += 1;
+        if self.pool.caching() && seq.prompt_hashes.is_empty() {
+            seq.prompt_hashes = self
+                .pool
+                .chain(seq.alloc.salt(), &seq.tokens[..seq.prompt_len]);
+        }
         self.waiting.push_back(seq);
+    }
+
+    /// Whether a request not yet admitted should wait for its next uncached prompt block, which a
+    /// running sequence is computing now: admitted at once, it would compute the same block again
+    /// (a burst of requests behind a fresh system prompt would each compute it); admitted once the
+    /// block is committed, it reuses it. Usually a step's wait. Requests that share nothing in
+    /// flight are never held.
+    fn awaits_prefix(&self, w: &Sequence) -> bool {
+        if w.admitted.is_some() || w.prompt_hashes.is_empty() {
+            return false;
+        }
+        // As in `admit`: the last prompt token is always computed, so its block is never reused.
+        let reusable = (w.tokens.len() - 1) / self.pool.block_size();
+        let chain = &w.prompt_hashes[..reusable.min(w.prompt_hashes.len())];
+        let Some(next) = chain.get(self.pool.cached_run(chain)) else {
+            return false;
+        };
+        self.running.iter().any(|s| {
+            s.prompt_hashes
+                .get(s.alloc.num_hashed()..)
+                .is_some_and(|in_flight| in_flight.contains(next))
+        })
     }
 
     /// Charge `tokens` run for sequence `seq` to its tenant's virtual time.
@@ -227,6 +258,34 @@ impl Scheduler {
                 .items
                 .iter()
                 .any(|i| i.wants_logits && constrained.contains(&i.seq_id))
+    }
+
+    /// Where the grammar refuses a constrained sequence's device argmax, compute its mask now, all
+    /// such sequences in parallel (the forward is over: the cores are free).
+    fn prepare_refused_masks(&mut self, plan: &StepPlan, rows: &[Row]) {
+        use rayon::prelude::*;
+        let picks: HashMap<u64, u32> = plan
+            .items
+            .iter()
+            .filter(|i| i.wants_logits)
+            .zip(rows)
+            .filter_map(|(i, r)| match r {
+                Row::Greedy { token, .. } => Some((i.seq_id, *token)),
+                Row::Full(_) => None,
+            })
+            .collect();
+        let wanted = |s: &Sequence| s.sampler.is_constrained() && picks.contains_key(&s.id);
+        if !self.running.iter().any(wanted) {
+            return;
+        }
+        self.running
+            .par_iter_mut()
+            .filter(|s| wanted(s))
+            .for_each(|s| {
+                if let Some(&t) = picks.get(&s.id) {
+                    s.sampler.prepare_if_refused(t);
+                }
+            });
     }
 
     /// Compute the grammar masks the plan's sampling will need, in parallel: the engine runs this
@@ -359,12 +418,12 @@ impl Scheduler {
         let before = match planned.get(&seq.id) {
             Some(&k) => {
                 let before = plan.items[k].tokens.len();
-                plan.items[k] = Self::item(seq, n);
+                plan.items[k] = Self::item(seq, n, self.masks_ahead);
                 before
             }
             None => {
                 planned.insert(seq.id, plan.items.len());
-                plan.items.push(Self::item(seq, n));
+                plan.items.push(Self::item(seq, n, self.masks_ahead));
                 0
             }
         };
@@ -562,7 +621,11 @@ impl Scheduler {
                 if let Some(pos) = grown {
                     self.plan_running(plan, planned, pos, n);
                 }
-            } else if let Some(at) = self.waiting.iter().position(|s| tenant_key(s) == tenant) {
+            } else if let Some(at) = self
+                .waiting
+                .iter()
+                .position(|s| tenant_key(s) == tenant && !self.awaits_prefix(s))
+            {
                 if !self.admit(plan, planned, at, cap) {
                     admitting = false;
                 }
@@ -580,7 +643,7 @@ impl Scheduler {
         }
     }
 
-    fn item(seq: &Sequence, n: usize) -> Scheduled {
+    fn item(seq: &Sequence, n: usize, masks_ahead: bool) -> Scheduled {
         let start = seq.num_computed;
         Scheduled {
             seq_id: seq.id,
@@ -588,7 +651,7 @@ impl Scheduler {
             first_pos: start,
             block_table: seq.alloc.blocks().to_vec(),
             wants_logits: start + n == seq.tokens.len(),
-            full_logits: seq.sampler.needs_full_logits(),
+            full_logits: seq.sampler.needs_full_logits(masks_ahead),
             prompt_tokens: seq.prompt_len.saturating_sub(start).min(n),
         }
     }
@@ -603,8 +666,12 @@ impl Scheduler {
             forward_time: out.elapsed,
             device_time: out.device_time,
         };
-        let mut rows = out.rows.into_iter();
+        if !self.masks_ahead {
+            self.prepare_refused_masks(plan, &out.rows);
+        }
+        let mut rows = out.rows.into_iter().enumerate();
         let mut done = Vec::new();
+        let mut failed = Vec::new();
         let shares = match &self.cost {
             Some(model) => {
                 let costs: Vec<u128> = plan
@@ -646,10 +713,29 @@ impl Scheduler {
                 device_time: share,
                 tenant: seq.tenant.clone(),
             });
-            let Some(row) = row else { continue };
+            let Some((i, row)) = row else { continue };
             let sampled = match row {
                 Row::Full(r) => seq.sampler.sample(&r, &seq.tokens),
-                Row::Greedy { token, logprob } => seq.sampler.accept_greedy(token, logprob),
+                Row::Greedy { token, logprob } => match seq.sampler.accept_greedy(token, logprob) {
+                    Some(s) => s,
+                    // The grammar refused the argmax: sample the whole row under its mask.
+                    None => match out.logits.as_ref().map(|l| l.get(i)?.to_vec1::<f32>()) {
+                        Some(Ok(r)) => {
+                            // The argmax's logit is the row's maximum; its log-probability is
+                            // minus the log-normalizer.
+                            let norm = r.get(token as usize).map(|&max| (max, -logprob));
+                            seq.sampler.sample_normalized(&r, &seq.tokens, norm)
+                        }
+                        Some(Err(e)) => {
+                            failed.push((seq.id, format!("reading a logits row: {e}")));
+                            continue;
+                        }
+                        None => {
+                            failed.push((seq.id, "no logits for a refused argmax".to_string()));
+                            continue;
+                        }
+                    },
+                },
             };
             seq.push(&sampled);
             outputs
@@ -659,10 +745,14 @@ impl Scheduler {
                 done.push((seq.id, reason));
             }
         }
-        for (id, reason) in done {
+        let endings = done
+            .into_iter()
+            .map(|(id, r)| (id, Ending::Finished(r)))
+            .chain(failed.into_iter().map(|(id, e)| (id, Ending::Failed(e))));
+        for (id, ending) in endings {
             if let Some(pos) = self.running.iter().position(|s| s.id == id) {
                 let s = self.running.remove(pos);
-                self.retire(s, Ending::Finished(reason));
+                self.retire(s, ending);
             }
         }
         outputs.events.append(&mut self.pending);

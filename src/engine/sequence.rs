@@ -94,6 +94,9 @@ pub struct Sequence {
     pub num_computed: usize,
     /// The KV blocks; released only by the scheduler's `retire` (or by preemption).
     pub alloc: Allocation,
+    /// Chained prefix-cache hashes of the prompt's full blocks (set when the scheduler takes the
+    /// sequence in, with prefix caching on).
+    pub prompt_hashes: Vec<u64>,
     pub sampler: Sampler,
     /// Stop after this many generated tokens.
     pub max_tokens: usize,

@@ -16,6 +16,8 @@ use crate::text::Tokenizer;
 mod numbers;
 mod schema;
 
+pub use schema::close_objects;
+
 use numbers::{DigitTokens, NumberCap};
 
 /// A request's output constraint, checked and ready to compile for any model.
@@ -253,6 +255,27 @@ impl Guide {
         for (i, l) in eos {
             logits[i] = if end_allowed { l } else { f32::NEG_INFINITY };
         }
+    }
+
+    /// Whether the grammar allows `token` next: a check of one token, far cheaper than a mask
+    /// over the vocabulary. When the sampler's own pick passes it, no mask is needed (see
+    /// `Sampler::sample`).
+    pub fn allows(&mut self, token: u32) -> bool {
+        if self.finished {
+            return false;
+        }
+        if self.eos_ids.contains(&token) {
+            return self.matcher.is_stopped() || self.matcher.is_accepting().unwrap_or(false);
+        }
+        if self.numbers.as_ref().is_some_and(|n| n.forbids(token)) {
+            return false;
+        }
+        self.matcher.validate_tokens(&[token]).is_ok_and(|n| n == 1)
+    }
+
+    /// Whether a mask was computed ahead (`prepare`) and waits for this step.
+    pub fn has_ready_mask(&self) -> bool {
+        self.ready.is_some()
     }
 
     /// Follow the token the sampler picked.

@@ -73,6 +73,12 @@ impl NumberCap {
         }
     }
 
+    /// Whether the cap forbids `token` now (ignoring whether the grammar would allow anything
+    /// else; `limit` looks at that).
+    pub fn forbids(&self, token: u32) -> bool {
+        !self.in_string && self.run >= MAX_DIGITS && self.tokens.leading_digit.is_allowed(token)
+    }
+
     /// Forbid another digit once a number's part has `MAX_DIGITS`, where the grammar allows
     /// something else (a pattern that needs the digits keeps them).
     pub fn limit(&self, allowed: &mut SimpleVob) {

@@ -4,73 +4,167 @@
 //! `max_tokens` (in the schema set, 3 of 70 answers never finished for that alone). OpenAI's strict
 //! mode requires closed objects, llama.cpp's schema grammar and xgrammar's strict mode close them
 //! too; a client who wants extra keys says `additionalProperties: true` (or a schema for them).
-//! Closing only narrows what may be generated, so every answer still validates against the
-//! client's own schema.
+//!
+//! Closing must only narrow what may be written, so every answer still validates against the
+//! client's schema, and must never make a schema unsatisfiable. So nothing is closed where the
+//! grammar compiler merges schemas side by side (the parts of an `allOf`, the branches of an
+//! `anyOf` beside the object's own keywords, a `$ref` with sibling keywords, and everything below
+//! them, including the definitions they reach): one closed side would forbid the other side's
+//! keys. A schema with a `oneOf` is left as it is: closing its branches could let the compiler
+//! prove them disjoint and accept an answer that matches two of the client's open branches.
+//! An object whose `required` names a key it does not list, or whose `minProperties` exceeds its
+//! properties, stays open too.
+use std::collections::HashSet;
+
 use serde_json::{Map, Value};
 
 /// Keywords whose value is one subschema.
-const ONE: [&str; 6] = [
+const ONE: [&str; 5] = [
     "additionalProperties",
     "items",
     "additionalItems",
-    "not",
     "contains",
     "propertyNames",
 ];
-/// Keywords whose value is a list of subschemas.
-const LIST: [&str; 4] = ["anyOf", "oneOf", "prefixItems", "items"];
 /// Keywords whose value maps names to subschemas.
-const MAP: [&str; 5] = [
-    "properties",
-    "patternProperties",
-    "$defs",
-    "definitions",
-    "dependentSchemas",
-];
+const MAP: [&str; 3] = ["properties", "patternProperties", "dependentSchemas"];
+/// Where definitions live (`#/$defs/NAME`, `#/definitions/NAME`).
+const DEFS: [&str; 2] = ["$defs", "definitions"];
 
-/// Close every object schema in `schema` that lists properties and leaves the rest unsaid.
+/// Close every object schema in `schema` that lists properties and leaves the rest unsaid, where
+/// that is safe (see the module's words).
 pub fn close_objects(schema: &mut Value) {
-    walk(schema, false);
+    if has_key(schema, "oneOf") {
+        return;
+    }
+    // Definitions reached from a merged place stay open, all the way down (and what they reach).
+    let mut open: HashSet<String> = HashSet::new();
+    let mut todo = Vec::new();
+    refs(schema, false, &mut todo);
+    while let Some(r) = todo.pop() {
+        if open.insert(r.clone()) {
+            if let Some(def) = schema.pointer(r.trim_start_matches('#')) {
+                let mut more = Vec::new();
+                refs(def, true, &mut more);
+                todo.extend(more);
+            }
+        }
+    }
+    walk(schema, false, &open, "#");
 }
 
-/// `in_all_of`: the schema is one part of an `allOf`, where each part sees only its own
-/// properties; closing a part would forbid the other parts' keys.
-fn walk(schema: &mut Value, in_all_of: bool) {
+fn has_key(v: &Value, key: &str) -> bool {
+    match v {
+        Value::Object(m) => m.contains_key(key) || m.values().any(|v| has_key(v, key)),
+        Value::Array(a) => a.iter().any(|v| has_key(v, key)),
+        _ => false,
+    }
+}
+
+/// Whether the object's own keywords sit beside an applicator the compiler merges them with.
+fn merges(obj: &Map<String, Value>) -> bool {
+    let own = ["properties", "required", "additionalProperties", "type"]
+        .iter()
+        .any(|k| obj.contains_key(*k));
+    obj.contains_key("allOf")
+        || (own && obj.contains_key("anyOf"))
+        || (obj.contains_key("$ref") && obj.len() > 1)
+}
+
+/// Subschemas of `obj` with whether each is merged with others (`merged`: this node is).
+fn children(obj: &mut Map<String, Value>, merged: bool) -> Vec<(&mut Value, bool)> {
+    let side = merged || merges(obj);
+    let mut out = Vec::new();
+    for (k, v) in obj.iter_mut() {
+        match (k.as_str(), v) {
+            ("allOf" | "anyOf", Value::Array(parts)) => {
+                out.extend(parts.iter_mut().map(|p| (p, side)));
+            }
+            ("prefixItems" | "items", Value::Array(parts)) => {
+                out.extend(parts.iter_mut().map(|p| (p, merged)));
+            }
+            (k, v) if ONE.contains(&k) => out.push((v, merged)),
+            (k, Value::Object(m)) if MAP.contains(&k) => {
+                out.extend(m.values_mut().map(|p| (p, merged)));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The `$ref`s reached from merged places (or, with `merged`, from anywhere below).
+fn refs(schema: &Value, merged: bool, out: &mut Vec<String>) {
+    let mut copy = schema.clone();
+    collect(&mut copy, merged, out);
+}
+
+fn collect(schema: &mut Value, merged: bool, out: &mut Vec<String>) {
     let Some(obj) = schema.as_object_mut() else {
         return;
     };
-    if !in_all_of && closable(obj) {
-        obj.insert("additionalProperties".into(), Value::Bool(false));
-    }
-    for key in ONE {
-        if let Some(v) = obj.get_mut(key) {
-            walk(v, false);
+    if let Some(Value::String(r)) = obj.get("$ref") {
+        if merged || merges(obj) {
+            out.push(r.clone());
         }
     }
-    for key in LIST {
-        if let Some(Value::Array(items)) = obj.get_mut(key) {
-            items.iter_mut().for_each(|v| walk(v, false));
-        }
+    for (child, m) in children(obj, merged) {
+        collect(child, m, out);
     }
-    if let Some(Value::Array(parts)) = obj.get_mut("allOf") {
-        parts.iter_mut().for_each(|v| walk(v, true));
-    }
-    for key in MAP {
-        if let Some(Value::Object(m)) = obj.get_mut(key) {
-            m.values_mut().for_each(|v| walk(v, false));
+    for d in DEFS {
+        if let Some(Value::Object(defs)) = obj.get_mut(d) {
+            defs.values_mut().for_each(|v| collect(v, merged, out));
         }
     }
 }
 
-/// Lists `properties`, says nothing of other keys, and is not combined with another schema
-/// (`allOf`, a sibling `$ref`) that may add properties of its own.
+/// `at`: this node's pointer, for the definitions directly under the root.
+fn walk(schema: &mut Value, merged: bool, open: &HashSet<String>, at: &str) {
+    let Some(obj) = schema.as_object_mut() else {
+        return;
+    };
+    if !merged && closable(obj) {
+        obj.insert("additionalProperties".into(), Value::Bool(false));
+    }
+    for (child, m) in children(obj, merged) {
+        walk(child, m, open, "");
+    }
+    for d in DEFS {
+        if let Some(Value::Object(defs)) = obj.get_mut(d) {
+            for (name, v) in defs.iter_mut() {
+                let path = format!("{at}/{d}/{name}");
+                let keep = merged || at.is_empty() || open.contains(&path);
+                walk(v, keep, open, "");
+            }
+        }
+    }
+}
+
+/// Lists `properties`, says nothing of other keys, is merged with nothing, and asks for no key
+/// (or more keys) than it lists.
 fn closable(obj: &Map<String, Value>) -> bool {
-    obj.get("properties").is_some_and(Value::is_object)
+    let Some(Value::Object(props)) = obj.get("properties") else {
+        return false;
+    };
+    let listed = obj
+        .get("required")
+        .and_then(Value::as_array)
+        .is_none_or(|r| {
+            r.iter()
+                .all(|k| k.as_str().is_some_and(|k| props.contains_key(k)))
+        });
+    let enough = obj
+        .get("minProperties")
+        .and_then(Value::as_u64)
+        .is_none_or(|n| n as usize <= props.len());
+    listed
+        && enough
+        && !merges(obj)
         && ![
             "additionalProperties",
             "patternProperties",
             "unevaluatedProperties",
-            "allOf",
+            "anyOf",
             "$ref",
         ]
         .iter()
@@ -121,7 +215,41 @@ mod tests {
         // Parts of an allOf each see only their own keys; the parts stay open.
         let parts = json!({"allOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}]});
         assert_eq!(closed(parts.clone()), parts);
-        let with_ref = json!({"$ref": "#/$defs/base", "properties": {"a": {}}});
+        let with_ref = json!({"$ref": "#/$defs/base", "properties": {"a": {}},
+            "$defs": {"base": {"properties": {"id": {}}}}});
         assert_eq!(closed(with_ref.clone()), with_ref);
+    }
+
+    /// The cases where closing would forbid a key another part requires, or let an answer match
+    /// two branches of a `oneOf`: nothing changes.
+    #[test]
+    fn merged_places_and_unlisted_requirements_stay_open() {
+        for schema in [
+            // A definition reached from an allOf part (inheritance, as OpenAPI writes it).
+            json!({"allOf": [{"$ref": "#/$defs/Base"}, {"properties": {"x": {}}, "required": ["x"]}],
+                "$defs": {"Base": {"properties": {"id": {}}}}}),
+            // Own properties beside an anyOf.
+            json!({"properties": {"kind": {}}, "anyOf": [{"properties": {"a": {}}, "required": ["a"]}]}),
+            // An anyOf inside an allOf part, and nested objects below the parts.
+            json!({"allOf": [{"anyOf": [{"properties": {"a": {}}}]},
+                {"properties": {"b": {}, "p": {"properties": {"y": {}}}}, "required": ["b"]}]}),
+            // Required or minProperties beyond what is listed.
+            json!({"properties": {"a": {}}, "required": ["a", "b"]}),
+            json!({"properties": {"a": {}}, "minProperties": 2}),
+            // Any oneOf.
+            json!({"properties": {"v": {"oneOf": [{"properties": {"a": {}, "b": {}}, "required": ["a"]},
+                {"properties": {"b": {}}, "required": ["b"]}]}}}),
+        ] {
+            assert_eq!(closed(schema.clone()), schema);
+        }
+        // A definition reached both from a plain place and a merged one stays open; one reached
+        // only from plain places is closed.
+        let v = closed(
+            json!({"properties": {"a": {"$ref": "#/$defs/A"}, "b": {"$ref": "#/$defs/B"},
+            "c": {"allOf": [{"$ref": "#/$defs/B"}]}},
+            "$defs": {"A": {"properties": {"x": {}}}, "B": {"properties": {"y": {}}}}}),
+        );
+        assert_eq!(v["$defs"]["A"]["additionalProperties"], json!(false));
+        assert!(v["$defs"]["B"].get("additionalProperties").is_none());
     }
 }

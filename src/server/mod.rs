@@ -200,6 +200,17 @@ fn load_all(config: &Config, device: &Device) -> Result<Vec<(String, EngineHandl
                 ))
             })?;
             model.chat_template.replace_source(source);
+            // A template that cannot render a plain turn would fail every chat request.
+            model
+                .chat_template
+                .render(&[crate::model::ChatMessage::new("user", "hi")])
+                .map_err(|e| {
+                    HearthError::Config(format!(
+                        "model `{}`: chat_template {}: {e}",
+                        m.name,
+                        t.display()
+                    ))
+                })?;
         }
         let engine = Engine::start(model, config.engine())?;
         tracing::info!(model = %m.name, secs = t0.elapsed().as_secs_f32(), "model {}/{total} ready", i + 1);

@@ -183,6 +183,19 @@ async fn tokenize(
             Input::Chat(messages) => {
                 let text = if e.chat_template.renders_tools() {
                     let tools = tools.as_ref().map(Tools::openai_json);
+                    // The template writes tools and calls outside the content marks: no special
+                    // token's text may come in through them.
+                    let written = messages
+                        .iter()
+                        .filter_map(|m| m.tool_calls.as_ref())
+                        .chain(tools.as_ref());
+                    for v in written {
+                        if let Some(s) = e.tokenizer.find_special(&v.to_string()) {
+                            return Err(crate::HearthError::InvalidRequest(format!(
+                                "tools and tool calls must not contain the special token `{s}`"
+                            )));
+                        }
+                    }
                     e.chat_template.render_marked(&messages, tools.as_ref())?
                 } else {
                     let messages = tools::generic_messages(&messages, tools.as_ref());

@@ -127,11 +127,10 @@ impl Tools {
             self.tools
                 .iter()
                 .map(|t| {
-                    let mut f = json!({"name": t.name, "parameters": t.parameters});
-                    if let Some(d) = &t.description {
-                        f["description"] = json!(d);
-                    }
-                    json!({"type": "function", "function": f})
+                    // Templates print `description` without asking whether it is there.
+                    let d = t.description.as_deref().unwrap_or("");
+                    json!({"type": "function", "function":
+                        {"name": t.name, "description": d, "parameters": t.parameters}})
                 })
                 .collect(),
         )
@@ -148,8 +147,12 @@ impl Tools {
             "# Tools\n\nYou may call functions to help with the user's request. \
              The functions, with JSON schemas of their arguments:\n",
         );
-        for t in self.openai_json().as_array().into_iter().flatten() {
-            s.push_str(&t["function"].to_string());
+        for t in &self.tools {
+            let mut f = json!({"name": t.name, "parameters": t.parameters});
+            if let Some(d) = &t.description {
+                f["description"] = json!(d);
+            }
+            s.push_str(&f.to_string());
             s.push('\n');
         }
         s.push_str(&format!(
@@ -175,9 +178,11 @@ impl Tools {
             .iter()
             .filter(|t| named.is_none_or(|n| *n == t.name))
             .map(|t| {
+                let mut arguments = t.parameters.clone();
+                crate::grammar::close_objects(&mut arguments);
                 json!({
                     "type": "object",
-                    "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+                    "properties": {"name": {"const": t.name}, "arguments": arguments},
                     "required": ["name", "arguments"],
                     "additionalProperties": false
                 })
@@ -208,6 +213,13 @@ impl Tools {
     }
 }
 
+fn is_function_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
 fn tool(v: &Value) -> Result<Tool, ApiError> {
     if v.get("type").and_then(Value::as_str) != Some("function") {
         return Err(bad("every tool must be of type `function`", "tools"));
@@ -218,12 +230,7 @@ fn tool(v: &Value) -> Result<Tool, ApiError> {
     let name = f
         .get("name")
         .and_then(Value::as_str)
-        .filter(|n| {
-            !n.is_empty()
-                && n.len() <= 64
-                && n.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        })
+        .filter(|n| is_function_name(n))
         .ok_or_else(|| {
             bad(
                 "a function needs a `name` of 1-64 letters, digits, `_` or `-`",
@@ -259,14 +266,32 @@ pub fn checked_calls(tool_calls: &Value) -> Result<Value, ApiError> {
         let name = f
             .get("name")
             .and_then(Value::as_str)
-            .ok_or_else(|| bad("a tool call needs a function `name`", "messages"))?;
+            .filter(|n| is_function_name(n))
+            .ok_or_else(|| {
+                bad(
+                    "a tool call needs a function `name` of 1-64 letters, digits, `_` or `-`",
+                    "messages",
+                )
+            })?;
         let args: Value = match f.get("arguments") {
             Some(Value::String(s)) => serde_json::from_str(s)
                 .map_err(|e| bad(format!("tool call arguments are not JSON: {e}"), "messages"))?,
             Some(v) => v.clone(),
             None => json!({}),
         };
-        let id = c.get("id").and_then(Value::as_str).unwrap_or_default();
+        if !args.is_object() {
+            return Err(bad("tool call arguments must be a JSON object", "messages"));
+        }
+        let id = c
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|id| {
+                id.len() <= 64
+                    && id
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            })
+            .unwrap_or_default();
         out.push(
             json!({"id": id, "type": "function", "function": {"name": name, "arguments": args}}),
         );

@@ -97,13 +97,9 @@ impl Validated {
     /// Characters of text the prompt(s) are made of.
     pub fn prompt_chars(&self) -> usize {
         match &self.input {
-            Input::Chat(ms) => ms
-                .iter()
-                .map(|m| {
-                    let calls = m.tool_calls.as_ref().map_or(0, |c| c.to_string().len());
-                    m.content.chars().count() + calls
-                })
-                .sum(),
+            // Calls are left out: how a template writes them is not known here, and the sum
+            // must not exceed the prompt's text (it bounds the tokens from below).
+            Input::Chat(ms) => ms.iter().map(|m| m.content.chars().count()).sum(),
             Input::Prompts(ps) => ps.iter().map(|p| p.chars().count()).max().unwrap_or(0),
         }
     }

@@ -51,6 +51,8 @@ pub struct ChatTemplate {
     /// Whether the template came with the model (a file without one is usually a base model,
     /// not tuned to follow chat turns).
     native: bool,
+    /// Whether it renders tools in the Hermes format (see `renders_tools`).
+    tool_format: bool,
 }
 
 fn raise_exception(msg: String) -> std::result::Result<String, JinjaError> {
@@ -68,12 +70,15 @@ impl ChatTemplate {
                 CHATML_TEMPLATE.to_string()
             }
         });
-        Self {
+        let mut t = Self {
             source,
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
             native,
-        }
+            tool_format: false,
+        };
+        t.tool_format = t.native && t.probe_tool_format();
+        t
     }
 
     /// A template given by the operator (a file next to the model, as `chat_template` in the
@@ -81,6 +86,7 @@ impl ChatTemplate {
     pub fn replace_source(&mut self, source: String) {
         self.source = source;
         self.native = true;
+        self.tool_format = self.probe_tool_format();
     }
 
     /// Whether the model file carried its own template (else a fallback by architecture is used).
@@ -92,7 +98,34 @@ impl ChatTemplate {
     /// `tool` turns), the one format Hearth's tool grammar and parser read. Other templates get
     /// Hearth's generic tool prompt (`server::tools`).
     pub fn renders_tools(&self) -> bool {
-        self.native && self.source.contains("tools") && self.source.contains("<tool_call>")
+        self.tool_format
+    }
+
+    /// Render a conversation with one tool and one call of it: the template has the Hermes format
+    /// when it shows the tool and writes the call as `<tool_call>` JSON `</tool_call>` (templates
+    /// that write other bodies inside the same tags, such as XML parameters, do not).
+    fn probe_tool_format(&self) -> bool {
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "probe_fn",
+            "description": "", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}}]);
+        let call = serde_json::json!({"name": "probe_fn", "arguments": {"x": 7}});
+        let mut assistant = ChatMessage::new("assistant", "");
+        assistant.tool_calls =
+            Some(serde_json::json!([{"id": "c1", "type": "function", "function": call}]));
+        let convo = [
+            ChatMessage::new("user", "hi"),
+            assistant,
+            ChatMessage::new("tool", "done"),
+        ];
+        let Ok(text) = self.render_with(&convo, Some(&tools)) else {
+            return false;
+        };
+        let written = text.split("<tool_call>").skip(1).any(|s| {
+            s.split("</tool_call>")
+                .next()
+                .and_then(|body| serde_json::from_str::<serde_json::Value>(body.trim()).ok())
+                .is_some_and(|v| v == call)
+        });
+        written && text.matches("probe_fn").count() >= 2
     }
 
     /// The prompt text for `messages` with every message's content between `CONTENT_OPEN` and
@@ -126,7 +159,7 @@ impl ChatTemplate {
                 })
             })
             .collect::<Result<_>>()?;
-        self.render_with(&marked, tools)
+        self.render_with(&marked, tools.filter(|_| self.tool_format))
     }
 
     /// The prompt text for `messages`, ending with the assistant's turn opener.
@@ -153,9 +186,6 @@ impl ChatTemplate {
         let tmpl = env
             .get_template("chat")
             .map_err(|e| HearthError::ChatTemplate(e.to_string()))?;
-        // Only a template that renders tools sees them (others may print them in a format the
-        // tool grammar does not follow).
-        let tools = tools.filter(|_| self.renders_tools());
         tmpl.render(context! {
             messages => messages,
             tools => tools,
@@ -228,6 +258,13 @@ mod tests {
             )),
             "{out}"
         );
+        // The same tags around another body (XML parameters, as some templates write) is not the
+        // format the tool grammar follows.
+        let xml = include_str!("../../tests/data/hermes_tools.jinja").replace(
+            "{\"name\": \"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments | tojson }}}",
+            "<function={{ c.function.name }}>",
+        );
+        assert!(!ChatTemplate::new(Some(xml), "llama", "", "").renders_tools());
         // No tools given: no tool block.
         assert!(!t.render(&convo[..1]).unwrap().contains("<tools>"));
         // A template without a tool format never sees them.

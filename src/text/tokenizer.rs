@@ -212,6 +212,11 @@ impl Tokenizer {
         self.max_token_chars
     }
 
+    /// The first special token's text in `text`, if any.
+    pub fn find_special<'a>(&self, text: &'a str) -> Option<&'a str> {
+        self.specials.find(text).map(|m| &text[m.range()])
+    }
+
     /// Token ids of a chat prompt from `ChatTemplate::render_marked`: special tokens are recognised
     /// only where the template wrote them; inside message content, text such as `<|im_start|>`
     /// stays text. Equal to `encode` of the unmarked text whenever the content holds no special
