@@ -3,7 +3,7 @@
 mod common;
 
 use common::TestServer;
-use hearth::bench::serve::{plot, run, table, ServePlan};
+use hearth::bench::serve::{plot, run, table, ServePlan, ServerRun};
 
 #[test]
 fn the_load_generator_counts_every_token_and_draws_the_chart() {
@@ -40,6 +40,10 @@ fn the_load_generator_counts_every_token_and_draws_the_chart() {
         // The generator itself sleeps in reads: far below one core.
         assert!(l.client_cpu < 0.5, "{l:?}");
     }
+    // `--json` output reads back (`--from`) as it was written.
+    let text = serde_json::to_string(std::slice::from_ref(&r)).unwrap();
+    let back: Vec<ServerRun> = serde_json::from_str(&text).unwrap();
+    assert_eq!(table(&back), table(std::slice::from_ref(&r)));
     let t = table(std::slice::from_ref(&r));
     assert_eq!(t.lines().count(), 4, "{t}");
     let dir = std::env::temp_dir().join(format!("hearth-serve-bench-{}", std::process::id()));

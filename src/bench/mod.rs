@@ -44,6 +44,10 @@ pub struct BenchArgs {
     /// `serve`: write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// `serve`: earlier results (`--json` files) to show beside this run's, in the table and chart
+    /// (e.g. another model, or another server measured on its own).
+    #[arg(long)]
+    pub from: Vec<PathBuf>,
     /// `serve`: draw tok/s and TTFT against concurrency, one line per server, as SVG here.
     #[arg(long)]
     pub plot: Option<PathBuf>,
@@ -449,13 +453,26 @@ impl StepSplit {
 }
 
 fn serve_suite(args: &BenchArgs) -> Result<()> {
-    if args.url.is_empty() {
+    if args.url.is_empty() && args.from.is_empty() {
         return Err(crate::HearthError::InvalidRequest(
-            "the serve suite needs --url".into(),
+            "the serve suite needs --url (or --from)".into(),
         ));
     }
+    let mut earlier = Vec::new();
+    for f in &args.from {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| crate::HearthError::InvalidRequest(format!("{}: {e}", f.display())))?;
+        let runs: Vec<serve::ServerRun> = serde_json::from_str(&text)
+            .map_err(|e| crate::HearthError::InvalidRequest(format!("{}: {e}", f.display())))?;
+        earlier.extend(runs);
+    }
+    let model = match (&args.model, args.url.is_empty()) {
+        (Some(m), _) => m.to_string_lossy().into_owned(),
+        (None, true) => String::new(),
+        (None, false) => args.model_path()?.to_string_lossy().into_owned(),
+    };
     let plan = serve::ServePlan {
-        model: args.model_path()?.to_string_lossy().into_owned(),
+        model,
         levels: args.levels.clone(),
         requests: args.requests,
         max_tokens: args.max_tokens,
@@ -468,15 +485,16 @@ fn serve_suite(args: &BenchArgs) -> Result<()> {
         .iter()
         .map(|u| serve::run(u, &plan))
         .collect::<Result<Vec<_>>>()?;
-    println!("{}", serve::table(&runs));
     if let Some(p) = &args.json {
         let text = serde_json::to_string_pretty(&runs)
             .map_err(|e| crate::HearthError::Internal(e.to_string()))?;
         std::fs::write(p, text)
             .map_err(|e| crate::HearthError::Internal(format!("{}: {e}", p.display())))?;
     }
+    let shown: Vec<serve::ServerRun> = earlier.into_iter().chain(runs).collect();
+    println!("{}", serve::table(&shown));
     if let Some(p) = &args.plot {
-        serve::plot(&runs, p)?;
+        serve::plot(&shown, p)?;
     }
     Ok(())
 }

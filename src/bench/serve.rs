@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::error::{HearthError, Result};
@@ -42,7 +42,7 @@ struct Sample {
 }
 
 /// Percentiles in milliseconds.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Spread {
     pub p50: f64,
     pub p90: f64,
@@ -67,7 +67,7 @@ impl Spread {
 }
 
 /// One concurrency level's result.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Level {
     pub concurrency: usize,
     pub requests: usize,
@@ -84,7 +84,7 @@ pub struct Level {
 }
 
 /// One server's run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServerRun {
     pub label: String,
     pub url: String,
