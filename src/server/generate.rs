@@ -628,16 +628,10 @@ pub async fn complete(mut job: Job) -> Result<Body, ApiError> {
         }
     }
     // A chat reply made of calls becomes `tool_calls` (and finishes as such, in the ledger too).
+    let calls_wanted = job.req.tools.is_some() && job.req.kind == Kind::Chat;
     let mut calls: Vec<Option<Vec<tools::Call>>> = texts
         .iter()
-        .map(|t| {
-            let chat_tools = job
-                .req
-                .tools
-                .as_ref()
-                .filter(|_| job.req.kind == Kind::Chat);
-            chat_tools.and_then(|_| tools::parse_calls(t))
-        })
+        .map(|t| calls_wanted.then(|| tools::parse_calls(t)).flatten())
         .collect();
     let reason = |i: usize| match calls[i] {
         Some(_) => FinishReason::ToolCalls,
