@@ -253,7 +253,7 @@ fn rules_pick_the_model_before_the_cascade() {
 
 #[test]
 fn the_load_policy_skips_a_model_whose_queue_breaks_the_ttft_target() {
-    let target = 200;
+    let target = 500;
     let s = TestServer::start(hearth::config::Config {
         models: common::both_models("busy-small", "busy-large"),
         routes: vec![

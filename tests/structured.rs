@@ -468,9 +468,11 @@ fn a_template_with_a_tool_format_renders_the_tools_and_the_round_trip() {
     }
 }
 
-/// The sampler checks its pick against the grammar before paying for a mask (on the CPU); the
-/// check must give the masked argmax at every step. Two guides follow one schema in lockstep
-/// under pseudo-random logits (half the time pushed toward digits, to reach the number cap).
+/// The sampler checks the device's argmax against the grammar before paying for a mask (on the
+/// CPU), and a refused pick checks the row's next-best tokens before the whole mask; it must give
+/// the masked argmax, with the model's log-probability, at every step. A guide and a guided
+/// sampler follow one schema in lockstep under pseudo-random logits (half the time pushed toward
+/// digits, to reach the number cap).
 #[test]
 fn checking_the_pick_first_gives_the_masked_argmax() {
     let model = common::load(&common::smollm2());
@@ -484,10 +486,12 @@ fn checking_the_pick_first_gives_the_masked_argmax() {
         "ok": {"type": "boolean"}}, "required": ["id", "x", "tag", "ok"]}))
     .unwrap();
     let argmax = |v: &[f32]| (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b }) as u32;
-    let (mut checked, mut refused) = (0, 0);
+    let (mut checked, mut next_best, mut masked_whole) = (0, 0, 0);
     for seed in 1..=6u64 {
         let mut masked = compiler.guide(&c).unwrap();
-        let mut first = compiler.guide(&c).unwrap();
+        let mut sampler =
+            hearth::engine::sampler::Sampler::new(hearth::engine::SamplingParams::greedy())
+                .with_guide(compiler.guide(&c).unwrap());
         let mut x = seed;
         for _ in 0..120 {
             let logits: Vec<f32> = (0..vocab)
@@ -508,26 +512,36 @@ fn checking_the_pick_first_gives_the_masked_argmax() {
             masked.mask(&mut a);
             let want = argmax(&a);
             let pick = argmax(&logits);
-            let got = if first.allows(pick) {
+            let max = logits[pick as usize];
+            let lse = logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+            let got = sampler
+                .accept_greedy(pick, -lse, || Ok(logits.clone()))
+                .unwrap();
+            assert_eq!(got.token, want);
+            assert!((got.logprob - (logits[want as usize] - max - lse)).abs() < 1e-5);
+            if want == pick {
                 checked += 1;
-                pick
+            } else if (0..vocab)
+                .filter(|&i| {
+                    let (l, w) = (logits[i], logits[want as usize]);
+                    l > w || (l == w && i < want as usize)
+                })
+                .count()
+                <= 8
+            {
+                next_best += 1;
             } else {
-                refused += 1;
-                let mut b = logits.clone();
-                first.mask(&mut b);
-                argmax(&b)
-            };
-            assert_eq!(got, want);
+                masked_whole += 1;
+            }
             masked.commit(want);
-            first.commit(got);
             if masked.is_finished() {
                 break;
             }
         }
-        assert_eq!(masked.is_finished(), first.is_finished());
+        assert_eq!(masked.is_finished(), sampler.grammar_finished());
     }
     assert!(
-        checked > 0 && refused > 0,
-        "{checked} kept, {refused} refused"
+        checked > 0 && next_best > 0 && masked_whole > 0,
+        "{checked} kept, {next_best} next-best, {masked_whole} masked"
     );
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use super::block_pool::BlockPool;
 use super::metering::{split, CostModel};
 use super::runner::{Row, StepOutput};
+use super::sampler::Sampled;
 use super::sequence::{Event, FinishReason, Sequence};
 
 #[derive(Debug, Clone)]
@@ -260,32 +261,41 @@ impl Scheduler {
                 .any(|i| i.wants_logits && constrained.contains(&i.seq_id))
     }
 
-    /// Where the grammar refuses a constrained sequence's device argmax, compute its mask now, all
-    /// such sequences in parallel (the forward is over: the cores are free).
-    fn prepare_refused_masks(&mut self, plan: &StepPlan, rows: &[Row]) {
+    /// Take the device's argmax for every constrained sequence with a greedy row, all in parallel
+    /// (the forward is over: the cores are free); a refused pick reads its logit row and finds the
+    /// masked argmax (`Sampler::accept_greedy`).
+    fn accept_constrained_greedy(
+        &mut self,
+        plan: &StepPlan,
+        out: &StepOutput,
+    ) -> HashMap<u64, crate::error::Result<Sampled>> {
         use rayon::prelude::*;
-        let picks: HashMap<u64, u32> = plan
+        let picks: HashMap<u64, (usize, u32, f32)> = plan
             .items
             .iter()
             .filter(|i| i.wants_logits)
-            .zip(rows)
-            .filter_map(|(i, r)| match r {
-                Row::Greedy { token, .. } => Some((i.seq_id, *token)),
+            .zip(&out.rows)
+            .enumerate()
+            .filter_map(|(row, (i, r))| match r {
+                Row::Greedy { token, logprob } => Some((i.seq_id, (row, *token, *logprob))),
                 Row::Full(_) => None,
             })
             .collect();
         let wanted = |s: &Sequence| s.sampler.is_constrained() && picks.contains_key(&s.id);
         if !self.running.iter().any(wanted) {
-            return;
+            return HashMap::new();
         }
         self.running
             .par_iter_mut()
             .filter(|s| wanted(s))
-            .for_each(|s| {
-                if let Some(&t) = picks.get(&s.id) {
-                    s.sampler.prepare_if_refused(t);
-                }
-            });
+            .filter_map(|s| {
+                let &(row, token, logprob) = picks.get(&s.id)?;
+                let sampled = s
+                    .sampler
+                    .accept_greedy(token, logprob, || logits_row(out, row));
+                Some((s.id, sampled))
+            })
+            .collect()
     }
 
     /// Compute the grammar masks the plan's sampling will need, in parallel: the engine runs this
@@ -666,10 +676,12 @@ impl Scheduler {
             forward_time: out.elapsed,
             device_time: out.device_time,
         };
-        if !self.masks_ahead {
-            self.prepare_refused_masks(plan, &out.rows);
-        }
-        let mut rows = out.rows.into_iter().enumerate();
+        let mut constrained = if self.masks_ahead {
+            HashMap::new()
+        } else {
+            self.accept_constrained_greedy(plan, &out)
+        };
+        let mut rows = out.rows.iter().enumerate();
         let mut done = Vec::new();
         let mut failed = Vec::new();
         let shares = match &self.cost {
@@ -715,27 +727,22 @@ impl Scheduler {
             });
             let Some((i, row)) = row else { continue };
             let sampled = match row {
-                Row::Full(r) => seq.sampler.sample(&r, &seq.tokens),
-                Row::Greedy { token, logprob } => match seq.sampler.accept_greedy(token, logprob) {
-                    Some(s) => s,
-                    // The grammar refused the argmax: sample the whole row under its mask.
-                    None => match out.logits.as_ref().map(|l| l.get(i)?.to_vec1::<f32>()) {
-                        Some(Ok(r)) => {
-                            // The argmax's logit is the row's maximum; its log-probability is
-                            // minus the log-normalizer.
-                            let norm = r.get(token as usize).map(|&max| (max, -logprob));
-                            seq.sampler.sample_normalized(&r, &seq.tokens, norm)
-                        }
-                        Some(Err(e)) => {
-                            failed.push((seq.id, format!("reading a logits row: {e}")));
+                Row::Full(r) => seq.sampler.sample(r, &seq.tokens),
+                &Row::Greedy { token, logprob } => {
+                    let sampled = match constrained.remove(&seq.id) {
+                        Some(s) => s,
+                        None => seq
+                            .sampler
+                            .accept_greedy(token, logprob, || logits_row(&out, i)),
+                    };
+                    match sampled {
+                        Ok(s) => s,
+                        Err(e) => {
+                            failed.push((seq.id, e.to_string()));
                             continue;
                         }
-                        None => {
-                            failed.push((seq.id, "no logits for a refused argmax".to_string()));
-                            continue;
-                        }
-                    },
-                },
+                    }
+                }
             };
             seq.push(&sampled);
             outputs
@@ -769,4 +776,15 @@ impl Scheduler {
         }
         self.take_pending()
     }
+}
+
+/// Row `i` of a step's logits, for a greedy pick its grammar refused.
+fn logits_row(out: &StepOutput, i: usize) -> crate::error::Result<Vec<f32>> {
+    let logits = out.logits.as_ref().ok_or_else(|| {
+        crate::error::HearthError::Internal("no logits for a refused argmax".to_string())
+    })?;
+    logits
+        .get(i)
+        .and_then(|r| r.to_vec1::<f32>())
+        .map_err(|e| crate::error::HearthError::Internal(format!("reading a logits row: {e}")))
 }

@@ -3,8 +3,8 @@
 //! One op, three backends: a portable one from candle ops (any device, the reference), a fast CPU one,
 //! and CUDA kernels (kernels/paged_attention.cu).
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
+use super::threads::{pool, OutPtr};
 pub use super::AttnParams;
 use crate::error::{HearthError, Result};
 use crate::model::batch::{Batch, SeqChunk};
@@ -388,12 +388,13 @@ impl CustomOp3 for CpuPagedAttention<'_> {
             }
         }
         let mut out = vec![0f32; n_tokens * n_heads * d];
-        let chunks: Vec<(usize, &mut [f32])> = out.chunks_mut(d).enumerate().collect();
+        let dst = OutPtr::new(&mut out);
         // out rows are (token, head) in order, which is also the order of `tasks`.
-        chunks
-            .into_par_iter()
-            .zip(tasks.par_iter())
-            .for_each(|((_, o), &(si, t, h))| {
+        pool().execute_chunked(tasks.len(), |range| {
+            for (i, &(si, t, h)) in tasks[range.clone()].iter().enumerate() {
+                // SAFETY: task range.start + i owns out row range.start + i, which is inside `out`
+                // (one row of d per task); `out` outlives the pool call.
+                let o = unsafe { dst.slice((range.start + i) * d, d) };
                 let s = &self.seqs[si];
                 let tok = s.start + t;
                 let pos = s.first_pos() + t;
@@ -419,7 +420,8 @@ impl CustomOp3 for CpuPagedAttention<'_> {
                     let sl = s.block_table[kp / bs] as usize * bs + kp % bs;
                     axpy(o, scores[i] * inv, &v[sl * row + kvh * d..][..d]);
                 }
-            });
+            }
+        });
         Ok((CpuStorage::F32(out), Shape::from((n_tokens, n_heads, d))))
     }
 }

@@ -4,10 +4,11 @@
 //! the number of rows (repacked from two rows on, per-row below). Through it, the same request gave
 //! different logits on an AVX-512 machine than on an AVX2 one, and different logits alone than in a
 //! batch. Here the per-row `k_quants::matmul` (SIMD chosen at compile time, one dot product per
-//! output whatever the number of rows) is the reference, and `Linear::Cpu` adds tiled kernels for
-//! Q4_1, Q5_0 and Q8_0 that decode each weight block once per tile of eight rows and compute every
-//! output with exactly that reference's arithmetic, so results are bit-identical to it at any batch
-//! size and on any x86-64 CPU with AVX2.
+//! output whatever the number of rows) is the reference, and `Linear::Cpu` adds kernels for Q4_1,
+//! Q5_0 and Q8_0 (tiled: each weight block decoded once per tile of eight rows; lanes: eight output
+//! columns at once, for one to seven rows) that compute every output with exactly that reference's
+//! arithmetic, so results are bit-identical to it at any batch size and on any x86-64 CPU with AVX2.
+//! They run on candle's barrier pool (`super::threads`).
 use std::sync::Arc;
 
 use candle_core::quantized::k_quants::{
@@ -17,8 +18,8 @@ use candle_core::quantized::k_quants::{
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use half::{bf16, f16};
-use rayon::prelude::*;
 
+use super::threads::{pool, OutPtr};
 use crate::error::{HearthError, Result};
 
 const QK: usize = 32;
@@ -28,14 +29,12 @@ const Q8_0_BYTES: usize = 34;
 const Q8_1_BYTES: usize = 36;
 /// Activation rows that share one decoded weight block.
 const ROW_TILE: usize = 8;
-/// From this many rows on, the tiled kernel beats the per-row one (benches/q4_1_matmul.rs, hearth
-/// bench): the per-row Q4_1/Q5_0 kernels are scalar, so two rows suffice; the Q8_0 one is AVX2
-/// already, so the tiled one only wins once a whole tile of rows shares each weight block.
-fn tiled_min_rows(format: Format) -> usize {
-    match format {
-        Format::Q4_1 | Format::Q5_0 => 2,
-        Format::Q8_0 => ROW_TILE,
-    }
+/// Which of Hearth's kernels takes `m` rows (benches/quant_matmul.rs): below a tile, Q4_1 and Q5_0
+/// go eight columns at a time (`lane_matmul`: a partial tile of theirs costs a whole one), Q8_0
+/// runs a partial tile (its per-row reference is vectorized within the row, which lanes over
+/// columns cannot reproduce). Both beat candle's per-row kernels from one row on.
+fn by_lanes(format: Format, m: usize) -> bool {
+    m < ROW_TILE && format != Format::Q8_0
 }
 
 /// Weight formats the tiled kernel handles.
@@ -69,22 +68,15 @@ impl Format {
     }
 }
 
-/// Weight blocks decoded once at load for the tiled kernel, (n, k / 32) in row order.
-#[derive(Debug)]
-pub struct Tiled {
-    format: Format,
-    blocks: Vec<WeightBlock>,
-}
-
 #[derive(Debug)]
 pub enum Linear {
     /// A quantized (n, k) weight on the CPU, as stored in the file (shared with the embeddings when
-    /// tied); `tiled` where a tiled kernel exists for its format.
+    /// tied); `format` where Hearth's kernels take it, reading its blocks in place.
     Cpu {
         weight: Arc<QTensor>,
         n: usize,
         k: usize,
-        tiled: Option<Tiled>,
+        format: Option<Format>,
     },
     /// Dense weights, and every weight on a GPU: candle's matmul.
     Candle(QMatMul),
@@ -103,22 +95,12 @@ impl Linear {
             return Ok(Self::Candle(QMatMul::from_arc(t)?));
         }
         let (n, k) = (dims[0], dims[1]);
-        let tiled = match Format::of(t.dtype()) {
-            Some(format) if k.is_multiple_of(QK) => {
-                let raw = t.data()?;
-                let blocks = raw
-                    .par_chunks_exact(format.block_bytes())
-                    .map(|b| decode_weight(format, b))
-                    .collect();
-                Some(Tiled { format, blocks })
-            }
-            _ => None,
-        };
+        let format = Format::of(t.dtype()).filter(|_| k.is_multiple_of(QK));
         Ok(Self::Cpu {
             weight: t,
             n,
             k,
-            tiled,
+            format,
         })
     }
 
@@ -133,14 +115,14 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (weight, n, k, tiled) = match self {
+        let (weight, n, k, format) = match self {
             Self::Candle(m) => return Ok(m.forward(x)?),
             Self::Cpu {
                 weight,
                 n,
                 k,
-                tiled,
-            } => (weight, *n, *k, tiled),
+                format,
+            } => (weight, *n, *k, *format),
         };
         let in_dtype = x.dtype();
         let mut out_dims = x.dims().to_vec();
@@ -150,9 +132,21 @@ impl Linear {
             .flatten_all()?
             .to_vec1::<f32>()?;
         let m = xs.len() / k;
-        let out = match tiled {
-            Some(t) if m >= tiled_min_rows(t.format) && !per_row_only() => {
-                tiled_matmul(t.format, &t.blocks, n, k, &xs, m)
+        let out = match format {
+            Some(f) if !per_row_only() => {
+                // A CPU tensor's bytes are borrowed, not copied.
+                let raw = weight.data()?;
+                if raw.len() != n * (k / QK) * f.block_bytes() {
+                    return Err(HearthError::Internal(format!(
+                        "{f:?} weight of {n}x{k} holds {} bytes",
+                        raw.len()
+                    )));
+                }
+                if by_lanes(f, m) {
+                    lane_matmul(f, &raw, n, k, &xs, m)
+                } else {
+                    tiled_matmul(f, &raw, n, k, &xs, m)
+                }
             }
             _ => row_matmul(weight, (m, k, n), &xs)?,
         };
@@ -249,15 +243,6 @@ struct ActTile {
     neg128_sums: [[i32; ROW_TILE]; ROW_TILE],
 }
 
-/// One weight block, decoded once: scale, minimum, and the 4-bit values as bytes (low nibbles then
-/// high nibbles, matching the activation layout).
-#[derive(Debug, Clone)]
-pub struct WeightBlock {
-    qs: [u8; QK],
-    d: f32,
-    m: f32,
-}
-
 /// Activations as (tile, block) groups of eight rows; rows past `m` are zero and ignored.
 fn decode_acts(format: Format, xq: &[u8], m: usize, nb: usize) -> Vec<ActTile> {
     let tiles = m.div_ceil(ROW_TILE);
@@ -295,42 +280,136 @@ fn decode_acts(format: Format, xq: &[u8], m: usize, nb: usize) -> Vec<ActTile> {
     out
 }
 
-fn decode_weight(format: Format, blk: &[u8]) -> WeightBlock {
-    let mut qs = [0u8; QK];
-    match format {
-        Format::Q4_1 => {
-            for j in 0..QK / 2 {
-                qs[j] = blk[4 + j] & 0x0F;
-                qs[j + QK / 2] = blk[4 + j] >> 4;
-            }
-            WeightBlock {
-                qs,
-                d: f16_at(blk, 0),
-                m: f16_at(blk, 2),
-            }
+/// A weight format's blocks as the GGUF file stores them; the kernels read them in place (no
+/// decoded copy: at one row a decoded Q4_1 block is twice the bytes to stream from memory).
+trait Quant {
+    const BYTES: usize;
+    /// Signed values go to `maddubs` as |w|, with w's sign moved onto the activation.
+    const SIGNED: bool;
+    /// The block's 32 values in activation order (the low nibbles are values 0..16, the high ones
+    /// 16..32), its scale, and its minimum (0 where the format has none). The portable kernels'
+    /// decoding, and the definition the AVX2 `load` is tested against.
+    #[cfg_attr(
+        all(target_arch = "x86_64", target_feature = "avx2", not(test)),
+        allow(dead_code)
+    )]
+    fn values(blk: &[u8]) -> ([i32; QK], f32, f32);
+    /// `values` in a register, as bytes (unsigned for Q4_1, signed otherwise).
+    ///
+    /// # Safety
+    /// `blk` holds at least `BYTES` bytes.
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    unsafe fn load(blk: &[u8]) -> (std::arch::x86_64::__m256i, f32, f32);
+}
+
+/// 4-bit unsigned values, f16 scale and minimum.
+struct Q41;
+/// 5-bit values (4 in nibbles, the fifth bit of all 32 in one u32) minus 16, f16 scale.
+struct Q50;
+/// 8-bit signed values, f16 scale.
+struct Q80;
+
+impl Quant for Q41 {
+    const BYTES: usize = Q4_1_BYTES;
+    const SIGNED: bool = false;
+
+    fn values(blk: &[u8]) -> ([i32; QK], f32, f32) {
+        let mut v = [0i32; QK];
+        for j in 0..QK / 2 {
+            v[j] = (blk[4 + j] & 0x0F) as i32;
+            v[j + QK / 2] = (blk[4 + j] >> 4) as i32;
         }
-        Format::Q5_0 => {
+        (v, f16_at(blk, 0), f16_at(blk, 2))
+    }
+
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    #[inline(always)]
+    unsafe fn load(blk: &[u8]) -> (std::arch::x86_64::__m256i, f32, f32) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 20 bytes; the load reads bytes 4..20.
+        unsafe {
+            let packed = _mm_loadu_si128(blk.as_ptr().add(4) as *const __m128i);
+            let low = _mm_set1_epi8(0x0F);
+            let lo = _mm_and_si128(packed, low);
+            let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
+            (_mm256_set_m128i(hi, lo), f16_at(blk, 0), f16_at(blk, 2))
+        }
+    }
+}
+
+impl Quant for Q50 {
+    const BYTES: usize = Q5_0_BYTES;
+    const SIGNED: bool = true;
+
+    fn values(blk: &[u8]) -> ([i32; QK], f32, f32) {
+        let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+        let mut v = [0i32; QK];
+        for j in 0..QK / 2 {
+            let lo = (blk[6 + j] & 0x0F) as u32 | (((qh >> j) & 1) << 4);
+            let hi = (blk[6 + j] >> 4) as u32 | (((qh >> (j + 16)) & 1) << 4);
+            v[j] = lo as i32 - 16;
+            v[j + QK / 2] = hi as i32 - 16;
+        }
+        (v, f16_at(blk, 0), 0.0)
+    }
+
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    #[inline(always)]
+    unsafe fn load(blk: &[u8]) -> (std::arch::x86_64::__m256i, f32, f32) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 22 bytes; the loads read bytes 2..6 and 6..22.
+        unsafe {
+            let packed = _mm_loadu_si128(blk.as_ptr().add(6) as *const __m128i);
+            let low = _mm_set1_epi8(0x0F);
+            let nibbles = _mm256_set_m128i(
+                _mm_and_si128(_mm_srli_epi16(packed, 4), low),
+                _mm_and_si128(packed, low),
+            );
+            // Byte i of `set` is 0xFF where bit i of qh is set: spread qh's byte i / 8 to byte i,
+            // then test bit i % 8.
             let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
-            for j in 0..QK / 2 {
-                let lo = (blk[6 + j] & 0x0F) | ((((qh >> j) & 1) as u8) << 4);
-                let hi = (blk[6 + j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
-                // Stored as the signed value's byte (-16..15).
-                qs[j] = (lo as i8 - 16) as u8;
-                qs[j + QK / 2] = (hi as i8 - 16) as u8;
-            }
-            WeightBlock {
-                qs,
-                d: f16_at(blk, 0),
-                m: 0.0,
-            }
+            let spread = _mm256_shuffle_epi8(
+                _mm256_set1_epi32(qh as i32),
+                _mm256_set_epi64x(
+                    0x0303030303030303,
+                    0x0202020202020202,
+                    0x0101010101010101,
+                    0,
+                ),
+            );
+            let bit = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+            // value - 16 as a byte: the nibble when the fifth bit is set, nibble - 16 (the
+            // nibble with 0xF0 above it) when not.
+            let q = _mm256_or_si256(nibbles, _mm256_andnot_si256(set, _mm256_set1_epi8(-16)));
+            (q, f16_at(blk, 0), 0.0)
         }
-        Format::Q8_0 => {
-            qs.copy_from_slice(&blk[2..2 + QK]);
-            WeightBlock {
-                qs,
-                d: f16_at(blk, 0),
-                m: 0.0,
-            }
+    }
+}
+
+impl Quant for Q80 {
+    const BYTES: usize = Q8_0_BYTES;
+    const SIGNED: bool = true;
+
+    fn values(blk: &[u8]) -> ([i32; QK], f32, f32) {
+        (
+            std::array::from_fn(|j| blk[2 + j] as i8 as i32),
+            f16_at(blk, 0),
+            0.0,
+        )
+    }
+
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    #[inline(always)]
+    unsafe fn load(blk: &[u8]) -> (std::arch::x86_64::__m256i, f32, f32) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 34 bytes; the load reads bytes 2..34.
+        unsafe {
+            (
+                _mm256_loadu_si256(blk.as_ptr().add(2) as *const __m256i),
+                f16_at(blk, 0),
+                0.0,
+            )
         }
     }
 }
@@ -369,15 +448,18 @@ fn has_avx512_vnni() -> bool {
     false
 }
 
-fn q8_0_tile(tier: Tier, wblocks: &[WeightBlock], acts: &[ActTile]) -> [f32; ROW_TILE] {
+/// Q8_0 for the first `rows` rows of one tile (a partial tile does only its own rows' work: at a
+/// few rows, each weight block is still read once for all of them). `col`: one output column's
+/// blocks as stored.
+fn q8_0_tile(tier: Tier, col: &[u8], acts: &[ActTile], rows: usize) -> [f32; ROW_TILE] {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
     if tier == Tier::Avx512Vnni {
         // SAFETY: `cpu_tier` (or a test that checked the same features) chose this tier only if
         // the CPU has AVX-512F, AVX-512BW and AVX-512 VNNI.
-        return unsafe { q8_0_tile_avx512(wblocks, acts) };
+        return unsafe { q8_0_tile_avx512(col, acts, rows) };
     }
     let _ = tier;
-    q8_0_tile_avx2(wblocks, acts)
+    q8_0_tile_avx2(col, acts, rows)
 }
 
 /// The AVX-512 VNNI twin of `q8_0_tile_avx2`, bit for bit: rows 2p and 2p+1 share one register
@@ -386,7 +468,7 @@ fn q8_0_tile(tier: Tier, wblocks: &[WeightBlock], acts: &[ActTile]) -> [f32; ROW
 /// scale product, the fused multiply-add and the final horizontal sum are AVX2's per lane.
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn q8_0_tile_avx512(wblocks: &[WeightBlock], acts: &[ActTile]) -> [f32; ROW_TILE] {
+unsafe fn q8_0_tile_avx512(col: &[u8], acts: &[ActTile], rows: usize) -> [f32; ROW_TILE] {
     use std::arch::x86_64::*;
     const PAIRS: usize = ROW_TILE / 2;
     let mut acc = [_mm512_setzero_ps(); PAIRS];
@@ -396,15 +478,15 @@ unsafe fn q8_0_tile_avx512(wblocks: &[WeightBlock], acts: &[ActTile]) -> [f32; R
         let (a, b) = (2 * p as i32, 2 * p as i32 + 1);
         _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b)
     });
-    for (w, a) in wblocks.iter().zip(acts) {
-        // SAFETY: each load reads exactly a fixed-size array field: 32 weight bytes, the 8 f32
-        // scales, and two consecutive rows (64 bytes) of `qs` and of `neg128_sums`.
+    for (blk, a) in col.chunks_exact(Q80::BYTES).zip(acts) {
+        // SAFETY: `blk` is a whole block; each other load reads exactly a fixed-size array field:
+        // the 8 f32 scales, and two consecutive rows (64 bytes) of `qs` and of `neg128_sums`.
         unsafe {
-            let wq = _mm256_loadu_si256(w.qs.as_ptr() as *const __m256i);
+            let (wq, wd, _) = Q80::load(blk);
             let wu = _mm512_xor_si512(_mm512_broadcast_i64x4(wq), flip);
-            let d8 = _mm256_mul_ps(_mm256_set1_ps(w.d), _mm256_loadu_ps(a.d.as_ptr()));
+            let d8 = _mm256_mul_ps(_mm256_set1_ps(wd), _mm256_loadu_ps(a.d.as_ptr()));
             let d16 = _mm512_castps256_ps512(d8);
-            for (p, acc_p) in acc.iter_mut().enumerate() {
+            for (p, acc_p) in acc.iter_mut().enumerate().take(rows.div_ceil(2)) {
                 let aq = _mm512_loadu_si512(a.qs[2 * p].as_ptr() as *const __m512i);
                 let bias = _mm512_loadu_si512(a.neg128_sums[2 * p].as_ptr() as *const __m512i);
                 let q = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(bias, wu, aq));
@@ -443,21 +525,21 @@ fn hsum8(x: std::arch::x86_64::__m256) -> f32 {
     target_feature = "avx2",
     target_feature = "fma"
 ))]
-fn q8_0_tile_avx2(wblocks: &[WeightBlock], acts: &[ActTile]) -> [f32; ROW_TILE] {
+fn q8_0_tile_avx2(col: &[u8], acts: &[ActTile], rows: usize) -> [f32; ROW_TILE] {
     use std::arch::x86_64::*;
-    // SAFETY: AVX2 and FMA are enabled at compile time (cfg above); every load reads exactly the
-    // 32 bytes of a fixed-size array field.
+    // SAFETY: AVX2 and FMA are enabled at compile time (cfg above); `blk` is a whole block, and
+    // every other load reads exactly the 32 bytes of a fixed-size array field.
     unsafe {
         let mut acc = [_mm256_setzero_ps(); ROW_TILE];
         let ones = _mm256_set1_epi16(1);
-        for (w, a) in wblocks.iter().zip(acts) {
-            let wq = _mm256_loadu_si256(w.qs.as_ptr() as *const __m256i);
+        for (blk, a) in col.chunks_exact(Q80::BYTES).zip(acts) {
+            let (wq, wd, _) = Q80::load(blk);
             let wu = _mm256_sign_epi8(wq, wq);
-            for (r, acc_r) in acc.iter_mut().enumerate() {
+            for (r, acc_r) in acc.iter_mut().enumerate().take(rows) {
                 let aq = _mm256_loadu_si256(a.qs[r].as_ptr() as *const __m256i);
                 let sy = _mm256_sign_epi8(aq, wq);
                 let q = _mm256_cvtepi32_ps(_mm256_madd_epi16(ones, _mm256_maddubs_epi16(wu, sy)));
-                let d = _mm256_set1_ps(w.d * a.d[r]);
+                let d = _mm256_set1_ps(wd * a.d[r]);
                 *acc_r = _mm256_fmadd_ps(d, q, *acc_r);
             }
         }
@@ -471,153 +553,275 @@ fn q8_0_tile_avx2(wblocks: &[WeightBlock], acts: &[ActTile]) -> [f32; ROW_TILE] 
     target_feature = "avx2",
     target_feature = "fma"
 )))]
-fn q8_0_tile_avx2(wblocks: &[WeightBlock], acts: &[ActTile]) -> [f32; ROW_TILE] {
+fn q8_0_tile_avx2(col: &[u8], acts: &[ActTile], rows: usize) -> [f32; ROW_TILE] {
     let mut out = [0f32; ROW_TILE];
-    for (w, a) in wblocks.iter().zip(acts) {
-        for (r, o) in out.iter_mut().enumerate() {
-            let sumi: i32 =
-                w.qs.iter()
-                    .zip(&a.qs[r])
-                    .map(|(&x, &y)| x as i8 as i32 * y as i32)
-                    .sum();
-            *o += sumi as f32 * w.d * a.d[r];
+    for (blk, a) in col.chunks_exact(Q80::BYTES).zip(acts) {
+        let (w, d, _) = Q80::values(blk);
+        for (r, o) in out.iter_mut().enumerate().take(rows) {
+            let sumi: i32 = w.iter().zip(&a.qs[r]).map(|(&x, &y)| x * y as i32).sum();
+            *o += sumi as f32 * d * a.d[r];
         }
     }
     out
 }
 
-/// Accumulate one weight block against one tile of eight rows. Per row this is exactly candle's
-/// `sumf += sumi as f32 * d_w * d_a + m_w * s_a` for Q4_1 and `sumf += sumi as f32 * d_w * d_a` for
-/// Q5_0 (no fused multiply-add, same order), eight rows at once.
-#[inline(always)]
-fn tile_step<const SIGNED: bool>(acc: &mut [f32; ROW_TILE], w: &WeightBlock, a: &ActTile) {
+/// One tile of eight rows against one output column of Q4_1 or Q5_0 blocks. Per row this is
+/// exactly candle's `sumf += sumi as f32 * d_w * d_a + m_w * s_a` for Q4_1 and
+/// `sumf += sumi as f32 * d_w * d_a` for Q5_0 (no fused multiply-add, same order), eight rows at once.
+fn tile_sums<Q: Quant>(col: &[u8], acts: &[ActTile]) -> [f32; ROW_TILE] {
+    let mut acc = [0f32; ROW_TILE];
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
     {
         use std::arch::x86_64::*;
-        // SAFETY: AVX2 is enabled at compile time (cfg above); every load/store touches exactly the
-        // 32 bytes of a fixed-size array field.
+        // SAFETY: AVX2 is enabled at compile time (cfg above); `blk` is a whole block, and every
+        // other load/store touches exactly the 32 bytes of a fixed-size array field.
         unsafe {
-            let wq = _mm256_loadu_si256(w.qs.as_ptr() as *const __m256i);
-            // maddubs wants an unsigned left side: for signed weights use |w| and move w's sign to a.
-            let wu = if SIGNED { _mm256_sign_epi8(wq, wq) } else { wq };
             let ones = _mm256_set1_epi16(1);
-            let row = |r: usize| {
-                let aq = _mm256_loadu_si256(a.qs[r].as_ptr() as *const __m256i);
-                let aq = if SIGNED { _mm256_sign_epi8(aq, wq) } else { aq };
-                // u8 x i8 pairs to i16 (at most 2 * 16 * 127, no saturation), then pairs to i32.
-                _mm256_madd_epi16(_mm256_maddubs_epi16(wu, aq), ones)
-            };
-            // Integer sums of eight rows into eight lanes (exact, so the order is free).
-            let s01 = _mm256_hadd_epi32(row(0), row(1));
-            let s23 = _mm256_hadd_epi32(row(2), row(3));
-            let s45 = _mm256_hadd_epi32(row(4), row(5));
-            let s67 = _mm256_hadd_epi32(row(6), row(7));
-            let s0123 = _mm256_hadd_epi32(s01, s23);
-            let s4567 = _mm256_hadd_epi32(s45, s67);
-            let lo = _mm256_permute2x128_si256(s0123, s4567, 0x20);
-            let hi = _mm256_permute2x128_si256(s0123, s4567, 0x31);
-            let sumi = _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi));
-            let t = _mm256_mul_ps(
-                _mm256_mul_ps(sumi, _mm256_set1_ps(w.d)),
-                _mm256_loadu_ps(a.d.as_ptr()),
-            );
-            let step = if SIGNED {
-                t
-            } else {
-                let u = _mm256_mul_ps(_mm256_set1_ps(w.m), _mm256_loadu_ps(a.s.as_ptr()));
-                _mm256_add_ps(t, u)
-            };
-            let sum = _mm256_add_ps(_mm256_loadu_ps(acc.as_ptr()), step);
+            let mut sum = _mm256_setzero_ps();
+            for (blk, a) in col.chunks_exact(Q::BYTES).zip(acts) {
+                let (wq, wd, wm) = Q::load(blk);
+                let wu = if Q::SIGNED {
+                    _mm256_sign_epi8(wq, wq)
+                } else {
+                    wq
+                };
+                let row = |r: usize| {
+                    let aq = _mm256_loadu_si256(a.qs[r].as_ptr() as *const __m256i);
+                    let aq = if Q::SIGNED {
+                        _mm256_sign_epi8(aq, wq)
+                    } else {
+                        aq
+                    };
+                    // u8 x i8 pairs to i16 (at most 2 * 16 * 127, no saturation), then to i32.
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(wu, aq), ones)
+                };
+                let sumi = hadd8([
+                    row(0),
+                    row(1),
+                    row(2),
+                    row(3),
+                    row(4),
+                    row(5),
+                    row(6),
+                    row(7),
+                ]);
+                let t = _mm256_mul_ps(
+                    _mm256_mul_ps(sumi, _mm256_set1_ps(wd)),
+                    _mm256_loadu_ps(a.d.as_ptr()),
+                );
+                let step = if Q::SIGNED {
+                    t
+                } else {
+                    let u = _mm256_mul_ps(_mm256_set1_ps(wm), _mm256_loadu_ps(a.s.as_ptr()));
+                    _mm256_add_ps(t, u)
+                };
+                sum = _mm256_add_ps(sum, step);
+            }
             _mm256_storeu_ps(acc.as_mut_ptr(), sum);
         }
     }
     #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
-    {
+    for (blk, a) in col.chunks_exact(Q::BYTES).zip(acts) {
+        let (w, d, m) = Q::values(blk);
         for (r, s) in acc.iter_mut().enumerate() {
-            let sumi: i32 =
-                w.qs.iter()
-                    .zip(&a.qs[r])
-                    .map(|(&x, &y)| x as i32 * y as i32)
-                    .sum();
-            *s += sumi as f32 * w.d * a.d[r] + w.m * a.s[r];
+            let sumi: i32 = w.iter().zip(&a.qs[r]).map(|(&x, &y)| x * y as i32).sum();
+            *s += if Q::SIGNED {
+                sumi as f32 * d * a.d[r]
+            } else {
+                sumi as f32 * d * a.d[r] + m * a.s[r]
+            };
         }
+    }
+    acc
+}
+
+/// Eight vectors of eight i32 into one of eight floats: lane i is the (exact) sum of vector i.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+#[inline(always)]
+fn hadd8(v: [std::arch::x86_64::__m256i; 8]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX2 is enabled at compile time (cfg above); register operations only.
+    unsafe {
+        let s01 = _mm256_hadd_epi32(v[0], v[1]);
+        let s23 = _mm256_hadd_epi32(v[2], v[3]);
+        let s45 = _mm256_hadd_epi32(v[4], v[5]);
+        let s67 = _mm256_hadd_epi32(v[6], v[7]);
+        let s0123 = _mm256_hadd_epi32(s01, s23);
+        let s4567 = _mm256_hadd_epi32(s45, s67);
+        let lo = _mm256_permute2x128_si256(s0123, s4567, 0x20);
+        let hi = _mm256_permute2x128_si256(s0123, s4567, 0x31);
+        _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi))
     }
 }
 
 /// Output columns one parallel task computes.
 const COL_CHUNK: usize = 16;
 
-/// out (m, n) = x (m, k) . w (n, k)^T with w in `format`, bit-identical to candle's CPU result.
+/// out (m, n) = x (m, k) . w (n, k)^T with w (`raw`, as stored) in `format`, bit-identical to
+/// candle's CPU result.
 pub fn tiled_matmul(
     format: Format,
-    w: &[WeightBlock],
+    raw: &[u8],
     n: usize,
     k: usize,
     x: &[f32],
     m: usize,
 ) -> Vec<f32> {
-    tiled_matmul_on(cpu_tier(), format, w, n, k, x, m)
+    tiled_matmul_on(cpu_tier(), format, raw, n, k, x, m)
 }
 
 /// `tiled_matmul` on a given tier (the caller checked that this CPU runs it).
 fn tiled_matmul_on(
     tier: Tier,
     format: Format,
-    w: &[WeightBlock],
+    raw: &[u8],
     n: usize,
     k: usize,
     x: &[f32],
     m: usize,
 ) -> Vec<f32> {
     let nb = k / QK;
+    let row_bytes = nb * format.block_bytes();
     let tiles = m.div_ceil(ROW_TILE);
     let acts = decode_acts(format, &quantize_rows(format, x, m, k), m, nb);
     let mut out = vec![0f32; m * n];
-    let dst = OutPtr(out.as_mut_ptr());
-    (0..n.div_ceil(COL_CHUNK))
-        .into_par_iter()
-        .for_each(|chunk| {
-            for col in chunk * COL_CHUNK..n.min((chunk + 1) * COL_CHUNK) {
-                let wblocks = &w[col * nb..(col + 1) * nb];
-                for t in 0..tiles {
-                    let tile_acts = &acts[t * nb..(t + 1) * nb];
-                    let vals = match format {
-                        Format::Q8_0 => q8_0_tile(tier, wblocks, tile_acts),
-                        Format::Q4_1 => tile_sums::<false>(wblocks, tile_acts),
-                        Format::Q5_0 => tile_sums::<true>(wblocks, tile_acts),
-                    };
-                    for (lane, v) in vals.into_iter().enumerate().take(m - t * ROW_TILE) {
-                        // SAFETY: row t * 8 + lane < m and col < n, so the index is inside `out`;
-                        // each (row, col) is written by exactly one task (the one owning `col`), and
-                        // `out` outlives the parallel loop.
-                        unsafe { *dst.at((t * ROW_TILE + lane) * n + col) = v };
+    let dst = OutPtr::new(&mut out);
+    pool().execute_chunked(n.div_ceil(COL_CHUNK), |chunks| {
+        for c in chunks.start * COL_CHUNK..n.min(chunks.end * COL_CHUNK) {
+            let col = &raw[c * row_bytes..(c + 1) * row_bytes];
+            for t in 0..tiles {
+                let tile_acts = &acts[t * nb..(t + 1) * nb];
+                let vals = match format {
+                    Format::Q8_0 => {
+                        q8_0_tile(tier, col, tile_acts, (m - t * ROW_TILE).min(ROW_TILE))
                     }
+                    Format::Q4_1 => tile_sums::<Q41>(col, tile_acts),
+                    Format::Q5_0 => tile_sums::<Q50>(col, tile_acts),
+                };
+                for (lane, v) in vals.into_iter().enumerate().take(m - t * ROW_TILE) {
+                    // SAFETY: row t * 8 + lane < m and c < n, so the index is inside `out`; each
+                    // (row, column) is written by exactly one task (the one owning `c`), and `out`
+                    // outlives the parallel loop.
+                    unsafe { *dst.at((t * ROW_TILE + lane) * n + c) = v };
                 }
             }
-        });
+        }
+    });
     out
 }
 
-/// The output buffer shared by the column tasks, each writing only its own columns.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: the tasks write disjoint elements (see `tiled_matmul_on`).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    /// # Safety
-    /// `i` must be inside the buffer.
-    unsafe fn at(self, i: usize) -> *mut f32 {
-        unsafe { self.0.add(i) }
-    }
+/// Output columns one lane-kernel pass computes, one per f32 lane of an AVX2 register.
+const COL_LANES: usize = 8;
+
+/// out (m, n) = x (m, k) . w (n, k)^T for Q4_1 or Q5_0 weights (`raw`, as stored) and fewer rows
+/// than a tile: eight output columns at a time, one per lane, so no lane is spent on a tile's empty
+/// rows (at one row the tiled kernel would do eight times the work). Each lane is exactly the
+/// per-row reference's dot product, block by block in order, so results are the same bits as
+/// `tiled_matmul` and `row_matmul`.
+pub fn lane_matmul(
+    format: Format,
+    raw: &[u8],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    m: usize,
+) -> Vec<f32> {
+    let nb = k / QK;
+    let row_bytes = nb * format.block_bytes();
+    let acts = decode_acts(format, &quantize_rows(format, x, m, k), m, nb);
+    let mut out = vec![0f32; m * n];
+    let dst = OutPtr::new(&mut out);
+    let groups = n.div_ceil(COL_LANES);
+    pool().execute_chunked(groups, |range| {
+        for g in range {
+            // The last group repeats the last column in the lanes past `n` (never written).
+            let cols: [&[u8]; COL_LANES] = std::array::from_fn(|j| {
+                let c = (g * COL_LANES + j).min(n - 1);
+                &raw[c * row_bytes..(c + 1) * row_bytes]
+            });
+            // Rows innermost: the group's weight blocks stay in L1 across the rows.
+            for r in 0..m {
+                let tile = &acts[(r / ROW_TILE) * nb..(r / ROW_TILE + 1) * nb];
+                let vals = match format {
+                    Format::Q5_0 => lane_sums::<Q50>(&cols, tile, r % ROW_TILE),
+                    _ => lane_sums::<Q41>(&cols, tile, r % ROW_TILE),
+                };
+                for (j, v) in vals.into_iter().enumerate() {
+                    let c = g * COL_LANES + j;
+                    if c < n {
+                        // SAFETY: r < m and c < n; each (row, column) belongs to exactly one task
+                        // (the one owning group g), and `out` outlives the loop.
+                        unsafe { *dst.at(r * n + c) = v };
+                    }
+                }
+            }
+        }
+    });
+    out
 }
 
-fn tile_sums<const SIGNED: bool>(wblocks: &[WeightBlock], acts: &[ActTile]) -> [f32; ROW_TILE] {
-    let mut acc = [0f32; ROW_TILE];
-    for (wblk, a) in wblocks.iter().zip(acts) {
-        tile_step::<SIGNED>(&mut acc, wblk, a);
+/// Eight columns' dot products with activation row `lane` of one tile: per lane
+/// `sumf += sumi as f32 * d_w * d_a (+ m_w * s_a for Q4_1)`, block by block, as the reference.
+#[inline(always)]
+fn lane_sums<Q: Quant>(
+    cols: &[&[u8]; COL_LANES],
+    acts: &[ActTile],
+    lane: usize,
+) -> [f32; COL_LANES] {
+    let mut out = [0f32; COL_LANES];
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    {
+        use std::arch::x86_64::*;
+        // SAFETY: AVX2 is enabled at compile time (cfg above); each block slice is a whole block,
+        // the activation load reads exactly a 32-byte array field, and the store writes `out`.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = _mm256_setzero_ps();
+            for (b, a) in acts.iter().enumerate() {
+                let aq = _mm256_loadu_si256(a.qs[lane].as_ptr() as *const __m256i);
+                let at = b * Q::BYTES;
+                let mut d = [0f32; COL_LANES];
+                let mut m = [0f32; COL_LANES];
+                let sums: [__m256i; COL_LANES] = std::array::from_fn(|j| {
+                    let (wq, wd, wm) = Q::load(&cols[j][at..at + Q::BYTES]);
+                    d[j] = wd;
+                    m[j] = wm;
+                    let (wu, aq) = if Q::SIGNED {
+                        (_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(aq, wq))
+                    } else {
+                        (wq, aq)
+                    };
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(wu, aq), ones)
+                });
+                let sumi = hadd8(sums);
+                let t = _mm256_mul_ps(
+                    _mm256_mul_ps(sumi, _mm256_loadu_ps(d.as_ptr())),
+                    _mm256_set1_ps(a.d[lane]),
+                );
+                let step = if Q::SIGNED {
+                    t
+                } else {
+                    let u = _mm256_mul_ps(_mm256_loadu_ps(m.as_ptr()), _mm256_set1_ps(a.s[lane]));
+                    _mm256_add_ps(t, u)
+                };
+                acc = _mm256_add_ps(acc, step);
+            }
+            _mm256_storeu_ps(out.as_mut_ptr(), acc);
+        }
     }
-    acc
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+    for (j, o) in out.iter_mut().enumerate() {
+        for (blk, a) in cols[j].chunks_exact(Q::BYTES).zip(acts) {
+            let (w, d, m) = Q::values(blk);
+            let sumi: i32 = w.iter().zip(&a.qs[lane]).map(|(&x, &y)| x * y as i32).sum();
+            *o += if Q::SIGNED {
+                sumi as f32 * d * a.d[lane]
+            } else {
+                sumi as f32 * d * a.d[lane] + m * a.s[lane]
+            };
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -646,20 +850,21 @@ mod tests {
     fn tiled_kernels_match_the_per_row_reference_bit_for_bit_at_every_batch_size() {
         let dev = Device::Cpu;
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
-            let w = Tensor::randn(0f32, 1.0, (96, 256), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (99, 256), &dev).unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();
             let x = Tensor::randn(0f32, 1.0, (37, 256), &dev).unwrap();
-            let reference = row_matmul(&q, (37, 256, 96), &rows(&x, 37)).unwrap();
+            let reference = row_matmul(&q, (37, 256, 99), &rows(&x, 37)).unwrap();
             let ours = Linear::from_qtensor(q).unwrap();
             let Linear::Cpu {
-                tiled: Some(Tiled { format, blocks }),
+                format: Some(format),
+                weight,
                 n,
                 k,
-                ..
             } = &ours
             else {
-                panic!("{dtype:?} weights must take the tiled kernel");
+                panic!("{dtype:?} weights must take Hearth's kernels");
             };
+            let blocks = &weight.data().unwrap();
             for tier in tiers_here() {
                 for m in [1usize, 3, 8, 37] {
                     let tiled = tiled_matmul_on(tier, *format, blocks, *n, *k, &rows(&x, m), m);
@@ -672,9 +877,60 @@ mod tests {
                     }
                 }
             }
+            if *format != Format::Q8_0 {
+                for m in 1..ROW_TILE {
+                    let lanes = lane_matmul(*format, blocks, *n, *k, &rows(&x, m), m);
+                    assert_eq!(lanes, reference[..m * n], "{dtype:?} lanes m={m}");
+                }
+            }
             let all = ours.forward(&x).unwrap().flatten_all().unwrap();
             assert_eq!(all.to_vec1::<f32>().unwrap(), reference, "{dtype:?}");
         }
+    }
+
+    /// The kernels unpack blocks in registers; every byte pattern must give the values the
+    /// format's scalar definition gives.
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    #[test]
+    fn blocks_unpack_in_registers_as_the_scalar_definition() {
+        fn check<Q: Quant>(seed: u64) {
+            let mut x = seed;
+            for _ in 0..500 {
+                let blk: Vec<u8> = (0..Q::BYTES)
+                    .map(|i| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        // Keep the f16 scale and minimum finite (bytes 0..4 where they are).
+                        if i < 4 && i % 2 == 1 {
+                            (x as u8) & 0x3B
+                        } else {
+                            x as u8
+                        }
+                    })
+                    .collect();
+                let (want, d, m) = Q::values(&blk);
+                // SAFETY: `blk` is a whole block.
+                let (got, gd, gm) = unsafe { Q::load(&blk) };
+                let mut bytes = [0u8; QK];
+                // SAFETY: 32 bytes into a 32-byte array.
+                unsafe {
+                    std::arch::x86_64::_mm256_storeu_si256(
+                        bytes.as_mut_ptr() as *mut std::arch::x86_64::__m256i,
+                        got,
+                    )
+                };
+                let got: Vec<i32> = bytes
+                    .iter()
+                    .map(|&b| if Q::SIGNED { b as i8 as i32 } else { b as i32 })
+                    .collect();
+                assert_eq!(got, want);
+                assert_eq!((gd.to_bits(), gm.to_bits()), (d.to_bits(), m.to_bits()));
+            }
+        }
+        check::<Q41>(1);
+        check::<Q50>(2);
+        check::<Q80>(3);
     }
 
     /// Every quantized format gives each row the same bits whether it runs alone or with 36 others.
