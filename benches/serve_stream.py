@@ -4,7 +4,8 @@
     python3 benches/serve_stream.py --url http://127.0.0.1:8080 --model smollm2-135m-instruct \
         --concurrency 64 --max-tokens 32 --rounds 3
 
-Prints one line per round and the best and median aggregate tok/s. `--response-format '{...}'`
+Prints one line per round and the best and median aggregate tok/s, with TTFT and the median gap
+between a stream's chunks after its first (ITL p50: the decode step as a client sees it). `--response-format '{...}'`
 constrains every request (benches/RESULTS.md, "Structured output", for the A/B). Standard library only (one thread
 per stream). Tokens are counted from the usage chunk at the end of each stream.
 """
@@ -35,18 +36,23 @@ def one(url, model, prompt, max_tokens, out, i, response_format=None):
     conn.request("POST", "/v1/completions", body, {"content-type": "application/json"})
     r = conn.getresponse()
     assert r.status == 200, r.read()
-    tokens, first = 0, None
+    tokens, first, last, gaps = 0, None, None, []
     for raw in r:
         line = raw.decode().strip()
         if not line.startswith("data: ") or line == "data: [DONE]":
             continue
         chunk = json.loads(line[6:])
+        now = time.perf_counter()
         if chunk.get("usage"):
             tokens = chunk["usage"]["completion_tokens"]
-        elif first is None:
-            first = time.perf_counter() - t0
+            continue
+        if first is None:
+            first = now - t0
+        else:
+            gaps.append(now - last)
+        last = now
     conn.close()
-    out[i] = (tokens, first)
+    out[i] = (tokens, first, gaps)
 
 
 def round_(url, model, n, max_tokens, r, response_format=None):
@@ -65,9 +71,11 @@ def round_(url, model, n, max_tokens, r, response_format=None):
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    total = sum(t for t, _ in out)
-    ttft = statistics.median(f for _, f in out if f is not None)
-    return total / wall, ttft
+    total = sum(t for t, _, _ in out)
+    ttft = statistics.median(f for _, f, _ in out if f is not None)
+    gaps = [g for _, _, gs in out for g in gs]
+    itl = statistics.median(gaps) if gaps else float("nan")
+    return total / wall, ttft, itl
 
 
 def main():
@@ -80,12 +88,15 @@ def main():
     ap.add_argument("--response-format", type=json.loads, default=None,
                     help="a response_format object (JSON) every request carries")
     a = ap.parse_args()
-    rates = []
+    rates, itls = [], []
     for r in range(a.rounds):
-        rate, ttft = round_(a.url, a.model, a.concurrency, a.max_tokens, r, a.response_format)
+        rate, ttft, itl = round_(a.url, a.model, a.concurrency, a.max_tokens, r, a.response_format)
         rates.append(rate)
-        print(f"round {r}: {rate:.1f} tok/s aggregate, TTFT p50 {ttft * 1e3:.0f} ms", flush=True)
-    print(f"best {max(rates):.1f} tok/s, median {statistics.median(rates):.1f} tok/s")
+        itls.append(itl)
+        print(f"round {r}: {rate:.1f} tok/s aggregate, TTFT p50 {ttft * 1e3:.0f} ms, "
+              f"ITL p50 {itl * 1e3:.1f} ms", flush=True)
+    print(f"best {max(rates):.1f} tok/s, median {statistics.median(rates):.1f} tok/s, "
+          f"ITL p50 {statistics.median(itls) * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":
