@@ -657,6 +657,39 @@ fn hadd8(v: [std::arch::x86_64::__m256i; 8]) -> std::arch::x86_64::__m256 {
 /// Output columns one parallel task computes.
 const COL_CHUNK: usize = 16;
 
+/// What both kernels read: the weights as stored, one output column's blocks at a time, and the
+/// activation rows quantized and grouped in tiles of eight.
+struct Job<'a> {
+    raw: &'a [u8],
+    /// Blocks per column (k / 32).
+    nb: usize,
+    /// Bytes of one column's blocks.
+    col_bytes: usize,
+    acts: Vec<ActTile>,
+}
+
+impl<'a> Job<'a> {
+    fn new(format: Format, raw: &'a [u8], k: usize, x: &[f32], m: usize) -> Self {
+        let nb = k / QK;
+        Self {
+            raw,
+            nb,
+            col_bytes: nb * format.block_bytes(),
+            acts: decode_acts(format, &quantize_rows(format, x, m, k), m, nb),
+        }
+    }
+
+    /// Output column `c`'s weight blocks.
+    fn col(&self, c: usize) -> &'a [u8] {
+        &self.raw[c * self.col_bytes..(c + 1) * self.col_bytes]
+    }
+
+    /// Tile `t`'s activation blocks (rows 8t..8t+8).
+    fn tile(&self, t: usize) -> &[ActTile] {
+        &self.acts[t * self.nb..(t + 1) * self.nb]
+    }
+}
+
 /// out (m, n) = x (m, k) . w (n, k)^T with w (`raw`, as stored) in `format`, bit-identical to
 /// candle's CPU result.
 pub fn tiled_matmul(
@@ -680,17 +713,14 @@ fn tiled_matmul_on(
     x: &[f32],
     m: usize,
 ) -> Vec<f32> {
-    let nb = k / QK;
-    let row_bytes = nb * format.block_bytes();
-    let tiles = m.div_ceil(ROW_TILE);
-    let acts = decode_acts(format, &quantize_rows(format, x, m, k), m, nb);
+    let job = Job::new(format, raw, k, x, m);
     let mut out = vec![0f32; m * n];
     let dst = OutPtr::new(&mut out);
     pool().execute_chunked(n.div_ceil(COL_CHUNK), |chunks| {
         for c in chunks.start * COL_CHUNK..n.min(chunks.end * COL_CHUNK) {
-            let col = &raw[c * row_bytes..(c + 1) * row_bytes];
-            for t in 0..tiles {
-                let tile_acts = &acts[t * nb..(t + 1) * nb];
+            let col = job.col(c);
+            for t in 0..m.div_ceil(ROW_TILE) {
+                let tile_acts = job.tile(t);
                 let vals = match format {
                     Format::Q8_0 => {
                         q8_0_tile(tier, col, tile_acts, (m - t * ROW_TILE).min(ROW_TILE))
@@ -726,22 +756,17 @@ pub fn lane_matmul(
     x: &[f32],
     m: usize,
 ) -> Vec<f32> {
-    let nb = k / QK;
-    let row_bytes = nb * format.block_bytes();
-    let acts = decode_acts(format, &quantize_rows(format, x, m, k), m, nb);
+    let job = Job::new(format, raw, k, x, m);
     let mut out = vec![0f32; m * n];
     let dst = OutPtr::new(&mut out);
-    let groups = n.div_ceil(COL_LANES);
-    pool().execute_chunked(groups, |range| {
+    pool().execute_chunked(n.div_ceil(COL_LANES), |range| {
         for g in range {
             // The last group repeats the last column in the lanes past `n` (never written).
-            let cols: [&[u8]; COL_LANES] = std::array::from_fn(|j| {
-                let c = (g * COL_LANES + j).min(n - 1);
-                &raw[c * row_bytes..(c + 1) * row_bytes]
-            });
+            let cols: [&[u8]; COL_LANES] =
+                std::array::from_fn(|j| job.col((g * COL_LANES + j).min(n - 1)));
             // Rows innermost: the group's weight blocks stay in L1 across the rows.
             for r in 0..m {
-                let tile = &acts[(r / ROW_TILE) * nb..(r / ROW_TILE + 1) * nb];
+                let tile = job.tile(r / ROW_TILE);
                 let vals = match format {
                     Format::Q5_0 => lane_sums::<Q50>(&cols, tile, r % ROW_TILE),
                     _ => lane_sums::<Q41>(&cols, tile, r % ROW_TILE),
