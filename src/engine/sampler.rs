@@ -249,24 +249,10 @@ impl Sampler {
 
     /// Pick the next token from `logits`; `context` is the prompt plus the output so far.
     pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> Sampled {
-        self.sample_normalized(logits, context, None)
-    }
-
-    /// `sample`, given the row's maximum and log-sum-exp when the device computed them already
-    /// (a vocabulary of exponentials is most of a sample's cost on a 262k vocabulary).
-    pub fn sample_normalized(
-        &mut self,
-        logits: &[f32],
-        context: &[u32],
-        norm: Option<(f32, f32)>,
-    ) -> Sampled {
         let p = &self.params;
         // Log-probabilities are reported from the raw distribution, as OpenAI and vLLM do.
-        let (max, lse) = norm.unwrap_or_else(|| {
-            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
-            (max, sum.ln())
-        });
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
 
         let mut work: Vec<f32> = logits.to_vec();
         if p.repetition_penalty != 1.0 {
