@@ -191,10 +191,18 @@ pub fn load(path: &Path, name: &str, device: &Device) -> Result<Model> {
         progress: super::progress(ct.tensor_infos.len(), name),
     };
     let embed_q = Arc::new(rd.qtensor("token_embd.weight")?);
-    let lm_head = if rd.ct.tensor_infos.contains_key("output.weight") {
-        rd.linear("output.weight")?
+    let (embed, lm_head) = if rd.ct.tensor_infos.contains_key("output.weight") {
+        (Embeddings::Quantized(embed_q), rd.linear("output.weight")?)
     } else {
-        Linear::from_arc(embed_q.clone())?
+        // Tied: where the output projection goes into panels, the lookup reads them (the file's
+        // layout is dropped, not kept beside them).
+        match Linear::from_arc(embed_q.clone())? {
+            Linear::Panels(p) => {
+                drop(embed_q);
+                (Embeddings::Panels(p.clone()), Linear::Panels(p))
+            }
+            other => (Embeddings::Quantized(embed_q), other),
+        }
     };
     let final_norm = rd.norm("output_norm.weight", rms_eps)?;
     let rope_freqs = if rd.ct.tensor_infos.contains_key("rope_freqs.weight") {
@@ -249,15 +257,7 @@ pub fn load(path: &Path, name: &str, device: &Device) -> Result<Model> {
         &tok_str(tokenizer.bos_id),
         &tok_str(tokenizer.eos_ids.first().copied()),
     );
-    let decoder = Decoder::new(
-        cfg,
-        Embeddings::Quantized(embed_q),
-        layers,
-        final_norm,
-        lm_head,
-        rope_freqs,
-        device,
-    )?;
+    let decoder = Decoder::new(cfg, embed, layers, final_norm, lm_head, rope_freqs, device)?;
     rd.progress.finish_and_clear();
     Ok(Model {
         name: name.to_string(),

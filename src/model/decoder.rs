@@ -9,6 +9,7 @@ use super::batch::Batch;
 use crate::error::{HearthError, Result};
 use crate::ops::attention::{AttentionBackend, AttnParams, KvCache, StepAttention};
 use crate::ops::linear::Linear;
+use crate::ops::panels::Panels;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
@@ -105,6 +106,8 @@ pub struct Layer {
 #[derive(Debug)]
 pub enum Embeddings {
     Quantized(Arc<QTensor>),
+    /// The tied output projection's panels.
+    Panels(Arc<Panels>),
     Dense(Tensor),
 }
 
@@ -112,6 +115,20 @@ impl Embeddings {
     fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Self::Quantized(q) => q.embedding(ids)?,
+            Self::Panels(p) => {
+                let (rows, hidden) = p.dims();
+                let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+                let mut out = vec![0f32; ids.len() * hidden];
+                for (&id, row) in ids.iter().zip(out.chunks_exact_mut(hidden)) {
+                    if id as usize >= rows {
+                        return Err(HearthError::Internal(format!(
+                            "token id {id} is out of range for {rows} embeddings"
+                        )));
+                    }
+                    p.dequantize_row(id as usize, row);
+                }
+                Tensor::from_vec(out, (ids.len(), hidden), &Device::Cpu)?
+            }
             Self::Dense(w) => w.embedding(ids)?,
         })
     }

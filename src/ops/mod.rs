@@ -8,6 +8,7 @@ pub mod cuda_attention;
 #[cfg(feature = "cuda")]
 pub mod kernel_limits;
 pub mod linear;
+pub mod panels;
 pub mod threads;
 
 /// Per-layer attention parameters.
