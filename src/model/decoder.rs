@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::batch::Batch;
 use crate::error::{HearthError, Result};
 use crate::ops::attention::{AttentionBackend, AttnParams, KvCache, StepAttention};
+use crate::ops::gelu;
 use crate::ops::linear::Linear;
 use crate::ops::panels::Panels;
 
@@ -304,14 +305,15 @@ impl Decoder {
 
     /// act(gate(h)) * up(h).
     fn gated(&self, p: &GateUpProj, h: &Tensor) -> Result<Tensor> {
-        let act = |g: &Tensor| -> Result<Tensor> {
+        let act_mul = |g: &Tensor, u: &Tensor| -> Result<Tensor> {
             Ok(match self.cfg.activation {
-                Activation::Silu => candle_nn::ops::silu(g)?,
-                Activation::GeluTanh => g.gelu()?,
+                Activation::Silu => (candle_nn::ops::silu(g)? * u)?,
+                Activation::GeluTanh if g.device().is_cpu() => gelu::gelu_mul(g, u)?,
+                Activation::GeluTanh => (g.gelu()? * u)?,
             })
         };
         match p {
-            GateUpProj::Separate { gate, up } => Ok((act(&gate.forward(h)?)? * up.forward(h)?)?),
+            GateUpProj::Separate { gate, up } => act_mul(&gate.forward(h)?, &up.forward(h)?),
             GateUpProj::Fused(w) => {
                 let y = w.forward(h)?;
                 #[cfg(feature = "cuda")]
@@ -319,7 +321,7 @@ impl Decoder {
                     return Ok(y.apply_op1_no_bwd(&crate::ops::cuda_activation::SiluMul)?);
                 }
                 let inner = y.dim(1)? / 2;
-                Ok((act(&y.narrow(1, 0, inner)?)? * y.narrow(1, inner, inner)?)?)
+                act_mul(&y.narrow(1, 0, inner)?, &y.narrow(1, inner, inner)?)
             }
         }
     }

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod cuda_activation;
 #[cfg(feature = "cuda")]
 pub mod cuda_attention;
+pub mod gelu;
 #[cfg(feature = "cuda")]
 pub mod kernel_limits;
 pub mod linear;
