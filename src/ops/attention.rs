@@ -318,6 +318,9 @@ fn portable(
     Ok(Tensor::cat(&outs, 0)?.contiguous()?)
 }
 
+/// Tokens of one sequence whose queries share each key and value read (CPU attention).
+const TILE: usize = 4;
+
 /// Borrows the batch's chunks: the op runs once per layer, so copying block tables would repeat per layer.
 struct CpuPagedAttention<'a> {
     seqs: &'a [SeqChunk],
@@ -377,48 +380,70 @@ impl CustomOp3 for CpuPagedAttention<'_> {
         let row = p.n_kv_heads * d;
         let bs = self.block_size;
 
-        // One task per (sequence, token, head): each is independent, so results do not depend on what
-        // else shares the batch.
-        let mut tasks = Vec::with_capacity(n_tokens * n_heads);
+        // One task per (sequence, tile of up to TILE tokens, KV head): each key and value row is
+        // read once for the tile's tokens and the KV head's query heads. Every query still gets its
+        // own scores, softmax and output sum in key order, exactly as alone, so results do not
+        // depend on the tiling or on what else shares the batch.
+        let mut tasks = Vec::with_capacity(n_tokens.div_ceil(TILE) * p.n_kv_heads);
         for (si, s) in self.seqs.iter().enumerate() {
-            for t in 0..s.len {
-                for h in 0..n_heads {
-                    tasks.push((si, t, h));
+            for t0 in (0..s.len).step_by(TILE) {
+                for kvh in 0..p.n_kv_heads {
+                    tasks.push((si, t0, kvh));
                 }
             }
         }
         let mut out = vec![0f32; n_tokens * n_heads * d];
         let dst = OutPtr::new(&mut out);
-        // out rows are (token, head) in order, which is also the order of `tasks`.
         pool().execute_chunked(tasks.len(), |range| {
-            for (i, &(si, t, h)) in tasks[range.clone()].iter().enumerate() {
-                // SAFETY: task range.start + i owns out row range.start + i, which is inside `out`
-                // (one row of d per task); `out` outlives the pool call.
-                let o = unsafe { dst.slice((range.start + i) * d, d) };
+            for &(si, t0, kvh) in &tasks[range] {
                 let s = &self.seqs[si];
-                let tok = s.start + t;
-                let pos = s.first_pos() + t;
-                let lo = first_key(pos, p.window);
-                let qv = &q[(tok * n_heads + h) * d..][..d];
-                let kvh = h / groups;
-                let mut scores = Vec::with_capacity(pos + 1 - lo);
-                let mut max = f32::NEG_INFINITY;
-                for kp in lo..=pos {
-                    let sl = s.block_table[kp / bs] as usize * bs + kp % bs;
-                    let kv = &k[sl * row + kvh * d..][..d];
-                    let sc = dot(qv, kv) * p.scale;
-                    max = max.max(sc);
-                    scores.push(sc);
+                let nt = (s.len - t0).min(TILE);
+                let pos0 = s.first_pos() + t0;
+                // Query i is token t0 + i / groups, head kvh * groups + i % groups.
+                let nq = nt * groups;
+                let row_of =
+                    |i: usize| (s.start + t0 + i / groups) * n_heads + kvh * groups + i % groups;
+                let keys = |i: usize| {
+                    let pos = pos0 + i / groups;
+                    first_key(pos, p.window)..=pos
+                };
+                let slot = |kp: usize| s.block_table[kp / bs] as usize * bs + kp % bs;
+                let (lo, hi) = (*keys(0).start(), pos0 + nt - 1);
+                let mut scores: Vec<Vec<f32>> = (0..nq)
+                    .map(|i| Vec::with_capacity(keys(i).count()))
+                    .collect();
+                for kp in lo..=hi {
+                    let kv = &k[slot(kp) * row + kvh * d..][..d];
+                    for (i, sc) in scores.iter_mut().enumerate() {
+                        if keys(i).contains(&kp) {
+                            sc.push(dot(&q[row_of(i) * d..][..d], kv) * p.scale);
+                        }
+                    }
                 }
-                let mut sum = 0f32;
-                for sc in scores.iter_mut() {
-                    *sc = (*sc - max).exp();
-                    sum += *sc;
+                let mut inv = vec![0f32; nq];
+                for (sc, inv) in scores.iter_mut().zip(&mut inv) {
+                    let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                    let mut sum = 0f32;
+                    for x in sc.iter_mut() {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                    *inv = 1.0 / sum;
                 }
-                let inv = 1.0 / sum;
-                for (i, kp) in (lo..=pos).enumerate() {
-                    let sl = s.block_table[kp / bs] as usize * bs + kp % bs;
-                    axpy(o, scores[i] * inv, &v[sl * row + kvh * d..][..d]);
+                // SAFETY: query i's output row belongs to this task alone (one task per token tile
+                // and KV head, and each head to one KV head), is inside `out` (one row of d per
+                // token and head), and `out` outlives the pool call.
+                let mut outs: Vec<&mut [f32]> = (0..nq)
+                    .map(|i| unsafe { dst.slice(row_of(i) * d, d) })
+                    .collect();
+                for kp in lo..=hi {
+                    let vv = &v[slot(kp) * row + kvh * d..][..d];
+                    for (i, o) in outs.iter_mut().enumerate() {
+                        let ks = keys(i);
+                        if ks.contains(&kp) {
+                            axpy(o, scores[i][kp - ks.start()] * inv[i], vv);
+                        }
+                    }
                 }
             }
         });
