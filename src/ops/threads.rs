@@ -10,26 +10,32 @@ pub fn pool() -> &'static candle_core::utils::BarrierPool {
 }
 
 /// An output buffer shared by parallel tasks, each writing only its own elements.
-#[derive(Clone, Copy)]
-pub struct OutPtr(*mut f32);
+pub struct OutPtr<T = f32>(*mut T);
+// Manual impls: derived ones would require `T: Copy`, but only the pointer is copied.
+impl<T> Clone for OutPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for OutPtr<T> {}
 // SAFETY: the tasks write disjoint elements (each user says why), and the buffer outlives them.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
+unsafe impl<T: Send> Send for OutPtr<T> {}
+unsafe impl<T: Send> Sync for OutPtr<T> {}
 
-impl OutPtr {
-    pub fn new(out: &mut [f32]) -> Self {
+impl<T> OutPtr<T> {
+    pub fn new(out: &mut [T]) -> Self {
         Self(out.as_mut_ptr())
     }
 
     /// # Safety
     /// `i` must be inside the buffer, and no other task may write it.
-    pub unsafe fn at(self, i: usize) -> *mut f32 {
+    pub unsafe fn at(self, i: usize) -> *mut T {
         unsafe { self.0.add(i) }
     }
 
     /// # Safety
     /// `at..at + len` must be inside the buffer, and no other task may touch it.
-    pub unsafe fn slice<'a>(self, at: usize, len: usize) -> &'a mut [f32] {
+    pub unsafe fn slice<'a>(self, at: usize, len: usize) -> &'a mut [T] {
         unsafe { std::slice::from_raw_parts_mut(self.0.add(at), len) }
     }
 }

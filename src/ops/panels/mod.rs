@@ -453,13 +453,13 @@ impl Panels {
         let f = self.format;
         match f {
             Format::Q4K | Format::Q6K => {
-                let acts = kacts(f, x, m, self.k);
+                let acts = kacts(f, &x[..m * self.k]);
                 self.run(&acts, m, |vals, meta, rows, n| {
                     kernel_k(tier, f, vals, meta, rows, n)
                 })
             }
             _ => {
-                let acts = acts(f, x, m, self.k);
+                let acts = acts(f, &x[..m * self.k]);
                 self.run(&acts, m, |vals, meta, rows, n| {
                     kernel_32(tier, f, vals, meta, rows, n)
                 })
@@ -534,20 +534,45 @@ struct KActs {
     d: f32,
 }
 
-/// candle's quantization of each row into blocks of type B, as their bytes.
-fn quantize<B: GgmlType + Clone>(x: &[f32], m: usize, k: usize) -> Vec<u8> {
-    let nb = k / B::BLCK_SIZE;
-    // SAFETY: all-zero bits are a valid Q8_0 / Q8_1 / Q8_K block (f16, f32 and integer zeros);
-    // every block is overwritten below.
-    let zero: B = unsafe { std::mem::zeroed() };
-    let mut q = vec![zero; m * nb];
-    for r in 0..m {
-        B::from_float(&x[r * k..(r + 1) * k], &mut q[r * nb..(r + 1) * nb]);
-    }
+/// Values below which activations are quantized on the calling thread (waking the pool costs more).
+const PAR_QUANTIZE: usize = 8192;
+
+/// candle's quantization of `x` into blocks of type B (each block on its own, so any split gives
+/// the same bytes), each block's bytes turned into a kernel record by `build`; on the pool for
+/// large inputs.
+fn quantize<B: GgmlType + Clone, A: Clone + Send>(
+    x: &[f32],
+    zero: A,
+    build: impl Fn(&[u8]) -> A + Sync,
+) -> Vec<A> {
+    let bs = B::BLCK_SIZE;
+    let count = x.len() / bs;
     let size = std::mem::size_of::<B>();
-    // SAFETY: the blocks are repr(C) structs of f16 / f32 and integer fields with no padding (34,
-    // 36 and 292 bytes: 2 + 32, 2 + 2 + 32, 4 + 256 + 32); we only read their bytes.
-    unsafe { std::slice::from_raw_parts(q.as_ptr() as *const u8, q.len() * size) }.to_vec()
+    let blocks = |from: usize, to: usize, out: &mut [A]| {
+        // SAFETY: all-zero bits are a valid Q8_0 / Q8_1 / Q8_K block (f16, f32 and integer
+        // zeros); every block is overwritten by `from_float`.
+        let zero_block: B = unsafe { std::mem::zeroed() };
+        let mut q = vec![zero_block; to - from];
+        B::from_float(&x[from * bs..to * bs], &mut q);
+        // SAFETY: the blocks are repr(C) structs of f16 / f32 and integer fields with no padding
+        // (34, 36 and 292 bytes: 2 + 32, 2 + 2 + 32, 4 + 256 + 32); we only read their bytes.
+        let raw = unsafe { std::slice::from_raw_parts(q.as_ptr() as *const u8, q.len() * size) };
+        for (o, blk) in out.iter_mut().zip(raw.chunks_exact(size)) {
+            *o = build(blk);
+        }
+    };
+    let mut out = vec![zero; count];
+    if x.len() < PAR_QUANTIZE {
+        blocks(0, count, &mut out);
+    } else {
+        let dst = OutPtr::new(&mut out);
+        pool().execute_chunked(count, |range| {
+            // SAFETY: each task owns its block range of `out`, inside it; `out` outlives the loop.
+            let o = unsafe { dst.slice(range.start, range.len()) };
+            blocks(range.start, range.end, o);
+        });
+    }
+    out
 }
 
 fn word(bytes: [u8; 4]) -> i32 {
@@ -558,71 +583,74 @@ fn i16_pair(lo: i32, hi: i32) -> i32 {
     (lo as i16 as u16 as u32 | (hi as i16 as u16 as u32) << 16) as i32
 }
 
-fn acts(format: Format, x: &[f32], m: usize, k: usize) -> Vec<Acts> {
-    let (raw, size, qs_at) = match format {
-        Format::Q4_1 => (quantize::<BlockQ8_1>(x, m, k), 36, 4),
-        _ => (quantize::<BlockQ8_0>(x, m, k), 34, 2),
+fn acts(format: Format, x: &[f32]) -> Vec<Acts> {
+    let zero = Acts {
+        qs: [0; GROUPS],
+        bias: [0; GROUPS],
+        d: 0.0,
+        s: 0.0,
     };
-    raw.chunks_exact(size)
-        .map(|blk| {
-            let qs = &blk[qs_at..];
-            let sum = |g: usize| {
-                qs[4 * g..4 * g + 4]
-                    .iter()
-                    .map(|&v| v as i8 as i32)
-                    .sum::<i32>()
-            };
-            let mut bias = [0i32; GROUPS];
-            match format {
-                Format::Q8_0 => bias = std::array::from_fn(|g| -128 * sum(g)),
-                Format::Q5_0 => bias[0] = -16 * (0..GROUPS).map(sum).sum::<i32>(),
-                _ => {}
-            }
-            Acts {
-                qs: std::array::from_fn(|g| {
-                    word([qs[4 * g], qs[4 * g + 1], qs[4 * g + 2], qs[4 * g + 3]])
-                }),
-                bias,
-                d: f16_at(blk, 0),
-                s: if format == Format::Q4_1 {
-                    f16_at(blk, 2)
-                } else {
-                    0.0
-                },
-            }
-        })
-        .collect()
+    let build = |blk: &[u8]| {
+        let qs = &blk[blk.len() - 32..];
+        let sum = |g: usize| {
+            qs[4 * g..4 * g + 4]
+                .iter()
+                .map(|&v| v as i8 as i32)
+                .sum::<i32>()
+        };
+        let mut bias = [0i32; GROUPS];
+        match format {
+            Format::Q8_0 => bias = std::array::from_fn(|g| -128 * sum(g)),
+            Format::Q5_0 => bias[0] = -16 * (0..GROUPS).map(sum).sum::<i32>(),
+            _ => {}
+        }
+        Acts {
+            qs: std::array::from_fn(|g| {
+                word([qs[4 * g], qs[4 * g + 1], qs[4 * g + 2], qs[4 * g + 3]])
+            }),
+            bias,
+            d: f16_at(blk, 0),
+            // Q8_1 (36 bytes) carries the scaled sum after the scale.
+            s: if blk.len() == 36 { f16_at(blk, 2) } else { 0.0 },
+        }
+    };
+    match format {
+        Format::Q4_1 => quantize::<BlockQ8_1, _>(x, zero, build),
+        _ => quantize::<BlockQ8_0, _>(x, zero, build),
+    }
 }
 
-fn kacts(format: Format, x: &[f32], m: usize, k: usize) -> Vec<KActs> {
-    const SIZE: usize = 4 + 256 + 32;
-    quantize::<BlockQ8K>(x, m, k)
-        .chunks_exact(SIZE)
-        .map(|blk| {
-            let qs = &blk[4..260];
-            let a = |v: usize| qs[v] as i8 as i32;
-            let bsum = |i: usize| i16::from_le_bytes([blk[260 + 2 * i], blk[261 + 2 * i]]);
-            // The reference adds pairs of 16-value sums with `hadd_epi16` (wrapping i16).
-            let sub = |s: usize| bsum(2 * s).wrapping_add(bsum(2 * s + 1)) as i32;
-            KActs {
-                qs: std::array::from_fn(|g| {
-                    word([qs[4 * g], qs[4 * g + 1], qs[4 * g + 2], qs[4 * g + 3]])
-                }),
-                corr: if format == Format::Q6K {
-                    std::array::from_fn(|g| {
-                        i16_pair(
-                            32 * (a(4 * g) + a(4 * g + 1)),
-                            32 * (a(4 * g + 2) + a(4 * g + 3)),
-                        )
-                    })
-                } else {
-                    [0; KGROUPS]
-                },
-                sums: std::array::from_fn(|i| i16_pair(sub(2 * i), sub(2 * i + 1))),
-                d: f32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]),
-            }
-        })
-        .collect()
+fn kacts(format: Format, x: &[f32]) -> Vec<KActs> {
+    let zero = KActs {
+        qs: [0; KGROUPS],
+        corr: [0; KGROUPS],
+        sums: [0; 4],
+        d: 0.0,
+    };
+    quantize::<BlockQ8K, _>(x, zero, |blk| {
+        let qs = &blk[4..260];
+        let a = |v: usize| qs[v] as i8 as i32;
+        let bsum = |i: usize| i16::from_le_bytes([blk[260 + 2 * i], blk[261 + 2 * i]]);
+        // The reference adds pairs of 16-value sums with `hadd_epi16` (wrapping i16).
+        let sub = |s: usize| bsum(2 * s).wrapping_add(bsum(2 * s + 1)) as i32;
+        KActs {
+            qs: std::array::from_fn(|g| {
+                word([qs[4 * g], qs[4 * g + 1], qs[4 * g + 2], qs[4 * g + 3]])
+            }),
+            corr: if format == Format::Q6K {
+                std::array::from_fn(|g| {
+                    i16_pair(
+                        32 * (a(4 * g) + a(4 * g + 1)),
+                        32 * (a(4 * g + 2) + a(4 * g + 3)),
+                    )
+                })
+            } else {
+                [0; KGROUPS]
+            },
+            sums: std::array::from_fn(|i| i16_pair(sub(2 * i), sub(2 * i + 1))),
+            d: f32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]),
+        }
+    })
 }
 
 /// candle's AVX2 `hsum_float_8` order over a column's eight lane accumulators:
