@@ -328,23 +328,29 @@ struct CpuPagedAttention<'a> {
     params: AttnParams,
 }
 
+/// Four queries' dot products with one key: per query eight fused multiply-add lanes over the
+/// dimensions, summed in order, then the remainder; the four run as independent chains (one chain
+/// alone waits on the fused multiply-add's latency).
 #[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent lanes so the compiler can keep them in one SIMD register.
-    let mut acc = [0f32; 8];
-    let ca = a.chunks_exact(8);
-    let cb = b.chunks_exact(8);
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] = x[l].mul_add(y[l], acc[l]);
+fn dot4(qs: [&[f32]; 4], kv: &[f32]) -> [f32; 4] {
+    let mut acc = [[0f32; 8]; 4];
+    let n8 = kv.len() / 8 * 8;
+    for c in (0..n8).step_by(8) {
+        let kc = &kv[c..c + 8];
+        for (acc_j, qj) in acc.iter_mut().zip(&qs) {
+            let qc = &qj[c..c + 8];
+            for l in 0..8 {
+                acc_j[l] = qc[l].mul_add(kc[l], acc_j[l]);
+            }
         }
     }
-    let mut s = acc.iter().sum::<f32>();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
+    std::array::from_fn(|j| {
+        let mut s = acc[j].iter().sum::<f32>();
+        for (x, y) in qs[j][n8..].iter().zip(&kv[n8..]) {
+            s += x * y;
+        }
+        s
+    })
 }
 
 #[inline]
@@ -412,11 +418,16 @@ impl CustomOp3 for CpuPagedAttention<'_> {
                 let mut scores: Vec<Vec<f32>> = (0..nq)
                     .map(|i| Vec::with_capacity(keys(i).count()))
                     .collect();
+                let qv = |i: usize| &q[row_of(i) * d..][..d];
                 for kp in lo..=hi {
                     let kv = &k[slot(kp) * row + kvh * d..][..d];
-                    for (i, sc) in scores.iter_mut().enumerate() {
-                        if keys(i).contains(&kp) {
-                            sc.push(dot(&q[row_of(i) * d..][..d], kv) * p.scale);
+                    // The queries that see key kp: a run of tokens (causal, and a window that
+                    // moves forward with them).
+                    let active: Vec<usize> = (0..nq).filter(|&i| keys(i).contains(&kp)).collect();
+                    for quad in active.chunks(4) {
+                        let qs = std::array::from_fn(|j| qv(quad[j.min(quad.len() - 1)]));
+                        for (&i, sc) in quad.iter().zip(dot4(qs, kv)) {
+                            scores[i].push(sc * p.scale);
                         }
                     }
                 }
@@ -454,6 +465,40 @@ impl CustomOp3 for CpuPagedAttention<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One query at a time, one accumulator chain: the arithmetic `dot4` must keep per query.
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [0f32; 8];
+        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+        let (ra, rb) = (ca.remainder(), cb.remainder());
+        for (x, y) in ca.zip(cb) {
+            for l in 0..8 {
+                acc[l] = x[l].mul_add(y[l], acc[l]);
+            }
+        }
+        let mut s = acc.iter().sum::<f32>();
+        for (x, y) in ra.iter().zip(rb) {
+            s += x * y;
+        }
+        s
+    }
+
+    #[test]
+    fn four_query_dots_are_each_the_single_query_dot() {
+        for d in [256usize, 64, 70] {
+            let v = |seed: usize| -> Vec<f32> {
+                (0..d)
+                    .map(|i| ((i * 7919 + seed * 104729) % 1000) as f32 / 250.0 - 2.0)
+                    .collect()
+            };
+            let qs: Vec<Vec<f32>> = (1..5).map(v).collect();
+            let kv = v(9);
+            let got = dot4(std::array::from_fn(|j| qs[j].as_slice()), &kv);
+            for (j, q) in qs.iter().enumerate() {
+                assert_eq!(got[j].to_bits(), dot(q, &kv).to_bits(), "d={d} query {j}");
+            }
+        }
+    }
 
     /// Both backends over a ragged batch (a prefill chunk after cached tokens, a fresh prompt, decodes),
     /// with grouped-query heads, with and without a sliding window.
