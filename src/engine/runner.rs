@@ -1,11 +1,12 @@
 //! Runs a step plan: one forward over the ragged batch, logits back as host vectors. No policy here.
 use std::time::{Duration, Instant};
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use crate::device::StepTimer;
 use crate::error::{HearthError, Result};
 use crate::model::{AttentionBackend, Batch, Decoder, KvCache};
+use crate::ops::greedy;
 
 use super::scheduler::StepPlan;
 
@@ -87,6 +88,9 @@ fn read_rows(logits: &Tensor, full: &[bool]) -> Result<Vec<Row>> {
             .map(Row::Full)
             .collect());
     }
+    if logits.device().is_cpu() {
+        return cpu_rows(logits, full);
+    }
     let tokens = logits
         .argmax_keepdim(D::Minus1)?
         .flatten_all()?
@@ -119,6 +123,30 @@ fn read_rows(logits: &Tensor, full: &[bool]) -> Result<Vec<Row>> {
         });
     }
     Ok(rows)
+}
+
+/// `read_rows` on the CPU: one pass per greedy row (`ops::greedy`), rows on the pool.
+fn cpu_rows(logits: &Tensor, full: &[bool]) -> Result<Vec<Row>> {
+    let data = logits
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let n = full.len();
+    let vocab = data.len() / n.max(1);
+    let greedy: Vec<bool> = full.iter().map(|&f| !f).collect();
+    let picks = greedy::argmax_lse_rows(&data, &greedy);
+    Ok(picks
+        .into_iter()
+        .enumerate()
+        .map(|(i, pick)| match pick {
+            // The argmax's logit is the maximum, so its log-probability is -log(sum exp(l - max)).
+            Some((token, lse)) => Row::Greedy {
+                token,
+                logprob: -lse,
+            },
+            None => Row::Full(data[i * vocab..(i + 1) * vocab].to_vec()),
+        })
+        .collect())
 }
 
 #[cfg(test)]

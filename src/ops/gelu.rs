@@ -2,48 +2,24 @@
 //!
 //! candle computes `0.5 v (1 + tanh(u))` one element at a time through libm's `tanhf`; at 16
 //! streams that was an eighth of Gemma's CPU time, on the calling thread while the pool spun. Here
-//! `0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u))`, with `exp` from a range reduction and a degree-7
-//! polynomial (within about 1 ulp of the true value), written once as a sequence of IEEE operations
-//! (`+ - * /`, fused multiply-add, round to nearest even) that the AVX2 lanes and the scalar tail
-//! both perform, so every element gets the same bits whichever path or CPU computes it.
+//! `0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u))`, with `super::vexp`'s `exp`, whose AVX2 lanes and
+//! scalar code give the same bits, so every element does whichever path or CPU computes it.
 use candle_core::{DType, Device, Tensor};
 
 use super::threads::{pool, OutPtr};
+use super::vexp;
 use crate::error::Result;
 
 /// sqrt(2 / pi), times -2 (the exponent is -2u).
 const NEG_2C: f32 = -2.0 * 0.797_884_6;
 const K: f32 = 0.044_715;
-/// |x| past this: exp(x) is past f32's range or 1 + exp(x) rounds to 1; the result is 0 or v.
-const CLAMP: f32 = 87.0;
-const LOG2E: f32 = std::f32::consts::LOG2_E;
-/// ln 2 split so that n * LN2_HI is exact for |n| < 2^9.
-const LN2_HI: f32 = 0.693_145_75;
-const LN2_LO: f32 = 1.428_606_8e-6;
-/// 1/k! for k = 7 down to 2.
-const POLY: [f32; 6] = [
-    1.0 / 5040.0,
-    1.0 / 720.0,
-    1.0 / 120.0,
-    1.0 / 24.0,
-    1.0 / 6.0,
-    0.5,
-];
 /// Elements one pool task takes.
 const CHUNK: usize = 4096;
 
 /// gelu_tanh(v) * w for one element: the definition the vector path matches bit for bit.
 fn scalar(v: f32, w: f32) -> f32 {
-    let x = ((NEG_2C * v) * K.mul_add(v * v, 1.0)).clamp(-CLAMP, CLAMP);
-    let n = (x * LOG2E).round_ties_even();
-    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
-    let mut p = POLY[0];
-    for c in &POLY[1..] {
-        p = p.mul_add(r, *c);
-    }
-    let p = p.mul_add(r, 1.0).mul_add(r, 1.0);
-    let e = p * f32::from_bits(((n as i32 + 127) as u32) << 23);
-    v / (1.0 + e) * w
+    let x = (NEG_2C * v) * K.mul_add(v * v, 1.0);
+    v / (1.0 + vexp::exp(x)) * w
 }
 
 #[cfg(all(
@@ -62,23 +38,7 @@ fn lanes(gate: &[f32], up: &[f32], out: &mut [f32]) -> usize {
             let v = _mm256_loadu_ps(gate.as_ptr().add(i));
             let w = _mm256_loadu_ps(up.as_ptr().add(i));
             let inner = _mm256_fmadd_ps(set(K), _mm256_mul_ps(v, v), set(1.0));
-            let x = _mm256_mul_ps(_mm256_mul_ps(set(NEG_2C), v), inner);
-            let x = _mm256_min_ps(_mm256_max_ps(x, set(-CLAMP)), set(CLAMP));
-            let nf = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                _mm256_mul_ps(x, set(LOG2E)),
-            );
-            let r = _mm256_fnmadd_ps(nf, set(LN2_HI), x);
-            let r = _mm256_fnmadd_ps(nf, set(LN2_LO), r);
-            let mut p = set(POLY[0]);
-            for c in &POLY[1..] {
-                p = _mm256_fmadd_ps(p, r, set(*c));
-            }
-            let p = _mm256_fmadd_ps(_mm256_fmadd_ps(p, r, set(1.0)), r, set(1.0));
-            let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-                _mm256_cvtps_epi32(nf),
-                _mm256_set1_epi32(127),
-            ));
-            let e = _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+            let e = vexp::exp8(_mm256_mul_ps(_mm256_mul_ps(set(NEG_2C), v), inner));
             let g = _mm256_div_ps(v, _mm256_add_ps(set(1.0), e));
             _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(g, w));
         }

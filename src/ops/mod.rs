@@ -6,11 +6,13 @@ pub mod cuda_activation;
 #[cfg(feature = "cuda")]
 pub mod cuda_attention;
 pub mod gelu;
+pub mod greedy;
 #[cfg(feature = "cuda")]
 pub mod kernel_limits;
 pub mod linear;
 pub mod panels;
 pub mod threads;
+pub mod vexp;
 
 /// Per-layer attention parameters.
 #[derive(Debug, Clone, Copy)]
