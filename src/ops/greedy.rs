@@ -9,7 +9,7 @@ use super::vexp;
 pub fn argmax_lse(row: &[f32]) -> (u32, f32) {
     let best = argmax(row);
     let max = row.get(best).copied().unwrap_or(0.0);
-    (best as u32, sum_exp(row, max).ln())
+    (best as u32, vexp::exp_sum(row, max, None).ln())
 }
 
 /// `argmax_lse` of the rows of `data` (row-major, `wanted.len()` rows) that are wanted, on the pool.
@@ -71,55 +71,6 @@ fn max_of(v: &[f32]) -> f32 {
 )))]
 fn max_of(v: &[f32]) -> f32 {
     v.iter().copied().fold(f32::NEG_INFINITY, f32::max)
-}
-
-/// sum(exp(l - max)): eight lane sums in order, then added in a fixed order, then the tail.
-fn sum_exp(v: &[f32], max: f32) -> f32 {
-    let mut lanes = [0f32; 8];
-    let n = sum_exp_lanes(v, max, &mut lanes);
-    let mut s = lanes.iter().sum::<f32>();
-    for &x in &v[n..] {
-        s += vexp::exp(x - max);
-    }
-    s
-}
-
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
-fn sum_exp_lanes(v: &[f32], max: f32, lanes: &mut [f32; 8]) -> usize {
-    use std::arch::x86_64::*;
-    let n = v.len() / 8 * 8;
-    // SAFETY: AVX2 and FMA at compile time (cfg above); loads of 8 floats at i < n <= v.len(), and
-    // one store of 8 floats into `lanes`.
-    unsafe {
-        let mx = _mm256_set1_ps(max);
-        let mut acc = _mm256_setzero_ps();
-        for i in (0..n).step_by(8) {
-            let x = _mm256_sub_ps(_mm256_loadu_ps(v.as_ptr().add(i)), mx);
-            acc = _mm256_add_ps(acc, vexp::exp8(x));
-        }
-        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-    }
-    n
-}
-
-/// The portable form of the lane sums: lane l holds elements l, l + 8, ... in order.
-#[cfg(not(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-)))]
-fn sum_exp_lanes(v: &[f32], max: f32, lanes: &mut [f32; 8]) -> usize {
-    let n = v.len() / 8 * 8;
-    for c in v[..n].chunks_exact(8) {
-        for (l, &x) in lanes.iter_mut().zip(c) {
-            *l += vexp::exp(x - max);
-        }
-    }
-    n
 }
 
 #[cfg(test)]

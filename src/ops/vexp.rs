@@ -63,6 +63,74 @@ pub fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     }
 }
 
+/// sum(exp(x - shift)) over `xs`: eight lane sums in order, then added in a fixed order, then the
+/// tail; each term also goes to `out` (same length) where given.
+pub fn exp_sum(xs: &[f32], shift: f32, mut out: Option<&mut [f32]>) -> f32 {
+    let mut lanes = [0f32; 8];
+    let n = exp_sum_lanes(xs, shift, &mut lanes, out.as_deref_mut());
+    let mut s = lanes.iter().sum::<f32>();
+    for (i, &x) in xs.iter().enumerate().skip(n) {
+        let e = exp(x - shift);
+        if let Some(o) = out.as_deref_mut() {
+            o[i] = e;
+        }
+        s += e;
+    }
+    s
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+fn exp_sum_lanes(xs: &[f32], shift: f32, lanes: &mut [f32; 8], out: Option<&mut [f32]>) -> usize {
+    use std::arch::x86_64::*;
+    let n = xs.len() / 8 * 8;
+    let out = out.map(|o| &mut o[..n]);
+    // SAFETY: AVX2 and FMA at compile time (cfg above); loads of 8 floats at i < n <= xs.len(),
+    // stores of 8 floats at i < n <= out.len() (sliced above), and one into `lanes`.
+    unsafe {
+        let sh = _mm256_set1_ps(shift);
+        let mut acc = _mm256_setzero_ps();
+        let dst = out.map(|o| o.as_mut_ptr());
+        for i in (0..n).step_by(8) {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(xs.as_ptr().add(i)), sh));
+            if let Some(d) = dst {
+                _mm256_storeu_ps(d.add(i), e);
+            }
+            acc = _mm256_add_ps(acc, e);
+        }
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+    }
+    n
+}
+
+/// The portable form of the lane sums: lane l holds elements l, l + 8, ... in order.
+#[cfg(not(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+)))]
+fn exp_sum_lanes(
+    xs: &[f32],
+    shift: f32,
+    lanes: &mut [f32; 8],
+    mut out: Option<&mut [f32]>,
+) -> usize {
+    let n = xs.len() / 8 * 8;
+    for (c, chunk) in xs[..n].chunks_exact(8).enumerate() {
+        for (l, (&x, lane)) in chunk.iter().zip(lanes.iter_mut()).enumerate() {
+            let e = exp(x - shift);
+            if let Some(o) = out.as_deref_mut() {
+                o[8 * c + l] = e;
+            }
+            *lane += e;
+        }
+    }
+    n
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -89,6 +157,26 @@ mod tests {
             for (x, o) in c.iter().zip(out) {
                 assert_eq!(o.to_bits(), super::exp(*x).to_bits(), "exp({x})");
             }
+        }
+    }
+
+    #[test]
+    fn exp_sum_writes_each_term_and_sums_them_the_same_way_either_way() {
+        for n in [0usize, 5, 8, 203] {
+            let xs: Vec<f32> = (0..n)
+                .map(|i| ((i * 37) % 101) as f32 / 10.0 - 9.0)
+                .collect();
+            let mut out = vec![0f32; n];
+            let with = super::exp_sum(&xs, 1.5, Some(&mut out));
+            assert_eq!(with.to_bits(), super::exp_sum(&xs, 1.5, None).to_bits());
+            for (x, o) in xs.iter().zip(&out) {
+                assert_eq!(o.to_bits(), super::exp(x - 1.5).to_bits());
+            }
+            let want: f64 = xs.iter().map(|&x| (x as f64 - 1.5).exp()).sum();
+            assert!(
+                (with as f64 - want).abs() <= 1e-5 * want.max(1.0),
+                "{with} vs {want}"
+            );
         }
     }
 }
