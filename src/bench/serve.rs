@@ -277,6 +277,13 @@ pub fn run(server: &str, plan: &ServePlan) -> Result<ServerRun> {
         _ => (server.to_string(), server),
     };
     let url = url.trim_end_matches('/').to_string();
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        // Commas separate servers, so "SmolLM2, Hearth=URL" arrives as two: refuse before any
+        // level runs rather than measure a server that is not one.
+        return Err(HearthError::InvalidRequest(format!(
+            "`{server}` is not URL or LABEL=URL with an http(s) URL (a comma separates servers, so a label cannot hold one)"
+        )));
+    }
     if plan.levels.is_empty() || plan.requests == 0 {
         return Err(HearthError::InvalidRequest(
             "the serve suite needs --levels and --requests above 0".into(),
@@ -402,6 +409,26 @@ pub fn plot(runs: &[ServerRun], path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_that_is_not_an_http_url_is_refused_before_measuring() {
+        let plan = ServePlan {
+            model: "m".into(),
+            levels: vec![1],
+            requests: 1,
+            max_tokens: 1,
+            prompt_tokens: 10,
+            ignore_eos: false,
+            api_key: None,
+        };
+        for bad in ["SmolLM2", " Hearth", "label=localhost:8080"] {
+            let err = run(bad, &plan)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("LABEL=URL"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn percentiles_are_nearest_rank() {

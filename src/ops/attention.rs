@@ -5,7 +5,6 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 
 use super::threads::{pool, OutPtr};
-use super::vexp;
 pub use super::AttnParams;
 use crate::error::{HearthError, Result};
 use crate::model::batch::{Batch, SeqChunk};
@@ -435,9 +434,12 @@ impl CustomOp3 for CpuPagedAttention<'_> {
                 let mut inv = vec![0f32; nq];
                 for (sc, inv) in scores.iter_mut().zip(&mut inv) {
                     let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                    let logits = std::mem::take(sc);
-                    *sc = vec![0f32; logits.len()];
-                    *inv = 1.0 / vexp::exp_sum(&logits, max, Some(sc));
+                    let mut sum = 0f32;
+                    for x in sc.iter_mut() {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                    *inv = 1.0 / sum;
                 }
                 // SAFETY: query i's output row belongs to this task alone (one task per token tile
                 // and KV head, and each head to one KV head), is inside `out` (one row of d per
