@@ -454,15 +454,11 @@ impl Panels {
         match f {
             Format::Q4K | Format::Q6K => {
                 let acts = kacts(f, &x[..m * self.k]);
-                self.run(&acts, m, |vals, meta, rows, n| {
-                    kernel_k(tier, f, vals, meta, rows, n)
-                })
+                self.run(&acts, m, |t| kernel_k(tier, f, t))
             }
             _ => {
                 let acts = acts(f, &x[..m * self.k]);
-                self.run(&acts, m, |vals, meta, rows, n| {
-                    kernel_32(tier, f, vals, meta, rows, n)
-                })
+                self.run(&acts, m, |t| kernel_32(tier, f, t))
             }
         }
     }
@@ -472,7 +468,7 @@ impl Panels {
         &self,
         acts: &[A],
         m: usize,
-        kernel: impl Fn(&[u8], &[u8], &[&[A]; ROWS], usize) -> [[f32; PANEL]; ROWS] + Sync,
+        kernel: impl Fn(Tile<A>) -> [[f32; PANEL]; ROWS] + Sync,
     ) -> Vec<f32> {
         let (n, nb) = (self.n, self.blocks());
         let mut out = vec![0f32; m * n];
@@ -486,7 +482,12 @@ impl Panels {
                     // Rows past `rows` repeat the last one (never computed, never written).
                     let row_acts: [&[A]; ROWS] =
                         std::array::from_fn(|i| &acts[(r0 + i.min(rows - 1)) * nb..][..nb]);
-                    let res = kernel(vals, meta, &row_acts, rows);
+                    let res = kernel(Tile {
+                        vals,
+                        meta,
+                        acts: &row_acts,
+                        rows,
+                    });
                     for (i, res_row) in res.iter().enumerate().take(rows) {
                         // SAFETY: row r0 + i < m, and the `cols` columns from p * 16 are < n; each
                         // (row, column) is written by exactly the task that owns panel p, and `out`
@@ -499,6 +500,16 @@ impl Panels {
         });
         out
     }
+}
+
+/// One panel (its values and scales regions) and the activation rows one kernel call takes: the
+/// first `rows` of `acts` (the rest repeat the last, never written).
+#[derive(Clone, Copy)]
+struct Tile<'a, A> {
+    vals: &'a [u8],
+    meta: &'a [u8],
+    acts: &'a [&'a [A]; ROWS],
+    rows: usize,
 }
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
@@ -660,14 +671,8 @@ fn hsum_order(acc: [f32; 8]) -> f32 {
 }
 
 /// One panel against up to `ROWS` rows of 32-value blocks, on `tier`.
-fn kernel_32(
-    tier: Tier,
-    f: Format,
-    vals: &[u8],
-    meta: &[u8],
-    acts: &[&[Acts]; ROWS],
-    rows: usize,
-) -> [[f32; PANEL]; ROWS] {
+fn kernel_32(tier: Tier, f: Format, t: Tile<Acts>) -> [[f32; PANEL]; ROWS] {
+    let (vals, meta, acts, rows) = (t.vals, t.meta, t.acts, t.rows);
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
@@ -675,7 +680,7 @@ fn kernel_32(
         target_feature = "f16c"
     ))]
     if tier != Tier::Portable {
-        return x86::kernel_32(tier, f, vals, meta, acts, rows);
+        return x86::kernel_32(tier, f, t);
     }
     let _ = tier;
     match f {
@@ -686,19 +691,12 @@ fn kernel_32(
                 [0.0; PANEL]
             }
         }),
-        f => portable::nibbles(f, vals, meta, acts, rows),
+        f => portable::nibbles(f, t),
     }
 }
 
 /// One panel against up to `ROWS` rows of 256-value super-blocks, on `tier`.
-fn kernel_k(
-    tier: Tier,
-    f: Format,
-    vals: &[u8],
-    meta: &[u8],
-    acts: &[&[KActs]; ROWS],
-    rows: usize,
-) -> [[f32; PANEL]; ROWS] {
+fn kernel_k(tier: Tier, f: Format, t: Tile<KActs>) -> [[f32; PANEL]; ROWS] {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
@@ -706,8 +704,8 @@ fn kernel_k(
         target_feature = "f16c"
     ))]
     if tier != Tier::Portable {
-        return x86::kernel_k(tier, f, vals, meta, acts, rows);
+        return x86::kernel_k(tier, f, t);
     }
     let _ = tier;
-    portable::k(f, vals, meta, acts, rows)
+    portable::k(f, t)
 }

@@ -1,7 +1,7 @@
 //! The panel kernels in scalar code: the definition the SIMD tiers are tested against, and the
 //! kernels of builds without AVX2. Integer sums are exact; the float steps are the AVX2 reference's,
 //! lane by lane (`f32::mul_add` where it fuses).
-use super::{f16_at, hsum_order, Acts, Format, KActs, GROUPS, PANEL, ROWS};
+use super::{f16_at, hsum_order, Acts, Format, KActs, Tile, GROUPS, PANEL, ROWS};
 
 /// A panel block's 16 f16 values from byte `at` of its scales region, as f32.
 fn halves(meta: &[u8], at: usize) -> [f32; PANEL] {
@@ -49,13 +49,8 @@ pub fn q8_0(vals: &[u8], meta: &[u8], acts: &[Acts]) -> [f32; PANEL] {
 }
 
 /// Q4_1 and Q5_0, up to `ROWS` rows: per column `sum += sumi * d_w * d_a (+ m_w * s_a)`.
-pub fn nibbles(
-    f: Format,
-    vals: &[u8],
-    meta: &[u8],
-    acts: &[&[Acts]; ROWS],
-    rows: usize,
-) -> [[f32; PANEL]; ROWS] {
+pub fn nibbles(f: Format, t: Tile<Acts>) -> [[f32; PANEL]; ROWS] {
+    let (vals, meta, acts, rows) = (t.vals, t.meta, t.acts, t.rows);
     let mut out = [[0f32; PANEL]; ROWS];
     for (o, acts) in out.iter_mut().zip(acts).take(rows) {
         for (b, a) in acts.iter().enumerate() {
@@ -91,13 +86,8 @@ pub fn nibbles(
 /// `sum over sub-blocks of scale * (group t's dot product)` per super-block (Q6_K: per 32 values,
 /// the scale of the group's 16), `fma(d_w * d_a, lane, acc)`; Q4_K also four minimum lanes
 /// `fma(-d_a * dmin_w, m[2i] S[2i] + m[2i+1] S[2i+1], acc_m)`.
-pub fn k(
-    f: Format,
-    vals: &[u8],
-    meta: &[u8],
-    acts: &[&[KActs]; ROWS],
-    rows: usize,
-) -> [[f32; PANEL]; ROWS] {
+pub fn k(f: Format, t: Tile<KActs>) -> [[f32; PANEL]; ROWS] {
+    let (vals, meta, acts, rows) = (t.vals, t.meta, t.acts, t.rows);
     let q4 = f == Format::Q4K;
     let mut out = [[0f32; PANEL]; ROWS];
     for (o, acts) in out.iter_mut().zip(acts).take(rows) {

@@ -3,17 +3,11 @@
 //! `vpdpwssd`). Integer sums are exact whatever their order; every float step is the reference's.
 use std::arch::x86_64::*;
 
-use super::{Acts, Format, KActs, Tier, GROUPS, PANEL, ROWS};
+use super::{Acts, Format, KActs, Tier, Tile, GROUPS, PANEL, ROWS};
 
 /// The 32-value-block kernels on an x86 tier (not `Portable`).
-pub fn kernel_32(
-    tier: Tier,
-    f: Format,
-    vals: &[u8],
-    meta: &[u8],
-    acts: &[&[Acts]; ROWS],
-    rows: usize,
-) -> [[f32; PANEL]; ROWS] {
+pub fn kernel_32(tier: Tier, f: Format, t: Tile<Acts>) -> [[f32; PANEL]; ROWS] {
+    let (vals, meta, acts, rows) = (t.vals, t.meta, t.acts, t.rows);
     let wide = tier == Tier::Avx512Vnni;
     match f {
         Format::Q8_0 => std::array::from_fn(|i| match (i < rows, wide) {
@@ -24,31 +18,24 @@ pub fn kernel_32(
             (true, false) => q8_0_avx2(vals, meta, acts[i]),
         }),
         // SAFETY: as above.
-        Format::Q5_0 if wide => unsafe { nibbles_avx512::<true>(vals, meta, acts, rows) },
-        Format::Q5_0 => nibbles_avx2::<true>(vals, meta, acts, rows),
+        Format::Q5_0 if wide => unsafe { nibbles_avx512::<true>(t) },
+        Format::Q5_0 => nibbles_avx2::<true>(t),
         // SAFETY: as above.
-        _ if wide => unsafe { nibbles_avx512::<false>(vals, meta, acts, rows) },
-        _ => nibbles_avx2::<false>(vals, meta, acts, rows),
+        _ if wide => unsafe { nibbles_avx512::<false>(t) },
+        _ => nibbles_avx2::<false>(t),
     }
 }
 
 /// The super-block kernels on an x86 tier (not `Portable`).
-pub fn kernel_k(
-    tier: Tier,
-    f: Format,
-    vals: &[u8],
-    meta: &[u8],
-    acts: &[&[KActs]; ROWS],
-    rows: usize,
-) -> [[f32; PANEL]; ROWS] {
+pub fn kernel_k(tier: Tier, f: Format, t: Tile<KActs>) -> [[f32; PANEL]; ROWS] {
     match (tier == Tier::Avx512Vnni, f) {
         // SAFETY: `cpu_tier` (or a test that checked the same features) picked this tier only if
         // the CPU has AVX-512F, BW and VNNI.
-        (true, Format::Q4K) => unsafe { q4k_avx512(vals, meta, acts, rows) },
+        (true, Format::Q4K) => unsafe { q4k_avx512(t) },
         // SAFETY: as above.
-        (true, _) => unsafe { q6k_avx512(vals, meta, acts, rows) },
-        (false, Format::Q4K) => q4k_avx2(vals, meta, acts, rows),
-        (false, _) => q6k_avx2(vals, meta, acts, rows),
+        (true, _) => unsafe { q6k_avx512(t) },
+        (false, Format::Q4K) => q4k_avx2(t),
+        (false, _) => q6k_avx2(t),
     }
 }
 
@@ -136,12 +123,8 @@ pub fn q8_0_avx2(vals: &[u8], meta: &[u8], acts: &[Acts]) -> [f32; PANEL] {
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 // `b` indexes the weight blocks and every row's activation blocks alike.
 #[allow(clippy::needless_range_loop)]
-pub unsafe fn nibbles_avx512<const Q5: bool>(
-    vals: &[u8],
-    meta: &[u8],
-    acts: &[&[Acts]; ROWS],
-    rows: usize,
-) -> [[f32; PANEL]; ROWS] {
+pub unsafe fn nibbles_avx512<const Q5: bool>(t: Tile<Acts>) -> [[f32; PANEL]; ROWS] {
+    let (vals, meta, acts, rows) = (t.vals, t.meta, t.acts, t.rows);
     let f = if Q5 { Format::Q5_0 } else { Format::Q4_1 };
     let nb = acts[0].len();
     assert!(vals.len() >= nb * f.vals() && meta.len() >= nb * f.meta());
@@ -204,12 +187,8 @@ pub unsafe fn nibbles_avx512<const Q5: bool>(
 /// for the byte products (unsigned values of at most 31: no saturation).
 // `b` indexes the weight blocks and every row's activation blocks alike.
 #[allow(clippy::needless_range_loop)]
-pub fn nibbles_avx2<const Q5: bool>(
-    vals: &[u8],
-    meta: &[u8],
-    acts: &[&[Acts]; ROWS],
-    rows: usize,
-) -> [[f32; PANEL]; ROWS] {
+pub fn nibbles_avx2<const Q5: bool>(t: Tile<Acts>) -> [[f32; PANEL]; ROWS] {
+    let (vals, meta, acts, rows) = (t.vals, t.meta, t.acts, t.rows);
     let f = if Q5 { Format::Q5_0 } else { Format::Q4_1 };
     let nb = acts[0].len();
     assert!(vals.len() >= nb * f.vals() && meta.len() >= nb * f.meta());
@@ -303,12 +282,8 @@ macro_rules! pair_lanes {
 /// built with `vpmaddubsw` + `vpdpwssd`, exact, and the float steps are the reference's.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[allow(clippy::needless_range_loop)] // `b` and `r` index weights and every row's blocks alike.
-pub unsafe fn q4k_avx512(
-    vals: &[u8],
-    meta: &[u8],
-    acts: &[&[KActs]; ROWS],
-    rows: usize,
-) -> [[f32; PANEL]; ROWS] {
+pub unsafe fn q4k_avx512(t: Tile<KActs>) -> [[f32; PANEL]; ROWS] {
+    let (vals, meta, acts, rows) = (t.vals, t.meta, t.acts, t.rows);
     let f = Format::Q4K;
     let nb = acts[0].len();
     assert!(vals.len() >= nb * f.vals() && meta.len() >= nb * f.meta());
@@ -383,12 +358,8 @@ pub unsafe fn q4k_avx512(
 /// chunks) with `vpmaddubsw`, `vpsubw` and `vpdpwssd`, exact, then the reference's float steps.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[allow(clippy::needless_range_loop)] // `b` and `r` index weights and every row's blocks alike.
-pub unsafe fn q6k_avx512(
-    vals: &[u8],
-    meta: &[u8],
-    acts: &[&[KActs]; ROWS],
-    rows: usize,
-) -> [[f32; PANEL]; ROWS] {
+pub unsafe fn q6k_avx512(t: Tile<KActs>) -> [[f32; PANEL]; ROWS] {
+    let (vals, meta, acts, rows) = (t.vals, t.meta, t.acts, t.rows);
     let f = Format::Q6K;
     let nb = acts[0].len();
     assert!(vals.len() >= nb * f.vals() && meta.len() >= nb * f.meta());
@@ -445,12 +416,8 @@ pub unsafe fn q6k_avx512(
 /// `q4k_avx512` with AVX2: eight columns per register, one half panel at a time, `madd` + add for
 /// the scaled sums.
 #[allow(clippy::needless_range_loop)] // `b` and `r` index weights and every row's blocks alike.
-pub fn q4k_avx2(
-    vals: &[u8],
-    meta: &[u8],
-    acts: &[&[KActs]; ROWS],
-    rows: usize,
-) -> [[f32; PANEL]; ROWS] {
+pub fn q4k_avx2(t: Tile<KActs>) -> [[f32; PANEL]; ROWS] {
+    let (vals, meta, acts, rows) = (t.vals, t.meta, t.acts, t.rows);
     let f = Format::Q4K;
     let nb = acts[0].len();
     assert!(vals.len() >= nb * f.vals() && meta.len() >= nb * f.meta());
@@ -526,12 +493,8 @@ pub fn q4k_avx2(
 
 /// `q6k_avx512` with AVX2: eight columns per register, one half panel at a time.
 #[allow(clippy::needless_range_loop)] // `b` and `r` index weights and every row's blocks alike.
-pub fn q6k_avx2(
-    vals: &[u8],
-    meta: &[u8],
-    acts: &[&[KActs]; ROWS],
-    rows: usize,
-) -> [[f32; PANEL]; ROWS] {
+pub fn q6k_avx2(t: Tile<KActs>) -> [[f32; PANEL]; ROWS] {
+    let (vals, meta, acts, rows) = (t.vals, t.meta, t.acts, t.rows);
     let f = Format::Q6K;
     let nb = acts[0].len();
     assert!(vals.len() >= nb * f.vals() && meta.len() >= nb * f.meta());
