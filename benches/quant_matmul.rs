@@ -1,7 +1,7 @@
 //! Quantized matmul cost per activation row: candle's `QMatMul` against Hearth's `Linear` (panel
 //! kernels), per weight format and batch size, on a matrix that fits in cache (an MLP projection of
-//! SmolLM2), one that does not (a slice of Gemma's output projection), and Gemma's K-quant shape. `cargo bench --bench quant_matmul`; CANDLE_NUM_THREADS / RAYON_NUM_THREADS set the
-//! threads.
+//! SmolLM2), one that does not (a slice of Gemma's output projection), and Gemma's K-quant shape.
+//! `cargo bench --bench quant_matmul`; CANDLE_NUM_THREADS / RAYON_NUM_THREADS set the threads.
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use hearth::ops::linear::Linear;
