@@ -17,7 +17,6 @@
 //! side carries the `-128 * sum` correction); Q4_1, Q5_0 and Q4_K nibbles two to a byte as in the
 //! file, with Q5_0's fifth bits as one 64-bit mask per group; Q4_K's 6-bit scales and minimums one
 //! byte each and Q6_K's values one byte each (4% and 22% more bytes than the file for those two).
-use candle_core::quantized::k_quants::{BlockQ8K, BlockQ8_0, BlockQ8_1, GgmlType};
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
@@ -25,6 +24,7 @@ use super::threads::{pool, OutPtr};
 use crate::error::{HearthError, Result};
 
 mod portable;
+mod q8;
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
@@ -548,39 +548,32 @@ struct KActs {
 /// Values below which activations are quantized on the calling thread (waking the pool costs more).
 const PAR_QUANTIZE: usize = 8192;
 
-/// candle's quantization of `x` into blocks of type B (each block on its own, so any split gives
-/// the same bytes), each block's bytes turned into a kernel record by `build`; on the pool for
-/// large inputs.
-fn quantize<B: GgmlType + Clone, A: Clone + Send>(
+/// candle's quantization of `x` into `block`s (each block on its own, so any split gives the same
+/// bytes), each block's bytes turned into a kernel record by `build`; on the pool for large inputs.
+fn quantize<A: Clone + Send>(
     x: &[f32],
+    block: q8::Block,
     zero: A,
     build: impl Fn(&[u8]) -> A + Sync,
 ) -> Vec<A> {
-    let bs = B::BLCK_SIZE;
+    let (bs, bytes) = (block.values, block.bytes);
     let count = x.len() / bs;
-    let size = std::mem::size_of::<B>();
-    let blocks = |from: usize, to: usize, out: &mut [A]| {
-        // SAFETY: all-zero bits are a valid Q8_0 / Q8_1 / Q8_K block (f16, f32 and integer
-        // zeros); every block is overwritten by `from_float`.
-        let zero_block: B = unsafe { std::mem::zeroed() };
-        let mut q = vec![zero_block; to - from];
-        B::from_float(&x[from * bs..to * bs], &mut q);
-        // SAFETY: the blocks are repr(C) structs of f16 / f32 and integer fields with no padding
-        // (34, 36 and 292 bytes: 2 + 32, 2 + 2 + 32, 4 + 256 + 32); we only read their bytes.
-        let raw = unsafe { std::slice::from_raw_parts(q.as_ptr() as *const u8, q.len() * size) };
-        for (o, blk) in out.iter_mut().zip(raw.chunks_exact(size)) {
-            *o = build(blk);
+    let blocks = |from: usize, out: &mut [A]| {
+        let mut raw = [0u8; q8::Q8K_BYTES];
+        for (i, o) in out.iter_mut().enumerate() {
+            (block.quantize)(&x[(from + i) * bs..][..bs], &mut raw);
+            *o = build(&raw[..bytes]);
         }
     };
     let mut out = vec![zero; count];
     if x.len() < PAR_QUANTIZE {
-        blocks(0, count, &mut out);
+        blocks(0, &mut out);
     } else {
         let dst = OutPtr::new(&mut out);
         pool().execute_chunked(count, |range| {
             // SAFETY: each task owns its block range of `out`, inside it; `out` outlives the loop.
             let o = unsafe { dst.slice(range.start, range.len()) };
-            blocks(range.start, range.end, o);
+            blocks(range.start, o);
         });
     }
     out
@@ -626,8 +619,8 @@ fn acts(format: Format, x: &[f32]) -> Vec<Acts> {
         }
     };
     match format {
-        Format::Q4_1 => quantize::<BlockQ8_1, _>(x, zero, build),
-        _ => quantize::<BlockQ8_0, _>(x, zero, build),
+        Format::Q4_1 => quantize(x, q8::Q8_1, zero, build),
+        _ => quantize(x, q8::Q8_0, zero, build),
     }
 }
 
@@ -638,7 +631,7 @@ fn kacts(format: Format, x: &[f32]) -> Vec<KActs> {
         sums: [0; 4],
         d: 0.0,
     };
-    quantize::<BlockQ8K, _>(x, zero, |blk| {
+    quantize(x, q8::Q8K, zero, |blk| {
         let qs = &blk[4..260];
         let a = |v: usize| qs[v] as i8 as i32;
         let bsum = |i: usize| i16::from_le_bytes([blk[260 + 2 * i], blk[261 + 2 * i]]);
