@@ -421,14 +421,26 @@ impl CustomOp3 for CpuPagedAttention<'_> {
                 let qv = |i: usize| &q[row_of(i) * d..][..d];
                 for kp in lo..=hi {
                     let kv = &k[slot(kp) * row + kvh * d..][..d];
-                    // The queries that see key kp: a run of tokens (causal, and a window that
-                    // moves forward with them).
-                    let active: Vec<usize> = (0..nq).filter(|&i| keys(i).contains(&kp)).collect();
-                    for quad in active.chunks(4) {
+                    // The queries that see key kp (a run of tokens: causal, and a window that
+                    // moves forward with them), four at a time in query order, gathered on the
+                    // stack: a list per key was an allocation per key, KV head and layer.
+                    let mut score = |quad: &[usize]| {
                         let qs = std::array::from_fn(|j| qv(quad[j.min(quad.len() - 1)]));
                         for (&i, sc) in quad.iter().zip(dot4(qs, kv)) {
                             scores[i].push(sc * p.scale);
                         }
+                    };
+                    let (mut quad, mut taken) = ([0usize; 4], 0);
+                    for i in (0..nq).filter(|&i| keys(i).contains(&kp)) {
+                        quad[taken] = i;
+                        taken += 1;
+                        if taken == 4 {
+                            score(&quad);
+                            taken = 0;
+                        }
+                    }
+                    if taken > 0 {
+                        score(&quad[..taken]);
                     }
                 }
                 let mut inv = vec![0f32; nq];
