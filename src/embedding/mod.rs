@@ -1,0 +1,151 @@
+//! Sentence embeddings: a BERT encoder (candle-transformers' `BertModel`) with sentence-transformers'
+//! head (mean of the token states over the attention mask, then L2 normalization), as
+//! all-MiniLM-L6-v2 is trained to be used.
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config};
+use tokenizers::Tokenizer;
+
+use crate::error::{HearthError, Result};
+
+/// sentence-transformers' `max_seq_length` for all-MiniLM-L6-v2 (its `sentence_bert_config.json`),
+/// used when the folder does not say; [CLS] and [SEP] included.
+const DEFAULT_MAX_TOKENS: usize = 256;
+
+/// An embedding model loaded from a sentence-transformers folder (`config.json`,
+/// `model.safetensors`, `tokenizer.json`, optionally `sentence_bert_config.json`).
+pub struct Embedder {
+    model: BertModel,
+    tokenizer: Tokenizer,
+    max_tokens: usize,
+    dims: usize,
+    vocab: usize,
+    device: Device,
+}
+
+fn file_error(path: &Path, reason: impl ToString) -> HearthError {
+    HearthError::ModelFile {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+impl Embedder {
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let read = |name: &str| -> Result<String> {
+            let p = dir.join(name);
+            std::fs::read_to_string(&p).map_err(|e| file_error(&p, e))
+        };
+        let cfg_path = dir.join("config.json");
+        let cfg: Config = serde_json::from_str(&read("config.json")?)
+            .map_err(|e| file_error(&cfg_path, format!("not a BERT config: {e}")))?;
+        let max_tokens = match read("sentence_bert_config.json") {
+            Ok(s) => serde_json::from_str::<serde_json::Value>(&s)
+                .ok()
+                .and_then(|v| v["max_seq_length"].as_u64())
+                .map_or(DEFAULT_MAX_TOKENS, |n| n as usize),
+            Err(_) => DEFAULT_MAX_TOKENS,
+        };
+        let weights = dir.join("model.safetensors");
+        if !weights.exists() {
+            return Err(HearthError::ModelNotFound(weights.display().to_string()));
+        }
+        // SAFETY: the file is memory-mapped read-only; like every loader of safetensors, we rely on
+        // it not being modified while the model is loaded.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device)? };
+        let model = BertModel::load(vb, &cfg)?;
+        let tok_path = dir.join("tokenizer.json");
+        let mut tokenizer =
+            Tokenizer::from_file(&tok_path).map_err(|e| HearthError::Tokenizer(e.to_string()))?;
+        // The file pads every input to 128 tokens and cuts there; sentence-transformers does neither
+        // (it cuts at max_seq_length, and padding is the batch's business here).
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: max_tokens,
+                ..Default::default()
+            }))
+            .map_err(|e| HearthError::Tokenizer(e.to_string()))?;
+        Ok(Self {
+            model,
+            tokenizer,
+            max_tokens,
+            dims: cfg.hidden_size,
+            vocab: cfg.vocab_size,
+            device: device.clone(),
+        })
+    }
+
+    /// Length of the vectors.
+    pub fn dims(&self) -> usize {
+        self.dims
+    }
+
+    /// The most tokens one input is embedded from (longer inputs are cut, as sentence-transformers
+    /// cuts them).
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// The ids `text` is embedded from: [CLS] text [SEP], cut to `max_tokens`.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| HearthError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// One unit vector per input, from token ids (as `tokenize` gives them), in one padded batch.
+    pub fn embed_ids(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let len = inputs.iter().map(Vec::len).max().unwrap_or(0);
+        if inputs.is_empty() || len == 0 {
+            return Err(HearthError::InvalidRequest("nothing to embed".into()));
+        }
+        if len > self.max_tokens {
+            return Err(HearthError::InvalidRequest(format!(
+                "an input has {len} tokens; this model embeds at most {}",
+                self.max_tokens
+            )));
+        }
+        if let Some(&id) = inputs
+            .iter()
+            .flatten()
+            .find(|&&id| id as usize >= self.vocab)
+        {
+            return Err(HearthError::InvalidRequest(format!(
+                "token id {id} is out of range for this model's {} tokens",
+                self.vocab
+            )));
+        }
+        let n = inputs.len();
+        let mut ids = vec![0u32; n * len];
+        let mut mask = vec![0u32; n * len];
+        for (i, input) in inputs.iter().enumerate() {
+            ids[i * len..][..input.len()].copy_from_slice(input);
+            mask[i * len..][..input.len()].fill(1);
+        }
+        let ids = Tensor::from_vec(ids, (n, len), &self.device)?;
+        let mask = Tensor::from_vec(mask, (n, len), &self.device)?;
+        let states = self.model.forward(&ids, &ids.zeros_like()?, Some(&mask))?;
+        // Mean over the real tokens (padding masked out), then unit length (sentence-transformers'
+        // Normalize: x / max(|x|, 1e-12)).
+        let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+        let sums = states.broadcast_mul(&mask)?.sum(1)?;
+        let counts = mask.sum(1)?;
+        let means = sums.broadcast_div(&counts)?;
+        let norms = means.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12)?;
+        Ok(means.broadcast_div(&norms)?.to_vec2::<f32>()?)
+    }
+
+    /// One unit vector per text.
+    pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        let ids = texts
+            .iter()
+            .map(|t| self.tokenize(t))
+            .collect::<Result<Vec<_>>>()?;
+        self.embed_ids(&ids)
+    }
+}

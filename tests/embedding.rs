@@ -1,0 +1,75 @@
+//! The embedding model against an independent reference: all-MiniLM-L6-v2 computed in f64 NumPy
+//! from the same weights (`scripts/minilm_reference.py`, which implements sentence-transformers'
+//! BERT -> mean pooling -> normalize), stored in tests/data/minilm_reference.json.
+mod common;
+
+use candle_core::Device;
+use hearth::embedding::Embedder;
+use serde_json::Value;
+
+fn embedder() -> Embedder {
+    let dir = common::models_dir().join("all-minilm-l6-v2");
+    Embedder::load(&dir, &Device::Cpu).expect("all-minilm-l6-v2 loads")
+}
+
+fn reference() -> Vec<(String, Vec<u32>, Vec<f32>)> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/minilm_reference.json"
+    );
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let ids = r["ids"].as_array().unwrap();
+            let emb = r["embedding"].as_array().unwrap();
+            (
+                r["text"].as_str().unwrap().to_string(),
+                ids.iter().map(|x| x.as_u64().unwrap() as u32).collect(),
+                emb.iter().map(|x| x.as_f64().unwrap() as f32).collect(),
+            )
+        })
+        .collect()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+#[test]
+fn tokens_and_vectors_match_the_reference_alone_and_in_a_padded_batch() {
+    let e = embedder();
+    let refs = reference();
+    assert_eq!(e.dims(), 384);
+    // The longest reference input is cut at the model's 256 tokens, as sentence-transformers cuts.
+    assert!(refs.iter().any(|r| r.1.len() == e.max_tokens()));
+    for (text, ids, _) in &refs {
+        assert_eq!(&e.tokenize(text).unwrap(), ids, "tokens of {text:?}");
+    }
+    let texts: Vec<&str> = refs.iter().map(|r| r.0.as_str()).collect();
+    let batch = e.embed(&texts).unwrap();
+    for (i, (text, _, want)) in refs.iter().enumerate() {
+        let alone = e.embed(&[text.as_str()]).unwrap().remove(0);
+        for (how, got) in [("alone", &alone), ("in a batch", &batch[i])] {
+            let c = cosine(got, want);
+            assert!(c > 1.0 - 1e-4, "{text:?} {how}: cosine {c}");
+            let norm: f64 = got.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-4, "{text:?} {how}: norm {norm}");
+        }
+    }
+    // Different texts stay apart: the paraphrase-free pairs are not near-duplicates.
+    assert!(cosine(&batch[0], &batch[2]) < 0.9);
+}
+
+#[test]
+fn bad_inputs_are_refused_not_panicked_on() {
+    let e = embedder();
+    assert!(e.embed_ids(&[]).is_err());
+    assert!(e.embed_ids(&[vec![]]).is_err());
+    assert!(e.embed_ids(&[vec![101; e.max_tokens() + 1]]).is_err());
+    assert!(e.embed_ids(&[vec![101, 30522, 102]]).is_err());
+}
