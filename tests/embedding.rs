@@ -70,6 +70,7 @@ fn bad_inputs_are_refused_not_panicked_on() {
     let e = embedder();
     assert!(e.embed_ids(&[]).is_err());
     assert!(e.embed_ids(&[vec![]]).is_err());
+    assert!(e.embed_ids(&[vec![101, 102], vec![]]).is_err());
     assert!(e.embed_ids(&[vec![101; e.max_tokens() + 1]]).is_err());
     assert!(e.embed_ids(&[vec![101, 30522, 102]]).is_err());
 }

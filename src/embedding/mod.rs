@@ -100,10 +100,11 @@ impl Embedder {
 
     /// One unit vector per input, from token ids (as `tokenize` gives them), in one padded batch.
     pub fn embed_ids(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
-        let len = inputs.iter().map(Vec::len).max().unwrap_or(0);
-        if inputs.is_empty() || len == 0 {
+        // An empty input has no token to average (its mean would be 0 / 0).
+        if inputs.is_empty() || inputs.iter().any(Vec::is_empty) {
             return Err(HearthError::InvalidRequest("nothing to embed".into()));
         }
+        let len = inputs.iter().map(Vec::len).max().unwrap_or(0);
         if len > self.max_tokens {
             return Err(HearthError::InvalidRequest(format!(
                 "an input has {len} tokens; this model embeds at most {}",
