@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Independent fp64 NumPy reference for all-MiniLM-L6-v2 (sentence-transformers semantics):
 BERT (gelu=erf, LayerNorm eps from config) -> mean pooling over attention mask -> L2 normalize.
-Needs only numpy + tokenizers (pip, ~20 MB). Usage: ref.py MODEL_DIR BERT_CONFIG_JSON < sentences.txt > ref.json"""
+Needs only numpy + tokenizers (pip, ~20 MB). Usage: minilm_reference.py MODEL_DIR MODEL_DIR/config.json < sentences.txt
+> tests/data/minilm_reference.json (one sentence per line)."""
 import json, math, struct, sys
 import numpy as np
 from tokenizers import Tokenizer
 
 def load_safetensors(path):
     with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]; hdr = json.loads(f.read(n)); base = 8 + n
+        n = struct.unpack("<Q", f.read(8))[0]; hdr = json.loads(f.read(n))
         buf = f.read()
     dt = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
     out = {}

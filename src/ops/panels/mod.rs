@@ -559,7 +559,7 @@ fn quantize<A: Clone + Send>(
     let (bs, bytes) = (block.values, block.bytes);
     let count = x.len() / bs;
     let blocks = |from: usize, out: &mut [A]| {
-        let mut raw = [0u8; q8::Q8K_BYTES];
+        let mut raw = [0u8; q8::MAX_BYTES];
         for (i, o) in out.iter_mut().enumerate() {
             (block.quantize)(&x[(from + i) * bs..][..bs], &mut raw);
             *o = build(&raw[..bytes]);

@@ -13,7 +13,9 @@ use half::f16;
 /// Bytes of a Q8_0, Q8_1 and Q8_K block in candle's layout.
 const Q8_0_BYTES: usize = 34;
 const Q8_1_BYTES: usize = 36;
-pub const Q8K_BYTES: usize = 292;
+const Q8K_BYTES: usize = 292;
+/// The largest of them: a buffer that holds any block.
+pub const MAX_BYTES: usize = Q8K_BYTES;
 
 /// One activation block format: values per block, bytes per block, and its quantizer.
 #[derive(Clone, Copy)]
@@ -81,7 +83,7 @@ mod simd {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// Each lane's largest |x| and whether every value is finite.
+    /// The largest |x| and whether every value is finite.
     ///
     /// # Safety
     /// AVX2 is enabled at compile time (cfg above); `x.len()` is a multiple of 8.
