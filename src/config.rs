@@ -30,6 +30,14 @@ impl ModelEntry {
     }
 }
 
+/// An embedding model served at `/v1/embeddings`: a sentence-transformers folder (BERT).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingModelEntry {
+    pub name: String,
+    pub path: PathBuf,
+}
+
 /// Where the usage ledger lives unless the config says otherwise (the data directory, relative
 /// to the working directory).
 pub const DEFAULT_LEDGER: &str = "data/usage.sqlite3";
@@ -40,6 +48,10 @@ pub struct Config {
     pub host: String,
     pub port: u16,
     pub models: Vec<ModelEntry>,
+    /// Embedding models (`[[embedding_models]]`), on the same device as the decoders.
+    pub embedding_models: Vec<EmbeddingModelEntry>,
+    /// Padded tokens (longest input x inputs) of one embedding forward.
+    pub embedding_batch_tokens: usize,
     /// KV cache per model, in MiB; `kv_cache_fraction` instead takes a share of free memory.
     pub kv_cache_mib: usize,
     pub kv_cache_fraction: Option<f64>,
@@ -100,6 +112,11 @@ impl Default for Config {
                 ),
                 ModelEntry::new("gemma-3-270m", "models/gemma-3-270m-q4_k_m.gguf"),
             ],
+            embedding_models: vec![EmbeddingModelEntry {
+                name: "all-minilm-l6-v2".into(),
+                path: "models/all-minilm-l6-v2".into(),
+            }],
+            embedding_batch_tokens: 4096,
             kv_cache_mib: 512,
             kv_cache_fraction: None,
             block_size: 16,
@@ -146,9 +163,30 @@ impl Config {
         Ok(config)
     }
 
-    /// The route groups name served models only (and no model's name).
+    /// Model names are unique across decoders and embedding models; the route groups name
+    /// served decoders only (and no model's name).
     pub fn check_routes(&self) -> Result<()> {
         let served: Vec<&str> = self.models.iter().map(|m| m.name.as_str()).collect();
+        let mut names = served.clone();
+        for e in &self.embedding_models {
+            if names.contains(&e.name.as_str()) {
+                return Err(HearthError::Config(format!(
+                    "the model name `{}` is used twice",
+                    e.name
+                )));
+            }
+            names.push(&e.name);
+        }
+        if let Some(r) = self
+            .routes
+            .iter()
+            .find(|r| names.contains(&r.name.as_str()))
+        {
+            return Err(HearthError::Config(format!(
+                "route `{}`: a route needs a name that is not a model's",
+                r.name
+            )));
+        }
         crate::router::Routes::check(&self.routes, &served)
     }
 
@@ -212,6 +250,31 @@ mod tests {
         assert_eq!(c.host, "127.0.0.1");
         assert_eq!(c.models.len(), 1);
         assert!(toml::from_str::<Config>("prot = 1").is_err());
+    }
+
+    #[test]
+    fn embedding_models_parse_and_names_stay_unique() {
+        let c: Config = toml::from_str(
+            "[[models]]\nname = \"m\"\npath = \"/m.gguf\"\n\
+             [[embedding_models]]\nname = \"e\"\npath = \"/e\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.embedding_models[0].name, "e");
+        assert!(c.check_routes().is_ok());
+        assert_eq!(
+            Config::default().embedding_models[0].name,
+            "all-minilm-l6-v2"
+        );
+        let mut twice = c.clone();
+        twice.embedding_models[0].name = "m".into();
+        assert!(matches!(twice.check_routes(), Err(HearthError::Config(_))));
+        let mut route = c.clone();
+        route.routes = vec![crate::router::RouteConfig {
+            name: "e".into(),
+            models: vec!["m".into()],
+            ..Default::default()
+        }];
+        assert!(matches!(route.check_routes(), Err(HearthError::Config(_))));
     }
 
     #[test]

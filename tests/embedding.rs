@@ -74,3 +74,51 @@ fn bad_inputs_are_refused_not_panicked_on() {
     assert!(e.embed_ids(&[vec![101; e.max_tokens() + 1]]).is_err());
     assert!(e.embed_ids(&[vec![101, 30522, 102]]).is_err());
 }
+
+#[test]
+fn the_batcher_packs_by_padded_tokens_and_batches_requests_that_wait_together() {
+    use hearth::embedding::batcher::{BatchConfig, EmbedHandle};
+    let e = embedder();
+    let refs = reference();
+    let long = refs.iter().find(|r| r.1.len() == e.max_tokens()).unwrap();
+    let short: Vec<_> = refs.iter().filter(|r| r.1.len() < 20).collect();
+    let h = EmbedHandle::start(
+        "minilm",
+        e,
+        BatchConfig {
+            max_batch_tokens: 4096,
+            max_waiting: 64,
+        },
+    )
+    .unwrap();
+    // 64 inputs of 256 tokens: 16 fit in 4096 padded tokens, so 4 forwards.
+    let big = vec![long.1.clone(); 64];
+    let big_rx = h.submit(big, "t".into()).unwrap();
+    // Queued while those run: one request per short input, three times over.
+    let small: Vec<_> = (0..3)
+        .flat_map(|_| short.iter())
+        .map(|r| (r, h.submit(vec![r.1.clone()], "t".into()).unwrap()))
+        .collect();
+    let big = big_rx.blocking_recv().unwrap().unwrap();
+    assert_eq!(big.vectors.len(), 64);
+    for v in &big.vectors {
+        assert!(cosine(v, &long.2) > 1.0 - 1e-4);
+    }
+    let n_small = small.len();
+    for (r, rx) in small {
+        let got = rx.blocking_recv().unwrap().unwrap();
+        assert!(cosine(&got.vectors[0], &r.2) > 1.0 - 1e-4, "{:?}", r.0);
+        assert!(got.device > std::time::Duration::ZERO);
+    }
+    let s = h.stats();
+    assert_eq!(s.inputs as usize, 64 + n_small);
+    // The short requests waited together and shared forwards: at most two more (the first may
+    // have arrived before the long request's last forward began), not one each.
+    assert!(
+        s.batches <= 4 + 2 && n_small > 6,
+        "{} forwards for 64 long inputs and {n_small} short requests",
+        s.batches
+    );
+    assert_eq!(s.waiting, 0);
+    assert_eq!(s.tenant_device_nanos.values().sum::<u64>(), s.device_nanos);
+}

@@ -66,5 +66,5 @@ fn official_openai_client_works_against_hearth() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "pytest failed:\n{log}");
-    assert!(log.contains("20 passed"), "{log}");
+    assert!(log.contains("24 passed"), "{log}");
 }

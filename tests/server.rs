@@ -34,9 +34,22 @@ fn endpoints_respond_and_both_default_models_load() {
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    // The served models, then the default route group over them.
-    assert_eq!(ids, ["smollm2-135m-instruct", "gemma-3-270m", "auto"]);
-    for model in ids {
+    // The served models, then the default route group over them, then the embedding model.
+    assert_eq!(
+        ids,
+        [
+            "smollm2-135m-instruct",
+            "gemma-3-270m",
+            "auto",
+            "all-minilm-l6-v2"
+        ]
+    );
+    assert_eq!(models["data"][3]["capabilities"], json!(["embeddings"]));
+    assert_eq!(
+        models["data"][2]["capabilities"],
+        json!(["chat.completions", "completions"])
+    );
+    for model in &ids[..3] {
         let (st, v, _) = post(
             &s.base,
             "/v1/completions",

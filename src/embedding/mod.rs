@@ -1,6 +1,8 @@
 //! Sentence embeddings: a BERT encoder (candle-transformers' `BertModel`) with sentence-transformers'
 //! head (mean of the token states over the attention mask, then L2 normalization), as
-//! all-MiniLM-L6-v2 is trained to be used.
+//! all-MiniLM-L6-v2 is trained to be used. `batcher` serves it to concurrent requests.
+pub mod batcher;
+
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -18,10 +20,16 @@ const DEFAULT_MAX_TOKENS: usize = 256;
 /// `model.safetensors`, `tokenizer.json`, optionally `sentence_bert_config.json`).
 pub struct Embedder {
     model: BertModel,
+    /// Cuts at `max_tokens`, as sentence-transformers does.
     tokenizer: Tokenizer,
+    /// Cuts nowhere: to tell a too-long input from one that fits.
+    whole: Tokenizer,
     max_tokens: usize,
     dims: usize,
     vocab: usize,
+    /// Weights in each layer's linear projections, and the layer count (the cost model).
+    layer_weights: u64,
+    layers: u64,
     device: Device,
 }
 
@@ -62,18 +70,27 @@ impl Embedder {
         // The file pads every input to 128 tokens and cuts there; sentence-transformers does neither
         // (it cuts at max_seq_length, and padding is the batch's business here).
         tokenizer.with_padding(None);
+        let mut whole = tokenizer.clone();
+        whole
+            .with_truncation(None)
+            .map_err(|e| HearthError::Tokenizer(e.to_string()))?;
         tokenizer
             .with_truncation(Some(tokenizers::TruncationParams {
                 max_length: max_tokens,
                 ..Default::default()
             }))
             .map_err(|e| HearthError::Tokenizer(e.to_string()))?;
+        let (h, ff) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
         Ok(Self {
             model,
             tokenizer,
+            whole,
             max_tokens,
             dims: cfg.hidden_size,
             vocab: cfg.vocab_size,
+            // Q, K, V, O, then the feed-forward's two matrices.
+            layer_weights: 4 * h * h + 2 * h * ff,
+            layers: cfg.num_hidden_layers as u64,
             device: device.clone(),
         })
     }
@@ -89,13 +106,35 @@ impl Embedder {
         self.max_tokens
     }
 
+    /// Size of the vocabulary: token ids must be below it.
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
     /// The ids `text` is embedded from: [CLS] text [SEP], cut to `max_tokens`.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .tokenizer
+        Self::ids(&self.tokenizer, text)
+    }
+
+    /// [CLS] text [SEP], however long (longer than `max_tokens` cannot be embedded whole).
+    pub fn tokenize_whole(&self, text: &str) -> Result<Vec<u32>> {
+        Self::ids(&self.whole, text)
+    }
+
+    fn ids(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+        let enc = tokenizer
             .encode(text, true)
             .map_err(|e| HearthError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Multiply-accumulates to embed one input of `tokens`: every token through each layer's
+    /// linear projections, and attention's scores and weighted sum over the input (padding and
+    /// the small element-wise work left out, as the decoders' cost model leaves them out).
+    pub fn cost(&self, tokens: usize) -> u128 {
+        let t = tokens as u128;
+        let h = self.dims as u128;
+        self.layers as u128 * (t * self.layer_weights as u128 + 2 * t * t * h)
     }
 
     /// One unit vector per input, from token ids (as `tokenize` gives them), in one padded batch.

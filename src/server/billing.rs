@@ -29,6 +29,12 @@ pub enum Ending<'a> {
         usage: &'a Usage,
         metrics: &'a ResponseMetrics,
     },
+    /// An embedding request, answered.
+    Embedded {
+        tokens: usize,
+        device_ms: f64,
+        queue_ms: f64,
+    },
     /// Refused or failed before producing anything.
     Refused {
         status: u16,
@@ -107,6 +113,16 @@ impl Receipt {
                 usage,
                 metrics,
             } => (status, reason, Some((usage, metrics))),
+            Ending::Embedded {
+                tokens,
+                device_ms,
+                queue_ms,
+            } => {
+                row.prompt_tokens = tokens as u64;
+                row.prefill_device_ms = device_ms;
+                row.queue_ms = queue_ms;
+                (200, "embedded", None)
+            }
             Ending::Refused { status } => (status, "refused", None),
             Ending::Failed => (500, "error", None),
             Ending::ClientClosed => (499, "client_closed", None),

@@ -2,6 +2,7 @@
 pub mod auth;
 pub mod billing;
 pub mod cascade;
+pub mod embeddings;
 pub mod error;
 pub mod generate;
 pub mod http;
@@ -35,6 +36,8 @@ use crate::tenancy::Directory;
 pub struct AppState {
     /// Set once every model is loaded.
     pub engines: OnceLock<Vec<(String, EngineHandle)>>,
+    /// The embedding models (set just before `engines`).
+    pub embedders: OnceLock<Vec<crate::embedding::batcher::EmbedHandle>>,
     /// Route groups over the loaded models (set just before `engines`).
     pub routes: OnceLock<crate::router::Routes>,
     pub shutting_down: AtomicBool,
@@ -116,6 +119,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(routes::chat))
         .route("/v1/completions", post(routes::completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(routes::models))
         .route("/v1/usage", get(routes::usage))
         .route("/health", get(routes::health))
@@ -169,6 +173,7 @@ impl utoipa::Modify for BearerAuth {
     paths(
         routes::chat,
         routes::completions,
+        embeddings::embeddings,
         routes::models,
         routes::usage,
         routes::health,
@@ -219,6 +224,26 @@ fn load_all(config: &Config, device: &Device) -> Result<Vec<(String, EngineHandl
     Ok(engines)
 }
 
+fn load_embedders(
+    config: &Config,
+    device: &Device,
+) -> Result<Vec<crate::embedding::batcher::EmbedHandle>> {
+    let batching = crate::embedding::batcher::BatchConfig {
+        max_batch_tokens: config.embedding_batch_tokens,
+        max_waiting: config.max_waiting,
+    };
+    config
+        .embedding_models
+        .iter()
+        .map(|m| {
+            let t0 = Instant::now();
+            let e = crate::embedding::Embedder::load(&m.path, device)?;
+            tracing::info!(model = %m.name, dims = e.dims(), secs = t0.elapsed().as_secs_f32(), "embedding model ready");
+            crate::embedding::batcher::EmbedHandle::start(&m.name, e, batching)
+        })
+        .collect()
+}
+
 impl Server {
     /// Bind, start serving (/health answers at once), and load the models in the background;
     /// /ready turns 200 when they are loaded.
@@ -235,6 +260,7 @@ impl Server {
         let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port)).await?;
         let state = Arc::new(AppState {
             engines: OnceLock::new(),
+            embedders: OnceLock::new(),
             routes: OnceLock::new(),
             shutting_down: AtomicBool::new(false),
             prometheus: crate::telemetry::prometheus(),
@@ -285,6 +311,7 @@ impl Server {
         let loader_state = state.clone();
         let loader = tokio::task::spawn_blocking(move || {
             let engines = load_all(&config, &device)?;
+            let embedders = load_embedders(&config, &device)?;
             let costs: Vec<(String, u128)> = engines
                 .iter()
                 .map(|(name, e)| (name.clone(), e.cost_per_token))
@@ -294,6 +321,7 @@ impl Server {
                 tracing::info!(route = %g.name, models = ?g.models, policy = ?g.policy, "route group");
             }
             let _ = loader_state.routes.set(routes);
+            let _ = loader_state.embedders.set(embedders);
             let _ = loader_state.engines.set(engines);
             tracing::info!("ready");
             Ok(())

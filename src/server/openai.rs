@@ -352,6 +352,79 @@ pub struct ModelCard {
     pub object: &'static str,
     pub created: u64,
     pub owned_by: &'static str,
+    /// The endpoints that take this model: `chat.completions` and `completions` for a text model
+    /// or route group, `embeddings` for an embedding model.
+    pub capabilities: Vec<&'static str>,
+}
+
+/// What `/v1/embeddings` takes as `input`.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum EmbeddingInput {
+    Text(String),
+    Texts(Vec<String>),
+    /// One input as the model's token ids ([CLS] and [SEP] included).
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct EmbeddingRequest {
+    #[schema(example = "all-minilm-l6-v2")]
+    pub model: String,
+    /// A string, an array of strings (at most 2048), an array of token ids, or an array of such
+    /// arrays; none may be empty.
+    #[schema(value_type = EmbeddingInput)]
+    pub input: serde_json::Value,
+    /// `float` (default) or `base64` (the little-endian f32 bytes).
+    pub encoding_format: Option<String>,
+    /// Only the model's own size is accepted (384 for all-minilm-l6-v2).
+    pub dimensions: Option<u64>,
+    /// A label kept in the usage ledger.
+    pub user: Option<String>,
+    /// Hearth extension (TEI's name): cut inputs longer than the model takes, as
+    /// sentence-transformers does, instead of refusing them.
+    pub truncate: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum EmbeddingVector {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Embedding {
+    /// Always `embedding`.
+    pub object: &'static str,
+    pub index: usize,
+    pub embedding: EmbeddingVector,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct EmbeddingUsage {
+    pub prompt_tokens: usize,
+    pub total_tokens: usize,
+}
+
+/// Hearth's measurements of an embedding request.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct EmbeddingMetrics {
+    /// Arrival at the queue to the first forward.
+    pub queue_time_ms: f64,
+    /// This request's share of the device time of the forwards it ran in.
+    pub device_time_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct EmbeddingResponse {
+    /// Always `list`.
+    pub object: &'static str,
+    pub data: Vec<Embedding>,
+    pub model: String,
+    pub usage: EmbeddingUsage,
+    pub metrics: EmbeddingMetrics,
 }
 
 /// `GET /v1/usage`: totals per group, from the usage ledger.

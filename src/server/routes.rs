@@ -31,7 +31,7 @@ use crate::tenancy::{Caller, Tenant};
 
 /// The body as JSON of type T: a body over the size limit is a 413 (see `http::read_body`),
 /// anything malformed a 400.
-async fn parse<T: serde::de::DeserializeOwned>(
+pub(super) async fn parse<T: serde::de::DeserializeOwned>(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
@@ -49,11 +49,20 @@ fn engine(state: &AppState, model: &str) -> Result<EngineHandle, ApiError> {
         .engines
         .get()
         .ok_or_else(|| ApiError::unavailable("not_ready", "models are still loading"))?;
-    engines
-        .iter()
-        .find(|(name, _)| name == model)
-        .map(|(_, e)| e.clone())
-        .ok_or_else(|| ApiError::model_not_found(model))
+    if let Some((_, e)) = engines.iter().find(|(name, _)| name == model) {
+        return Ok(e.clone());
+    }
+    if state
+        .embedders
+        .get()
+        .is_some_and(|e| e.iter().any(|h| h.name == model))
+    {
+        return Err(ApiError::invalid(
+            format!("`{model}` is an embedding model: it is served at /v1/embeddings"),
+            Some("model"),
+        ));
+    }
+    Err(ApiError::model_not_found(model))
 }
 
 /// The model-specific checks (context length, vocabulary), counted when they refuse.
@@ -213,7 +222,7 @@ async fn tokenize(
 }
 
 /// The tenant an inference request runs as: admin keys read usage, they run no inference.
-fn tenant_of(caller: Caller) -> Result<(Arc<Tenant>, Arc<str>), ApiError> {
+pub(super) fn tenant_of(caller: Caller) -> Result<(Arc<Tenant>, Arc<str>), ApiError> {
     match caller {
         Caller::Tenant { tenant, key_id } => Ok((tenant, key_id)),
         Caller::Admin { .. } => Err(ApiError::forbidden(
@@ -224,12 +233,16 @@ fn tenant_of(caller: Caller) -> Result<(Arc<Tenant>, Arc<str>), ApiError> {
 
 /// Count an inference request under its tenant, model (only a served one: a made-up name must not
 /// become a label) and HTTP status.
-fn count_request(state: &AppState, tenant: &Tenant, model: &str, status: StatusCode) {
+pub(super) fn count_request(state: &AppState, tenant: &Tenant, model: &str, status: StatusCode) {
     let served = state
         .engines
         .get()
         .is_some_and(|e| e.iter().any(|(n, _)| n == model))
-        || state.routes.get().is_some_and(|r| r.get(model).is_some());
+        || state.routes.get().is_some_and(|r| r.get(model).is_some())
+        || state
+            .embedders
+            .get()
+            .is_some_and(|e| e.iter().any(|h| h.name == model));
     metrics::counter!(
         names::TENANT_REQUESTS,
         "tenant" => tenant.name.to_string(),
@@ -240,7 +253,7 @@ fn count_request(state: &AppState, tenant: &Tenant, model: &str, status: StatusC
 }
 
 /// A request refused before its model is known still counts, and is a ledger row, for its tenant.
-fn counted<T>(
+pub(super) fn counted<T>(
     state: &AppState,
     tenant: &Tenant,
     receipt: &mut Receipt,
@@ -256,7 +269,7 @@ fn counted<T>(
 }
 
 /// The ledger row of a request by this tenant, begun at its arrival.
-fn receipt(
+pub(super) fn receipt(
     state: &AppState,
     headers: &HeaderMap,
     tenant: &Tenant,
@@ -427,13 +440,15 @@ pub async fn completions(
     responses((status = 200, body = ModelList), (status = 401, body = ErrorResponse)),
     security(("bearer" = [])))]
 pub async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
-    let card = |id: &str| ModelCard {
+    let card = |id: &str, capabilities: &[&'static str]| ModelCard {
         id: id.to_string(),
         object: "model",
         created: state.created,
         owned_by: "hearth",
+        capabilities: capabilities.to_vec(),
     };
-    // The served models, then the route groups (a group is asked for like a model).
+    // The served models, then the route groups (a group is asked for like a model), then the
+    // embedding models.
     let models = state.engines.get().into_iter().flatten().map(|(n, _)| n);
     let groups = state
         .routes
@@ -441,7 +456,13 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
         .into_iter()
         .flat_map(|r| r.groups())
         .map(|g| &g.name);
-    let data = models.chain(groups).map(|n| card(n)).collect();
+    let generate = ["chat.completions", "completions"];
+    let embedders = state.embedders.get().into_iter().flatten();
+    let data = models
+        .chain(groups)
+        .map(|n| card(n, &generate))
+        .chain(embedders.map(|h| card(&h.name, &["embeddings"])))
+        .collect();
     Json(ModelList {
         object: "list",
         data,
@@ -542,6 +563,17 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
                     tenant_secs.push((tenant.clone(), name.clone(), *nanos as f64 / 1e9));
                 }
             }
+        }
+    }
+    for h in state.embedders.get().into_iter().flatten() {
+        let s = h.stats();
+        let labels = [("model", h.name.clone())];
+        metrics::gauge!(names::REQUESTS_WAITING, &labels).set(s.waiting as f64);
+        metrics::counter!(names::EMBEDDING_BATCHES, &labels).absolute(s.batches);
+        metrics::counter!(names::EMBEDDING_INPUTS, &labels).absolute(s.inputs);
+        engine_secs.push((h.name.clone(), s.device_nanos as f64 / 1e9));
+        for (tenant, nanos) in &s.tenant_device_nanos {
+            tenant_secs.push((tenant.clone(), h.name.clone(), *nanos as f64 / 1e9));
         }
     }
     let mut text = state.prometheus.render();

@@ -35,6 +35,10 @@ pub mod names {
     pub const LEDGER_ROWS_DROPPED: &str = "hearth_ledger_rows_dropped_total";
     /// Requests refused before tokenization, by reason (`code`).
     pub const REJECTED_REQUESTS: &str = "hearth_rejected_requests_total";
+    /// Forwards of an embedding model, and the inputs they embedded (inputs / batches is the
+    /// batching across requests).
+    pub const EMBEDDING_BATCHES: &str = "hearth_embedding_batches_total";
+    pub const EMBEDDING_INPUTS: &str = "hearth_embedding_inputs_total";
     /// Route-group decisions by answering model and reason (`confident`, `low_logprob`, ...).
     pub const ROUTER_DECISIONS: &str = "hearth_router_decisions_total";
     /// Escalations from one model of a route group to the next.

@@ -23,6 +23,7 @@ FUZZ = os.environ["HEARTH_FUZZ_URL"]
 ROUTES = {
     "/v1/chat/completions",
     "/v1/completions",
+    "/v1/embeddings",
     "/v1/models",
     "/v1/usage",
     "/health",
@@ -91,6 +92,16 @@ def test_completion_responses_match_openai_schemas(logprobs):
             if choice["finish_reason"] is None:
                 choice["finish_reason"] = "stop"
         validate("CreateCompletionResponse", chunk)
+
+
+def test_embedding_responses_match_openai_schemas():
+    body = {"model": "all-minilm-l6-v2", "input": ["The sea is", "Stones are"], "encoding_format": "float"}
+    status, text = call("/v1/embeddings", body)
+    assert status == 200, text
+    validate("CreateEmbeddingResponse", json.loads(text))
+    status, text = call("/v1/embeddings", dict(body, input=[]))
+    assert status == 400
+    validate("ErrorResponse", json.loads(text))
 
 
 def test_models_and_errors_match_openai_schemas():

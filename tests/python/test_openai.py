@@ -4,6 +4,7 @@ Run by tests/openai_python.rs, which starts the servers and sets HEARTH_BASE_URL
 and HEARTH_TINY_URL (one running and one waiting slot, 4 KiB bodies, to provoke 429 and 413).
 """
 import asyncio
+import json
 import os
 import threading
 
@@ -186,7 +187,7 @@ def test_route_groups_work_through_the_client():
     """`auto` and a group that always escalates, over SmolLM2 (`small`) and Gemma 3 (`large`)."""
     routed = OpenAI(base_url=os.environ["HEARTH_ROUTED_URL"] + "/v1", api_key="unused", max_retries=0, timeout=120)
     ids = [m.id for m in routed.models.list()]
-    assert ids == ["small", "large", "auto", "escalate"]
+    assert ids == ["small", "large", "auto", "escalate", "all-minilm-l6-v2"]
     kw = dict(messages=[{"role": "user", "content": "Name a planet."}], max_tokens=10, temperature=0)
     # Chat goes only to a model with its own chat template: Gemma 3 here is a base model without one.
     auto = routed.chat.completions.create(model="auto", **kw)
@@ -309,3 +310,73 @@ def test_langchain_bind_tools_and_with_structured_output_work_unchanged():
 
     person = llm.with_structured_output(Person).invoke("Describe a fictional teacher.")
     assert isinstance(person, Person) and 0 <= person.age <= 120
+
+
+EMBEDDER = "all-minilm-l6-v2"
+REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "minilm_reference.json")
+
+
+def cosine(a, b):
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (sum(x * x for x in a) ** 0.5 * sum(y * y for y in b) ** 0.5)
+
+
+def test_embeddings_match_the_reference_in_both_encodings_and_from_token_ids(client):
+    with open(REFERENCE) as f:
+        refs = json.load(f)
+    texts = [r["text"] for r in refs]
+    # The client asks for base64 unless told otherwise and decodes it itself.
+    b64 = client.embeddings.create(model=EMBEDDER, input=texts, extra_body={"truncate": True})
+    flt = client.embeddings.create(model=EMBEDDER, input=texts, encoding_format="float", extra_body={"truncate": True})
+    ids = client.embeddings.create(model=EMBEDDER, input=[r["ids"] for r in refs], encoding_format="float")
+    assert b64.model == EMBEDDER and b64.object == "list"
+    assert b64.usage.prompt_tokens == sum(len(r["ids"]) for r in refs) == b64.usage.total_tokens
+    assert [d.index for d in b64.data] == list(range(len(refs)))
+    for r, a, b, c in zip(refs, b64.data, flt.data, ids.data):
+        assert len(a.embedding) == 384
+        assert a.embedding == pytest.approx(b.embedding, abs=1e-7), r["text"]
+        assert cosine(a.embedding, r["embedding"]) > 1 - 1e-4, r["text"]
+        assert cosine(c.embedding, r["embedding"]) > 1 - 1e-4, r["text"]
+    one = client.embeddings.create(model=EMBEDDER, input=texts[2], dimensions=384)
+    assert cosine(one.data[0].embedding, refs[2]["embedding"]) > 1 - 1e-4
+    assert EMBEDDER in [m.id for m in client.models.list()]
+
+
+def test_embedding_errors_are_400s_with_clear_messages(client):
+    long = "word " * 400
+    for kw, says in [
+        (dict(input=[]), "empty array"),
+        (dict(input=""), "empty"),
+        (dict(input=["x"] * 2049), "at most 2048"),
+        (dict(input=long), "embeds at most 256"),
+        (dict(input=[long, "short"]), "input 0 has"),
+        (dict(input=5), "must be a string"),
+        (dict(input=["a", 1]), "only strings"),
+        (dict(input=[[101, 99999, 102]]), "out of range"),
+        (dict(input="x", dimensions=128), "`dimensions` may only be 384"),
+        (dict(input="x", encoding_format="int8"), "`float` or `base64`"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.embeddings.create(model=EMBEDDER, **kw)
+        assert says in e.value.message, e.value.message
+    with pytest.raises(openai.BadRequestError, match="text-generation model"):
+        client.embeddings.create(model=MODEL, input="x")
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="nope", input="x")
+    with pytest.raises(openai.BadRequestError, match="embedding model"):
+        client.chat.completions.create(model=EMBEDDER, messages=[{"role": "user", "content": "hi"}])
+
+
+def test_concurrent_embedding_requests_each_get_their_own_vectors():
+    with open(REFERENCE) as f:
+        refs = json.load(f)[:5]
+    aclient = AsyncOpenAI(base_url=BASE, api_key="unused", max_retries=0, timeout=120)
+
+    async def run():
+        return await asyncio.gather(
+            *[aclient.embeddings.create(model=EMBEDDER, input=r["text"]) for r in refs * 4]
+        )
+
+    out = asyncio.run(run())
+    for r, got in zip(refs * 4, out):
+        assert cosine(got.data[0].embedding, r["embedding"]) > 1 - 1e-4, r["text"]
