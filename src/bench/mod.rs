@@ -2,6 +2,7 @@
 //! (suites `core`, `prefix`), the router's cost / quality table over served models (`route`), or
 //! any OpenAI-compatible server under streaming load (`serve`). Prints Markdown tables (the format
 //! of benches/RESULTS.md).
+pub mod embed;
 pub mod route;
 pub mod serve;
 
@@ -51,6 +52,9 @@ pub struct BenchArgs {
     /// `serve`: draw tok/s and TTFT against concurrency, one line per server, as SVG here.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// `embed`: tokens of each input ([CLS] and [SEP] included).
+    #[arg(long, default_value_t = 128)]
+    pub embed_tokens: usize,
     /// Prompt length for the prefill measurement.
     #[arg(long, default_value_t = 512)]
     pub prefill_tokens: usize,
@@ -64,7 +68,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 2)]
     pub repeat: usize,
     /// `core`: prefill and decode throughput; `prefix`: the prefix cache's effect; `route`: the
-    /// router against always-small and always-large on `--data`.
+    /// router against always-small and always-large on `--data`; `embed`: an embedding model's
+    /// embeddings per second (`--model` its folder, `--batches`, `--embed-tokens`).
     #[arg(long, default_value = "core")]
     pub suite: String,
     /// The `route` suite's prompts with checkable answers (JSON lines).
@@ -345,6 +350,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     if args.suite == "serve" {
         return serve_suite(args);
+    }
+    if args.suite == "embed" {
+        return embed::suite(args);
     }
     let name = args
         .model_path()?
