@@ -18,6 +18,9 @@ pub struct ModelEntry {
     /// `tools`, for a model whose file carries a template without them).
     #[serde(default)]
     pub chat_template: Option<PathBuf>,
+    /// Response-cache settings for requests that name this model, over the global `[cache]`.
+    #[serde(default)]
+    pub cache: Option<crate::cache::CacheSettings>,
 }
 
 impl ModelEntry {
@@ -26,6 +29,7 @@ impl ModelEntry {
             name: name.into(),
             path: path.into(),
             chat_template: None,
+            cache: None,
         }
     }
 }
@@ -98,6 +102,8 @@ pub struct Config {
     pub routes: Vec<crate::router::RouteConfig>,
     /// Ledger rows older than this are pruned (0: kept forever).
     pub ledger_retention_days: u32,
+    /// The response cache (`[cache]`); off unless turned on here, for a tenant, or for a route.
+    pub cache: crate::cache::CacheConfig,
 }
 
 impl Default for Config {
@@ -142,6 +148,7 @@ impl Default for Config {
             metering: true,
             routes: Vec::new(),
             ledger_retention_days: 400,
+            cache: Default::default(),
         }
     }
 }
@@ -187,7 +194,30 @@ impl Config {
                 r.name
             )));
         }
+        let levels: Vec<&crate::cache::CacheSettings> = (self.models.iter().map(|m| &m.cache))
+            .chain(self.routes.iter().map(|r| &r.cache))
+            .chain(self.tenants.iter().map(|t| &t.cache))
+            .flatten()
+            .collect();
+        crate::cache::CacheConfig::check(&levels, &self.cache)?;
+        if let Some(m) = &self.cache.embedding_model {
+            if !self.embedding_models.iter().any(|e| &e.name == m) {
+                return Err(HearthError::Config(format!(
+                    "cache.embedding_model `{m}` is not one of the embedding_models"
+                )));
+            }
+        }
         crate::router::Routes::check(&self.routes, &served)
+    }
+
+    /// The response-cache settings of each model and route name that has some.
+    pub fn cache_by_name(&self) -> Vec<(String, crate::cache::CacheSettings)> {
+        let models = self.models.iter().map(|m| (&m.name, &m.cache));
+        let routes = self.routes.iter().map(|r| (&r.name, &r.cache));
+        models
+            .chain(routes)
+            .filter_map(|(n, c)| c.clone().map(|c| (n.clone(), c)))
+            .collect()
     }
 
     /// The tenants and keys this config names (checked: unique names and keys).

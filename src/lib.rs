@@ -1,5 +1,6 @@
 //! Hearth: a self-hosted LLM inference engine with continuous batching over a paged KV cache.
 pub mod bench;
+pub mod cache;
 pub mod config;
 pub mod device;
 pub mod embedding;

@@ -142,6 +142,8 @@ fn print_usage(
         "cached_tokens",
         "completion_tokens",
         "device_time_ms",
+        "cache_hits",
+        "saved_device_time_ms",
     ]);
     let lines: Vec<Vec<String>> = rows
         .iter()
@@ -165,6 +167,8 @@ fn print_usage(
                 r.cached_tokens.to_string(),
                 r.completion_tokens.to_string(),
                 format!("{:.3}", r.device_time_ms),
+                r.cache_hits.to_string(),
+                format!("{:.3}", r.saved_device_time_ms),
             ]);
             cells
         })

@@ -30,6 +30,17 @@ pub struct Constraint {
     json: bool,
 }
 
+impl Constraint {
+    /// The grammar as canonical text: equal for equal constraints (the response cache's key).
+    pub fn fingerprint(&self) -> String {
+        format!(
+            "{}:{}",
+            self.kind,
+            serde_json::to_string(&*self.grammar).unwrap_or_default()
+        )
+    }
+}
+
 impl PartialEq for Constraint {
     fn eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.grammar, &other.grammar)

@@ -44,6 +44,10 @@ pub struct Row {
     /// stop, length, error, client_closed, or refused.
     pub finish_reason: String,
     pub status: u16,
+    /// `exact` or `semantic` when the response cache answered; empty otherwise.
+    pub cache: String,
+    /// Device time the cached answer had taken (not spent again).
+    pub saved_device_ms: f64,
 }
 
 pub fn now_ms() -> i64 {
@@ -84,7 +88,9 @@ CREATE TABLE IF NOT EXISTS requests (
     ttft_ms REAL,
     e2e_ms REAL NOT NULL,
     finish_reason TEXT NOT NULL,
-    status INTEGER NOT NULL
+    status INTEGER NOT NULL,
+    cache TEXT NOT NULL DEFAULT '',
+    saved_device_ms REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms);
 CREATE INDEX IF NOT EXISTS requests_tenant_ts ON requests (tenant, ts_ms);
@@ -101,6 +107,16 @@ fn open_for_writing(path: &Path) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.execute_batch(SCHEMA)?;
+    // A ledger written before the response cache existed gets its columns (old rows: no hit).
+    let has_cache: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = 'cache'")?
+        .exists([])?;
+    if !has_cache {
+        conn.execute_batch(
+            "ALTER TABLE requests ADD COLUMN cache TEXT NOT NULL DEFAULT '';
+             ALTER TABLE requests ADD COLUMN saved_device_ms REAL NOT NULL DEFAULT 0;",
+        )?;
+    }
     Ok(conn)
 }
 
@@ -110,8 +126,9 @@ fn insert(conn: &mut Connection, rows: &[Row]) -> rusqlite::Result<()> {
         let mut st = tx.prepare_cached(
             "INSERT INTO requests (ts_ms, request_id, tenant, key_id, user, model, route, \
              prompt_tokens, cached_tokens, completion_tokens, prefill_device_ms, decode_device_ms, \
-             queue_ms, ttft_ms, e2e_ms, finish_reason, status) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+             queue_ms, ttft_ms, e2e_ms, finish_reason, status, cache, saved_device_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
+             ?18, ?19)",
         )?;
         for r in rows {
             st.execute(params![
@@ -132,6 +149,8 @@ fn insert(conn: &mut Connection, rows: &[Row]) -> rusqlite::Result<()> {
                 r.e2e_ms,
                 r.finish_reason,
                 r.status,
+                r.cache,
+                r.saved_device_ms,
             ])?;
         }
     }

@@ -74,6 +74,9 @@ pub struct UsageRow {
     pub cached_tokens: u64,
     pub completion_tokens: u64,
     pub device_time_ms: f64,
+    /// Requests answered by the response cache, and the device time their answers had taken.
+    pub cache_hits: u64,
+    pub saved_device_time_ms: f64,
 }
 
 pub fn run(path: &Path, q: &UsageQuery) -> Result<Vec<UsageRow>> {
@@ -93,7 +96,8 @@ pub fn run(path: &Path, q: &UsageQuery) -> Result<Vec<UsageRow>> {
     }
     sql.push_str(
         "COUNT(*), SUM(prompt_tokens), SUM(cached_tokens), SUM(completion_tokens), \
-         SUM(prefill_device_ms + decode_device_ms) FROM requests WHERE ts_ms >= ?1 AND ts_ms < ?2",
+         SUM(prefill_device_ms + decode_device_ms), SUM(cache != ''), SUM(saved_device_ms) \
+         FROM requests WHERE ts_ms >= ?1 AND ts_ms < ?2",
     );
     let mut args: Vec<rusqlite::types::Value> = vec![
         q.start.map_or(i64::MIN, |s| s.saturating_mul(1000)).into(),
@@ -126,6 +130,8 @@ pub fn run(path: &Path, q: &UsageQuery) -> Result<Vec<UsageRow>> {
         row.cached_tokens = r.get::<_, Option<i64>>(n + 2)?.unwrap_or(0) as u64;
         row.completion_tokens = r.get::<_, Option<i64>>(n + 3)?.unwrap_or(0) as u64;
         row.device_time_ms = r.get::<_, Option<f64>>(n + 4)?.unwrap_or(0.0);
+        row.cache_hits = r.get::<_, Option<i64>>(n + 5)?.unwrap_or(0) as u64;
+        row.saved_device_time_ms = r.get::<_, Option<f64>>(n + 6)?.unwrap_or(0.0);
         Ok(row)
     })?;
     // With no grouping and no rows, SQLite still returns one all-zero row: kept (a total).

@@ -49,6 +49,9 @@ pub struct RouteConfig {
     /// escalate at the first doubtful window (0: decide once, after the first window).
     #[serde(default)]
     pub watch_tokens: usize,
+    /// This route's response-cache settings, over the global `[cache]`.
+    #[serde(default)]
+    pub cache: Option<crate::cache::CacheSettings>,
 }
 
 impl Default for RouteConfig {
@@ -62,6 +65,7 @@ impl Default for RouteConfig {
             rules: Vec::new(),
             ttft_target_ms: None,
             watch_tokens: 0,
+            cache: None,
         }
     }
 }

@@ -138,6 +138,10 @@ impl Receipt {
             row.queue_ms = m.queue_time_ms;
             row.ttft_ms = m.time_to_first_token_ms;
             row.route = m.route.as_ref().map(|d| d.summary()).unwrap_or_default();
+            if let Some(c) = m.cache.as_ref().filter(|c| c.hit) {
+                row.cache = c.kind.unwrap_or_default().into();
+                row.saved_device_ms = c.saved_device_time_ms;
+            }
         }
         row.e2e_ms = self.started.elapsed().as_secs_f64() * 1e3;
         row.ts_ms = now_ms();

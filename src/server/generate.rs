@@ -24,11 +24,42 @@ use crate::router::{Decision, Probe};
 use crate::telemetry::names;
 use crate::text::{TextStream, Tokenizer};
 
-/// A validated request with its prompts tokenized, ready to run.
+/// Where a request's answer comes from.
+// One per request, moved once: the size of `Live` costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
+pub enum Source {
+    /// A model: `engine` with the prompts in its tokens. With `route` set, `model` named a route
+    /// group: `engine` and `prompts` are its first (cheapest) model's, and the cascade may
+    /// escalate to the others.
+    Live {
+        engine: EngineHandle,
+        prompts: Vec<Vec<u32>>,
+        route: Option<super::cascade::RoutePlan>,
+    },
+    /// The response cache: an earlier answer, replayed.
+    Cached(Arc<crate::cache::Answer>),
+}
+
+impl Source {
+    fn prompts(&self) -> usize {
+        match self {
+            Self::Live { prompts, .. } => prompts.len(),
+            Self::Cached(_) => 1,
+        }
+    }
+
+    fn routed(&self) -> bool {
+        match self {
+            Self::Live { route, .. } => route.is_some(),
+            Self::Cached(a) => a.route.is_some(),
+        }
+    }
+}
+
+/// A validated request with its source, ready to run.
 pub struct Job {
     pub req: Validated,
-    pub prompts: Vec<Vec<u32>>,
-    pub engine: EngineHandle,
+    pub source: Source,
     /// From the request's key: the prefix-cache namespace (and, later, whom the usage is billed to).
     pub tenant: Arc<crate::tenancy::Tenant>,
     /// The request's place under its tenant's limits, held until the response ends.
@@ -36,9 +67,10 @@ pub struct Job {
     /// Its ledger row, written when the response ends.
     pub receipt: Receipt,
     pub started: Instant,
-    /// Set when `model` named a route group: `engine` and `prompts` are its first (cheapest)
-    /// model's, and the cascade may escalate to the others.
-    pub route: Option<super::cascade::RoutePlan>,
+    /// The response cache's part, when it is on for the request (reported in `metrics.cache`).
+    pub cache: Option<super::openai::CacheMetrics>,
+    /// On a cache miss: where the answer is kept once it finishes.
+    pub store: Option<super::cached::Store>,
 }
 
 /// One choice's usage and timings, reported with its finish.
@@ -402,15 +434,51 @@ pub(super) fn start(
     Ok((stream::select_all(streams).boxed(), stops))
 }
 
-/// The job's update stream: its choices on its model, or through the router's cascade.
+/// The job's update stream: its choices on its model, through the router's cascade, or the
+/// replay of a cached answer (the router's decision, the whole text, the finish with the original
+/// usage and no device time).
 fn updates(job: &Job) -> Result<(BoxStream<'static, Update>, StopSet), ApiError> {
     let spec = Spec::of(job);
-    match &job.route {
-        None => {
-            let (updates, stops) = start(&spec, &job.engine, &job.prompts, 0)?;
+    match &job.source {
+        Source::Live {
+            engine,
+            prompts,
+            route: None,
+        } => {
+            let (updates, stops) = start(&spec, engine, prompts, 0)?;
             Ok((updates, StopSet::new(stops)))
         }
-        Some(plan) => super::cascade::run(spec, plan.clone(), &job.engine, &job.prompts),
+        Source::Live {
+            engine,
+            prompts,
+            route: Some(plan),
+        } => super::cascade::run(spec, plan.clone(), engine, prompts),
+        Source::Cached(a) => {
+            let now = Instant::now();
+            let routed = a.route.clone().map(|d| ChoiceEvent::Routed(Box::new(d)));
+            let events = routed.into_iter().chain([
+                ChoiceEvent::Text {
+                    text: a.text.clone(),
+                    logprobs: a.logprobs.clone(),
+                    probe: None,
+                },
+                ChoiceEvent::Finished {
+                    reason: a.reason,
+                    usage: ChoiceUsage {
+                        prompt_tokens: a.prompt_tokens,
+                        completion_tokens: a.completion_tokens,
+                        cached_tokens: a.cached_tokens,
+                        counts_prompt: true,
+                        queue_secs: 0.0,
+                        first_token: Some(now),
+                        last_token: Some(now),
+                        device: engine::DeviceTime::default(),
+                    },
+                },
+            ]);
+            let updates: Vec<Update> = events.map(|event| Update { choice: 0, event }).collect();
+            Ok((stream::iter(updates).boxed(), StopSet::new(Vec::new())))
+        }
     }
 }
 
@@ -428,6 +496,11 @@ struct Tally {
     started: Instant,
     /// Already draining after its client left (a second drop writes what it has).
     draining: bool,
+    /// The response cache's part (`metrics.cache`), and on a miss where the answer goes, with
+    /// the first choice's text and log-probabilities gathered for it.
+    cache: Option<super::openai::CacheMetrics>,
+    store: Option<super::cached::Store>,
+    recorded: (String, Vec<TokenLogprob>),
 }
 
 impl Tally {
@@ -440,14 +513,53 @@ impl Tally {
             receipt: job.receipt.take(),
             started: job.started,
             draining: false,
+            cache: job.cache.take(),
+            store: job.store.take(),
+            recorded: Default::default(),
         }
     }
 
-    /// Usage and measurements of the choices finished so far.
+    /// Usage and measurements of the choices finished so far (the semantic lookup's embedding
+    /// counts as prefill device time).
     fn totals(&self) -> (Usage, ResponseMetrics) {
         let mut metrics = metrics_of(&self.finishes, self.started);
         metrics.route = self.route.clone();
+        if let Some(c) = &self.cache {
+            metrics.device_time_ms += c.lookup_device_time_ms;
+            metrics.prefill_device_time_ms += c.lookup_device_time_ms;
+            metrics.cache = Some(c.clone());
+        }
         (usage_of(&self.finishes), metrics)
+    }
+
+    /// Gather the first choice's text for the response cache (only on a miss).
+    fn record(&mut self, choice: usize, text: &str, logprobs: &[TokenLogprob]) {
+        if self.store.is_some() && choice == 0 {
+            self.recorded.0.push_str(text);
+            self.recorded.1.extend_from_slice(logprobs);
+        }
+    }
+
+    /// Keep a finished answer in the response cache (a miss that ended normally, not in calls).
+    fn keep(&mut self, reason: FinishReason, usage: &Usage, metrics: &ResponseMetrics) {
+        let Some(store) = self.store.take() else {
+            return;
+        };
+        if reason == FinishReason::ToolCalls {
+            return;
+        }
+        let (text, logprobs) = std::mem::take(&mut self.recorded);
+        let lookup = store.metrics.lookup_device_time_ms;
+        store.put(crate::cache::Answer {
+            text,
+            logprobs,
+            reason,
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            cached_tokens: usage.prompt_tokens_details.cached_tokens,
+            device_ms: (metrics.device_time_ms - lookup).max(0.0),
+            route: self.route.clone(),
+        });
     }
 
     /// Write the row of a response that ends early, with what was counted by then.
@@ -484,6 +596,9 @@ impl Drop for Tally {
             receipt: self.receipt.take(),
             started: self.started,
             draining: true,
+            cache: self.cache.take(),
+            store: None,
+            recorded: Default::default(),
         };
         if let Ok(rt) = runtime {
             rt.spawn(async move {
@@ -556,6 +671,7 @@ fn metrics_of(finishes: &[ChoiceUsage], started: Instant) -> ResponseMetrics {
         prefill_device_time_ms: ms(device.prefill),
         decode_device_time_ms: ms(device.decode),
         route: None,
+        cache: None,
     }
 }
 
@@ -606,13 +722,14 @@ pub async fn complete(mut job: Job) -> Result<Body, ApiError> {
             return Err(e);
         }
     };
-    let total = job.prompts.len() * job.req.n;
+    let total = job.source.prompts() * job.req.n;
     let mut texts = vec![String::new(); total];
     let mut lps: Vec<Vec<TokenLogprob>> = vec![Vec::new(); total];
     let mut finishes: Vec<Option<(FinishReason, ChoiceUsage)>> = vec![None; total];
     while let Some(u) = tally.updates.next().await {
         match u.event {
             ChoiceEvent::Text { text, logprobs, .. } => {
+                tally.record(u.choice, &text, &logprobs);
                 texts[u.choice].push_str(&text);
                 lps[u.choice].extend(logprobs);
             }
@@ -638,6 +755,7 @@ pub async fn complete(mut job: Job) -> Result<Body, ApiError> {
         None => finishes[i].map(|f| f.0).unwrap_or(FinishReason::Stop),
     };
     let (usage, metrics) = tally.totals();
+    tally.keep(reason(0), &usage, &metrics);
     tally.receipt.finish(Ending::Finished {
         reason: reason(0),
         usage: &usage,
@@ -937,8 +1055,10 @@ impl SseState {
                     let Some(u) = next else {
                         self.phase = Phase::Done;
                         let (usage, metrics) = self.tally.totals();
+                        let reason = self.first_reason.unwrap_or(FinishReason::Stop);
+                        self.tally.keep(reason, &usage, &metrics);
                         self.tally.receipt.finish(Ending::Finished {
-                            reason: self.first_reason.unwrap_or(FinishReason::Stop),
+                            reason,
                             usage: &usage,
                             metrics: &metrics,
                         });
@@ -948,7 +1068,10 @@ impl SseState {
                         continue;
                     };
                     let (text, lps, fin) = match u.event {
-                        ChoiceEvent::Text { text, logprobs, .. } => (text, logprobs, None),
+                        ChoiceEvent::Text { text, logprobs, .. } => {
+                            self.tally.record(u.choice, &text, &logprobs);
+                            (text, logprobs, None)
+                        }
                         ChoiceEvent::Routed(d) => {
                             self.model = d.model.clone();
                             self.tally.route = Some(*d);
@@ -1008,7 +1131,7 @@ pub fn stream(
             return Err(e);
         }
     };
-    let total = job.prompts.len() * job.req.n;
+    let total = job.source.prompts() * job.req.n;
     let st = SseState {
         tally,
         kind: job.req.kind,
@@ -1023,7 +1146,7 @@ pub fn stream(
         first_reason: None,
         phase: Phase::Start,
         cut,
-        routed: job.route.is_some(),
+        routed: job.source.routed(),
         stash: None,
         held: vec![job.req.tools.as_ref().map(|_| (String::new(), Vec::new())); total],
         queued: VecDeque::new(),

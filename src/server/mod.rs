@@ -1,6 +1,7 @@
 //! The OpenAI-compatible HTTP server: axum routes over one engine per model.
 pub mod auth;
 pub mod billing;
+pub mod cached;
 pub mod cascade;
 pub mod embeddings;
 pub mod error;
@@ -56,9 +57,23 @@ pub struct AppState {
     pub limiter: crate::tenancy::limits::Limiter,
     /// The usage ledger (None when `ledger_path` is unset).
     pub ledger: Option<Arc<crate::ledger::Ledger>>,
+    /// Cached answers (held whatever the settings: a tenant or route may turn the cache on).
+    pub response_cache: Arc<crate::cache::ResponseCache>,
+    pub cache_config: crate::cache::CacheConfig,
+    /// Response-cache settings of models and routes, by name.
+    pub cache_by_name: Vec<(String, crate::cache::CacheSettings)>,
 }
 
 impl AppState {
+    /// The embedding model the semantic cache embeds with.
+    pub fn cache_embedder(&self) -> Option<&crate::embedding::batcher::EmbedHandle> {
+        let all = self.embedders.get()?;
+        match &self.cache_config.embedding_model {
+            Some(name) => all.iter().find(|h| &h.name == name),
+            None => all.first(),
+        }
+    }
+
     /// The current tenants and keys.
     pub fn directory(&self) -> Arc<Directory> {
         // A panic while swapping cannot leave a half-built directory (the swap is one store).
@@ -293,6 +308,9 @@ impl Server {
                 .as_deref()
                 .filter(|_| config.metering)
                 .map(|p| Arc::new(crate::ledger::Ledger::open(p, config.ledger_retention_days))),
+            response_cache: Arc::new(crate::cache::ResponseCache::new(config.cache.max_mib << 20)),
+            cache_config: config.cache.clone(),
+            cache_by_name: config.cache_by_name(),
         });
         let addr = listener.local_addr()?;
         tracing::info!(

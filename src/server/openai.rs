@@ -175,6 +175,28 @@ pub struct ResponseMetrics {
     /// For a request to a route group: which model answered and why (see the README, "Routing").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub route: Option<crate::router::Decision>,
+    /// When the response cache is on for the request: what it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheMetrics>,
+}
+
+/// The response cache's part in a request (`metrics.cache`).
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
+pub struct CacheMetrics {
+    /// `hit`, `miss` or `bypass` (as the `x-hearth-cache` header says).
+    pub status: &'static str,
+    pub hit: bool,
+    /// `exact` or `semantic`, on a hit.
+    pub kind: Option<&'static str>,
+    /// Cosine similarity of the cached question to this one (1 for an exact hit).
+    pub similarity: Option<f32>,
+    /// Device time the cached answer took, not spent again.
+    pub saved_device_time_ms: f64,
+    /// Device time of embedding the message for the semantic lookup (part of `device_time_ms`).
+    pub lookup_device_time_ms: f64,
+    /// Why the request was not cached (`client`, `sampled without a seed`, `n > 1`, `tools`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bypass_reason: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

@@ -295,15 +295,21 @@ async fn infer<R: serde::de::DeserializeOwned>(
     let started = Instant::now();
     let (tenant, key_id) = tenant_of(caller)?;
     let mut receipt = receipt(&state, &headers, &tenant, &key_id, started);
-    let req = async { validate(parse::<R>(&state, &headers, body).await?, &state.limits) }.await;
-    let req = counted(&state, &tenant, &mut receipt, req)?;
-    run(state, req, tenant, receipt, started).await
+    let req = async {
+        let directive = super::cached::directive(&headers)?;
+        let req = validate(parse::<R>(&state, &headers, body).await?, &state.limits)?;
+        Ok((req, directive))
+    }
+    .await;
+    let (req, directive) = counted(&state, &tenant, &mut receipt, req)?;
+    run(state, req, directive, tenant, receipt, started).await
 }
 
 /// Run a validated request, count it, and see that its ledger row is written.
 async fn run(
     state: Arc<AppState>,
     req: Validated,
+    directive: super::cached::Directive,
     tenant: Arc<Tenant>,
     mut receipt: Receipt,
     started: Instant,
@@ -312,7 +318,15 @@ async fn run(
     receipt.set_request(&model, req.user.as_deref());
     // The job takes the receipt once it exists; until then a refusal writes the row here.
     let mut slot = Some(receipt);
-    let r = run_job(state.clone(), req, tenant.clone(), &mut slot, started).await;
+    let r = run_job(
+        state.clone(),
+        req,
+        directive,
+        tenant.clone(),
+        &mut slot,
+        started,
+    )
+    .await;
     let status = r.as_ref().map_or_else(|e| e.status, |resp| resp.status());
     if let Some(mut receipt) = slot {
         receipt.finish(Ending::Refused {
@@ -323,20 +337,18 @@ async fn run(
     r
 }
 
-/// Validated -> model checks -> tokens -> the response (SSE map or JSON fold).
-async fn run_job(
-    state: Arc<AppState>,
-    req: Validated,
-    tenant: Arc<Tenant>,
-    receipt: &mut Option<Receipt>,
-    started: Instant,
-) -> Result<Response, ApiError> {
+/// The request on its model (or route group): model checks, tokens, grammar compiler.
+async fn live(
+    state: &AppState,
+    req: &Validated,
+    tenant: &Tenant,
+) -> Result<generate::Source, ApiError> {
     let (engine, prompts, route) = match state.routes.get().and_then(|r| r.get(&req.model)) {
-        Some(group) => routed(&state, &req, &tenant, group.clone()).await?,
+        Some(group) => routed(state, req, tenant, group.clone()).await?,
         None => {
-            let engine = engine(&state, &req.model)?;
-            checked(&req, &engine)?;
-            let prompts = tokenize(&state, &req, &engine).await?;
+            let engine = engine(state, &req.model)?;
+            checked(req, &engine)?;
+            let prompts = tokenize(state, req, &engine).await?;
             (engine, prompts, None)
         }
     };
@@ -353,7 +365,52 @@ async fn run_job(
         .await
         .map_err(|e| ApiError::internal(format!("grammar task failed: {e}")))??;
     }
-    let prompt_tokens = prompts.iter().map(Vec::len).sum::<usize>() * req.n;
+    Ok(generate::Source::Live {
+        engine,
+        prompts,
+        route,
+    })
+}
+
+/// Validated -> the response cache -> (on a miss) model checks, tokens -> the response (SSE map
+/// or JSON fold).
+async fn run_job(
+    state: Arc<AppState>,
+    req: Validated,
+    directive: super::cached::Directive,
+    tenant: Arc<Tenant>,
+    receipt: &mut Option<Receipt>,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    use super::cached::Outcome;
+    // An unknown model is refused before the cache spends anything on it.
+    let known = state
+        .routes
+        .get()
+        .is_some_and(|r| r.get(&req.model).is_some())
+        || engine(&state, &req.model).is_ok();
+    let outcome = if known {
+        super::cached::lookup(&state, &req, &tenant, directive).await?
+    } else {
+        Outcome::Off
+    };
+    let cache_header = outcome.header();
+    let (source, cache, store) = match outcome {
+        Outcome::Hit(hit, m) => (generate::Source::Cached(hit.answer), Some(m), None),
+        Outcome::Miss(store) => {
+            let m = store.metrics.clone();
+            (live(&state, &req, &tenant).await?, Some(m), Some(store))
+        }
+        Outcome::Bypass(m) => (live(&state, &req, &tenant).await?, Some(m), None),
+        Outcome::Off => (live(&state, &req, &tenant).await?, None, None),
+    };
+    // A replayed answer runs nothing: it counts as a request, not as tokens.
+    let prompt_tokens = match &source {
+        generate::Source::Live { prompts, .. } => {
+            prompts.iter().map(Vec::len).sum::<usize>() * req.n
+        }
+        generate::Source::Cached(_) => 0,
+    };
     let admission = state
         .limiter
         .admit(&tenant, prompt_tokens)
@@ -364,20 +421,20 @@ async fn run_job(
         .ok_or_else(|| ApiError::internal("the request's ledger receipt was taken twice"))?;
     let job = Job {
         req,
-        prompts,
-        engine,
+        source,
         tenant,
         admission,
         receipt,
         started,
-        route,
+        cache,
+        store,
     };
-    if stream {
+    let mut resp = if stream {
         let events = generate::stream(job, state.cut.subscribe())?
             .map(|data| Ok::<_, std::convert::Infallible>(SseEvent::default().data(data)));
-        Ok(Sse::new(events)
+        Sse::new(events)
             .keep_alive(KeepAlive::default())
-            .into_response())
+            .into_response()
     } else {
         let body = generate::complete(job).await?;
         let device_ms = body.metrics().map_or(0.0, |m| m.device_time_ms);
@@ -391,8 +448,12 @@ async fn run_job(
         if let Some(v) = route.and_then(|r| axum::http::HeaderValue::from_str(&r).ok()) {
             resp.headers_mut().insert("x-hearth-route", v);
         }
-        Ok(resp)
+        resp
+    };
+    if let Some(v) = cache_header {
+        resp.headers_mut().insert(super::cached::HEADER, v);
     }
+    Ok(resp)
 }
 
 /// Create a chat completion.
@@ -576,7 +637,15 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             tenant_secs.push((tenant.clone(), h.name.clone(), *nanos as f64 / 1e9));
         }
     }
+    let cache = state.response_cache.stats();
+    metrics::gauge!(names::RESPONSE_CACHE_ENTRIES).set(cache.entries as f64);
+    metrics::gauge!(names::RESPONSE_CACHE_BYTES).set(cache.bytes as f64);
     let mut text = state.prometheus.render();
+    text.push_str(&crate::telemetry::render_seconds_counter(
+        names::RESPONSE_CACHE_SAVED_SECONDS,
+        "Device time of the answers the response cache gave again (not spent again).",
+        &[(Vec::new(), cache.saved_device_nanos as f64 / 1e9)],
+    ));
     text.push_str(&crate::telemetry::render_seconds_counter(
         names::ENGINE_DEVICE_SECONDS,
         "Device time of engine steps (CUDA events on a GPU, the forward's wall time on the CPU).",

@@ -39,6 +39,15 @@ pub mod names {
     /// batching across requests).
     pub const EMBEDDING_BATCHES: &str = "hearth_embedding_batches_total";
     pub const EMBEDDING_INPUTS: &str = "hearth_embedding_inputs_total";
+    /// Response-cache lookups by `result` (hit, miss, bypass) and `kind` (exact or semantic for
+    /// a hit; the levels searched for a miss; the reason for a bypass).
+    pub const RESPONSE_CACHE: &str = "hearth_response_cache_requests_total";
+    /// Similarity of the cached question to the asked one, per hit.
+    pub const RESPONSE_CACHE_SIMILARITY: &str = "hearth_response_cache_hit_similarity";
+    pub const RESPONSE_CACHE_SAVED_SECONDS: &str =
+        "hearth_response_cache_saved_device_seconds_total";
+    pub const RESPONSE_CACHE_ENTRIES: &str = "hearth_response_cache_entries";
+    pub const RESPONSE_CACHE_BYTES: &str = "hearth_response_cache_bytes";
     /// Route-group decisions by answering model and reason (`confident`, `low_logprob`, ...).
     pub const ROUTER_DECISIONS: &str = "hearth_router_decisions_total";
     /// Escalations from one model of a route group to the next.
@@ -68,7 +77,11 @@ pub fn render_seconds_counter(
             .iter()
             .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
             .collect();
-        out.push_str(&format!("{name}{{{}}} {value}\n", labels.join(",")));
+        if labels.is_empty() {
+            out.push_str(&format!("{name} {value}\n"));
+        } else {
+            out.push_str(&format!("{name}{{{}}} {value}\n", labels.join(",")));
+        }
     }
     out
 }
@@ -95,6 +108,13 @@ pub fn prometheus() -> PrometheusHandle {
                 b.set_buckets_for_metric(Matcher::Full(n.to_string()), &latency)
                     .unwrap_or_else(|_| PrometheusBuilder::new())
             });
+            let similarity = [0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.96, 0.98, 0.99, 1.0];
+            let builder = builder
+                .set_buckets_for_metric(
+                    Matcher::Full(names::RESPONSE_CACHE_SIMILARITY.to_string()),
+                    &similarity,
+                )
+                .unwrap_or_else(|_| PrometheusBuilder::new());
             match builder.install_recorder() {
                 Ok(h) => h,
                 // A recorder was installed elsewhere (tests): keep a detached one for rendering.

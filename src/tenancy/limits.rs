@@ -173,6 +173,7 @@ mod tests {
             name: "t".into(),
             limits,
             weight: 1,
+            cache: None,
         }
     }
 

@@ -29,6 +29,9 @@ pub struct TenantConfig {
     /// Share of the engine under contention, relative to the other tenants'.
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// This tenant's response-cache settings, over the global `[cache]` and the route's.
+    #[serde(default)]
+    pub cache: Option<crate::cache::CacheSettings>,
 }
 
 fn default_weight() -> u32 {
@@ -45,6 +48,7 @@ impl TenantConfig {
             tokens_per_minute: None,
             max_concurrent: None,
             weight: default_weight(),
+            cache: None,
         }
     }
 }
@@ -56,11 +60,12 @@ pub struct Limits {
     pub max_concurrent: Option<u32>,
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub struct Tenant {
     pub name: Arc<str>,
     pub limits: Limits,
     pub weight: u32,
+    pub cache: Option<crate::cache::CacheSettings>,
 }
 
 /// Who sent a request, as its key says.
@@ -140,6 +145,7 @@ impl Directory {
                     max_concurrent: t.max_concurrent,
                 },
                 weight: t.weight,
+                cache: t.cache.clone(),
             });
             for k in &t.api_keys {
                 add(
@@ -155,6 +161,7 @@ impl Directory {
                 name: OPEN_TENANT.into(),
                 limits: Limits::default(),
                 weight: 1,
+                cache: None,
             })
         });
         Ok(Self {

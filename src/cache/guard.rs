@@ -1,0 +1,253 @@
+//! Checks a semantic hit must pass besides similarity: what sentence embeddings are known to blur.
+//! Two questions that differ in a number ("17 times 23" / "17 times 24"), in polarity ("can I" /
+//! "can't I", "with" / "without") or in direction ("before" / "after") embed almost identically and
+//! need different answers; a paraphrase keeps its numbers and its polarity. So a hit also needs the
+//! same numbers (digits, or number words up to twenty and the tens), the same negation parity, and
+//! no word swapped for its opposite.
+
+/// Words that negate the sentence they are in.
+const NEGATIONS: &[&str] = &[
+    "not", "no", "never", "without", "cannot", "none", "nobody", "nothing", "neither", "nor",
+    "nowhere", "isnt", "arent", "wasnt", "werent", "dont", "doesnt", "didnt", "cant", "couldnt",
+    "wont", "wouldnt", "shouldnt", "mustnt", "hasnt", "havent", "hadnt", "aint", "neednt",
+    "mightnt", "shant", "unable",
+];
+
+/// Words with an opposite that flips the answer.
+const OPPOSITES: &[(&str, &str)] = &[
+    ("before", "after"),
+    ("increase", "decrease"),
+    ("increases", "decreases"),
+    ("increased", "decreased"),
+    ("raise", "lower"),
+    ("higher", "lower"),
+    ("above", "below"),
+    ("over", "under"),
+    ("more", "less"),
+    ("more", "fewer"),
+    ("most", "least"),
+    ("maximum", "minimum"),
+    ("max", "min"),
+    ("enable", "disable"),
+    ("enabled", "disabled"),
+    ("allow", "deny"),
+    ("allowed", "forbidden"),
+    ("allowed", "prohibited"),
+    ("add", "remove"),
+    ("upload", "download"),
+    ("import", "export"),
+    ("buy", "sell"),
+    ("start", "stop"),
+    ("open", "close"),
+    ("first", "last"),
+    ("earliest", "latest"),
+    ("oldest", "newest"),
+    ("inbound", "outbound"),
+    ("incoming", "outgoing"),
+    ("lock", "unlock"),
+    ("include", "exclude"),
+    ("included", "excluded"),
+    ("encrypt", "decrypt"),
+    ("join", "leave"),
+    ("hire", "fire"),
+    ("credit", "debit"),
+    ("income", "expense"),
+    ("profit", "loss"),
+    ("gain", "loss"),
+    ("win", "lose"),
+    ("true", "false"),
+    ("accept", "reject"),
+    ("approve", "reject"),
+    ("approved", "rejected"),
+    ("subscribe", "unsubscribe"),
+    ("install", "uninstall"),
+    ("public", "private"),
+    ("internal", "external"),
+    ("north", "south"),
+    ("east", "west"),
+    ("left", "right"),
+    ("fastest", "slowest"),
+    ("largest", "smallest"),
+    ("biggest", "smallest"),
+    ("longest", "shortest"),
+    ("highest", "lowest"),
+    ("hottest", "coldest"),
+];
+
+const NUMBER_WORDS: &[(&str, u64)] = &[
+    ("zero", 0),
+    ("two", 2),
+    ("three", 3),
+    ("four", 4),
+    ("five", 5),
+    ("six", 6),
+    ("seven", 7),
+    ("eight", 8),
+    ("nine", 9),
+    ("ten", 10),
+    ("eleven", 11),
+    ("twelve", 12),
+    ("thirteen", 13),
+    ("fourteen", 14),
+    ("fifteen", 15),
+    ("sixteen", 16),
+    ("seventeen", 17),
+    ("eighteen", 18),
+    ("nineteen", 19),
+    ("twenty", 20),
+    ("thirty", 30),
+    ("forty", 40),
+    ("fifty", 50),
+    ("sixty", 60),
+    ("seventy", 70),
+    ("eighty", 80),
+    ("ninety", 90),
+    ("hundred", 100),
+    ("thousand", 1000),
+    ("million", 1_000_000),
+    ("billion", 1_000_000_000),
+];
+
+/// Lower-case words (letters and digits; apostrophes dropped, so "can't" is "cant").
+fn words(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for c in text.chars() {
+        if c.is_alphanumeric() {
+            cur.extend(c.to_lowercase());
+        } else if c == '\'' || c == '\u{2019}' {
+            continue;
+        } else if !cur.is_empty() {
+            out.push(std::mem::take(&mut cur));
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// The numbers of `text`, sorted: digit runs with their decimal part ("3.5", "1,000" -> "1000"),
+/// and number words as digits ("one" is left out: it is as often a pronoun).
+fn numbers(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let chars: Vec<char> = text.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i].is_ascii_digit() {
+            let mut n = String::new();
+            while i < chars.len() {
+                let c = chars[i];
+                let joins = (c == '.' || c == ',')
+                    && chars.get(i + 1).is_some_and(char::is_ascii_digit)
+                    && !n.is_empty();
+                if c.is_ascii_digit() {
+                    n.push(c);
+                } else if joins && c == '.' {
+                    n.push('.');
+                } else if !joins {
+                    break;
+                }
+                i += 1;
+            }
+            out.push(n);
+        } else {
+            i += 1;
+        }
+    }
+    for w in words(text) {
+        if let Some((_, n)) = NUMBER_WORDS.iter().find(|(name, _)| *name == w) {
+            out.push(n.to_string());
+        }
+    }
+    out.sort();
+    out
+}
+
+fn negated(ws: &[String]) -> bool {
+    ws.iter()
+        .filter(|w| NEGATIONS.contains(&w.as_str()))
+        .count()
+        % 2
+        == 1
+}
+
+/// Whether one side has a word whose opposite is on the other side (and not on its own).
+fn swapped_opposite(a: &[String], b: &[String]) -> bool {
+    let has = |ws: &[String], w: &str| ws.iter().any(|x| x == w);
+    OPPOSITES.iter().any(|(x, y)| {
+        (has(a, x) && has(b, y) && !has(a, y) && !has(b, x))
+            || (has(a, y) && has(b, x) && !has(a, x) && !has(b, y))
+    })
+}
+
+/// Why `cached` and `asked` must not share an answer although they embed alike; None: they may.
+pub fn refuses(cached: &str, asked: &str) -> Option<&'static str> {
+    if numbers(cached) != numbers(asked) {
+        return Some("numbers");
+    }
+    let (a, b) = (words(cached), words(asked));
+    if negated(&a) != negated(&b) {
+        return Some("negation");
+    }
+    if swapped_opposite(&a, &b) {
+        return Some("opposite");
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_polarity_and_opposites_must_agree() {
+        assert_eq!(refuses("What is 17 times 23?", "what's 17 x 23"), None);
+        assert_eq!(
+            refuses("What is 17 times 23?", "What is 17 times 24?"),
+            Some("numbers")
+        );
+        assert_eq!(
+            refuses("Budget for 2019", "Budget for the year 2020"),
+            Some("numbers")
+        );
+        assert_eq!(refuses("a 1,000 limit", "a limit of 1000"), None);
+        assert_eq!(refuses("version 3.1", "version 3.2"), Some("numbers"));
+        assert_eq!(refuses("five days of leave", "5 days leave"), None);
+        assert_eq!(
+            refuses("Can I work remotely?", "Can't I work remotely?"),
+            Some("negation")
+        );
+        assert_eq!(
+            refuses(
+                "Can I expense a taxi?",
+                "Is it not possible to expense a taxi?"
+            ),
+            Some("negation")
+        );
+        assert_eq!(
+            refuses("Coffee with milk", "Coffee without milk"),
+            Some("negation")
+        );
+        assert_eq!(
+            refuses("Is it allowed?", "Isn't it not allowed?"),
+            None,
+            "a double negation keeps the polarity"
+        );
+        assert_eq!(
+            refuses("Submit before the deadline", "Submit after the deadline"),
+            Some("opposite")
+        );
+        assert_eq!(
+            refuses("How do I enable MFA?", "How do I disable MFA?"),
+            Some("opposite")
+        );
+        assert_eq!(
+            refuses(
+                "How do I reset my VPN password?",
+                "How can I reset the password for the VPN?"
+            ),
+            None
+        );
+    }
+}

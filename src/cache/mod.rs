@@ -1,0 +1,624 @@
+//! The response cache: answers of deterministic requests kept per tenant, found again by an exact
+//! key (model or route, the messages or prompt, every sampling field) or, with `semantic` on, by a
+//! paraphrase of the last user message under an identical context (same model or route, system
+//! prompt and earlier turns, sampling fields) whose embedding is similar enough and that passes
+//! `guard` (same numbers, polarity and directions).
+//!
+//! Isolation is by construction: each tenant has its own partition (its own exact map and vector
+//! indexes), and a lookup is handed one tenant's partition and nothing else; there is no shared
+//! index to filter. Memory is bounded per tenant (`max_mib` of its settings) and in all (the global
+//! `max_mib`), evicting the least recently used entries; entries expire after `ttl_secs`.
+pub mod guard;
+pub mod index;
+pub mod key;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::router::Decision;
+use crate::server::openai::{FinishReason, TokenLogprob};
+use index::Index;
+
+/// One level of cache settings (the `[cache]` table's fields, or a tenant's or route's `cache`):
+/// what it leaves unset comes from the level below.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheSettings {
+    pub exact: Option<bool>,
+    pub semantic: Option<bool>,
+    pub semantic_threshold: Option<f32>,
+    pub ttl_secs: Option<u64>,
+    pub max_mib: Option<usize>,
+}
+
+/// The similarity a semantic hit needs unless configured otherwise: the highest threshold on the
+/// precision / recall curve of benches/cache_pairs.jsonl with no false hit (see benches/RESULTS.md).
+pub const DEFAULT_THRESHOLD: f32 = 0.9;
+
+/// The `[cache]` table: the global settings, and which embedding model the semantic level uses.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Off by default: a cached answer changes what a client gets.
+    pub exact: bool,
+    pub semantic: bool,
+    pub semantic_threshold: f32,
+    pub ttl_secs: u64,
+    /// Memory for cached answers in all, and the default bound of one tenant's.
+    pub max_mib: usize,
+    /// The embedding model of the semantic level (default: the first served).
+    pub embedding_model: Option<String>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            exact: false,
+            semantic: false,
+            semantic_threshold: DEFAULT_THRESHOLD,
+            ttl_secs: 3600,
+            max_mib: 256,
+            embedding_model: None,
+        }
+    }
+}
+
+/// The settings one request runs under.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Policy {
+    pub exact: bool,
+    pub semantic: bool,
+    pub threshold: f32,
+    pub ttl: Duration,
+    /// Bound of the tenant's partition.
+    pub max_bytes: usize,
+}
+
+impl Policy {
+    pub fn on(&self) -> bool {
+        self.exact || self.semantic
+    }
+}
+
+impl CacheConfig {
+    /// The global settings, then the route's, then the tenant's (the data's owner has the last
+    /// word).
+    pub fn policy(&self, route: Option<&CacheSettings>, tenant: Option<&CacheSettings>) -> Policy {
+        let mut p = Policy {
+            exact: self.exact,
+            semantic: self.semantic,
+            threshold: self.semantic_threshold,
+            ttl: Duration::from_secs(self.ttl_secs),
+            max_bytes: self.max_mib << 20,
+        };
+        for s in [route, tenant].into_iter().flatten() {
+            p.exact = s.exact.unwrap_or(p.exact);
+            p.semantic = s.semantic.unwrap_or(p.semantic);
+            p.threshold = s.semantic_threshold.unwrap_or(p.threshold);
+            p.ttl = s.ttl_secs.map_or(p.ttl, Duration::from_secs);
+            p.max_bytes = s.max_mib.map_or(p.max_bytes, |m| m << 20);
+        }
+        p
+    }
+
+    /// Settings out of range are a config error, not a silently different cache.
+    pub fn check(settings: &[&CacheSettings], global: &Self) -> crate::Result<()> {
+        let thresholds = settings
+            .iter()
+            .filter_map(|s| s.semantic_threshold)
+            .chain([global.semantic_threshold]);
+        for t in thresholds {
+            if !(t.is_finite() && (0.0..=1.0).contains(&t)) {
+                return Err(crate::HearthError::Config(format!(
+                    "cache: semantic_threshold must be between 0 and 1, not {t}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A cached answer: what a replay needs to rebuild the response in any shape.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub text: String,
+    pub logprobs: Vec<TokenLogprob>,
+    pub reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub cached_tokens: usize,
+    /// Device time the answer took (what a hit saves).
+    pub device_ms: f64,
+    /// For a route group: the decision that picked the answering model.
+    pub route: Option<Decision>,
+}
+
+impl Answer {
+    fn bytes(&self) -> usize {
+        let lps: usize = self
+            .logprobs
+            .iter()
+            .map(|t| {
+                2 * t.token.len()
+                    + 64
+                    + t.top_logprobs
+                        .iter()
+                        .map(|x| 2 * x.token.len() + 48)
+                        .sum::<usize>()
+            })
+            .sum();
+        std::mem::size_of::<Self>()
+            + self.text.len()
+            + lps
+            + if self.route.is_some() { 256 } else { 0 }
+    }
+}
+
+/// Which level answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HitKind {
+    Exact,
+    Semantic,
+}
+
+impl HitKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Exact => "exact",
+            Self::Semantic => "semantic",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Hit {
+    pub answer: Arc<Answer>,
+    pub kind: HitKind,
+    pub similarity: f32,
+}
+
+/// What a semantic lookup compares: the last user message and its embedding.
+#[derive(Debug, Clone)]
+pub struct Query {
+    pub text: String,
+    pub vector: Vec<f32>,
+}
+
+struct Entry {
+    answer: Arc<Answer>,
+    exact: key::Digest,
+    /// The semantic key, the entry's slot in that key's index, and the text it embedded.
+    semantic: Option<(key::Digest, usize, String)>,
+    bytes: usize,
+    tick: u64,
+    expires: Instant,
+}
+
+#[derive(Default)]
+struct Partition {
+    entries: HashMap<u64, Entry>,
+    exact: HashMap<key::Digest, u64>,
+    semantic: HashMap<key::Digest, Index>,
+    /// Least recently used first.
+    lru: BTreeMap<u64, u64>,
+    expiry: BTreeSet<(Instant, u64)>,
+    bytes: usize,
+}
+
+impl Partition {
+    fn remove(&mut self, id: u64) -> usize {
+        let Some(e) = self.entries.remove(&id) else {
+            return 0;
+        };
+        if self.exact.get(&e.exact) == Some(&id) {
+            self.exact.remove(&e.exact);
+        }
+        if let Some((sk, slot, _)) = &e.semantic {
+            if let Some(ix) = self.semantic.get_mut(sk) {
+                if let Some(moved) = ix.swap_remove(*slot) {
+                    if let Some(m) = self.entries.get_mut(&moved) {
+                        if let Some(s) = m.semantic.as_mut() {
+                            s.1 = *slot;
+                        }
+                    }
+                }
+                if ix.is_empty() {
+                    self.semantic.remove(sk);
+                }
+            }
+        }
+        self.lru.remove(&e.tick);
+        self.expiry.remove(&(e.expires, id));
+        self.bytes -= e.bytes;
+        e.bytes
+    }
+
+    fn oldest_tick(&self) -> Option<u64> {
+        self.lru.keys().next().copied()
+    }
+
+    fn touch(&mut self, id: u64, tick: u64) {
+        if let Some(e) = self.entries.get_mut(&id) {
+            self.lru.remove(&e.tick);
+            e.tick = tick;
+            self.lru.insert(tick, id);
+        }
+    }
+
+    /// Drop expired entries; returns the bytes freed.
+    fn expire(&mut self, now: Instant) -> usize {
+        let mut freed = 0;
+        while let Some(&(at, id)) = self.expiry.first() {
+            if at > now {
+                break;
+            }
+            freed += self.remove(id);
+        }
+        freed
+    }
+}
+
+#[derive(Default)]
+struct Store {
+    partitions: HashMap<Arc<str>, Partition>,
+    bytes: usize,
+    tick: u64,
+    next_id: u64,
+}
+
+/// Counts since start, for /metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CacheStats {
+    pub entries: usize,
+    pub bytes: usize,
+    pub saved_device_nanos: u64,
+}
+
+/// Every tenant's cached answers.
+pub struct ResponseCache {
+    store: Mutex<Store>,
+    max_bytes: usize,
+    saved_nanos: AtomicU64,
+}
+
+impl ResponseCache {
+    /// A cache bounded by `max_bytes` in all.
+    pub fn new(max_bytes: usize) -> Self {
+        Self {
+            store: Mutex::new(Store::default()),
+            max_bytes,
+            saved_nanos: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The tenant's answer for `keys`: the exact level first (when on), then the semantic one
+    /// (when on and `query` is given) at `threshold` or above.
+    pub fn get(
+        &self,
+        tenant: &str,
+        keys: &key::Keys,
+        query: Option<&Query>,
+        policy: &Policy,
+        threshold: f32,
+    ) -> Option<Hit> {
+        let now = Instant::now();
+        let mut store = self.lock();
+        store.tick += 1;
+        let tick = store.tick;
+        let st = &mut *store;
+        let part = st.partitions.get_mut(tenant)?;
+        st.bytes -= part.expire(now);
+        let mut found = None;
+        if policy.exact {
+            if let Some(&id) = part.exact.get(&keys.exact) {
+                found = Some((id, HitKind::Exact, 1.0));
+            }
+        }
+        if let (None, true, Some(q)) = (found, policy.semantic, query) {
+            if let Some(ix) = part.semantic.get(&keys.semantic) {
+                found = ix
+                    .search(&q.vector, threshold)
+                    .into_iter()
+                    .find(|&(id, _)| {
+                        part.entries.get(&id).is_some_and(|e| {
+                            e.semantic
+                                .as_ref()
+                                .is_some_and(|(_, _, text)| guard::refuses(text, &q.text).is_none())
+                        })
+                    })
+                    .map(|(id, sim)| (id, HitKind::Semantic, sim));
+            }
+        }
+        let (id, kind, similarity) = found?;
+        part.touch(id, tick);
+        let answer = part.entries.get(&id)?.answer.clone();
+        self.saved_nanos
+            .fetch_add((answer.device_ms * 1e6) as u64, Ordering::Relaxed);
+        Some(Hit {
+            answer,
+            kind,
+            similarity,
+        })
+    }
+
+    /// Keep `answer` for the tenant under `keys` (and `query`, for the semantic level), evicting
+    /// least recently used entries beyond the tenant's bound and the global one.
+    pub fn put(
+        &self,
+        tenant: &Arc<str>,
+        keys: &key::Keys,
+        query: Option<Query>,
+        answer: Answer,
+        policy: &Policy,
+    ) {
+        let now = Instant::now();
+        let answer = Arc::new(answer);
+        let mut store = self.lock();
+        store.tick += 1;
+        store.next_id += 1;
+        let (tick, id) = (store.tick, store.next_id);
+        let st = &mut *store;
+        // Expired entries of every tenant go first (idle tenants too).
+        for p in st.partitions.values_mut() {
+            st.bytes -= p.expire(now);
+        }
+        let part = st.partitions.entry(tenant.clone()).or_default();
+        if let Some(&old) = part.exact.get(&keys.exact) {
+            st.bytes -= part.remove(old);
+        }
+        let mut bytes = answer.bytes() + 2 * std::mem::size_of::<key::Digest>() + 160;
+        let semantic = query.map(|q| {
+            let ix = part
+                .semantic
+                .entry(keys.semantic)
+                .or_insert_with(|| Index::new(q.vector.len()));
+            bytes += ix.bytes_per_entry() + q.text.len();
+            let slot = ix.push(id, &q.vector);
+            (keys.semantic, slot, q.text)
+        });
+        if bytes > policy.max_bytes.min(self.max_bytes) {
+            // Larger than the bound on its own: not kept (and nothing else evicted for it).
+            if let Some((sk, slot, _)) = &semantic {
+                if let Some(ix) = part.semantic.get_mut(sk) {
+                    ix.swap_remove(*slot);
+                    if ix.is_empty() {
+                        part.semantic.remove(sk);
+                    }
+                }
+            }
+            return;
+        }
+        let expires = now + policy.ttl;
+        part.entries.insert(
+            id,
+            Entry {
+                answer,
+                exact: keys.exact,
+                semantic,
+                bytes,
+                tick,
+                expires,
+            },
+        );
+        part.exact.insert(keys.exact, id);
+        part.lru.insert(tick, id);
+        part.expiry.insert((expires, id));
+        part.bytes += bytes;
+        st.bytes += bytes;
+        while part.bytes > policy.max_bytes {
+            let Some(oldest) = part.lru.values().next().copied() else {
+                break;
+            };
+            st.bytes -= part.remove(oldest);
+        }
+        while st.bytes > self.max_bytes {
+            let oldest = st
+                .partitions
+                .iter()
+                .filter_map(|(t, p)| p.oldest_tick().map(|k| (k, t.clone())))
+                .min();
+            let Some((tick, t)) = oldest else { break };
+            if let Some(p) = st.partitions.get_mut(&t) {
+                if let Some(&id) = p.lru.get(&tick) {
+                    st.bytes -= p.remove(id);
+                }
+            }
+        }
+        st.partitions.retain(|_, p| !p.entries.is_empty());
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let store = self.lock();
+        CacheStats {
+            entries: store.partitions.values().map(|p| p.entries.len()).sum(),
+            bytes: store.bytes,
+            saved_device_nanos: self.saved_nanos.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Entries of one tenant (for tests and the admin view).
+    pub fn tenant_entries(&self, tenant: &str) -> usize {
+        self.lock()
+            .partitions
+            .get(tenant)
+            .map_or(0, |p| p.entries.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(text: &str) -> Answer {
+        Answer {
+            text: text.into(),
+            logprobs: Vec::new(),
+            reason: FinishReason::Stop,
+            prompt_tokens: 10,
+            completion_tokens: 5,
+            cached_tokens: 0,
+            device_ms: 100.0,
+            route: None,
+        }
+    }
+
+    fn keys(exact: u8, semantic: u8) -> key::Keys {
+        key::Keys {
+            exact: [exact; 32],
+            semantic: [semantic; 32],
+            text: None,
+        }
+    }
+
+    fn unit(dims: usize, hot: usize, spill: f32) -> Vec<f32> {
+        let mut v = vec![0f32; dims];
+        v[hot] = 1.0;
+        v[(hot + 1) % dims] = spill;
+        let n = (1.0 + spill * spill).sqrt();
+        v.iter_mut().for_each(|x| *x /= n);
+        v
+    }
+
+    fn policy(max_bytes: usize, ttl: Duration) -> Policy {
+        Policy {
+            exact: true,
+            semantic: true,
+            threshold: 0.9,
+            ttl,
+            max_bytes,
+        }
+    }
+
+    #[test]
+    fn tenants_never_see_each_others_entries() {
+        let c = ResponseCache::new(1 << 20);
+        let p = policy(1 << 20, Duration::from_secs(60));
+        let q = Query {
+            text: "What is the capital of France?".into(),
+            vector: unit(16, 0, 0.0),
+        };
+        c.put(
+            &"a".into(),
+            &keys(1, 2),
+            Some(q.clone()),
+            answer("Paris"),
+            &p,
+        );
+        let hit = c.get("a", &keys(1, 2), None, &p, 0.9).unwrap();
+        assert_eq!(
+            (hit.kind, hit.answer.text.as_str()),
+            (HitKind::Exact, "Paris")
+        );
+        assert!(c.get("b", &keys(1, 2), Some(&q), &p, 0.0).is_none());
+        // Semantic: a near vector under the same semantic key, and never across tenants.
+        let near = Query {
+            text: "what's the capital of France".into(),
+            vector: unit(16, 0, 0.2),
+        };
+        let hit = c.get("a", &keys(9, 2), Some(&near), &p, 0.9).unwrap();
+        assert_eq!(hit.kind, HitKind::Semantic);
+        assert!(hit.similarity > 0.97 && hit.similarity < 0.99);
+        assert!(c.get("a", &keys(9, 3), Some(&near), &p, 0.9).is_none());
+        assert!(c.get("a", &keys(9, 2), Some(&near), &p, 0.99).is_none());
+        assert!(c.get("b", &keys(9, 2), Some(&near), &p, 0.0).is_none());
+        // The guard: a different number is not a hit however similar.
+        let number = Query {
+            text: "What is the capital of France in 1800?".into(),
+            vector: unit(16, 0, 0.01),
+        };
+        assert!(c.get("a", &keys(9, 2), Some(&number), &p, 0.9).is_none());
+        assert_eq!(c.stats().entries, 1);
+        assert!(c.stats().saved_device_nanos >= 200_000_000);
+    }
+
+    #[test]
+    fn memory_bounds_evict_least_recently_used_first() {
+        let one = answer("x").bytes() + 2 * 32 + 160;
+        // Room for three entries per tenant, five in all.
+        let c = ResponseCache::new(5 * one + one / 2);
+        let p = policy(3 * one + one / 2, Duration::from_secs(60));
+        let a: Arc<str> = "a".into();
+        for k in 1..=3 {
+            c.put(&a, &keys(k, 0), None, answer("x"), &p);
+        }
+        // Using 1 makes 2 the least recently used; a fourth entry evicts 2.
+        assert!(c.get("a", &keys(1, 0), None, &p, 1.0).is_some());
+        c.put(&a, &keys(4, 0), None, answer("x"), &p);
+        assert_eq!(c.tenant_entries("a"), 3);
+        assert!(c.get("a", &keys(2, 0), None, &p, 1.0).is_none());
+        for k in [1, 3, 4] {
+            assert!(c.get("a", &keys(k, 0), None, &p, 1.0).is_some(), "{k}");
+        }
+        // Another tenant's entries push the total over five: the globally oldest go.
+        let b: Arc<str> = "b".into();
+        for k in 1..=3 {
+            c.put(&b, &keys(k, 0), None, answer("x"), &p);
+        }
+        assert_eq!(c.stats().entries, 5);
+        assert!(c.stats().bytes <= 5 * one + one / 2);
+        assert_eq!(c.tenant_entries("b"), 3);
+        // An answer larger than the bound is not kept at all.
+        c.put(&b, &keys(9, 0), None, answer(&"y".repeat(10 * one)), &p);
+        assert!(c.get("b", &keys(9, 0), None, &p, 1.0).is_none());
+        assert_eq!(c.stats().entries, 5);
+    }
+
+    #[test]
+    fn entries_expire_after_their_ttl_and_a_new_answer_replaces_an_old_one() {
+        let c = ResponseCache::new(1 << 20);
+        let short = policy(1 << 20, Duration::from_millis(30));
+        let a: Arc<str> = "a".into();
+        let q = Query {
+            text: "q".into(),
+            vector: unit(8, 1, 0.0),
+        };
+        c.put(&a, &keys(1, 1), Some(q.clone()), answer("old"), &short);
+        assert!(c.get("a", &keys(1, 1), None, &short, 1.0).is_some());
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(c.get("a", &keys(1, 1), Some(&q), &short, 0.5).is_none());
+        assert_eq!(c.stats().entries, 0);
+        assert_eq!(c.stats().bytes, 0);
+        let long = policy(1 << 20, Duration::from_secs(60));
+        c.put(&a, &keys(1, 1), Some(q.clone()), answer("one"), &long);
+        c.put(&a, &keys(1, 1), Some(q.clone()), answer("two"), &long);
+        assert_eq!(c.tenant_entries("a"), 1);
+        let hit = c.get("a", &keys(5, 1), Some(&q), &long, 0.99).unwrap();
+        assert_eq!(hit.answer.text, "two");
+    }
+
+    #[test]
+    fn settings_layer_global_route_then_tenant() {
+        let g = CacheConfig {
+            exact: true,
+            ..Default::default()
+        };
+        let route = CacheSettings {
+            semantic: Some(true),
+            semantic_threshold: Some(0.95),
+            ..Default::default()
+        };
+        let tenant = CacheSettings {
+            exact: Some(false),
+            max_mib: Some(8),
+            ..Default::default()
+        };
+        let p = g.policy(Some(&route), Some(&tenant));
+        assert!(!p.exact && p.semantic);
+        assert_eq!(p.threshold, 0.95);
+        assert_eq!(p.max_bytes, 8 << 20);
+        assert!(!CacheConfig::default().policy(None, None).on());
+        let bad = CacheSettings {
+            semantic_threshold: Some(1.5),
+            ..Default::default()
+        };
+        assert!(CacheConfig::check(&[&bad], &g).is_err());
+    }
+}
