@@ -148,7 +148,7 @@ fn every_request_is_a_row_usage_is_isolated_by_key_and_survives_a_restart() {
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(
         lines[0],
-        "tenant,requests,prompt_tokens,cached_tokens,completion_tokens,device_time_ms"
+        "tenant,requests,prompt_tokens,cached_tokens,completion_tokens,device_time_ms,cache_hits,saved_device_time_ms"
     );
     assert!(lines[1].starts_with("team-a,3,"), "{csv}");
     assert!(lines[2].starts_with("team-b,1,"), "{csv}");

@@ -2,6 +2,7 @@
 //! (suites `core`, `prefix`), the router's cost / quality table over served models (`route`), or
 //! any OpenAI-compatible server under streaming load (`serve`). Prints Markdown tables (the format
 //! of benches/RESULTS.md).
+pub mod cache;
 pub mod embed;
 pub mod route;
 pub mod serve;
@@ -72,9 +73,14 @@ pub struct BenchArgs {
     /// embeddings per second (`--model` its folder, `--batches`, `--embed-tokens`).
     #[arg(long, default_value = "core")]
     pub suite: String,
-    /// The `route` suite's prompts with checkable answers (JSON lines).
-    #[arg(long, default_value = "benches/route_set.jsonl")]
-    pub data: PathBuf,
+    /// The data set (JSON lines): `route`, prompts with checkable answers (default
+    /// benches/route_set.jsonl); `cache`, labelled question pairs (default
+    /// benches/cache_pairs.jsonl).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// `cache`: answers held in one tenant for the index measurement.
+    #[arg(long, default_value_t = 100_000)]
+    pub entries: usize,
     /// The `route` suite's server config (models and routes); default: the default models.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -90,6 +96,11 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
+    /// `--data`, or the suite's default.
+    fn data_or(&self, default: &str) -> PathBuf {
+        self.data.clone().unwrap_or_else(|| default.into())
+    }
+
     fn model_path(&self) -> Result<&PathBuf> {
         self.model.as_ref().ok_or_else(|| {
             crate::HearthError::InvalidRequest(format!("the {} suite needs --model", self.suite))
@@ -353,6 +364,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     if args.suite == "embed" {
         return embed::suite(args);
+    }
+    if args.suite == "cache" {
+        return cache::suite(args);
     }
     let name = args
         .model_path()?

@@ -245,7 +245,8 @@ fn accuracy(o: &[Outcome], items: &[Item], split: Option<&str>) -> (usize, usize
 /// `hearth bench --suite route`: always-small, always-large and the route group `auto` (from
 /// `--config`'s routes, or the default) over `--data`.
 pub fn suite(args: &BenchArgs) -> Result<()> {
-    let items = load(&args.data)?;
+    let data = args.data_or("benches/route_set.jsonl");
+    let items = load(&data)?;
     let bench = Bench::start(args.config.as_deref(), Vec::new())?;
     let models = bench.models_by_cost();
     let (Some(small), Some(large)) = (models.first().cloned(), models.last().cloned()) else {
@@ -272,7 +273,7 @@ pub fn suite(args: &BenchArgs) -> Result<()> {
     println!(
         "{} prompts ({}), {} tokens each, {} at a time; small = {small}, large = {large}\n",
         items.len(),
-        args.data.display(),
+        data.display(),
         MAX_TOKENS,
         CONCURRENCY
     );

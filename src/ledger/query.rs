@@ -216,4 +216,41 @@ mod tests {
         drop(l);
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn a_ledger_from_before_the_response_cache_gains_its_columns() {
+        let dir = std::env::temp_dir().join(format!("hearth-ledger-old-{}", std::process::id()));
+        let path = dir.join("usage.sqlite3");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        {
+            // The table as it was: no cache columns, one row.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE requests (id INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, \
+                 request_id TEXT NOT NULL, tenant TEXT NOT NULL, key_id TEXT NOT NULL, user TEXT, \
+                 model TEXT NOT NULL, route TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, \
+                 cached_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, \
+                 prefill_device_ms REAL NOT NULL, decode_device_ms REAL NOT NULL, \
+                 queue_ms REAL NOT NULL, ttft_ms REAL, e2e_ms REAL NOT NULL, \
+                 finish_reason TEXT NOT NULL, status INTEGER NOT NULL);
+                 INSERT INTO requests VALUES (1, 5, 'r', 'a', 'k', NULL, 'm', '', 1, 0, 1, 1.0, \
+                 1.0, 0.0, NULL, 1.0, 'stop', 200);",
+            )
+            .unwrap();
+        }
+        let l = Ledger::open(&path, 0);
+        l.record(Row {
+            cache: "semantic".into(),
+            saved_device_ms: 40.0,
+            ..row("a", "m", None, 10, 3)
+        });
+        l.close();
+        let l = Ledger::open(&path, 0);
+        let all = l.query(&UsageQuery::default()).unwrap();
+        assert_eq!((all[0].requests, all[0].cache_hits), (2, 1));
+        assert!((all[0].saved_device_time_ms - 40.0).abs() < 1e-9);
+        drop(l);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
