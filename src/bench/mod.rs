@@ -3,6 +3,7 @@
 //! any OpenAI-compatible server under streaming load (`serve`). Prints Markdown tables (the format
 //! of benches/RESULTS.md).
 pub mod cache;
+pub mod cost;
 pub mod embed;
 pub mod route;
 pub mod serve;
@@ -367,6 +368,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     if args.suite == "cache" {
         return cache::suite(args);
+    }
+    if args.suite == "cost" {
+        return cost::suite(args);
     }
     let name = args
         .model_path()?

@@ -65,10 +65,12 @@ pub struct Outcome {
     pub device_ms: f64,
     /// `metrics.route`, for a route group.
     pub route: Option<Value>,
+    /// `metrics.cache`, when the response cache is on.
+    pub cache: Option<Value>,
 }
 
 /// The server the measurement runs against: the config's models, the given routes, no ledger.
-struct Bench {
+pub(super) struct Bench {
     rt: tokio::runtime::Runtime,
     server: crate::server::Server,
     base: String,
@@ -77,12 +79,17 @@ struct Bench {
 impl Bench {
     fn start(config: Option<&Path>, routes: Vec<RouteConfig>) -> Result<Self> {
         let mut cfg = Config::load(config)?;
-        cfg.host = "127.0.0.1".into();
-        cfg.port = 0;
-        cfg.ledger_path = None;
         if !routes.is_empty() {
             cfg.routes = routes;
         }
+        Self::with(cfg)
+    }
+
+    /// A server of `cfg` on a free local port, without a ledger.
+    pub(super) fn with(mut cfg: Config) -> Result<Self> {
+        cfg.host = "127.0.0.1".into();
+        cfg.port = 0;
+        cfg.ledger_path = None;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -95,7 +102,7 @@ impl Bench {
     }
 
     /// Served models, cheapest first, as `auto` orders them.
-    fn models_by_cost(&self) -> Vec<String> {
+    pub(super) fn models_by_cost(&self) -> Vec<String> {
         let mut m: Vec<(String, u128)> = self
             .server
             .state
@@ -122,7 +129,7 @@ impl Bench {
     }
 
     /// Ask every item of `model` (a model or a group), `concurrency` at a time, greedy.
-    fn arm(
+    pub(super) fn arm(
         &self,
         model: &str,
         items: &[Item],
@@ -154,12 +161,13 @@ impl Bench {
                     right: false,
                     device_ms: 0.0,
                     route: None,
+                    cache: None,
                 })
             })
             .collect()
     }
 
-    fn stop(self) {
+    pub(super) fn stop(self) {
         let Self { rt, server, .. } = self;
         rt.block_on(server.shutdown(std::time::Duration::from_secs(5)));
     }
@@ -201,6 +209,7 @@ fn ask(base: &str, model: &str, item: &Item, max_tokens: usize) -> Outcome {
             right: false,
             device_ms: 0.0,
             route: None,
+            cache: None,
         };
     };
     let text = v["choices"][0]["text"].as_str().unwrap_or("");
@@ -208,12 +217,13 @@ fn ask(base: &str, model: &str, item: &Item, max_tokens: usize) -> Outcome {
         right: is_right(text, &item.answers),
         device_ms: v["metrics"]["device_time_ms"].as_f64().unwrap_or(0.0),
         route: v["metrics"].get("route").cloned(),
+        cache: v["metrics"].get("cache").cloned(),
     }
 }
 
 /// Tokens asked for per prompt: the answers are a word or two.
-const MAX_TOKENS: usize = 8;
-const CONCURRENCY: usize = 8;
+pub(super) const MAX_TOKENS: usize = 8;
+pub(super) const CONCURRENCY: usize = 8;
 
 /// A group that never escalates: the cheap model's answers with its signals.
 fn probe_route(models: &[String]) -> RouteConfig {

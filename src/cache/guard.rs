@@ -1,9 +1,155 @@
 //! Checks a semantic hit must pass besides similarity: what sentence embeddings are known to blur.
 //! Two questions that differ in a number ("17 times 23" / "17 times 24"), in polarity ("can I" /
-//! "can't I", "with" / "without") or in direction ("before" / "after") embed almost identically and
-//! need different answers; a paraphrase keeps its numbers and its polarity. So a hit also needs the
-//! same numbers (digits, or number words up to twenty and the tens), the same negation parity, and
-//! no word swapped for its opposite.
+//! "can't I", "with" / "without"), in direction ("before" / "after") or in one entity of the same
+//! template ("capital of France" / "capital of Germany") embed almost identically and need
+//! different answers; a paraphrase keeps its numbers, its polarity and its entities while it
+//! rewords the rest. So a hit also needs the same numbers (digits, or number words up to twenty
+//! and the tens), the same negation parity, no word swapped for its opposite, and no content word
+//! swapped for another: when each side has content words (not function words) the other lacks, and
+//! at most `MAX_SWAP` of them, the difference is a substitution in a template, not a rewording.
+
+/// Function words: a paraphrase adds, drops and changes these freely.
+const STOPWORDS: &[&str] = &[
+    "a",
+    "an",
+    "the",
+    "and",
+    "or",
+    "but",
+    "if",
+    "then",
+    "so",
+    "of",
+    "to",
+    "in",
+    "on",
+    "at",
+    "by",
+    "for",
+    "from",
+    "with",
+    "about",
+    "as",
+    "into",
+    "onto",
+    "per",
+    "via",
+    "is",
+    "are",
+    "was",
+    "were",
+    "be",
+    "been",
+    "being",
+    "am",
+    "do",
+    "does",
+    "did",
+    "doing",
+    "done",
+    "have",
+    "has",
+    "had",
+    "can",
+    "could",
+    "will",
+    "would",
+    "shall",
+    "should",
+    "may",
+    "might",
+    "must",
+    "i",
+    "me",
+    "my",
+    "mine",
+    "we",
+    "us",
+    "our",
+    "you",
+    "your",
+    "yours",
+    "he",
+    "she",
+    "it",
+    "its",
+    "they",
+    "them",
+    "their",
+    "this",
+    "that",
+    "these",
+    "those",
+    "there",
+    "here",
+    "what",
+    "whats",
+    "which",
+    "who",
+    "whom",
+    "whose",
+    "when",
+    "where",
+    "why",
+    "how",
+    "hows",
+    "im",
+    "ive",
+    "id",
+    "youre",
+    "theres",
+    "thats",
+    "please",
+    "pls",
+    "plz",
+    "thanks",
+    "thank",
+    "hi",
+    "hello",
+    "hey",
+    "just",
+    "quick",
+    "question",
+    "tell",
+    "know",
+    "want",
+    "like",
+    "need",
+    "let",
+    "lets",
+    "get",
+    "got",
+    "give",
+    "find",
+    "show",
+    "explain",
+    "any",
+    "some",
+    "all",
+    "also",
+    "too",
+    "very",
+    "really",
+    "exactly",
+    "currently",
+    "actually",
+    "kindly",
+    "s",
+    "t",
+    "d",
+    "ll",
+    "re",
+    "ve",
+    "m",
+    "one",
+    "up",
+    "out",
+    "there",
+];
+
+/// Content words that may differ on both sides and still be a paraphrase: past this many on each
+/// side, the two are worded differently rather than one filled template.
+const MAX_SWAP: usize = 2;
 
 /// Words that negate the sentence they are in.
 const NEGATIONS: &[&str] = &[
@@ -181,6 +327,31 @@ fn swapped_opposite(a: &[String], b: &[String]) -> bool {
     })
 }
 
+/// Content words, crudely stemmed (a plural's `s` dropped), numbers and negations left to their
+/// own checks.
+fn content(ws: &[String]) -> std::collections::BTreeSet<String> {
+    ws.iter()
+        .filter(|w| {
+            !STOPWORDS.contains(&w.as_str())
+                && !NEGATIONS.contains(&w.as_str())
+                && !w.chars().all(|c| c.is_ascii_digit())
+                && !NUMBER_WORDS.iter().any(|(n, _)| n == w)
+        })
+        .map(|w| match w.strip_suffix('s') {
+            Some(stem) if stem.len() >= 3 && !stem.ends_with('s') => stem.to_string(),
+            _ => w.clone(),
+        })
+        .collect()
+}
+
+/// Whether each side has a few content words the other lacks: one slot of a template refilled.
+fn swapped_word(a: &[String], b: &[String]) -> bool {
+    let (ca, cb) = (content(a), content(b));
+    let only_a = ca.difference(&cb).count();
+    let only_b = cb.difference(&ca).count();
+    (1..=MAX_SWAP).contains(&only_a) && (1..=MAX_SWAP).contains(&only_b)
+}
+
 /// Why `cached` and `asked` must not share an answer although they embed alike; None: they may.
 pub fn refuses(cached: &str, asked: &str) -> Option<&'static str> {
     if numbers(cached) != numbers(asked) {
@@ -193,6 +364,9 @@ pub fn refuses(cached: &str, asked: &str) -> Option<&'static str> {
     if swapped_opposite(&a, &b) {
         return Some("opposite");
     }
+    if swapped_word(&a, &b) {
+        return Some("swapped word");
+    }
     None
 }
 
@@ -202,7 +376,7 @@ mod tests {
 
     #[test]
     fn numbers_polarity_and_opposites_must_agree() {
-        assert_eq!(refuses("What is 17 times 23?", "what's 17 x 23"), None);
+        assert_eq!(refuses("What is 17 times 23?", "what's 17 times 23"), None);
         assert_eq!(
             refuses("What is 17 times 23?", "What is 17 times 24?"),
             Some("numbers")
@@ -246,6 +420,27 @@ mod tests {
             refuses(
                 "How do I reset my VPN password?",
                 "How can I reset the password for the VPN?"
+            ),
+            None
+        );
+        assert_eq!(
+            refuses(
+                "What is the capital of France?",
+                "What is the capital of Germany?"
+            ),
+            Some("swapped word")
+        );
+        assert_eq!(
+            refuses(
+                "What is the capital of France?",
+                "Which city is the capital of France?"
+            ),
+            None
+        );
+        assert_eq!(
+            refuses(
+                "How do I reset my VPN password?",
+                "What's the procedure to reset the password of my VPN, please?"
             ),
             None
         );

@@ -5,7 +5,8 @@
 //! field, the stop strings, whether log-probabilities are asked, and the output grammar. Fields a
 //! greedy request ignores (seed, top-k, top-p, min-p) are dropped from it, so they do not split
 //! the cache. The semantic key is the same with the last user message left out: a semantic hit
-//! needs everything else identical, and the left-out message similar.
+//! needs everything else identical, and the left-out message similar. For a text completion the
+//! left-out part is the prompt's last paragraph (after its last blank line).
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 
@@ -79,7 +80,17 @@ pub fn keys(req: &Validated) -> Keys {
                 _ => (messages.clone(), messages, None),
             }
         }
-        Input::Prompts(ps) => (json!(ps), json!([]), ps.first().cloned()),
+        Input::Prompts(ps) => {
+            // A completion prompt's instructions or examples come first, the question last: the
+            // last paragraph is compared, everything before it must be identical.
+            let prompt = ps.first().map(String::as_str).unwrap_or("");
+            let (context, question) = match prompt.rfind("\n\n") {
+                Some(at) => prompt.split_at(at + 2),
+                None => ("", prompt),
+            };
+            let text = (!question.trim().is_empty()).then(|| question.to_string());
+            (json!(ps), json!(context), text)
+        }
     };
     let base = json!({
         "v": 1,
@@ -156,6 +167,25 @@ mod tests {
         let mut s2 = s1.clone();
         s2["seed"] = json!(2);
         assert_ne!(keys(&chat(s1)).exact, keys(&chat(s2)).exact);
+    }
+
+    #[test]
+    fn a_completion_compares_its_last_paragraph_under_the_same_preamble() {
+        let complete = |prompt: &str| {
+            let r: crate::server::openai::CompletionRequest =
+                serde_json::from_value(json!({"model": "m", "prompt": prompt, "temperature": 0}))
+                    .unwrap();
+            keys(&validate::completion(r, &validate::Limits::default()).unwrap())
+        };
+        let a = complete("You answer briefly.\n\nQ: Capital of France?\nA:");
+        let b = complete("You answer briefly.\n\nQ: Which city is the capital of France?\nA:");
+        let c = complete("You answer at length.\n\nQ: Capital of France?\nA:");
+        assert_eq!(a.text.as_deref(), Some("Q: Capital of France?\nA:"));
+        assert_eq!(a.semantic, b.semantic);
+        assert_ne!(a.exact, b.exact);
+        assert_ne!(a.semantic, c.semantic);
+        let plain = complete("The capital of France is");
+        assert_eq!(plain.text.as_deref(), Some("The capital of France is"));
     }
 
     #[test]

@@ -1,0 +1,191 @@
+//! `hearth bench --suite cost`: device time per 1,000 requests of a mixed workload (`--data`,
+//! default benches/cost_workload.jsonl: repeated and paraphrased questions under a shared
+//! instruction prefix, easy and hard ones) with routing + prefix reuse + the response cache on,
+//! against the largest model with every cache off, and the accuracy of both. Device time is what
+//! the responses report (`metrics.device_time_ms`: the metered share of each step, the semantic
+//! lookup's embedding included).
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use serde::Deserialize;
+
+use super::route::{Bench, Item, Outcome, CONCURRENCY, MAX_TOKENS};
+use super::BenchArgs;
+use crate::cache::CacheConfig;
+use crate::config::Config;
+use crate::error::{HearthError, Result};
+
+#[derive(Debug, Clone, Deserialize)]
+struct Request {
+    prompt: String,
+    answers: Vec<String>,
+    kind: String,
+    /// first, repeat or paraphrase.
+    form: String,
+}
+
+struct Arm {
+    name: String,
+    outcomes: Vec<Outcome>,
+    wall_secs: f64,
+}
+
+impl Arm {
+    fn device_secs(&self) -> f64 {
+        self.outcomes.iter().map(|o| o.device_ms).sum::<f64>() / 1e3
+    }
+
+    fn right(&self, pick: impl Fn(usize) -> bool) -> (usize, usize) {
+        self.outcomes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| pick(*i))
+            .fold((0, 0), |(r, n), (_, o)| (r + usize::from(o.right), n + 1))
+    }
+
+    fn hits(&self, kind: &str) -> usize {
+        self.outcomes
+            .iter()
+            .filter(|o| o.cache.as_ref().is_some_and(|c| c["kind"] == kind))
+            .count()
+    }
+}
+
+fn run(cfg: Config, model: Option<&str>, name: &str, items: &[Item]) -> Result<Arm> {
+    let bench = Bench::with(cfg)?;
+    let model = match model {
+        Some(m) => m.to_string(),
+        None => bench
+            .models_by_cost()
+            .last()
+            .cloned()
+            .ok_or_else(|| HearthError::Config("no served model".into()))?,
+    };
+    // Warm-up on a prompt outside the workload (first touch of the weights).
+    let warm = Item {
+        kind: "warm-up".into(),
+        prompt: "The first month of the year is".into(),
+        answers: vec!["January".into()],
+        split: String::new(),
+    };
+    bench.arm(&model, std::slice::from_ref(&warm), MAX_TOKENS, 1);
+    let t0 = Instant::now();
+    let outcomes = bench.arm(&model, items, MAX_TOKENS, CONCURRENCY);
+    let wall_secs = t0.elapsed().as_secs_f64();
+    bench.stop();
+    Ok(Arm {
+        name: format!("{name} ({model})"),
+        outcomes,
+        wall_secs,
+    })
+}
+
+pub fn suite(args: &BenchArgs) -> Result<()> {
+    let data = args.data_or("benches/cost_workload.jsonl");
+    let text = std::fs::read_to_string(&data)
+        .map_err(|e| HearthError::Config(format!("{}: {e}", data.display())))?;
+    let requests: Vec<Request> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).map_err(|e| HearthError::Config(format!("{e}: {l}"))))
+        .collect::<Result<_>>()?;
+    let items: Vec<Item> = requests
+        .iter()
+        .map(|r| Item {
+            kind: r.kind.clone(),
+            prompt: r.prompt.clone(),
+            answers: r.answers.clone(),
+            split: String::new(),
+        })
+        .collect();
+    let base = match &args.config {
+        Some(p) => Config::load(Some(p))?,
+        None => Config::default(),
+    };
+    let large = run(
+        Config {
+            prefix_caching: false,
+            cache: CacheConfig::default(),
+            ..base.clone()
+        },
+        None,
+        "always-large, caches off",
+        &items,
+    )?;
+    let all_on = run(
+        Config {
+            prefix_caching: true,
+            cache: CacheConfig {
+                exact: true,
+                semantic: true,
+                ..base.cache.clone()
+            },
+            ..base
+        },
+        Some(crate::router::DEFAULT_GROUP),
+        "routing + prefix reuse + response cache",
+        &items,
+    )?;
+    let n = requests.len();
+    let per_1000 = |a: &Arm| a.device_secs() * 1000.0 / n.max(1) as f64;
+    let pct =
+        |(r, t): (usize, usize)| format!("{:.1}% ({r}/{t})", 100.0 * r as f64 / t.max(1) as f64);
+    let forms: BTreeMap<&str, usize> = requests.iter().fold(BTreeMap::new(), |mut m, r| {
+        *m.entry(r.form.as_str()).or_default() += 1;
+        m
+    });
+    println!(
+        "{n} requests ({}): {forms:?}; greedy, {MAX_TOKENS} tokens, {CONCURRENCY} at a time\n",
+        data.display()
+    );
+    println!("| arm | accuracy | device s | device s per 1,000 requests | vs always-large | exact hits | semantic hits | wall s |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    let reference = per_1000(&large).max(1e-9);
+    for a in [&large, &all_on] {
+        println!(
+            "| {} | {} | {:.1} | {:.1} | {:.1}% | {} | {} | {:.0} |",
+            a.name,
+            pct(a.right(|_| true)),
+            a.device_secs(),
+            per_1000(a),
+            100.0 * per_1000(a) / reference,
+            a.hits("exact"),
+            a.hits("semantic"),
+            a.wall_secs
+        );
+    }
+    println!(
+        "\nDevice time saved: {:.1}%.",
+        100.0 * (1.0 - per_1000(&all_on) / reference)
+    );
+    println!("\nBy form (accuracy always-large / all on; hits exact + semantic of all on):");
+    for form in forms.keys() {
+        let pick = |i: usize| requests[i].form == *form;
+        let hits = (0..n)
+            .filter(|&i| {
+                pick(i)
+                    && all_on.outcomes[i]
+                        .cache
+                        .as_ref()
+                        .is_some_and(|c| c["hit"] == true)
+            })
+            .count();
+        println!(
+            "- {form}: {} / {}; {hits} hits",
+            pct(large.right(pick)),
+            pct(all_on.right(pick))
+        );
+    }
+    // A semantic hit whose answer is wrong where the request's own words, asked of the large
+    // model, were answered right: the cost of a false hit, if any.
+    let wrong_hits = (0..n)
+        .filter(|&i| {
+            let o = &all_on.outcomes[i];
+            o.cache.as_ref().is_some_and(|c| c["kind"] == "semantic")
+                && !o.right
+                && large.outcomes[i].right
+        })
+        .count();
+    println!("\nSemantic hits answered wrong where always-large was right: {wrong_hits}.");
+    Ok(())
+}
