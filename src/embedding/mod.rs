@@ -60,9 +60,18 @@ impl Embedder {
         if !weights.exists() {
             return Err(HearthError::ModelNotFound(weights.display().to_string()));
         }
-        // SAFETY: the file is memory-mapped read-only; like every loader of safetensors, we rely on
-        // it not being modified while the model is loaded.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device)? };
+        let tensors = candle_core::safetensors::load(&weights, device)?
+            .into_iter()
+            .map(|(name, t)| {
+                // A linear layer multiplies by its weight transposed: kept transposed in memory,
+                // that operand is contiguous and the matrix multiply reads it in place instead of
+                // repacking the whole weight on every call (most of the time of a short input).
+                let linear = t.rank() == 2 && name.ends_with(".weight") && !name.contains("embeddings");
+                let t = if linear { t.t()?.contiguous()?.t()? } else { t };
+                Ok((name, t.to_dtype(DType::F32)?))
+            })
+            .collect::<Result<std::collections::HashMap<_, _>>>()?;
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         let model = BertModel::load(vb, &cfg)?;
         let tok_path = dir.join("tokenizer.json");
         let mut tokenizer =
