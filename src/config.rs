@@ -200,6 +200,11 @@ impl Config {
             .flatten()
             .collect();
         crate::cache::CacheConfig::check(&levels, &self.cache)?;
+        if self.cache.persist && (self.ledger_path.is_none() || !self.metering) {
+            return Err(HearthError::Config(
+                "cache.persist keeps the cache in the usage ledger's file: it needs ledger_path (and metering)".into(),
+            ));
+        }
         if let Some(m) = &self.cache.embedding_model {
             if !self.embedding_models.iter().any(|e| &e.name == m) {
                 return Err(HearthError::Config(format!(

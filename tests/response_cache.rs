@@ -269,3 +269,56 @@ fn entries_expire_after_the_ttl() {
         Some("miss")
     );
 }
+
+#[test]
+fn a_persisted_cache_survives_a_restart_for_its_tenant_only() {
+    let dir = std::env::temp_dir().join(format!("hearth-rc-persist-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ledger = dir.join("usage.sqlite3");
+    let start = |ledger: std::path::PathBuf| {
+        TestServer::named(MODEL, move |c| {
+            c.cache = CacheConfig {
+                exact: true,
+                semantic: true,
+                persist: true,
+                ..Default::default()
+            };
+            c.tenants = vec![
+                TenantConfig::new("team-a", &["sk-a"]),
+                TenantConfig::new("team-b", &["sk-b"]),
+            ];
+            c.ledger_path = Some(ledger);
+        })
+    };
+    let mut s = start(ledger.clone());
+    let first = ask(&s, "sk-a", Q, json!({}), None);
+    assert_eq!(first.cache.as_deref(), Some("miss"));
+    let running = s.server.take().unwrap();
+    s.rt.block_on(running.shutdown(std::time::Duration::from_secs(5)));
+    drop(s);
+    assert_eq!(hearth::cache::persist::count(&ledger), 1);
+
+    let s = start(ledger.clone());
+    let again = ask(&s, "sk-a", Q, json!({}), None);
+    assert_eq!(again.cache.as_deref(), Some("hit"), "{}", again.body);
+    assert_eq!(again.text(), first.text());
+    let paraphrase = ask(
+        &s,
+        "sk-a",
+        "what's the capital city of France?",
+        json!({}),
+        None,
+    );
+    assert_eq!(
+        paraphrase.cache.as_deref(),
+        Some("hit"),
+        "the vector is kept too"
+    );
+    assert_eq!(paraphrase.cache()["kind"], "semantic");
+    assert_eq!(
+        ask(&s, "sk-b", Q, json!({}), None).cache.as_deref(),
+        Some("miss")
+    );
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}

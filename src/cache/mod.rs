@@ -11,6 +11,7 @@
 pub mod guard;
 pub mod index;
 pub mod key;
+pub mod persist;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,6 +53,8 @@ pub struct CacheConfig {
     pub max_mib: usize,
     /// The embedding model of the semantic level (default: the first served).
     pub embedding_model: Option<String>,
+    /// Keep the entries in the ledger's SQLite file, so that a restart keeps the cache.
+    pub persist: bool,
 }
 
 impl Default for CacheConfig {
@@ -63,6 +66,7 @@ impl Default for CacheConfig {
             ttl_secs: 3600,
             max_mib: 256,
             embedding_model: None,
+            persist: false,
         }
     }
 }
@@ -123,7 +127,7 @@ impl CacheConfig {
 }
 
 /// A cached answer: what a replay needs to rebuild the response in any shape.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
 pub struct Answer {
     pub text: String,
     pub logprobs: Vec<TokenLogprob>,
@@ -207,6 +211,8 @@ struct Partition {
     lru: BTreeMap<u64, u64>,
     expiry: BTreeSet<(Instant, u64)>,
     bytes: usize,
+    /// Exact keys of the entries dropped since the last look (for the persisted copy).
+    gone: Vec<key::Digest>,
 }
 
 impl Partition {
@@ -234,6 +240,7 @@ impl Partition {
         self.lru.remove(&e.tick);
         self.expiry.remove(&(e.expires, id));
         self.bytes -= e.bytes;
+        self.gone.push(e.exact);
         e.bytes
     }
 
@@ -283,6 +290,7 @@ pub struct ResponseCache {
     store: Mutex<Store>,
     max_bytes: usize,
     saved_nanos: AtomicU64,
+    persist: Option<persist::Persist>,
 }
 
 impl ResponseCache {
@@ -292,11 +300,67 @@ impl ResponseCache {
             store: Mutex::new(Store::default()),
             max_bytes,
             saved_nanos: AtomicU64::new(0),
+            persist: None,
         }
+    }
+
+    /// Keep a copy of the entries in `path` (SQLite), starting from the entries it holds.
+    pub fn persisted(max_bytes: usize, path: &std::path::Path) -> crate::Result<Self> {
+        let saved = persist::load(path, crate::ledger::now_ms())?;
+        let cache = Self {
+            persist: Some(persist::Persist::start(path)),
+            ..Self::new(max_bytes)
+        };
+        let n = saved.len();
+        let now = (Instant::now(), crate::ledger::now_ms());
+        for s in saved {
+            let ttl = Duration::from_millis(s.expires_ms.saturating_sub(now.1).max(0) as u64);
+            let keys = key::Keys {
+                exact: s.exact,
+                semantic: s.semantic,
+                text: None,
+            };
+            let query = s.query.map(|(text, vector)| Query { text, vector });
+            let tenant: Arc<str> = s.tenant.into();
+            let mut st = cache.lock();
+            cache.insert(
+                &mut st,
+                &tenant,
+                &keys,
+                query,
+                s.answer,
+                max_bytes,
+                now.0 + ttl,
+            );
+            cache.forget(&mut st);
+        }
+        if n > 0 {
+            tracing::info!(entries = cache.stats().entries, "response cache restored");
+        }
+        Ok(cache)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Delete the persisted copies of the entries dropped since the last call.
+    fn forget(&self, st: &mut Store) {
+        for (tenant, p) in st.partitions.iter_mut() {
+            for exact in p.gone.drain(..) {
+                if let Some(persist) = &self.persist {
+                    persist.delete(tenant, exact);
+                }
+            }
+        }
+    }
+
+    /// Wait until the persisted copy has caught up, then stop writing it.
+    pub fn close(&self) {
+        if let Some(p) = &self.persist {
+            p.flush();
+            p.close();
+        }
     }
 
     /// The tenant's answer for `keys`: the exact level first (when on), then the semantic one
@@ -316,6 +380,12 @@ impl ResponseCache {
         let st = &mut *store;
         let part = st.partitions.get_mut(tenant)?;
         st.bytes -= part.expire(now);
+        if !part.gone.is_empty() {
+            let gone = std::mem::take(&mut part.gone);
+            if let Some(p) = &self.persist {
+                gone.into_iter().for_each(|g| p.delete(tenant, g));
+            }
+        }
         let mut found = None;
         if policy.exact {
             if let Some(&id) = part.exact.get(&keys.exact) {
@@ -359,13 +429,50 @@ impl ResponseCache {
         answer: Answer,
         policy: &Policy,
     ) {
+        let saved = self.persist.as_ref().map(|_| persist::Saved {
+            tenant: tenant.to_string(),
+            exact: keys.exact,
+            semantic: keys.semantic,
+            query: query.as_ref().map(|q| (q.text.clone(), q.vector.clone())),
+            answer: answer.clone(),
+            expires_ms: crate::ledger::now_ms()
+                .saturating_add(policy.ttl.as_millis().min(i64::MAX as u128) as i64),
+        });
+        let mut st = self.lock();
+        let kept = self.insert(
+            &mut st,
+            tenant,
+            keys,
+            query,
+            answer,
+            policy.max_bytes,
+            Instant::now() + policy.ttl,
+        );
+        // Deletions first: a replaced entry's row has the new entry's key.
+        self.forget(&mut st);
+        st.partitions.retain(|_, p| !p.entries.is_empty());
+        if let (true, Some(p), Some(s)) = (kept, &self.persist, saved) {
+            p.put(s);
+        }
+    }
+
+    /// The insertion itself; false when the answer is too large to keep.
+    #[allow(clippy::too_many_arguments)]
+    fn insert(
+        &self,
+        st: &mut Store,
+        tenant: &Arc<str>,
+        keys: &key::Keys,
+        query: Option<Query>,
+        answer: Answer,
+        tenant_max: usize,
+        expires: Instant,
+    ) -> bool {
         let now = Instant::now();
         let answer = Arc::new(answer);
-        let mut store = self.lock();
-        store.tick += 1;
-        store.next_id += 1;
-        let (tick, id) = (store.tick, store.next_id);
-        let st = &mut *store;
+        st.tick += 1;
+        st.next_id += 1;
+        let (tick, id) = (st.tick, st.next_id);
         // Expired entries of every tenant go first (idle tenants too).
         for p in st.partitions.values_mut() {
             st.bytes -= p.expire(now);
@@ -384,7 +491,7 @@ impl ResponseCache {
             let slot = ix.push(id, &q.vector);
             (keys.semantic, slot, q.text)
         });
-        if bytes > policy.max_bytes.min(self.max_bytes) {
+        if bytes > tenant_max.min(self.max_bytes) {
             // Larger than the bound on its own: not kept (and nothing else evicted for it).
             if let Some((sk, slot, _)) = &semantic {
                 if let Some(ix) = part.semantic.get_mut(sk) {
@@ -394,9 +501,8 @@ impl ResponseCache {
                     }
                 }
             }
-            return;
+            return false;
         }
-        let expires = now + policy.ttl;
         part.entries.insert(
             id,
             Entry {
@@ -413,7 +519,7 @@ impl ResponseCache {
         part.expiry.insert((expires, id));
         part.bytes += bytes;
         st.bytes += bytes;
-        while part.bytes > policy.max_bytes {
+        while part.bytes > tenant_max {
             let Some(oldest) = part.lru.values().next().copied() else {
                 break;
             };
@@ -432,7 +538,7 @@ impl ResponseCache {
                 }
             }
         }
-        st.partitions.retain(|_, p| !p.entries.is_empty());
+        true
     }
 
     pub fn stats(&self) -> CacheStats {
@@ -592,6 +698,36 @@ mod tests {
         assert_eq!(c.tenant_entries("a"), 1);
         let hit = c.get("a", &keys(5, 1), Some(&q), &long, 0.99).unwrap();
         assert_eq!(hit.answer.text, "two");
+    }
+
+    #[test]
+    fn the_persisted_copy_follows_evictions_and_replacements() {
+        let dir = std::env::temp_dir().join(format!("hearth-cache-persist-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("usage.sqlite3");
+        let one = answer("x").bytes() + 2 * 32 + 160;
+        let p = policy(2 * one + one / 2, Duration::from_secs(60));
+        let a: Arc<str> = "a".into();
+        let c = ResponseCache::persisted(1 << 20, &path).unwrap();
+        for k in 1..=3 {
+            c.put(&a, &keys(k, 0), None, answer("x"), &p);
+        }
+        c.put(&a, &keys(3, 0), None, answer("y"), &p);
+        c.close();
+        // 1 was evicted, 3 replaced: the file holds 2 and the new 3.
+        let saved = persist::load(&path, crate::ledger::now_ms()).unwrap();
+        let mut got: Vec<(u8, String)> = saved
+            .iter()
+            .map(|s| (s.exact[0], s.answer.text.clone()))
+            .collect();
+        got.sort();
+        assert_eq!(got, [(2, "x".to_string()), (3, "y".to_string())]);
+        let back = ResponseCache::persisted(1 << 20, &path).unwrap();
+        let hit = back.get("a", &keys(3, 0), None, &p, 1.0).unwrap();
+        assert_eq!(hit.answer.text, "y");
+        assert!(back.get("b", &keys(3, 0), None, &p, 1.0).is_none());
+        back.close();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -66,7 +66,8 @@ impl Embedder {
                 // A linear layer multiplies by its weight transposed: kept transposed in memory,
                 // that operand is contiguous and the matrix multiply reads it in place instead of
                 // repacking the whole weight on every call (most of the time of a short input).
-                let linear = t.rank() == 2 && name.ends_with(".weight") && !name.contains("embeddings");
+                let linear =
+                    t.rank() == 2 && name.ends_with(".weight") && !name.contains("embeddings");
                 let t = if linear { t.t()?.contiguous()?.t()? } else { t };
                 Ok((name, t.to_dtype(DType::F32)?))
             })

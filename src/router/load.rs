@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 use crate::engine::Load;
 
 /// One model's predicted first-token wait, as the decision reports it.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, ToSchema)]
 pub struct LoadEstimate {
     pub model: String,
     /// Predicted time to the first token; None when the engine has run no prompt work yet (its

@@ -270,7 +270,7 @@ impl Routes {
 
 /// What the router did for one request: the response's `metrics.route`, the `x-hearth-route`
 /// header and the ledger's route column.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Decision {
     /// The route group the request named.
     pub group: String,

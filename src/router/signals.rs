@@ -13,7 +13,7 @@ pub struct Probe {
 }
 
 /// The statistics a decision reads, over every probed token of every choice.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct Signals {
     pub tokens: usize,
     /// 10th percentile of the token log-probabilities.

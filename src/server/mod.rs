@@ -239,6 +239,23 @@ fn load_all(config: &Config, device: &Device) -> Result<Vec<(String, EngineHandl
     Ok(engines)
 }
 
+/// The response cache, restored from the ledger's file when `[cache] persist` is on.
+fn response_cache(config: &Config) -> crate::cache::ResponseCache {
+    let max = config.cache.max_mib << 20;
+    let path = config
+        .ledger_path
+        .as_deref()
+        .filter(|_| config.cache.persist);
+    match path.map(|p| crate::cache::ResponseCache::persisted(max, p)) {
+        Some(Ok(c)) => c,
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "the persisted response cache cannot be read; starting empty, in memory only");
+            crate::cache::ResponseCache::new(max)
+        }
+        None => crate::cache::ResponseCache::new(max),
+    }
+}
+
 fn load_embedders(
     config: &Config,
     device: &Device,
@@ -308,7 +325,7 @@ impl Server {
                 .as_deref()
                 .filter(|_| config.metering)
                 .map(|p| Arc::new(crate::ledger::Ledger::open(p, config.ledger_retention_days))),
-            response_cache: Arc::new(crate::cache::ResponseCache::new(config.cache.max_mib << 20)),
+            response_cache: Arc::new(response_cache(&config)),
             cache_config: config.cache.clone(),
             cache_by_name: config.cache_by_name(),
         });
@@ -377,10 +394,13 @@ impl Server {
                 tracing::warn!("exiting with connections still open");
             }
         }
-        // Every request has ended (or been cut): commit their ledger rows before exiting.
+        // Every request has ended (or been cut): commit their ledger rows and the cache's copy
+        // before exiting.
         if let Some(ledger) = self.state.ledger.clone() {
             let _ = tokio::task::spawn_blocking(move || ledger.close()).await;
         }
+        let cache = self.state.response_cache.clone();
+        let _ = tokio::task::spawn_blocking(move || cache.close()).await;
     }
 }
 
