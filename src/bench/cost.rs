@@ -22,6 +22,8 @@ struct Request {
     kind: String,
     /// first, repeat or paraphrase.
     form: String,
+    /// Which question (requests of one item have the same right answers).
+    item: usize,
 }
 
 struct Arm {
@@ -196,5 +198,29 @@ pub fn suite(args: &BenchArgs) -> Result<()> {
         })
         .count();
     println!("\nSemantic hits answered wrong where always-large was right: {wrong_hits}.");
+    // A semantic hit takes the answer of an earlier request; when that was another question, its
+    // rightness can differ from the question's own first answer: an upper bound on false hits.
+    let mut first_right = BTreeMap::new();
+    for (r, o) in requests.iter().zip(&all_on.outcomes) {
+        if r.form == "first" {
+            first_right.insert(r.item, o.right);
+        }
+    }
+    let semantic: Vec<usize> = (0..n)
+        .filter(|&i| {
+            all_on.outcomes[i]
+                .cache
+                .as_ref()
+                .is_some_and(|c| c["kind"] == "semantic")
+        })
+        .collect();
+    let differ = semantic
+        .iter()
+        .filter(|&&i| first_right.get(&requests[i].item) != Some(&all_on.outcomes[i].right))
+        .count();
+    println!(
+        "Semantic hits whose rightness differs from their question's first answer (at most this many took another question's answer): {differ}/{}.",
+        semantic.len()
+    );
     Ok(())
 }
