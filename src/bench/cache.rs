@@ -141,6 +141,14 @@ fn pairs_report(e: &Embedder, path: &Path) -> Result<()> {
         }
         println!("- {k}: {hit}/{n} with the guard, {hit0}/{n} on similarity alone");
     }
+    println!("\nParaphrases at {t:.2} or above that the guard refuses (why, similarity, pair):");
+    for (p, &(sim, _)) in pairs.iter().zip(&scores) {
+        if p.label == "hit" && sim >= t {
+            if let Some(why) = guard::refuses(&p.a, &p.b) {
+                println!("- {why} {sim:.3} {:?} / {:?}", p.a, p.b);
+            }
+        }
+    }
     println!("\nFalse hits at {t:.2} (similarity, earlier question / new question):");
     for (p, &(sim, pass)) in pairs.iter().zip(&scores) {
         if p.label != "hit" && sim >= t && pass {

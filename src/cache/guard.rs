@@ -1,12 +1,13 @@
 //! Checks a semantic hit must pass besides similarity: what sentence embeddings are known to blur.
 //! Two questions that differ in a number ("17 times 23" / "17 times 24"), in polarity ("can I" /
-//! "can't I", "with" / "without"), in direction ("before" / "after") or in one entity of the same
-//! template ("capital of France" / "capital of Germany") embed almost identically and need
-//! different answers; a paraphrase keeps its numbers, its polarity and its entities while it
-//! rewords the rest. So a hit also needs the same numbers (digits, or number words up to twenty
-//! and the tens), the same negation parity, no word swapped for its opposite, and no content word
-//! swapped for another: when each side has content words (not function words) the other lacks, and
-//! at most `MAX_SWAP` of them, the difference is a substitution in a template, not a rewording.
+//! "can't I", "with" / "without"), in direction ("before" / "after") or in one slot of the same
+//! sentence ("capital of France" / "capital of Germany", "in stock" / "out of stock") embed almost
+//! identically and need different answers; a paraphrase keeps its numbers and polarity and rewords
+//! rather than refilling one slot. So a hit also needs the same numbers (digits, or number words
+//! up to twenty and the tens), the same negation parity, no word swapped for its opposite, and no
+//! small in-place edit of an otherwise identical sentence that changes a content word (or a
+//! direction word such as "to" / "from") on both sides. A paraphrase that differs only by one
+//! synonym in place ("largest" / "biggest") is refused too: lexically it is a refilled slot.
 
 /// Function words: a paraphrase adds, drops and changes these freely.
 const STOPWORDS: &[&str] = &[
@@ -147,9 +148,20 @@ const STOPWORDS: &[&str] = &[
     "there",
 ];
 
-/// Content words that may differ on both sides and still be a paraphrase: past this many on each
-/// side, the two are worded differently rather than one filled template.
-const MAX_SWAP: usize = 2;
+/// An in-place edit is at most this many words on each side...
+const MAX_EDIT: usize = 3;
+/// ...in a sentence whose unchanged words are at least this share of the longer one.
+const MIN_KEPT: f64 = 0.5;
+
+/// Function words whose swap for each other in place changes the answer.
+const DIRECTIONS: &[(&str, &str)] = &[
+    ("to", "from"),
+    ("in", "out"),
+    ("on", "off"),
+    ("up", "down"),
+    ("into", "out"),
+    ("for", "against"),
+];
 
 /// Words that negate the sentence they are in.
 const NEGATIONS: &[&str] = &[
@@ -196,6 +208,14 @@ const OPPOSITES: &[(&str, &str)] = &[
     ("encrypt", "decrypt"),
     ("join", "leave"),
     ("hire", "fire"),
+    ("read", "write"),
+    ("send", "receive"),
+    ("sent", "received"),
+    ("give", "take"),
+    ("lend", "borrow"),
+    ("push", "pull"),
+    ("create", "delete"),
+    ("created", "deleted"),
     ("credit", "debit"),
     ("income", "expense"),
     ("profit", "loss"),
@@ -327,29 +347,78 @@ fn swapped_opposite(a: &[String], b: &[String]) -> bool {
     })
 }
 
-/// Content words, crudely stemmed (a plural's `s` dropped), numbers and negations left to their
-/// own checks.
-fn content(ws: &[String]) -> std::collections::BTreeSet<String> {
-    ws.iter()
-        .filter(|w| {
-            !STOPWORDS.contains(&w.as_str())
-                && !NEGATIONS.contains(&w.as_str())
-                && !w.chars().all(|c| c.is_ascii_digit())
-                && !NUMBER_WORDS.iter().any(|(n, _)| n == w)
-        })
-        .map(|w| match w.strip_suffix('s') {
-            Some(stem) if stem.len() >= 3 && !stem.ends_with('s') => stem.to_string(),
-            _ => w.clone(),
-        })
-        .collect()
+/// Whether `b` is `a` with a small edit in place: the same words before and after it, and on
+/// each side a few words that change a content word, or a direction.
+fn edited_in_place(a: &[String], b: &[String]) -> bool {
+    let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let suffix = a[prefix..]
+        .iter()
+        .rev()
+        .zip(b[prefix..].iter().rev())
+        .take_while(|(x, y)| x == y)
+        .count();
+    let (x, y) = (&a[prefix..a.len() - suffix], &b[prefix..b.len() - suffix]);
+    let longer = a.len().max(b.len()).max(1);
+    if x.is_empty() || y.is_empty() || x.len() > MAX_EDIT || y.len() > MAX_EDIT {
+        return false;
+    }
+    if ((prefix + suffix) as f64) < MIN_KEPT * longer as f64 {
+        return false;
+    }
+    let content = |ws: &[String]| ws.iter().any(|w| !STOPWORDS.contains(&w.as_str()));
+    let direction = DIRECTIONS.iter().any(|(p, q)| {
+        (x.iter().any(|w| w == p) && y.iter().any(|w| w == q))
+            || (x.iter().any(|w| w == q) && y.iter().any(|w| w == p))
+    });
+    (content(x) && content(y)) || direction
 }
 
-/// Whether each side has a few content words the other lacks: one slot of a template refilled.
-fn swapped_word(a: &[String], b: &[String]) -> bool {
-    let (ca, cb) = (content(a), content(b));
-    let only_a = ca.difference(&cb).count();
-    let only_b = cb.difference(&ca).count();
-    (1..=MAX_SWAP).contains(&only_a) && (1..=MAX_SWAP).contains(&only_b)
+/// Question words that ask for different things (a person, a time, a place, a reason).
+const WH: &[(&str, &str)] = &[
+    ("who", "who"),
+    ("whom", "who"),
+    ("whose", "who"),
+    ("when", "when"),
+    ("where", "where"),
+    ("why", "why"),
+];
+
+/// Whether both ask with a question word of its own kind and the kinds differ ("who wrote" /
+/// "when was it written").
+fn other_question(a: &[String], b: &[String]) -> bool {
+    let kinds = |ws: &[String]| -> std::collections::BTreeSet<&'static str> {
+        ws.iter()
+            .filter_map(|w| WH.iter().find(|(x, _)| x == w).map(|(_, k)| *k))
+            .collect()
+    };
+    let (ka, kb) = (kinds(a), kinds(b));
+    !ka.is_empty() && !kb.is_empty() && ka.is_disjoint(&kb)
+}
+
+/// Whether the same content words trade places in an otherwise identical sentence ("corporate
+/// card for personal expenses" / "personal card for corporate expenses").
+fn roles_swapped(a: &[String], b: &[String]) -> bool {
+    let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let suffix = a[prefix..]
+        .iter()
+        .rev()
+        .zip(b[prefix..].iter().rev())
+        .take_while(|(x, y)| x == y)
+        .count();
+    let (x, y) = (&a[prefix..a.len() - suffix], &b[prefix..b.len() - suffix]);
+    let content = |ws: &[String]| -> Vec<String> {
+        ws.iter()
+            .filter(|w| !STOPWORDS.contains(&w.as_str()))
+            .cloned()
+            .collect()
+    };
+    let (cx, cy) = (content(x), content(y));
+    let (mut sx, mut sy) = (cx.clone(), cy.clone());
+    sx.sort();
+    sy.sort();
+    // The sentence around the swap must be the same (a reworded sentence reorders freely).
+    let kept = (prefix + suffix) as f64 >= a.len().max(b.len()) as f64 / 3.0;
+    kept && cx.len() >= 2 && sx == sy && cx != cy
 }
 
 /// Why `cached` and `asked` must not share an answer although they embed alike; None: they may.
@@ -364,8 +433,14 @@ pub fn refuses(cached: &str, asked: &str) -> Option<&'static str> {
     if swapped_opposite(&a, &b) {
         return Some("opposite");
     }
-    if swapped_word(&a, &b) {
-        return Some("swapped word");
+    if edited_in_place(&a, &b) {
+        return Some("edited in place");
+    }
+    if roles_swapped(&a, &b) {
+        return Some("roles swapped");
+    }
+    if other_question(&a, &b) {
+        return Some("another question word");
     }
     None
 }
@@ -425,10 +500,36 @@ mod tests {
         );
         assert_eq!(
             refuses(
+                "Can I use the corporate card for personal expenses?",
+                "Can I use my personal card for corporate expenses?"
+            ),
+            Some("roles swapped")
+        );
+        assert_eq!(
+            refuses("Who wrote Hamlet?", "When was Hamlet written?"),
+            Some("another question word")
+        );
+        assert_eq!(
+            refuses("Who wrote Hamlet?", "Hamlet was written by whom?"),
+            None
+        );
+        assert_eq!(
+            refuses("Is the kettle in stock?", "Is the kettle out of stock?"),
+            Some("edited in place")
+        );
+        assert_eq!(
+            refuses(
+                "How do I reset my VPN password?",
+                "How can I reset my VPN password?"
+            ),
+            None
+        );
+        assert_eq!(
+            refuses(
                 "What is the capital of France?",
                 "What is the capital of Germany?"
             ),
-            Some("swapped word")
+            Some("edited in place")
         );
         assert_eq!(
             refuses(
