@@ -16,10 +16,11 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use super::BenchArgs;
+use crate::cache::index::dot;
 use crate::cache::{guard, key, Answer, CacheConfig, Policy, Query, ResponseCache};
 use crate::embedding::batcher::{BatchConfig, EmbedHandle};
 use crate::embedding::Embedder;
-use crate::error::{HearthError, Result};
+use crate::error::Result;
 use crate::server::openai::FinishReason;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -35,19 +36,7 @@ pub struct Pair {
 }
 
 pub fn load_pairs(path: &Path) -> Result<Vec<Pair>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| HearthError::Config(format!("{}: {e}", path.display())))?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            serde_json::from_str(l)
-                .map_err(|e| HearthError::Config(format!("{}: {e}: {l}", path.display())))
-        })
-        .collect()
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    super::route::load_jsonl(path)
 }
 
 /// Each pair's similarity and whether the guard lets it through.

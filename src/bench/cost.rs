@@ -84,13 +84,7 @@ fn run(cfg: Config, model: Option<&str>, name: &str, items: &[Item]) -> Result<A
 
 pub fn suite(args: &BenchArgs) -> Result<()> {
     let data = args.data_or("benches/cost_workload.jsonl");
-    let text = std::fs::read_to_string(&data)
-        .map_err(|e| HearthError::Config(format!("{}: {e}", data.display())))?;
-    let requests: Vec<Request> = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).map_err(|e| HearthError::Config(format!("{e}: {l}"))))
-        .collect::<Result<_>>()?;
+    let requests: Vec<Request> = super::route::load_jsonl(&data)?;
     let items: Vec<Item> = requests
         .iter()
         .map(|r| Item {

@@ -26,6 +26,11 @@ pub struct Item {
 }
 
 pub fn load(path: &Path) -> Result<Vec<Item>> {
+    load_jsonl(path)
+}
+
+/// Every non-blank line of a JSON-lines file, parsed.
+pub fn load_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| HearthError::Config(format!("{}: {e}", path.display())))?;
     text.lines()

@@ -347,9 +347,8 @@ fn swapped_opposite(a: &[String], b: &[String]) -> bool {
     })
 }
 
-/// Whether `b` is `a` with a small edit in place: the same words before and after it, and on
-/// each side a few words that change a content word, or a direction.
-fn edited_in_place(a: &[String], b: &[String]) -> bool {
+/// The words `a` and `b` share at both ends (how many), and what each has between them.
+fn differing<'a>(a: &'a [String], b: &'a [String]) -> (usize, &'a [String], &'a [String]) {
     let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
     let suffix = a[prefix..]
         .iter()
@@ -357,12 +356,22 @@ fn edited_in_place(a: &[String], b: &[String]) -> bool {
         .zip(b[prefix..].iter().rev())
         .take_while(|(x, y)| x == y)
         .count();
-    let (x, y) = (&a[prefix..a.len() - suffix], &b[prefix..b.len() - suffix]);
+    (
+        prefix + suffix,
+        &a[prefix..a.len() - suffix],
+        &b[prefix..b.len() - suffix],
+    )
+}
+
+/// Whether `b` is `a` with a small edit in place: the same words before and after it, and on
+/// each side a few words that change a content word, or a direction.
+fn edited_in_place(a: &[String], b: &[String]) -> bool {
+    let (kept, x, y) = differing(a, b);
     let longer = a.len().max(b.len()).max(1);
     if x.is_empty() || y.is_empty() || x.len() > MAX_EDIT || y.len() > MAX_EDIT {
         return false;
     }
-    if ((prefix + suffix) as f64) < MIN_KEPT * longer as f64 {
+    if (kept as f64) < MIN_KEPT * longer as f64 {
         return false;
     }
     let content = |ws: &[String]| ws.iter().any(|w| !STOPWORDS.contains(&w.as_str()));
@@ -398,14 +407,7 @@ fn other_question(a: &[String], b: &[String]) -> bool {
 /// Whether the same content words trade places in an otherwise identical sentence ("corporate
 /// card for personal expenses" / "personal card for corporate expenses").
 fn roles_swapped(a: &[String], b: &[String]) -> bool {
-    let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
-    let suffix = a[prefix..]
-        .iter()
-        .rev()
-        .zip(b[prefix..].iter().rev())
-        .take_while(|(x, y)| x == y)
-        .count();
-    let (x, y) = (&a[prefix..a.len() - suffix], &b[prefix..b.len() - suffix]);
+    let (kept, x, y) = differing(a, b);
     let content = |ws: &[String]| -> Vec<String> {
         ws.iter()
             .filter(|w| !STOPWORDS.contains(&w.as_str()))
@@ -417,8 +419,8 @@ fn roles_swapped(a: &[String], b: &[String]) -> bool {
     sx.sort();
     sy.sort();
     // The sentence around the swap must be the same (a reworded sentence reorders freely).
-    let kept = (prefix + suffix) as f64 >= a.len().max(b.len()) as f64 / 3.0;
-    kept && cx.len() >= 2 && sx == sy && cx != cy
+    let around = kept as f64 >= a.len().max(b.len()) as f64 / 3.0;
+    around && cx.len() >= 2 && sx == sy && cx != cy
 }
 
 /// Why `cached` and `asked` must not share an answer although they embed alike; None: they may.

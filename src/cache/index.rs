@@ -48,7 +48,7 @@ fn hyperplanes(dims: usize) -> &'static [f32] {
     planes
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight partial sums: the compiler vectorizes this, and the order is fixed (results do not
     // depend on the CPU).
     let mut acc = [0f32; 8];

@@ -46,14 +46,7 @@ CREATE TABLE IF NOT EXISTS response_cache (
 ";
 
 fn open(path: &Path) -> rusqlite::Result<Connection> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.execute_batch(SCHEMA)?;
-    Ok(conn)
+    crate::ledger::open_file(path, SCHEMA)
 }
 
 fn vector_bytes(v: &[f32]) -> Vec<u8> {

@@ -96,8 +96,10 @@ CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms);
 CREATE INDEX IF NOT EXISTS requests_tenant_ts ON requests (tenant, ts_ms);
 ";
 
-/// Open (creating the file, its folder and the table) for writing.
-fn open_for_writing(path: &Path) -> rusqlite::Result<Connection> {
+/// Open the ledger's file for writing (creating it and its folder), with `schema` applied: WAL, so
+/// that writers and readers of the same file (the ledger's, the response cache's copy, usage
+/// queries) wait for each other rather than fail.
+pub(crate) fn open_file(path: &Path, schema: &str) -> rusqlite::Result<Connection> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         // A failure here shows up as the open's error below.
         let _ = std::fs::create_dir_all(dir);
@@ -106,7 +108,13 @@ fn open_for_writing(path: &Path) -> rusqlite::Result<Connection> {
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
-    conn.execute_batch(SCHEMA)?;
+    conn.execute_batch(schema)?;
+    Ok(conn)
+}
+
+/// Open (creating the file, its folder and the table) for writing.
+fn open_for_writing(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = open_file(path, SCHEMA)?;
     // A ledger written before the response cache existed gets its columns (old rows: no hit).
     let has_cache: bool = conn
         .prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = 'cache'")?

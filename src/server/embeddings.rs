@@ -38,16 +38,6 @@ pub struct Validated {
     pub truncate: bool,
 }
 
-impl Validated {
-    fn count(&self) -> usize {
-        match &self.input {
-            EmbeddingInput::Text(_) | EmbeddingInput::Tokens(_) => 1,
-            EmbeddingInput::Texts(v) => v.len(),
-            EmbeddingInput::TokenLists(v) => v.len(),
-        }
-    }
-}
-
 fn bad_input(message: impl Into<String>) -> ApiError {
     ApiError::invalid(message, Some("input"))
 }
@@ -293,11 +283,6 @@ async fn embed(
                 h.name
             ),
         ));
-    }
-    if req.count() > MAX_INPUTS {
-        return Err(bad_input(format!(
-            "at most {MAX_INPUTS} inputs per request"
-        )));
     }
     let ids = {
         let _permit = state
