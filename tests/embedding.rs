@@ -76,6 +76,23 @@ fn bad_inputs_are_refused_not_panicked_on() {
 }
 
 #[test]
+fn token_ids_are_cut_as_the_tokenizer_cuts_a_text() {
+    let e = embedder();
+    let long = "the quick brown fox jumps over the lazy dog ".repeat(40);
+    let whole = e.tokenize_whole(&long).unwrap();
+    assert!(whole.len() > e.max_tokens());
+    // The tokenizer's own truncation is the reference: text tokens cut, [SEP] kept.
+    let cut = e.cut(&whole);
+    assert_eq!(cut, e.tokenize(&long).unwrap());
+    assert_eq!(cut.len(), e.max_tokens());
+    assert_eq!(cut.last(), whole.last());
+    // Ids that fit are left alone; ids without the closing token are cut at the bound.
+    assert_eq!(e.cut(&whole[..10]), whole[..10].to_vec());
+    let open = &whole[..whole.len() - 1];
+    assert_eq!(e.cut(open), open[..e.max_tokens()].to_vec());
+}
+
+#[test]
 fn the_batcher_packs_by_padded_tokens_and_batches_requests_that_wait_together() {
     use hearth::embedding::batcher::{BatchConfig, EmbedHandle};
     let e = embedder();

@@ -38,6 +38,13 @@ fn server(semantic: bool, ttl_secs: u64, ledger: Option<std::path::PathBuf>) -> 
     })
 }
 
+fn embedder(name: &str) -> hearth::config::EmbeddingModelEntry {
+    hearth::config::EmbeddingModelEntry {
+        name: name.into(),
+        path: common::models_dir().join("all-minilm-l6-v2"),
+    }
+}
+
 /// A chat request's body, headers and status.
 struct Answer {
     status: u16,
@@ -321,4 +328,94 @@ fn a_persisted_cache_survives_a_restart_for_its_tenant_only() {
     );
     drop(s);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_semantic_lookup_that_cannot_run_falls_back_to_the_exact_level() {
+    // One queue place per model: a long embedding request holds the embedding model's.
+    let s = TestServer::named(MODEL, |c| {
+        c.cache = CacheConfig {
+            exact: true,
+            semantic: true,
+            ..Default::default()
+        };
+        c.max_waiting = 1;
+        // Its own name: metrics are one registry per test process.
+        c.embedding_models = vec![embedder("minilm-fallback")];
+        c.tenants = vec![TenantConfig::new("team-a", &["sk-a"])];
+    });
+    let first = ask(&s, "sk-a", Q, json!({}), None);
+    assert_eq!(first.cache.as_deref(), Some("miss"));
+    let base = s.base.clone();
+    let busy = std::thread::spawn(move || {
+        let inputs: Vec<String> = (0..160)
+            .map(|i| {
+                format!(
+                    "document {i}: {}",
+                    "a long passage about nothing ".repeat(20)
+                )
+            })
+            .collect();
+        let body = json!({"model": "minilm-fallback", "input": inputs});
+        common::agent()
+            .post(&format!("{base}/v1/embeddings"))
+            .header("content-type", "application/json")
+            .header("authorization", "Bearer sk-a")
+            .send(body.to_string())
+            .map(|r| r.status().as_u16())
+    });
+    let waiting = "hearth_num_requests_waiting{model=\"minilm-fallback\"}";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while s.metric(waiting).unwrap_or(0.0) < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the embedding request never queued"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The exact level needs no embedding: still a hit.
+    let again = ask(&s, "sk-a", Q, json!({}), None);
+    assert_eq!(again.cache.as_deref(), Some("hit"));
+    // A paraphrase cannot be embedded now: answered by the model, not refused.
+    let para = ask(
+        &s,
+        "sk-a",
+        "what's the capital city of France?",
+        json!({}),
+        None,
+    );
+    assert_eq!(para.status, 200, "{}", para.body);
+    assert_eq!(para.cache.as_deref(), Some("miss"));
+    assert!(!para.text().is_empty());
+    assert_eq!(
+        s.metric("hearth_response_cache_requests_total{result=\"error\",kind=\"semantic\"}"),
+        Some(1.0)
+    );
+    assert_eq!(busy.join().unwrap().ok(), Some(200));
+}
+
+#[test]
+fn a_refused_request_spends_nothing_on_the_cache() {
+    let s = TestServer::named(MODEL, |c| {
+        c.cache = CacheConfig {
+            exact: true,
+            semantic: true,
+            ..Default::default()
+        };
+        c.embedding_models = vec![embedder("minilm-refusal")];
+        c.tenants = vec![TenantConfig {
+            requests_per_minute: Some(1),
+            ..TenantConfig::new("team-a", &["sk-a"])
+        }];
+    });
+    assert_eq!(
+        ask(&s, "sk-a", Q, json!({}), None).cache.as_deref(),
+        Some("miss")
+    );
+    let batches = "hearth_embedding_batches_total{model=\"minilm-refusal\"}";
+    assert_eq!(s.metric(batches), Some(1.0));
+    let refused = ask(&s, "sk-a", "What is 17 times 23?", json!({}), None);
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    // No lookup ran for it: no embedding.
+    assert_eq!(s.metric(batches), Some(1.0));
 }

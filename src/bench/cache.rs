@@ -227,7 +227,7 @@ fn index_report(e: Embedder, entries: usize) -> Result<()> {
             text: format!("question {i}"),
             vector: v.clone(),
         };
-        cache.put(&tenant, &keys, Some(q), answer(), &policy);
+        cache.put(&tenant, &tenant, &keys, Some(q), answer(), &policy);
         if i % 97 == 0 {
             stored.push((i, v));
         }

@@ -104,13 +104,16 @@ impl Index {
         self.ids.is_empty()
     }
 
-    /// Add `v` (a unit vector of `dims`) under `id`; returns its slot.
-    pub fn push(&mut self, id: u64, v: &[f32]) -> usize {
-        debug_assert_eq!(v.len(), self.dims);
+    /// Add `v` (a unit vector of `dims`) under `id`; returns its slot, or None (nothing added)
+    /// when `v` has another length: such a vector would shift every slot after it.
+    pub fn push(&mut self, id: u64, v: &[f32]) -> Option<usize> {
+        if v.len() != self.dims {
+            return None;
+        }
         self.vectors.extend_from_slice(v);
         self.sketches.push(sketch(v));
         self.ids.push(id);
-        self.ids.len() - 1
+        Some(self.ids.len() - 1)
     }
 
     /// Remove the vector at `slot`; returns the id that moved into `slot` (the last one), if any.
@@ -203,7 +206,7 @@ mod tests {
         let dims = 384;
         let mut big = Index::new(dims);
         for i in 0..(EXACT_SCAN as u64 * 3) {
-            big.push(i, &unit(i, dims));
+            big.push(i, &unit(i, dims)).unwrap();
         }
         assert!(big.len() > EXACT_SCAN);
         // Queries near stored vectors, at cosines around a threshold.
@@ -222,7 +225,7 @@ mod tests {
     fn removal_moves_the_last_vector_and_keeps_search_right() {
         let mut ix = Index::new(8);
         for i in 0..4 {
-            ix.push(i, &unit(i, 8));
+            ix.push(i, &unit(i, 8)).unwrap();
         }
         assert_eq!(ix.swap_remove(1), Some(3));
         assert_eq!(ix.len(), 3);
@@ -230,5 +233,9 @@ mod tests {
         assert!(ix.search(&unit(1, 8), 0.999).is_empty());
         assert_eq!(ix.swap_remove(2), None);
         assert_eq!(ix.swap_remove(7), None);
+        // A vector of another length is refused and leaves the index as it was.
+        assert_eq!(ix.push(9, &unit(9, 16)), None);
+        assert_eq!(ix.len(), 2);
+        assert_eq!(ix.search(&unit(3, 8), 0.999)[0].0, 3);
     }
 }

@@ -42,7 +42,24 @@ pub fn not_cacheable(req: &Validated) -> Option<&'static str> {
     if req.tools.is_some() {
         return Some("tools");
     }
+    if req
+        .constraint
+        .as_ref()
+        .is_some_and(|c| c.fingerprint().is_none())
+    {
+        // Keyed without its grammar, it would share answers with other grammars.
+        return Some("grammar without a canonical form");
+    }
     None
+}
+
+/// The semantic key `semantic` under one embedding model: vectors of different models (or of one
+/// name pointing at other weights of another size) never meet in one index.
+pub fn with_embedder(semantic: &Digest, name: &str, dims: usize, vocab: usize) -> Digest {
+    let mut h = Sha256::new();
+    h.update(semantic);
+    h.update(format!("\0embedder\0{name}\0{dims}\0{vocab}").as_bytes());
+    h.finalize().into()
 }
 
 /// The sampling fields as the answer depends on them.
@@ -99,7 +116,7 @@ pub fn keys(req: &Validated) -> Keys {
         "params": sampling(&req.params),
         "stops": &*req.stops,
         "logprobs": req.want_logprobs,
-        "grammar": req.constraint.as_ref().map(|c| c.fingerprint()),
+        "grammar": req.constraint.as_ref().and_then(|c| c.fingerprint()),
     });
     let with = |field: &str, v: Value| {
         let mut b = base.clone();

@@ -71,6 +71,10 @@ impl Default for CacheConfig {
     }
 }
 
+/// The longest an entry is kept, whatever `ttl_secs` says (a longer time would overflow the
+/// clock's arithmetic; a century is "forever" here).
+pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// The settings one request runs under.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Policy {
@@ -78,8 +82,11 @@ pub struct Policy {
     pub semantic: bool,
     pub threshold: f32,
     pub ttl: Duration,
-    /// Bound of the tenant's partition.
+    /// Bound of the tenant's partition (the global `max_mib`, or the tenant's own).
     pub max_bytes: usize,
+    /// Bound of the entries of the request's model or route within the tenant's partition (that
+    /// model's or route's `max_mib`, when set).
+    pub scope_max_bytes: Option<usize>,
 }
 
 impl Policy {
@@ -90,22 +97,26 @@ impl Policy {
 
 impl CacheConfig {
     /// The global settings, then the route's, then the tenant's (the data's owner has the last
-    /// word).
+    /// word). `max_mib` bounds what it is set on: all entries (global; also each tenant's unless
+    /// the tenant sets its own), one tenant's, or one model's or route's within each tenant.
     pub fn policy(&self, route: Option<&CacheSettings>, tenant: Option<&CacheSettings>) -> Policy {
+        let mib = |m: usize| m.saturating_mul(1 << 20);
+        let ttl = |s: u64| Duration::from_secs(s).min(MAX_TTL);
         let mut p = Policy {
             exact: self.exact,
             semantic: self.semantic,
             threshold: self.semantic_threshold,
-            ttl: Duration::from_secs(self.ttl_secs),
-            max_bytes: self.max_mib << 20,
+            ttl: ttl(self.ttl_secs),
+            max_bytes: mib(self.max_mib),
+            scope_max_bytes: route.and_then(|r| r.max_mib).map(mib),
         };
         for s in [route, tenant].into_iter().flatten() {
             p.exact = s.exact.unwrap_or(p.exact);
             p.semantic = s.semantic.unwrap_or(p.semantic);
             p.threshold = s.semantic_threshold.unwrap_or(p.threshold);
-            p.ttl = s.ttl_secs.map_or(p.ttl, Duration::from_secs);
-            p.max_bytes = s.max_mib.map_or(p.max_bytes, |m| m << 20);
+            p.ttl = s.ttl_secs.map_or(p.ttl, ttl);
         }
+        p.max_bytes = tenant.and_then(|t| t.max_mib).map_or(p.max_bytes, mib);
         p
     }
 
@@ -194,12 +205,22 @@ pub struct Query {
 
 struct Entry {
     answer: Arc<Answer>,
+    /// The model or route it answered for.
+    scope: Arc<str>,
     exact: key::Digest,
     /// The semantic key, the entry's slot in that key's index, and the text it embedded.
     semantic: Option<(key::Digest, usize, String)>,
     bytes: usize,
     tick: u64,
     expires: Instant,
+}
+
+/// The entries of one model or route within a tenant's partition.
+#[derive(Default)]
+struct Scope {
+    bytes: usize,
+    /// Least recently used first.
+    lru: BTreeMap<u64, u64>,
 }
 
 #[derive(Default)]
@@ -209,6 +230,7 @@ struct Partition {
     semantic: HashMap<key::Digest, Index>,
     /// Least recently used first.
     lru: BTreeMap<u64, u64>,
+    scopes: HashMap<Arc<str>, Scope>,
     expiry: BTreeSet<(Instant, u64)>,
     bytes: usize,
     /// Exact keys of the entries dropped since the last look (for the persisted copy).
@@ -238,6 +260,13 @@ impl Partition {
             }
         }
         self.lru.remove(&e.tick);
+        if let Some(sc) = self.scopes.get_mut(&e.scope) {
+            sc.lru.remove(&e.tick);
+            sc.bytes -= e.bytes;
+            if sc.lru.is_empty() {
+                self.scopes.remove(&e.scope);
+            }
+        }
         self.expiry.remove(&(e.expires, id));
         self.bytes -= e.bytes;
         self.gone.push(e.exact);
@@ -251,6 +280,10 @@ impl Partition {
     fn touch(&mut self, id: u64, tick: u64) {
         if let Some(e) = self.entries.get_mut(&id) {
             self.lru.remove(&e.tick);
+            if let Some(sc) = self.scopes.get_mut(&e.scope) {
+                sc.lru.remove(&e.tick);
+                sc.lru.insert(tick, id);
+            }
             e.tick = tick;
             self.lru.insert(tick, id);
         }
@@ -259,14 +292,27 @@ impl Partition {
     /// Drop expired entries; returns the bytes freed.
     fn expire(&mut self, now: Instant) -> usize {
         let mut freed = 0;
-        while let Some(&(at, id)) = self.expiry.first() {
-            if at > now {
-                break;
+        while self.expiry.first().is_some_and(|&(at, _)| at <= now) {
+            // Taken off the queue first: an id without an entry cannot hold the loop.
+            if let Some((_, id)) = self.expiry.pop_first() {
+                freed += self.remove(id);
             }
-            freed += self.remove(id);
         }
         freed
     }
+}
+
+/// One answer to keep, and the bounds it is kept under.
+struct Item {
+    tenant: Arc<str>,
+    scope: Arc<str>,
+    exact: key::Digest,
+    semantic: key::Digest,
+    query: Option<Query>,
+    answer: Answer,
+    tenant_max: usize,
+    scope_max: Option<usize>,
+    expires: Instant,
 }
 
 #[derive(Default)]
@@ -315,22 +361,21 @@ impl ResponseCache {
         let now = (Instant::now(), crate::ledger::now_ms());
         for s in saved {
             let ttl = Duration::from_millis(s.expires_ms.saturating_sub(now.1).max(0) as u64);
-            let keys = key::Keys {
-                exact: s.exact,
-                semantic: s.semantic,
-                text: None,
-            };
-            let query = s.query.map(|(text, vector)| Query { text, vector });
-            let tenant: Arc<str> = s.tenant.into();
             let mut st = cache.lock();
+            // The bounds of tenants and routes apply again from their next insertion.
             cache.insert(
                 &mut st,
-                &tenant,
-                &keys,
-                query,
-                s.answer,
-                max_bytes,
-                now.0 + ttl,
+                Item {
+                    tenant: s.tenant.into(),
+                    scope: s.scope.into(),
+                    exact: s.exact,
+                    semantic: s.semantic,
+                    query: s.query.map(|(text, vector)| Query { text, vector }),
+                    answer: s.answer,
+                    tenant_max: max_bytes,
+                    scope_max: None,
+                    expires: now.0 + ttl.min(MAX_TTL),
+                },
             );
             cache.forget(&mut st);
         }
@@ -419,34 +464,43 @@ impl ResponseCache {
         })
     }
 
-    /// Keep `answer` for the tenant under `keys` (and `query`, for the semantic level), evicting
-    /// least recently used entries beyond the tenant's bound and the global one.
+    /// Keep `answer` for the tenant under `keys` (and `query`, for the semantic level) as an
+    /// answer of `scope` (the model or route asked for), evicting least recently used entries
+    /// beyond the scope's bound, the tenant's and the global one.
     pub fn put(
         &self,
         tenant: &Arc<str>,
+        scope: &Arc<str>,
         keys: &key::Keys,
         query: Option<Query>,
         answer: Answer,
         policy: &Policy,
     ) {
+        let ttl = policy.ttl.min(MAX_TTL);
         let saved = self.persist.as_ref().map(|_| persist::Saved {
             tenant: tenant.to_string(),
+            scope: scope.to_string(),
             exact: keys.exact,
             semantic: keys.semantic,
             query: query.as_ref().map(|q| (q.text.clone(), q.vector.clone())),
             answer: answer.clone(),
             expires_ms: crate::ledger::now_ms()
-                .saturating_add(policy.ttl.as_millis().min(i64::MAX as u128) as i64),
+                .saturating_add(ttl.as_millis().min(i64::MAX as u128) as i64),
         });
         let mut st = self.lock();
         let kept = self.insert(
             &mut st,
-            tenant,
-            keys,
-            query,
-            answer,
-            policy.max_bytes,
-            Instant::now() + policy.ttl,
+            Item {
+                tenant: tenant.clone(),
+                scope: scope.clone(),
+                exact: keys.exact,
+                semantic: keys.semantic,
+                query,
+                answer,
+                tenant_max: policy.max_bytes,
+                scope_max: policy.scope_max_bytes,
+                expires: Instant::now() + ttl,
+            },
         );
         // Deletions first: a replaced entry's row has the new entry's key.
         self.forget(&mut st);
@@ -457,19 +511,9 @@ impl ResponseCache {
     }
 
     /// The insertion itself; false when the answer is too large to keep.
-    #[allow(clippy::too_many_arguments)]
-    fn insert(
-        &self,
-        st: &mut Store,
-        tenant: &Arc<str>,
-        keys: &key::Keys,
-        query: Option<Query>,
-        answer: Answer,
-        tenant_max: usize,
-        expires: Instant,
-    ) -> bool {
+    fn insert(&self, st: &mut Store, item: Item) -> bool {
         let now = Instant::now();
-        let answer = Arc::new(answer);
+        let answer = Arc::new(item.answer);
         st.tick += 1;
         st.next_id += 1;
         let (tick, id) = (st.tick, st.next_id);
@@ -477,22 +521,26 @@ impl ResponseCache {
         for p in st.partitions.values_mut() {
             st.bytes -= p.expire(now);
         }
-        let part = st.partitions.entry(tenant.clone()).or_default();
-        if let Some(&old) = part.exact.get(&keys.exact) {
+        let part = st.partitions.entry(item.tenant).or_default();
+        if let Some(&old) = part.exact.get(&item.exact) {
             st.bytes -= part.remove(old);
         }
         let mut bytes = answer.bytes() + 2 * std::mem::size_of::<key::Digest>() + 160;
-        let semantic = query.map(|q| {
+        let sk = item.semantic;
+        let semantic = item.query.and_then(|q| {
             let ix = part
                 .semantic
-                .entry(keys.semantic)
+                .entry(sk)
                 .or_insert_with(|| Index::new(q.vector.len()));
+            // A vector of another length (an index left by another embedding model) is not
+            // comparable: the entry keeps its exact level only.
+            let slot = ix.push(id, &q.vector)?;
             bytes += ix.bytes_per_entry() + q.text.len();
-            let slot = ix.push(id, &q.vector);
-            (keys.semantic, slot, q.text)
+            Some((sk, slot, q.text))
         });
-        if bytes > tenant_max.min(self.max_bytes) {
-            // Larger than the bound on its own: not kept (and nothing else evicted for it).
+        if bytes > item.tenant_max.min(self.max_bytes) || item.scope_max.is_some_and(|m| bytes > m)
+        {
+            // Larger than a bound on its own: not kept (and nothing else evicted for it).
             if let Some((sk, slot, _)) = &semantic {
                 if let Some(ix) = part.semantic.get_mut(sk) {
                     ix.swap_remove(*slot);
@@ -503,23 +551,35 @@ impl ResponseCache {
             }
             return false;
         }
+        let scope = part.scopes.entry(item.scope.clone()).or_default();
+        scope.lru.insert(tick, id);
+        scope.bytes += bytes;
         part.entries.insert(
             id,
             Entry {
                 answer,
-                exact: keys.exact,
+                scope: item.scope.clone(),
+                exact: item.exact,
                 semantic,
                 bytes,
                 tick,
-                expires,
+                expires: item.expires,
             },
         );
-        part.exact.insert(keys.exact, id);
+        part.exact.insert(item.exact, id);
         part.lru.insert(tick, id);
-        part.expiry.insert((expires, id));
+        part.expiry.insert((item.expires, id));
         part.bytes += bytes;
         st.bytes += bytes;
-        while part.bytes > tenant_max {
+        if let Some(max) = item.scope_max {
+            while let Some(sc) = part.scopes.get(&item.scope).filter(|sc| sc.bytes > max) {
+                let Some(&oldest) = sc.lru.values().next() else {
+                    break;
+                };
+                st.bytes -= part.remove(oldest);
+            }
+        }
+        while part.bytes > item.tenant_max {
             let Some(oldest) = part.lru.values().next().copied() else {
                 break;
             };
@@ -600,6 +660,7 @@ mod tests {
             threshold: 0.9,
             ttl,
             max_bytes,
+            scope_max_bytes: None,
         }
     }
 
@@ -613,6 +674,7 @@ mod tests {
         };
         c.put(
             &"a".into(),
+            &"m".into(),
             &keys(1, 2),
             Some(q.clone()),
             answer("Paris"),
@@ -653,11 +715,11 @@ mod tests {
         let p = policy(3 * one + one / 2, Duration::from_secs(60));
         let a: Arc<str> = "a".into();
         for k in 1..=3 {
-            c.put(&a, &keys(k, 0), None, answer("x"), &p);
+            c.put(&a, &"m".into(), &keys(k, 0), None, answer("x"), &p);
         }
         // Using 1 makes 2 the least recently used; a fourth entry evicts 2.
         assert!(c.get("a", &keys(1, 0), None, &p, 1.0).is_some());
-        c.put(&a, &keys(4, 0), None, answer("x"), &p);
+        c.put(&a, &"m".into(), &keys(4, 0), None, answer("x"), &p);
         assert_eq!(c.tenant_entries("a"), 3);
         assert!(c.get("a", &keys(2, 0), None, &p, 1.0).is_none());
         for k in [1, 3, 4] {
@@ -666,13 +728,20 @@ mod tests {
         // Another tenant's entries push the total over five: the globally oldest go.
         let b: Arc<str> = "b".into();
         for k in 1..=3 {
-            c.put(&b, &keys(k, 0), None, answer("x"), &p);
+            c.put(&b, &"m".into(), &keys(k, 0), None, answer("x"), &p);
         }
         assert_eq!(c.stats().entries, 5);
         assert!(c.stats().bytes <= 5 * one + one / 2);
         assert_eq!(c.tenant_entries("b"), 3);
         // An answer larger than the bound is not kept at all.
-        c.put(&b, &keys(9, 0), None, answer(&"y".repeat(10 * one)), &p);
+        c.put(
+            &b,
+            &"m".into(),
+            &keys(9, 0),
+            None,
+            answer(&"y".repeat(10 * one)),
+            &p,
+        );
         assert!(c.get("b", &keys(9, 0), None, &p, 1.0).is_none());
         assert_eq!(c.stats().entries, 5);
     }
@@ -686,15 +755,36 @@ mod tests {
             text: "q".into(),
             vector: unit(8, 1, 0.0),
         };
-        c.put(&a, &keys(1, 1), Some(q.clone()), answer("old"), &short);
+        c.put(
+            &a,
+            &"m".into(),
+            &keys(1, 1),
+            Some(q.clone()),
+            answer("old"),
+            &short,
+        );
         assert!(c.get("a", &keys(1, 1), None, &short, 1.0).is_some());
         std::thread::sleep(Duration::from_millis(50));
         assert!(c.get("a", &keys(1, 1), Some(&q), &short, 0.5).is_none());
         assert_eq!(c.stats().entries, 0);
         assert_eq!(c.stats().bytes, 0);
         let long = policy(1 << 20, Duration::from_secs(60));
-        c.put(&a, &keys(1, 1), Some(q.clone()), answer("one"), &long);
-        c.put(&a, &keys(1, 1), Some(q.clone()), answer("two"), &long);
+        c.put(
+            &a,
+            &"m".into(),
+            &keys(1, 1),
+            Some(q.clone()),
+            answer("one"),
+            &long,
+        );
+        c.put(
+            &a,
+            &"m".into(),
+            &keys(1, 1),
+            Some(q.clone()),
+            answer("two"),
+            &long,
+        );
         assert_eq!(c.tenant_entries("a"), 1);
         let hit = c.get("a", &keys(5, 1), Some(&q), &long, 0.99).unwrap();
         assert_eq!(hit.answer.text, "two");
@@ -710,9 +800,9 @@ mod tests {
         let a: Arc<str> = "a".into();
         let c = ResponseCache::persisted(1 << 20, &path).unwrap();
         for k in 1..=3 {
-            c.put(&a, &keys(k, 0), None, answer("x"), &p);
+            c.put(&a, &"m".into(), &keys(k, 0), None, answer("x"), &p);
         }
-        c.put(&a, &keys(3, 0), None, answer("y"), &p);
+        c.put(&a, &"m".into(), &keys(3, 0), None, answer("y"), &p);
         c.close();
         // 1 was evicted, 3 replaced: the file holds 2 and the new 3.
         let saved = persist::load(&path, crate::ledger::now_ms()).unwrap();
@@ -728,6 +818,100 @@ mod tests {
         assert!(back.get("b", &keys(3, 0), None, &p, 1.0).is_none());
         back.close();
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn vectors_of_another_length_keep_only_their_exact_level() {
+        // As after a restart that restored entries made by an embedding model of another size.
+        let c = ResponseCache::new(1 << 20);
+        let p = policy(1 << 20, Duration::from_millis(30));
+        let a: Arc<str> = "a".into();
+        let q = |dims: usize| Query {
+            text: "q".into(),
+            vector: unit(dims, 0, 0.0),
+        };
+        c.put(
+            &a,
+            &"m".into(),
+            &keys(1, 7),
+            Some(q(8)),
+            answer("eight"),
+            &p,
+        );
+        c.put(
+            &a,
+            &"m".into(),
+            &keys(2, 7),
+            Some(q(16)),
+            answer("sixteen"),
+            &p,
+        );
+        c.put(
+            &a,
+            &"m".into(),
+            &keys(3, 7),
+            Some(q(8)),
+            answer("eight too"),
+            &p,
+        );
+        assert_eq!(c.tenant_entries("a"), 3);
+        let hit = c.get("a", &keys(2, 7), Some(&q(16)), &p, 0.9).unwrap();
+        assert_eq!(
+            (hit.kind, hit.answer.text.as_str()),
+            (HitKind::Exact, "sixteen")
+        );
+        assert!(c.get("a", &keys(9, 7), Some(&q(16)), &p, 0.9).is_none());
+        assert_eq!(
+            c.get("a", &keys(9, 7), Some(&q(8)), &p, 0.9).unwrap().kind,
+            HitKind::Semantic
+        );
+        // Expiry and removal of all three go through without a panic or a stuck queue.
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(c.get("a", &keys(1, 7), Some(&q(8)), &p, 0.9).is_none());
+        assert_eq!((c.stats().entries, c.stats().bytes), (0, 0));
+    }
+
+    #[test]
+    fn a_routes_bound_evicts_its_own_entries_only() {
+        let one = answer("x").bytes() + 2 * 32 + 160;
+        let c = ResponseCache::new(1 << 20);
+        let wide = policy(1 << 20, Duration::from_secs(60));
+        let narrow = Policy {
+            scope_max_bytes: Some(2 * one + one / 2),
+            ..wide
+        };
+        let a: Arc<str> = "a".into();
+        let (big, small): (Arc<str>, Arc<str>) = ("big".into(), "small".into());
+        for k in 1..=4 {
+            c.put(&a, &big, &keys(k, 0), None, answer("x"), &wide);
+        }
+        for k in 11..=14 {
+            c.put(&a, &small, &keys(k, 0), None, answer("x"), &narrow);
+        }
+        // The small route keeps its two newest; the other route's four stay.
+        assert_eq!(c.tenant_entries("a"), 6);
+        for k in [1, 2, 3, 4, 13, 14] {
+            assert!(c.get("a", &keys(k, 0), None, &wide, 1.0).is_some(), "{k}");
+        }
+        for k in [11, 12] {
+            assert!(c.get("a", &keys(k, 0), None, &wide, 1.0).is_none(), "{k}");
+        }
+    }
+
+    #[test]
+    fn a_ttl_beyond_the_clocks_range_is_kept_a_century() {
+        let g = CacheConfig {
+            exact: true,
+            ttl_secs: u64::MAX,
+            max_mib: usize::MAX,
+            ..Default::default()
+        };
+        let p = g.policy(None, None);
+        assert_eq!(p.ttl, MAX_TTL);
+        assert_eq!(p.max_bytes, usize::MAX);
+        let c = ResponseCache::new(1 << 20);
+        c.put(&"a".into(), &"m".into(), &keys(1, 0), None, answer("x"), &p);
+        assert!(c.get("a", &keys(1, 0), None, &p, 1.0).is_some());
     }
 
     #[test]
@@ -750,6 +934,14 @@ mod tests {
         assert!(!p.exact && p.semantic);
         assert_eq!(p.threshold, 0.95);
         assert_eq!(p.max_bytes, 8 << 20);
+        assert_eq!(p.scope_max_bytes, None);
+        // A route's max_mib bounds that route's entries, not the tenant's partition.
+        let bounded = CacheSettings {
+            max_mib: Some(2),
+            ..route.clone()
+        };
+        let p = g.policy(Some(&bounded), None);
+        assert_eq!((p.max_bytes, p.scope_max_bytes), (256 << 20, Some(2 << 20)));
         assert!(!CacheConfig::default().policy(None, None).on());
         let bad = CacheSettings {
             semantic_threshold: Some(1.5),

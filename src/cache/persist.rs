@@ -17,6 +17,8 @@ use crate::error::Result;
 #[derive(Debug, Clone)]
 pub struct Saved {
     pub tenant: String,
+    /// The model or route it answered for.
+    pub scope: String,
     pub exact: Digest,
     pub semantic: Digest,
     /// The compared text and its embedding (absent when the entry has no semantic level).
@@ -41,12 +43,21 @@ CREATE TABLE IF NOT EXISTS response_cache (
     vector BLOB,
     answer TEXT NOT NULL,
     expires_ms INTEGER NOT NULL,
+    scope TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (tenant, exact)
 );
 ";
 
 fn open(path: &Path) -> rusqlite::Result<Connection> {
-    crate::ledger::open_file(path, SCHEMA)
+    let conn = crate::ledger::open_file(path, SCHEMA)?;
+    // Files written before entries had a scope (a route's own bound) gain the column.
+    let has_scope = conn
+        .prepare("SELECT 1 FROM pragma_table_info('response_cache') WHERE name = 'scope'")?
+        .exists([])?;
+    if !has_scope {
+        conn.execute_batch("ALTER TABLE response_cache ADD COLUMN scope TEXT NOT NULL DEFAULT ''")?;
+    }
+    Ok(conn)
 }
 
 fn vector_bytes(v: &[f32]) -> Vec<u8> {
@@ -65,8 +76,8 @@ fn write(conn: &mut Connection, batch: &[Msg]) -> rusqlite::Result<()> {
                 };
                 tx.prepare_cached(
                     "INSERT OR REPLACE INTO response_cache \
-                     (tenant, exact, semantic, text, vector, answer, expires_ms) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                     (tenant, exact, semantic, text, vector, answer, expires_ms, scope) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )?
                 .execute(params![
                     s.tenant,
@@ -75,7 +86,8 @@ fn write(conn: &mut Connection, batch: &[Msg]) -> rusqlite::Result<()> {
                     text,
                     vector,
                     answer,
-                    s.expires_ms
+                    s.expires_ms,
+                    s.scope
                 ])?;
             }
             Msg::Delete(tenant, exact) => {
@@ -197,8 +209,8 @@ pub fn load(path: &Path, now_ms: i64) -> Result<Vec<Saved>> {
             [now_ms],
         )?;
         let mut st = conn.prepare(
-            "SELECT tenant, exact, semantic, text, vector, answer, expires_ms FROM response_cache \
-             ORDER BY rowid",
+            "SELECT tenant, exact, semantic, text, vector, answer, expires_ms, scope \
+             FROM response_cache ORDER BY rowid",
         )?;
         let rows = st.query_map([], |r| {
             Ok((
@@ -209,11 +221,12 @@ pub fn load(path: &Path, now_ms: i64) -> Result<Vec<Saved>> {
                 r.get::<_, Option<Vec<u8>>>(4)?,
                 r.get::<_, String>(5)?,
                 r.get::<_, i64>(6)?,
+                r.get::<_, String>(7)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (tenant, exact, semantic, text, vector, answer, expires_ms) = row?;
+            let (tenant, exact, semantic, text, vector, answer, expires_ms, scope) = row?;
             let parsed = (|| {
                 let query = match (text, vector) {
                     (Some(t), Some(v)) if v.len() % 4 == 0 => Some((
@@ -226,6 +239,7 @@ pub fn load(path: &Path, now_ms: i64) -> Result<Vec<Saved>> {
                 };
                 Some(Saved {
                     tenant,
+                    scope,
                     exact: digest(exact)?,
                     semantic: digest(semantic)?,
                     query,
@@ -254,4 +268,41 @@ pub fn count(path: &Path) -> usize {
             })
         })
         .map_or(0, |n| n as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_from_before_scopes_gains_the_column_and_keeps_its_rows() {
+        let dir = std::env::temp_dir().join(format!("hearth-persist-old-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("usage.sqlite3");
+        let answer = r#"{"text":"Paris","logprobs":[],"reason":"stop","prompt_tokens":3,
+            "completion_tokens":1,"cached_tokens":0,"device_ms":5.0,"route":null}"#;
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE response_cache (tenant TEXT NOT NULL, exact BLOB NOT NULL,
+                 semantic BLOB NOT NULL, text TEXT, vector BLOB, answer TEXT NOT NULL,
+                 expires_ms INTEGER NOT NULL, PRIMARY KEY (tenant, exact));",
+            )
+            .unwrap();
+            c.execute(
+                "INSERT INTO response_cache VALUES ('a', ?1, ?2, NULL, NULL, ?3, ?4)",
+                params![&[1u8; 32][..], &[2u8; 32][..], answer, i64::MAX],
+            )
+            .unwrap();
+        }
+        let saved = load(&path, 0).unwrap();
+        assert_eq!(saved.len(), 1);
+        assert_eq!(
+            (saved[0].tenant.as_str(), saved[0].scope.as_str()),
+            ("a", "")
+        );
+        assert_eq!(saved[0].answer.text, "Paris");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -25,6 +25,8 @@ pub struct Embedder {
     /// Cuts nowhere: to tell a too-long input from one that fits.
     whole: Tokenizer,
     max_tokens: usize,
+    /// The special tokens the tokenizer puts after a text ([SEP]): kept when ids are cut.
+    suffix: Vec<u32>,
     dims: usize,
     vocab: usize,
     /// Weights in each layer's linear projections, and the layer count (the cost model).
@@ -38,6 +40,23 @@ fn file_error(path: &Path, reason: impl ToString) -> HearthError {
         path: path.display().to_string(),
         reason: reason.to_string(),
     }
+}
+
+/// The ids the tokenizer appends after a text's own tokens: those after a one-token text's token.
+fn special_suffix(tokenizer: &Tokenizer) -> Result<Vec<u32>> {
+    let encode = |special: bool| {
+        tokenizer
+            .encode("a", special)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| HearthError::Tokenizer(e.to_string()))
+    };
+    let (bare, full) = (encode(false)?, encode(true)?);
+    Ok(
+        match bare.last().and_then(|t| full.iter().rposition(|x| x == t)) {
+            Some(at) => full[at + 1..].to_vec(),
+            None => Vec::new(),
+        },
+    )
 }
 
 impl Embedder {
@@ -91,11 +110,13 @@ impl Embedder {
             }))
             .map_err(|e| HearthError::Tokenizer(e.to_string()))?;
         let (h, ff) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
+        let suffix = special_suffix(&whole)?;
         Ok(Self {
             model,
             tokenizer,
             whole,
             max_tokens,
+            suffix,
             dims: cfg.hidden_size,
             vocab: cfg.vocab_size,
             // Q, K, V, O, then the feed-forward's two matrices.
@@ -103,6 +124,11 @@ impl Embedder {
             layers: cfg.num_hidden_layers as u64,
             device: device.clone(),
         })
+    }
+
+    /// Where it computes.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Length of the vectors.
@@ -129,6 +155,22 @@ impl Embedder {
     /// [CLS] text [SEP], however long (longer than `max_tokens` cannot be embedded whole).
     pub fn tokenize_whole(&self, text: &str) -> Result<Vec<u32>> {
         Self::ids(&self.whole, text)
+    }
+
+    /// Token ids (as `tokenize_whole` gives them) cut to `max_tokens` as the tokenizer cuts a
+    /// text: the text's tokens are cut, the closing special tokens kept.
+    pub fn cut(&self, ids: &[u32]) -> Vec<u32> {
+        if ids.len() <= self.max_tokens {
+            return ids.to_vec();
+        }
+        let keep = if ids.ends_with(&self.suffix) && self.max_tokens > self.suffix.len() {
+            &self.suffix[..]
+        } else {
+            &[]
+        };
+        let mut out = ids[..self.max_tokens - keep.len()].to_vec();
+        out.extend_from_slice(keep);
+        out
     }
 
     fn ids(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {

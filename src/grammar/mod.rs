@@ -31,13 +31,11 @@ pub struct Constraint {
 }
 
 impl Constraint {
-    /// The grammar as canonical text: equal for equal constraints (the response cache's key).
-    pub fn fingerprint(&self) -> String {
-        format!(
-            "{}:{}",
-            self.kind,
-            serde_json::to_string(&*self.grammar).unwrap_or_default()
-        )
+    /// The grammar as canonical text: equal for equal constraints (the response cache's key);
+    /// None if it cannot be written out (then it has no key, and the request is not cached).
+    pub fn fingerprint(&self) -> Option<String> {
+        let grammar = serde_json::to_string(&*self.grammar).ok()?;
+        Some(format!("{}:{grammar}", self.kind))
     }
 }
 

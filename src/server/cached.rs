@@ -59,7 +59,7 @@ pub enum Outcome {
     Off,
     Bypass(CacheMetrics),
     Hit(Hit, CacheMetrics),
-    Miss(Store),
+    Miss(Box<Store>),
 }
 
 impl Outcome {
@@ -79,6 +79,8 @@ impl Outcome {
 pub struct Store {
     cache: Arc<ResponseCache>,
     tenant: Arc<str>,
+    /// The model or route asked for.
+    scope: Arc<str>,
     keys: key::Keys,
     query: Option<Query>,
     policy: Policy,
@@ -88,8 +90,14 @@ pub struct Store {
 impl Store {
     /// Keep the finished answer.
     pub fn put(self, answer: Answer) {
-        self.cache
-            .put(&self.tenant, &self.keys, self.query, answer, &self.policy);
+        self.cache.put(
+            &self.tenant,
+            &self.scope,
+            &self.keys,
+            self.query,
+            answer,
+            &self.policy,
+        );
     }
 }
 
@@ -131,7 +139,7 @@ pub async fn lookup(
         return Ok(bypass(why));
     }
     let r = req.clone();
-    let keys = tokio::task::spawn_blocking(move || key::keys(&r))
+    let mut keys = tokio::task::spawn_blocking(move || key::keys(&r))
         .await
         .map_err(|e| ApiError::internal(format!("cache key task failed: {e}")))?;
     let threshold = policy.threshold.max(d.min_similarity.unwrap_or(0.0));
@@ -143,29 +151,27 @@ pub async fn lookup(
         return Ok(hit_outcome(hit, metrics));
     }
     let mut query = None;
-    if policy.semantic {
-        if let (Some(text), Some(embedder)) = (&keys.text, state.cache_embedder()) {
-            let e = embedder.clone();
-            let t = text.clone();
-            let ids = tokio::task::spawn_blocking(move || e.embedder().tokenize_whole(&t))
-                .await
-                .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))??;
-            // A message longer than the embedding model reads would be compared by its start
-            // only: such requests use the exact level alone.
-            if ids.len() <= embedder.embedder().max_tokens() {
-                let done = embedder
-                    .submit(vec![ids], tenant.name.clone())?
-                    .await
-                    .map_err(|_| ApiError::from(crate::HearthError::EngineStopped))??;
-                metrics.lookup_device_time_ms = done.device.as_secs_f64() * 1e3;
-                let q = Query {
-                    text: text.clone(),
-                    vector: done.vectors.into_iter().next().unwrap_or_default(),
-                };
+    if let (true, Some(text), Some(embedder)) =
+        (policy.semantic, &keys.text, state.cache_embedder())
+    {
+        // Vectors of one embedding model are comparable with that model's only: its identity
+        // is part of the semantic key.
+        let e = embedder.embedder();
+        keys.semantic = key::with_embedder(&keys.semantic, &embedder.name, e.dims(), e.vocab());
+        // The semantic level is an optimization: when it cannot run (the embedding model's queue
+        // is full, it stopped), the request goes on with the exact level alone.
+        match embed(embedder, text, &tenant.name).await {
+            Ok(Some((q, device))) => {
+                metrics.lookup_device_time_ms = device * 1e3;
                 if let Some(hit) = cache.get(&tenant.name, &keys, Some(&q), &policy, threshold) {
                     return Ok(hit_outcome(hit, metrics));
                 }
                 query = Some(q);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e.message, "semantic cache lookup skipped");
+                count("error", "semantic");
             }
         }
     }
@@ -176,14 +182,45 @@ pub async fn lookup(
         (false, false) => "none",
     };
     count("miss", levels);
-    Ok(Outcome::Miss(Store {
+    Ok(Outcome::Miss(Box::new(Store {
         cache,
         tenant: tenant.name.clone(),
+        scope: req.model.as_str().into(),
         keys,
         query,
         policy,
         metrics,
-    }))
+    })))
+}
+
+/// `text`'s embedding on the cache's embedding model (billed to `tenant`) and the device seconds
+/// it took; None when the text is longer than the model reads (compared by its start only, it
+/// could match a text that differs after it: such requests use the exact level alone).
+async fn embed(
+    embedder: &crate::embedding::batcher::EmbedHandle,
+    text: &str,
+    tenant: &Arc<str>,
+) -> Result<Option<(Query, f64)>, ApiError> {
+    let e = embedder.clone();
+    let t = text.to_string();
+    let ids = tokio::task::spawn_blocking(move || e.embedder().tokenize_whole(&t))
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))??;
+    if ids.len() > embedder.embedder().max_tokens() {
+        return Ok(None);
+    }
+    let done = embedder
+        .submit(vec![ids], tenant.clone())?
+        .await
+        .map_err(|_| ApiError::from(crate::HearthError::EngineStopped))??;
+    let Some(vector) = done.vectors.into_iter().next() else {
+        return Err(ApiError::internal("the embedding model returned no vector"));
+    };
+    let q = Query {
+        text: text.to_string(),
+        vector,
+    };
+    Ok(Some((q, done.device.as_secs_f64())))
 }
 
 fn hit_outcome(hit: Hit, mut metrics: CacheMetrics) -> Outcome {

@@ -213,7 +213,7 @@ fn tokenize(h: &EmbedHandle, req: &Validated) -> Result<Vec<Vec<u32>>, ApiError>
                 }
                 match (ids.len() > max, req.truncate) {
                     (false, _) => Ok(ids.clone()),
-                    (true, true) => Ok(ids[..max].to_vec()),
+                    (true, true) => Ok(e.cut(ids)),
                     (true, false) => Err(too_long(i, ids.len())),
                 }
             })

@@ -383,38 +383,37 @@ async fn run_job(
     started: Instant,
 ) -> Result<Response, ApiError> {
     use super::cached::Outcome;
-    // An unknown model is refused before the cache spends anything on it.
-    let known = state
+    // An unknown model is refused before the cache or the tenant's limits spend anything on it.
+    let is_route = state
         .routes
         .get()
-        .is_some_and(|r| r.get(&req.model).is_some())
-        || engine(&state, &req.model).is_ok();
-    let outcome = if known {
-        super::cached::lookup(&state, &req, &tenant, directive).await?
-    } else {
-        Outcome::Off
-    };
+        .is_some_and(|r| r.get(&req.model).is_some());
+    if !is_route {
+        engine(&state, &req.model)?;
+    }
+    // Admitted before the cache is asked: a refused request spends nothing (the semantic
+    // lookup's embedding is device time), and a hit counts as a request like any other. Prompt
+    // tokens are charged once known, below.
+    let admission = state
+        .limiter
+        .admit(&tenant, 0)
+        .map_err(ApiError::rate_limited)?;
+    let outcome = super::cached::lookup(&state, &req, &tenant, directive).await?;
     let cache_header = outcome.header();
     let (source, cache, store) = match outcome {
         Outcome::Hit(hit, m) => (generate::Source::Cached(hit.answer), Some(m), None),
         Outcome::Miss(store) => {
             let m = store.metrics.clone();
-            (live(&state, &req, &tenant).await?, Some(m), Some(store))
+            (live(&state, &req, &tenant).await?, Some(m), Some(*store))
         }
         Outcome::Bypass(m) => (live(&state, &req, &tenant).await?, Some(m), None),
         Outcome::Off => (live(&state, &req, &tenant).await?, None, None),
     };
     // A replayed answer runs nothing: it counts as a request, not as tokens.
-    let prompt_tokens = match &source {
-        generate::Source::Live { prompts, .. } => {
-            prompts.iter().map(Vec::len).sum::<usize>() * req.n
-        }
-        generate::Source::Cached(_) => 0,
-    };
-    let admission = state
-        .limiter
-        .admit(&tenant, prompt_tokens)
-        .map_err(ApiError::rate_limited)?;
+    if let generate::Source::Live { prompts, .. } = &source {
+        let prompt_tokens = prompts.iter().map(Vec::len).sum::<usize>() * req.n;
+        admission.limiter().charge(prompt_tokens);
+    }
     let stream = req.stream;
     let receipt = receipt
         .take()
