@@ -168,7 +168,7 @@ const NEGATIONS: &[&str] = &[
     "not", "no", "never", "without", "cannot", "none", "nobody", "nothing", "neither", "nor",
     "nowhere", "isnt", "arent", "wasnt", "werent", "dont", "doesnt", "didnt", "cant", "couldnt",
     "wont", "wouldnt", "shouldnt", "mustnt", "hasnt", "havent", "hadnt", "aint", "neednt",
-    "mightnt", "shant", "unable",
+    "mightnt", "shant", "unable", "non",
 ];
 
 /// Words with an opposite that flips the answer.
@@ -238,6 +238,17 @@ const OPPOSITES: &[(&str, &str)] = &[
     ("longest", "shortest"),
     ("highest", "lowest"),
     ("hottest", "coldest"),
+    ("high", "low"),
+    // Verbs with a particle: the pair as one unit ("turn on" / "turn off").
+    ("turn on", "turn off"),
+    ("switch on", "switch off"),
+    ("scale up", "scale down"),
+    ("log in", "log out"),
+    ("sign in", "sign out"),
+    ("opt in", "opt out"),
+    ("check in", "check out"),
+    ("speed up", "slow down"),
+    ("back up", "restore"),
 ];
 
 const NUMBER_WORDS: &[(&str, u64)] = &[
@@ -272,7 +283,66 @@ const NUMBER_WORDS: &[(&str, u64)] = &[
     ("thousand", 1000),
     ("million", 1_000_000),
     ("billion", 1_000_000_000),
+    ("twice", 2),
+    ("dozen", 12),
+    // Ordinals from the third ("first" and "second" are as often "earliest" and a time unit);
+    // "3rd" is the digits 3.
+    ("third", 3),
+    ("fourth", 4),
+    ("fifth", 5),
+    ("sixth", 6),
+    ("seventh", 7),
+    ("eighth", 8),
+    ("ninth", 9),
+    ("tenth", 10),
+    ("eleventh", 11),
+    ("twelfth", 12),
+    ("thirteenth", 13),
+    ("fourteenth", 14),
+    ("fifteenth", 15),
+    ("twentieth", 20),
+    ("thirtieth", 30),
+    ("hundredth", 100),
 ];
+
+/// Months and weekdays: a date's parts ("the March 3 outage" / "the April 3 outage"). Counted as
+/// numbers of their own kind ("may" the modal verb is a month only when capitalized mid-text).
+const CALENDAR: &[&str] = &[
+    "january",
+    "february",
+    "march",
+    "april",
+    "june",
+    "july",
+    "august",
+    "september",
+    "october",
+    "november",
+    "december",
+    "monday",
+    "tuesday",
+    "wednesday",
+    "thursday",
+    "friday",
+    "saturday",
+    "sunday",
+    "weekday",
+    "weekend",
+    "today",
+    "tomorrow",
+    "yesterday",
+];
+
+/// The calendar word `w` names, its abbreviation written out ("jan" is "january").
+fn calendar_name(w: &str) -> Option<&'static str> {
+    const MONTH_ABBREVIATIONS: &[&str] = &[
+        "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec",
+    ];
+    if MONTH_ABBREVIATIONS.contains(&w) {
+        return CALENDAR.iter().find(|c| c.starts_with(&w[..3])).copied();
+    }
+    CALENDAR.iter().find(|c| **c == w).copied()
+}
 
 /// Lower-case words (letters and digits; apostrophes dropped, so "can't" is "cant").
 fn words(text: &str) -> Vec<String> {
@@ -324,10 +394,99 @@ fn numbers(text: &str) -> Vec<String> {
     for w in words(text) {
         if let Some((_, n)) = NUMBER_WORDS.iter().find(|(name, _)| *name == w) {
             out.push(n.to_string());
+        } else if let Some(c) = calendar_name(&w) {
+            out.push(c.to_string());
         }
+    }
+    // "May" the month: capitalized and not where a sentence starts.
+    let mut start = true;
+    for raw in text.split_whitespace() {
+        let w = raw.trim_matches(|c: char| !c.is_alphanumeric());
+        if !start && w == "May" {
+            out.push("may".to_string());
+        }
+        start = raw.ends_with(['.', '?', '!', ':']);
     }
     out.sort();
     out
+}
+
+/// Prefixes that negate the word they are put before ("paid" / "unpaid", "eligible" /
+/// "ineligible", "connect" / "disconnect", "compliant" / "non-compliant").
+const NEGATING_PREFIXES: &[&str] = &["un", "in", "im", "il", "ir", "dis", "non"];
+
+/// Whether one side has a word and the other the word negated by a prefix (and not the word).
+fn prefix_negated(a: &[String], b: &[String]) -> bool {
+    let one_way = |a: &[String], b: &[String]| {
+        a.iter()
+            .filter(|x| x.len() >= 4 && !b.contains(x))
+            .any(|x| {
+                NEGATING_PREFIXES.iter().any(|p| {
+                    let neg = format!("{p}{x}");
+                    b.contains(&neg) && !a.contains(&neg)
+                })
+            })
+    };
+    one_way(a, b) || one_way(b, a)
+}
+
+/// Names in `text`, lower-cased: capitalized words not where a sentence starts, all-capital
+/// words ("VPN") and words mixing letters and digits ("A100", "M365").
+fn names(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut start = true;
+    for raw in text.split_whitespace() {
+        let w = raw.trim_matches(|c: char| !c.is_alphanumeric());
+        let mut chars = w.chars();
+        let capital = chars.next().is_some_and(char::is_uppercase);
+        let all_caps = w.chars().filter(|c| c.is_alphabetic()).count() >= 2
+            && !w.chars().any(char::is_lowercase);
+        let mixed = w.chars().any(|c| c.is_ascii_digit()) && w.chars().any(char::is_alphabetic);
+        if (capital && !start && w != "I") || all_caps || mixed {
+            out.extend(words(w));
+        }
+        start = raw.ends_with(['.', '?', '!', ':']) || (start && w.is_empty());
+    }
+    out
+}
+
+/// Whether each side names something the other does not mention ("reset my Okta password" /
+/// "how do I get my Jira password reset"): another entity, however the rest is reworded.
+fn other_name(cached: &str, asked: &str, a: &[String], b: &[String]) -> bool {
+    // "Earth" and "Earth's" (words drop the apostrophe: "earths") are one name.
+    let mentions = |other: &[String], n: &str| {
+        other
+            .iter()
+            .any(|w| w == n || w.strip_suffix('s') == Some(n) || n.strip_suffix('s') == Some(w))
+    };
+    // "US" and "United States": an acronym matches the words it abbreviates.
+    let initials =
+        |ws: &[String]| -> String { ws.iter().filter_map(|w| w.chars().next()).collect() };
+    let abbreviates =
+        |n: &str, other: &[String]| (2..=5).any(|k| other.windows(k).any(|run| initials(run) == n));
+    let unmatched = |text: &str, other: &[String]| {
+        let left: Vec<String> = names(text)
+            .into_iter()
+            .filter(|n| !mentions(other, n) && !abbreviates(n, other))
+            .collect();
+        let abbreviated = left.len() >= 2 && mentions(other, &initials(&left));
+        !left.is_empty() && !abbreviated
+    };
+    unmatched(cached, b) && unmatched(asked, a)
+}
+
+/// Whether both measure time and in different units ("their first day" / "their first week");
+/// a question without a unit ("how long") may be answered in any.
+fn other_unit(a: &[String], b: &[String]) -> bool {
+    let units = |ws: &[String]| -> std::collections::BTreeSet<String> {
+        ws.iter()
+            .map(|w| w.strip_suffix('s').unwrap_or(w))
+            .filter(|w| TIME_UNITS.iter().any(|u| u.strip_suffix('s') == Some(*w)))
+            .map(str::to_string)
+            .collect()
+    };
+    let (ua, ub) = (units(a), units(b));
+    !ua.is_empty() && !ub.is_empty() && ua != ub
 }
 
 fn negated(ws: &[String]) -> bool {
@@ -340,7 +499,10 @@ fn negated(ws: &[String]) -> bool {
 
 /// Whether one side has a word whose opposite is on the other side (and not on its own).
 fn swapped_opposite(a: &[String], b: &[String]) -> bool {
-    let has = |ws: &[String], w: &str| ws.iter().any(|x| x == w);
+    let has = |ws: &[String], w: &str| match w.split_once(' ') {
+        Some((x, y)) => ws.windows(2).any(|p| p[0] == x && p[1] == y),
+        None => ws.iter().any(|x| x == w),
+    };
     OPPOSITES.iter().any(|(x, y)| {
         (has(a, x) && has(b, y) && !has(a, y) && !has(b, x))
             || (has(a, y) && has(b, x) && !has(a, x) && !has(b, y))
@@ -392,13 +554,81 @@ const WH: &[(&str, &str)] = &[
     ("why", "why"),
 ];
 
+const TIME_UNITS: &[&str] = &[
+    "seconds", "minutes", "hours", "days", "weeks", "months", "quarters", "years", "nights",
+];
+
+/// Verbs a question word is followed by when it asks ("when is", "where do", "why did").
+const AUXILIARIES: &[&str] = &[
+    "is", "are", "was", "were", "do", "does", "did", "can", "could", "will", "would", "should",
+    "shall", "may", "might", "must", "has", "have", "had", "isnt", "arent", "dont", "doesnt",
+    "didnt", "cant", "wont", "s",
+];
+
+/// "how" with the word after it that asks for a measure ("how long" a duration, "how much" an
+/// amount), and the kind it asks for ("how soon" is "when").
+const HOW: &[(&str, &str)] = &[
+    ("long", "how long"),
+    ("much", "how much"),
+    ("many", "how many"),
+    ("often", "how often"),
+    ("far", "how far"),
+    ("old", "how old"),
+    ("big", "how big"),
+    ("large", "how big"),
+    ("soon", "when"),
+];
+
 /// Whether both ask with a question word of its own kind and the kinds differ ("who wrote" /
-/// "when was it written").
+/// "when was it written", "how long does a refund take" / "how much is refunded").
 fn other_question(a: &[String], b: &[String]) -> bool {
     let kinds = |ws: &[String]| -> std::collections::BTreeSet<&'static str> {
         ws.iter()
-            .filter_map(|w| WH.iter().find(|(x, _)| x == w).map(|(_, k)| *k))
+            .enumerate()
+            .filter_map(|(i, w)| {
+                let next = ws.get(i + 1).map(String::as_str);
+                if w == "how" {
+                    // "how many weeks", "how many PTO hours" ask for a duration.
+                    let unit_follows = ws
+                        .iter()
+                        .skip(i + 2)
+                        .take(4)
+                        .any(|u| TIME_UNITS.contains(&u.as_str()));
+                    if matches!(next, Some("many" | "much")) && unit_follows {
+                        return Some("how long");
+                    }
+                    // "how do I", "how are invoices paid": the way of doing it.
+                    if next.is_some_and(|n| AUXILIARIES.contains(&n)) {
+                        return Some("how");
+                    }
+                    return HOW.iter().find(|(x, _)| Some(*x) == next).map(|(_, k)| *k);
+                }
+                let kind = WH.iter().find(|(x, _)| x == w).map(|(_, k)| *k)?;
+                // A question word comes before its verb or an infinitive ("when is", "where
+                // to", "who approved"); "what happens when I resign" and "when working from
+                // home, is ..." ask no "when".
+                let asks = next.is_some_and(|n| AUXILIARIES.contains(&n) || n == "to")
+                    || matches!(kind, "who");
+                asks.then_some(kind)
+            })
             .collect()
+    };
+    // A question opening with its verb asks yes or no ("can I get admin rights" / "who approves
+    // admin rights"), unless it wraps another question ("can you tell me how to ...") or is a
+    // request ("could you walk me through ...").
+    let kinds = |ws: &[String]| {
+        let mut k = kinds(ws);
+        let wraps = ws
+            .iter()
+            .any(|w| matches!(w.as_str(), "how" | "what" | "which" | "whats"));
+        let opens_with_verb = ws
+            .first()
+            .is_some_and(|w| AUXILIARIES.contains(&w.as_str()));
+        let request = ws.get(1).is_some_and(|w| w == "you");
+        if k.is_empty() && !wraps && opens_with_verb && !request {
+            k.insert("yes or no");
+        }
+        k
     };
     let (ka, kb) = (kinds(a), kinds(b));
     !ka.is_empty() && !kb.is_empty() && ka.is_disjoint(&kb)
@@ -429,7 +659,10 @@ pub fn refuses(cached: &str, asked: &str) -> Option<&'static str> {
         return Some("numbers");
     }
     let (a, b) = (words(cached), words(asked));
-    if negated(&a) != negated(&b) {
+    if other_unit(&a, &b) {
+        return Some("numbers");
+    }
+    if negated(&a) != negated(&b) || prefix_negated(&a, &b) {
         return Some("negation");
     }
     if swapped_opposite(&a, &b) {
@@ -443,6 +676,9 @@ pub fn refuses(cached: &str, asked: &str) -> Option<&'static str> {
     }
     if other_question(&a, &b) {
         return Some("another question word");
+    }
+    if other_name(cached, asked, &a, &b) {
+        return Some("another name");
     }
     None
 }
@@ -547,5 +783,84 @@ mod tests {
             ),
             None
         );
+    }
+
+    #[test]
+    fn dates_names_prefixes_particles_and_question_kinds() {
+        let refused = |a: &str, b: &str| refuses(a, b).is_some();
+        // Calendar words and ordinals are numbers; time units must agree when both have one.
+        assert!(refused("Outage on March 3", "Outage on April 3"));
+        assert!(refused(
+            "Is the office open on Friday?",
+            "Is the office open on Saturday?"
+        ));
+        assert!(refused(
+            "Printers on the third floor",
+            "Printers on the fifth floor"
+        ));
+        assert!(refused(
+            "What do I do on my first day?",
+            "What do I do in my first week?"
+        ));
+        assert!(!refused(
+            "Was I charged twice this month?",
+            "Did I get charged two times this month?"
+        ));
+        assert!(!refused(
+            "You may leave early in May",
+            "In May you may leave early"
+        ));
+        assert!(!refused(
+            "How long is paid parental leave?",
+            "For how many weeks is parental leave paid?"
+        ));
+        // Another name, however the rest is reworded; an acronym is the words it abbreviates.
+        assert!(refused(
+            "What's the fastest way to reset my Okta password?",
+            "I need my Jira password reset, what's the quickest way?"
+        ));
+        assert!(!refused(
+            "Does GDPR apply to data we store in the United States?",
+            "If we store data in the US, does GDPR apply?"
+        ));
+        assert!(!refused(
+            "What is the largest ocean on Earth?",
+            "What's Earth's largest ocean?"
+        ));
+        // A negating prefix, a particle's opposite.
+        assert!(refused(
+            "Which expenses are reimbursable?",
+            "Which expenses are non-reimbursable?"
+        ));
+        assert!(refused(
+            "Is parental leave paid?",
+            "Is parental leave unpaid?"
+        ));
+        assert!(refused(
+            "How do I turn on auto replies?",
+            "How can I turn off auto replies?"
+        ));
+        // Question kinds: yes or no, a way, a duration, an amount; requests and clauses ask none.
+        assert!(refused(
+            "Can I get admin rights?",
+            "Who approves admin rights?"
+        ));
+        assert!(refused("When are invoices paid?", "How are invoices paid?"));
+        assert!(refused(
+            "How long does shipping take?",
+            "How much does shipping cost?"
+        ));
+        assert!(!refused(
+            "How do I map the shared drive?",
+            "Could you walk me through mapping the shared drive?"
+        ));
+        assert!(!refused(
+            "Is the VPN required when working from home?",
+            "When working from home, is the VPN mandatory?"
+        ));
+        assert!(!refused(
+            "What is the notice period when I resign?",
+            "If I resign, how long is my notice period?"
+        ));
     }
 }

@@ -247,8 +247,14 @@ impl Worker {
             .iter()
             .map(|&(j, i)| std::mem::take(&mut self.pending[j].job.inputs[i]))
             .collect();
+        // Like a decoder's step: one forward computes on the CPU at a time (running beside a
+        // decoder's, both would be billed for each other's time), timed on the device.
+        let device = self.embedder.device();
+        let turn = crate::device::cpu_turn(device);
+        let timer = crate::device::StepTimer::start(device);
         let result = self.embedder.embed_ids(&ids);
-        let elapsed = started.elapsed();
+        let elapsed = timer.stop();
+        drop(turn);
         self.shared.batches.fetch_add(1, Ordering::AcqRel);
         match result {
             Ok(vectors) => {

@@ -260,8 +260,16 @@ fn load_embedders(
     config: &Config,
     device: &Device,
 ) -> Result<Vec<crate::embedding::batcher::EmbedHandle>> {
+    // On the CPU an embedding forward takes its turn between decoder steps (crate::device::
+    // cpu_turn): kept to a decoder step's size, it does not stall running streams for longer
+    // than a step (and on the CPU a larger batch is no faster per input).
+    let max_batch_tokens = if device.is_cpu() {
+        config.embedding_batch_tokens.min(config.max_batch_tokens)
+    } else {
+        config.embedding_batch_tokens
+    };
     let batching = crate::embedding::batcher::BatchConfig {
-        max_batch_tokens: config.embedding_batch_tokens,
+        max_batch_tokens,
         max_waiting: config.max_waiting,
     };
     config
