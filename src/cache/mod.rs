@@ -210,10 +210,16 @@ struct Entry {
     exact: key::Digest,
     /// The semantic key, the entry's slot in that key's index, and the text it embedded.
     semantic: Option<(key::Digest, usize, String)>,
+    /// Exact keys of requests this entry answered by similarity (see `Partition::aliases`).
+    aliases: Vec<key::Digest>,
     bytes: usize,
     tick: u64,
     expires: Instant,
 }
+
+/// Aliases one entry keeps at most, and what one is counted as in the memory bound.
+const MAX_ALIASES: usize = 32;
+const ALIAS_BYTES: usize = 96;
 
 /// The entries of one model or route within a tenant's partition.
 #[derive(Default)]
@@ -228,6 +234,10 @@ struct Partition {
     entries: HashMap<u64, Entry>,
     exact: HashMap<key::Digest, u64>,
     semantic: HashMap<key::Digest, Index>,
+    /// A request answered by a semantic hit, by its exact key: the entry and the similarity.
+    /// The same wording asked again is the same hit without embedding it again (still only
+    /// with the semantic level on, and at or above the request's threshold).
+    aliases: HashMap<key::Digest, (u64, f32)>,
     /// Least recently used first.
     lru: BTreeMap<u64, u64>,
     scopes: HashMap<Arc<str>, Scope>,
@@ -244,6 +254,11 @@ impl Partition {
         };
         if self.exact.get(&e.exact) == Some(&id) {
             self.exact.remove(&e.exact);
+        }
+        for a in &e.aliases {
+            if self.aliases.get(a).is_some_and(|x| x.0 == id) {
+                self.aliases.remove(a);
+            }
         }
         if let Some((sk, slot, _)) = &e.semantic {
             if let Some(ix) = self.semantic.get_mut(sk) {
@@ -271,6 +286,25 @@ impl Partition {
         self.bytes -= e.bytes;
         self.gone.push(e.exact);
         e.bytes
+    }
+
+    /// Remember that the request with exact key `exact` is answered by entry `id` at
+    /// `similarity`; returns the bytes it added.
+    fn alias(&mut self, id: u64, exact: key::Digest, similarity: f32) -> usize {
+        let Some(e) = self.entries.get_mut(&id) else {
+            return 0;
+        };
+        if e.aliases.len() >= MAX_ALIASES || self.aliases.contains_key(&exact) {
+            return 0;
+        }
+        e.aliases.push(exact);
+        e.bytes += ALIAS_BYTES;
+        if let Some(sc) = self.scopes.get_mut(&e.scope) {
+            sc.bytes += ALIAS_BYTES;
+        }
+        self.aliases.insert(exact, (id, similarity));
+        self.bytes += ALIAS_BYTES;
+        ALIAS_BYTES
     }
 
     fn oldest_tick(&self) -> Option<u64> {
@@ -437,6 +471,13 @@ impl ResponseCache {
                 found = Some((id, HitKind::Exact, 1.0));
             }
         }
+        if let (None, true) = (found, policy.semantic) {
+            if let Some(&(id, sim)) = part.aliases.get(&keys.exact) {
+                if sim >= threshold && part.entries.contains_key(&id) {
+                    found = Some((id, HitKind::Semantic, sim));
+                }
+            }
+        }
         if let (None, true, Some(q)) = (found, policy.semantic, query) {
             if let Some(ix) = part.semantic.get(&keys.semantic) {
                 found = ix
@@ -450,6 +491,10 @@ impl ResponseCache {
                         })
                     })
                     .map(|(id, sim)| (id, HitKind::Semantic, sim));
+                if let Some((id, _, sim)) = found {
+                    let added = part.alias(id, keys.exact, sim);
+                    st.bytes += added;
+                }
             }
         }
         let (id, kind, similarity) = found?;
@@ -561,6 +606,7 @@ impl ResponseCache {
                 scope: item.scope.clone(),
                 exact: item.exact,
                 semantic,
+                aliases: Vec::new(),
                 bytes,
                 tick,
                 expires: item.expires,
@@ -694,15 +740,16 @@ mod tests {
         let hit = c.get("a", &keys(9, 2), Some(&near), &p, 0.9).unwrap();
         assert_eq!(hit.kind, HitKind::Semantic);
         assert!(hit.similarity > 0.97 && hit.similarity < 0.99);
-        assert!(c.get("a", &keys(9, 3), Some(&near), &p, 0.9).is_none());
-        assert!(c.get("a", &keys(9, 2), Some(&near), &p, 0.99).is_none());
+        // (Each request its own exact key: a wording found once is remembered by it.)
+        assert!(c.get("a", &keys(10, 3), Some(&near), &p, 0.9).is_none());
+        assert!(c.get("a", &keys(11, 2), Some(&near), &p, 0.99).is_none());
         assert!(c.get("b", &keys(9, 2), Some(&near), &p, 0.0).is_none());
         // The guard: a different number is not a hit however similar.
         let number = Query {
             text: "What is the capital of France in 1800?".into(),
             vector: unit(16, 0, 0.01),
         };
-        assert!(c.get("a", &keys(9, 2), Some(&number), &p, 0.9).is_none());
+        assert!(c.get("a", &keys(12, 2), Some(&number), &p, 0.9).is_none());
         assert_eq!(c.stats().entries, 1);
         assert!(c.stats().saved_device_nanos >= 200_000_000);
     }
@@ -912,6 +959,50 @@ mod tests {
         let c = ResponseCache::new(1 << 20);
         c.put(&"a".into(), &"m".into(), &keys(1, 0), None, answer("x"), &p);
         assert!(c.get("a", &keys(1, 0), None, &p, 1.0).is_some());
+    }
+
+    #[test]
+    fn a_wording_answered_by_similarity_is_found_again_without_its_vector() {
+        let c = ResponseCache::new(1 << 20);
+        let p = policy(1 << 20, Duration::from_millis(40));
+        let a: Arc<str> = "a".into();
+        let stored = Query {
+            text: "What is the capital of France?".into(),
+            vector: unit(16, 0, 0.0),
+        };
+        c.put(
+            &a,
+            &"m".into(),
+            &keys(1, 2),
+            Some(stored),
+            answer("Paris"),
+            &p,
+        );
+        let para = Query {
+            text: "what's the capital of France".into(),
+            vector: unit(16, 0, 0.2),
+        };
+        let first = c.get("a", &keys(9, 2), Some(&para), &p, 0.9).unwrap();
+        assert_eq!(first.kind, HitKind::Semantic);
+        // The same wording again: a semantic hit at the same similarity, no vector needed.
+        let again = c.get("a", &keys(9, 2), None, &p, 0.9).unwrap();
+        assert_eq!(
+            (again.kind, again.similarity),
+            (first.kind, first.similarity)
+        );
+        // Not above the similarity it was found at, not with the semantic level off, not for
+        // another tenant.
+        assert!(c.get("a", &keys(9, 2), None, &p, 0.99).is_none());
+        let exact_only = Policy {
+            semantic: false,
+            ..p
+        };
+        assert!(c.get("a", &keys(9, 2), None, &exact_only, 0.9).is_none());
+        assert!(c.get("b", &keys(9, 2), None, &p, 0.9).is_none());
+        // Gone with its entry.
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(c.get("a", &keys(9, 2), None, &p, 0.9).is_none());
+        assert_eq!((c.stats().entries, c.stats().bytes), (0, 0));
     }
 
     #[test]
