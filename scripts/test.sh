@@ -11,4 +11,12 @@ if [ ! -x .venv-test/bin/python ] || ! .venv-test/bin/python -c 'import openai, 
         openapi-spec-validator==0.9.0 jsonschema==4.26.0 \
         langchain-openai==1.7.4
 fi
+if ! command -v promtool >/dev/null 2>&1; then
+    # tests/prometheus_metrics.rs checks /metrics with Prometheus' own linter.
+    echo "[test] installing promtool (Debian's prometheus package)" >&2
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO=sudo; fi
+    $SUDO apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 \
+        || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q --no-install-recommends prometheus >/dev/null; }
+fi
 cargo test --release

@@ -597,6 +597,45 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// The served decoders, embedding models, route groups (with their models) and configured
+/// tenants, by name.
+type ServedNames = (
+    Vec<String>,
+    Vec<String>,
+    Vec<(String, Vec<String>)>,
+    Vec<String>,
+);
+
+fn served(state: &AppState) -> ServedNames {
+    let decoders = state
+        .engines
+        .get()
+        .map(|e| e.iter().map(|(n, _)| n.clone()).collect())
+        .unwrap_or_default();
+    let embedders = state
+        .embedders
+        .get()
+        .map(|e| e.iter().map(|h| h.name.clone()).collect())
+        .unwrap_or_default();
+    let routes = state
+        .routes
+        .get()
+        .map(|r| {
+            r.groups()
+                .iter()
+                .map(|g| (g.name.clone(), g.models.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let tenants = state
+        .directory()
+        .tenants()
+        .iter()
+        .map(|t| t.name.to_string())
+        .collect();
+    (decoders, embedders, routes, tenants)
+}
+
 /// Prometheus text: engine gauges are read at scrape time from the same counters the engine keeps.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, body = String, content_type = "text/plain", description = "Prometheus exposition format")))]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
@@ -636,18 +675,33 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             tenant_secs.push((tenant.clone(), h.name.clone(), *nanos as f64 / 1e9));
         }
     }
+    let served = served(&state);
+    crate::telemetry::zero_series(&crate::telemetry::Served {
+        decoders: &served.0,
+        embedders: &served.1,
+        routes: &served.2,
+        tenants: &served.3,
+    });
+    // Every configured tenant on every model, at zero until it runs something.
+    for t in &served.3 {
+        for m in served.0.iter().chain(&served.1) {
+            if !tenant_secs.iter().any(|(x, y, _)| **x == **t && y == m) {
+                tenant_secs.push((t.as_str().into(), m.clone(), 0.0));
+            }
+        }
+    }
     let cache = state.response_cache.stats();
     metrics::gauge!(names::RESPONSE_CACHE_ENTRIES).set(cache.entries as f64);
     metrics::gauge!(names::RESPONSE_CACHE_BYTES).set(cache.bytes as f64);
     let mut text = state.prometheus.render();
     text.push_str(&crate::telemetry::render_seconds_counter(
         names::RESPONSE_CACHE_SAVED_SECONDS,
-        "Device time of the answers the response cache gave again (not spent again).",
+        crate::telemetry::help(names::RESPONSE_CACHE_SAVED_SECONDS),
         &[(Vec::new(), cache.saved_device_nanos as f64 / 1e9)],
     ));
     text.push_str(&crate::telemetry::render_seconds_counter(
         names::ENGINE_DEVICE_SECONDS,
-        "Device time of engine steps (CUDA events on a GPU, the forward's wall time on the CPU).",
+        crate::telemetry::help(names::ENGINE_DEVICE_SECONDS),
         &engine_secs
             .iter()
             .map(|(m, v)| (vec![("model", m.as_str())], *v))
@@ -655,7 +709,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     ));
     text.push_str(&crate::telemetry::render_seconds_counter(
         names::TENANT_DEVICE_SECONDS,
-        "Engine device time split over the tenants whose requests shared each step.",
+        crate::telemetry::help(names::TENANT_DEVICE_SECONDS),
         &tenant_secs
             .iter()
             .map(|(t, m, v)| (vec![("tenant", &**t), ("model", m.as_str())], *v))

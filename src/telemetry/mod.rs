@@ -59,6 +59,308 @@ pub mod names {
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric Hearth exports, with its kind and HELP text (Prometheus' linter wants one for
+/// each, and dashboards show it). Units are in the names: seconds, bytes, tokens, blocks.
+pub const CATALOG: &[(&str, Kind, &str)] = &[
+    (
+        names::REQUESTS_RUNNING,
+        Kind::Gauge,
+        "Requests in the model's running batch.",
+    ),
+    (
+        names::REQUESTS_WAITING,
+        Kind::Gauge,
+        "Requests queued for the model, not yet admitted.",
+    ),
+    (
+        names::TIME_TO_FIRST_TOKEN,
+        Kind::Histogram,
+        "Seconds from a request's arrival to its first generated token.",
+    ),
+    (
+        names::INTER_TOKEN_LATENCY,
+        Kind::Histogram,
+        "Seconds between consecutive generated tokens of a request.",
+    ),
+    (
+        names::E2E_LATENCY,
+        Kind::Histogram,
+        "Seconds from a request's arrival to its last token (or its embeddings).",
+    ),
+    (
+        names::QUEUE_TIME,
+        Kind::Histogram,
+        "Seconds a request waited before the model first ran it.",
+    ),
+    (
+        names::PROMPT_TOKENS,
+        Kind::Counter,
+        "Prompt tokens of finished requests (cached ones included).",
+    ),
+    (names::GENERATION_TOKENS, Kind::Counter, "Tokens generated."),
+    (
+        names::REQUESTS_FINISHED,
+        Kind::Counter,
+        "Requests (choices) that finished.",
+    ),
+    (
+        names::KV_CACHE_USAGE,
+        Kind::Gauge,
+        "Share of the model's KV-cache blocks in use (0 to 1).",
+    ),
+    (
+        names::KV_BLOCKS_FREE,
+        Kind::Gauge,
+        "KV-cache blocks free (including cached prefix blocks that may be evicted).",
+    ),
+    (
+        names::KV_BLOCKS_CACHED,
+        Kind::Gauge,
+        "Free KV-cache blocks that still hold a reusable prefix.",
+    ),
+    (
+        names::KV_BLOCKS_TOTAL,
+        Kind::Gauge,
+        "KV-cache blocks of the model.",
+    ),
+    (
+        names::PREFIX_QUERIES,
+        Kind::Counter,
+        "Prompt tokens looked up in the prefix cache.",
+    ),
+    (
+        names::PREFIX_HITS,
+        Kind::Counter,
+        "Prompt tokens found in the prefix cache (not computed again).",
+    ),
+    (
+        names::PREEMPTIONS,
+        Kind::Counter,
+        "Sequences preempted (their blocks freed) to let others run.",
+    ),
+    (
+        names::ENGINE_STEPS,
+        Kind::Counter,
+        "Engine steps (one forward over the running batch each).",
+    ),
+    (
+        names::ENGINE_DEVICE_SECONDS,
+        Kind::Counter,
+        "Device time of engine steps (CUDA events on a GPU, the forward's wall time on the CPU).",
+    ),
+    (
+        names::TENANT_DEVICE_SECONDS,
+        Kind::Counter,
+        "Engine device time split over the tenants whose requests shared each step.",
+    ),
+    (
+        names::TENANT_TOKENS,
+        Kind::Counter,
+        "Tokens by tenant, model and kind (prompt, cached, completion).",
+    ),
+    (
+        names::TENANT_REQUESTS,
+        Kind::Counter,
+        "Inference requests by tenant, model and HTTP status.",
+    ),
+    (
+        names::TOKENIZED_REQUESTS,
+        Kind::Counter,
+        "Requests whose prompts were tokenized (refused ones never are).",
+    ),
+    (
+        names::UNAUTHORIZED_REQUESTS,
+        Kind::Counter,
+        "Requests refused for a missing or unknown API key.",
+    ),
+    (
+        names::LEDGER_ROWS_WRITTEN,
+        Kind::Counter,
+        "Usage-ledger rows committed.",
+    ),
+    (
+        names::LEDGER_ROWS_DROPPED,
+        Kind::Counter,
+        "Usage-ledger rows lost (the file could not be written).",
+    ),
+    (
+        names::REJECTED_REQUESTS,
+        Kind::Counter,
+        "Requests refused before tokenization, by reason.",
+    ),
+    (
+        names::EMBEDDING_BATCHES,
+        Kind::Counter,
+        "Forwards of an embedding model.",
+    ),
+    (
+        names::EMBEDDING_INPUTS,
+        Kind::Counter,
+        "Inputs embedded (inputs per batch is the batching across requests).",
+    ),
+    (
+        names::RESPONSE_CACHE,
+        Kind::Counter,
+        "Response-cache lookups by result (hit, miss, bypass, error) and kind.",
+    ),
+    (
+        names::RESPONSE_CACHE_SIMILARITY,
+        Kind::Histogram,
+        "Similarity of the cached question to the asked one, per hit.",
+    ),
+    (
+        names::RESPONSE_CACHE_SAVED_SECONDS,
+        Kind::Counter,
+        "Device time of the answers the response cache gave again (not spent again).",
+    ),
+    (
+        names::RESPONSE_CACHE_ENTRIES,
+        Kind::Gauge,
+        "Answers held by the response cache.",
+    ),
+    (
+        names::RESPONSE_CACHE_BYTES,
+        Kind::Gauge,
+        "Bytes held by the response cache.",
+    ),
+    (
+        names::ROUTER_DECISIONS,
+        Kind::Counter,
+        "Route-group decisions by answering model and reason.",
+    ),
+    (
+        names::ROUTER_ESCALATIONS,
+        Kind::Counter,
+        "Escalations from one model of a route group to the next, by reason.",
+    ),
+    (
+        names::ROUTER_DECISION_SECONDS,
+        Kind::Histogram,
+        "CPU seconds of the router's own work per decision (the models' steps excluded).",
+    ),
+];
+
+/// The HELP text of `name`.
+pub fn help(name: &str) -> &'static str {
+    CATALOG
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .map_or("", |(_, _, h)| h)
+}
+
+fn describe() {
+    for &(name, kind, text) in CATALOG {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(name, text),
+            Kind::Gauge => metrics::describe_gauge!(name, text),
+            Kind::Histogram => metrics::describe_histogram!(name, text),
+        }
+    }
+}
+
+/// What the server serves, for the series that must exist from start-up.
+pub struct Served<'a> {
+    pub decoders: &'a [String],
+    pub embedders: &'a [String],
+    /// Route groups and their models, cheapest first.
+    pub routes: &'a [(String, Vec<String>)],
+    pub tenants: &'a [String],
+}
+
+/// Why a route group keeps a model's answer or escalates (see `router::signals`).
+const ROUTE_REASONS: &[&str] = &["confident", "low_logprob", "low_margin", "no_tokens"];
+/// Response-cache outcomes by kind (see `server::cached`).
+const CACHE_RESULTS: &[(&str, &str)] = &[
+    ("hit", "exact"),
+    ("hit", "semantic"),
+    ("miss", "exact"),
+    ("miss", "semantic"),
+    ("miss", "exact,semantic"),
+    ("bypass", "client"),
+    ("error", "semantic"),
+];
+
+/// Register every series of the served models, routes and tenants at zero (idempotent): a
+/// dashboard or an alert never sees a gap where nothing happened yet.
+pub fn zero_series(s: &Served) {
+    let per_model = |m: &str, decoder: bool| {
+        let l = [("model", m.to_string())];
+        for c in [names::PROMPT_TOKENS, names::REQUESTS_FINISHED] {
+            metrics::counter!(c, &l).increment(0);
+        }
+        let _ = metrics::histogram!(names::E2E_LATENCY, &l);
+        let _ = metrics::histogram!(names::QUEUE_TIME, &l);
+        if decoder {
+            metrics::counter!(names::GENERATION_TOKENS, &l).increment(0);
+            let _ = metrics::histogram!(names::TIME_TO_FIRST_TOKEN, &l);
+            let _ = metrics::histogram!(names::INTER_TOKEN_LATENCY, &l);
+        }
+    };
+    s.decoders.iter().for_each(|m| per_model(m, true));
+    s.embedders.iter().for_each(|m| per_model(m, false));
+    let asked = s
+        .decoders
+        .iter()
+        .chain(s.embedders)
+        .chain(s.routes.iter().map(|(r, _)| r));
+    for m in asked.clone() {
+        metrics::counter!(names::TOKENIZED_REQUESTS, "model" => m.clone()).increment(0);
+    }
+    for t in s.tenants {
+        for m in s.decoders.iter().chain(s.embedders) {
+            for kind in ["prompt", "cached", "completion"] {
+                metrics::counter!(names::TENANT_TOKENS, "tenant" => t.clone(), "model" => m.clone(), "kind" => kind)
+                    .increment(0);
+            }
+        }
+        for m in asked.clone() {
+            metrics::counter!(names::TENANT_REQUESTS, "tenant" => t.clone(), "model" => m.clone(), "status" => "200")
+                .increment(0);
+        }
+    }
+    for (route, models) in s.routes {
+        let _ = metrics::histogram!(names::ROUTER_DECISION_SECONDS, "route" => route.clone());
+        for m in models {
+            for reason in ROUTE_REASONS {
+                metrics::counter!(names::ROUTER_DECISIONS, "route" => route.clone(), "model" => m.clone(), "reason" => *reason)
+                    .increment(0);
+            }
+        }
+        for pair in models.windows(2) {
+            for reason in &ROUTE_REASONS[1..] {
+                metrics::counter!(
+                    names::ROUTER_ESCALATIONS,
+                    "route" => route.clone(),
+                    "from" => pair[0].clone(),
+                    "to" => pair[1].clone(),
+                    "reason" => *reason
+                )
+                .increment(0);
+            }
+        }
+    }
+    for (result, kind) in CACHE_RESULTS {
+        metrics::counter!(names::RESPONSE_CACHE, "result" => *result, "kind" => *kind).increment(0);
+    }
+    for kind in ["exact", "semantic"] {
+        let _ = metrics::histogram!(names::RESPONSE_CACHE_SIMILARITY, "kind" => kind);
+    }
+    for c in [
+        names::UNAUTHORIZED_REQUESTS,
+        names::LEDGER_ROWS_WRITTEN,
+        names::LEDGER_ROWS_DROPPED,
+    ] {
+        metrics::counter!(c).increment(0);
+    }
+}
+
 /// A counter family with fractional values in Prometheus text format (the `metrics` crate's
 /// counters are integers; seconds are the base unit promtool asks for).
 pub fn render_seconds_counter(
@@ -116,7 +418,10 @@ pub fn prometheus() -> PrometheusHandle {
                 )
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             match builder.install_recorder() {
-                Ok(h) => h,
+                Ok(h) => {
+                    describe();
+                    h
+                }
                 // A recorder was installed elsewhere (tests): keep a detached one for rendering.
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),
             }
