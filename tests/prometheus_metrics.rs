@@ -1,13 +1,48 @@
 //! /metrics as a platform team scrapes it: Prometheus' own linter (`promtool check metrics`,
 //! Debian's `prometheus` package, installed by scripts/test.sh) passes before and after traffic,
-//! every metric has HELP text, and the series of every served model, route group and configured
-//! tenant exist at zero from start-up.
+//! every metric has HELP text, the series of every served model, route group and configured
+//! tenant exist at zero from start-up, and every series the shipped Grafana dashboard and alert
+//! rules query exists on a live server. The alert rules pass `promtool check rules` and their
+//! unit tests (`promtool test rules`).
 mod common;
 
 use common::TestServer;
 use hearth::tenancy::TenantConfig;
 use std::io::Write;
 use std::process::{Command, Stdio};
+
+fn repo(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// The `hearth_*` metric names an expression (or a file of them) mentions.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("hearth_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        out.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// Every expression of the shipped dashboard's panels.
+fn dashboard_queries() -> Vec<String> {
+    let d: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo("deploy/grafana/hearth.json")).unwrap())
+            .unwrap();
+    let mut out = Vec::new();
+    for p in d["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            out.push(t["expr"].as_str().unwrap().to_string());
+        }
+    }
+    out
+}
 
 fn scrape(s: &TestServer) -> String {
     common::agent()
@@ -99,4 +134,40 @@ fn metrics_pass_promtool_and_every_series_exists_from_start_up() {
             .unwrap_or(0.0)
             >= 1.0
     );
+    // Every series the dashboard and the alerts query is exported.
+    let text = scrape(&s);
+    let queries = dashboard_queries();
+    assert!(queries.len() >= 25, "{} queries", queries.len());
+    let alerts = std::fs::read_to_string(repo("deploy/prometheus/alerts.yml")).unwrap();
+    for name in queries
+        .iter()
+        .flat_map(|q| metric_names(q))
+        .chain(metric_names(&alerts))
+    {
+        let present = text
+            .lines()
+            .any(|l| l.starts_with(&name) && l[name.len()..].starts_with(['{', ' ']));
+        assert!(present, "{name} is queried but not exported");
+    }
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_their_unit_tests() {
+    for args in [
+        ["check", "rules", "deploy/prometheus/alerts.yml"],
+        ["test", "rules", "deploy/prometheus/alerts_test.yml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(repo(""))
+            .output()
+            .expect("promtool runs (Debian's `prometheus` package; scripts/test.sh installs it)");
+        assert!(
+            out.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
