@@ -515,7 +515,7 @@ fn checking_the_pick_first_gives_the_masked_argmax() {
             let max = logits[pick as usize];
             let lse = logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
             let got = sampler
-                .accept_greedy(pick, -lse, || Ok(logits.clone()))
+                .accept_greedy(pick, -lse, Default::default(), || Ok(logits.clone()))
                 .unwrap();
             assert_eq!(got.token, want);
             assert!((got.logprob - (logits[want as usize] - max - lse)).abs() < 1e-5);

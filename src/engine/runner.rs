@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Tensor, D};
 
 use crate::device::StepTimer;
+use crate::engine::sampler::Spread;
 use crate::error::{HearthError, Result};
 use crate::model::{AttentionBackend, Batch, Decoder, KvCache};
 use crate::ops::greedy;
@@ -15,8 +16,12 @@ use super::scheduler::StepPlan;
 pub enum Row {
     /// The whole logit row.
     Full(Vec<f32>),
-    /// The argmax and its log-probability, computed on the device.
-    Greedy { token: u32, logprob: f32 },
+    /// The argmax, its log-probability and its distribution's spread, computed on the device.
+    Greedy {
+        token: u32,
+        logprob: f32,
+        spread: Spread,
+    },
 }
 
 pub struct StepOutput {
@@ -91,18 +96,7 @@ fn read_rows(logits: &Tensor, full: &[bool]) -> Result<Vec<Row>> {
     if logits.device().is_cpu() {
         return cpu_rows(logits, full);
     }
-    let tokens = logits
-        .argmax_keepdim(D::Minus1)?
-        .flatten_all()?
-        .to_vec1::<u32>()?;
-    let max = logits.max_keepdim(D::Minus1)?;
-    let lse = logits
-        .broadcast_sub(&max)?
-        .exp()?
-        .sum_keepdim(D::Minus1)?
-        .log()?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+    let picks = device_picks(logits)?;
     let wanted: Vec<u32> = (0..n as u32).filter(|&i| full[i as usize]).collect();
     let mut whole = if wanted.is_empty() {
         Vec::new()
@@ -115,14 +109,62 @@ fn read_rows(logits: &Tensor, full: &[bool]) -> Result<Vec<Row>> {
     for (i, &f) in full.iter().enumerate() {
         rows.push(match (f, if f { whole.next() } else { None }) {
             (true, Some(r)) => Row::Full(r),
-            _ => Row::Greedy {
-                token: tokens[i],
-                // The argmax's logit is the maximum, so its log-probability is -log(sum exp(l - max)).
-                logprob: -lse[i],
-            },
+            _ => picks[i].into(),
         });
     }
     Ok(rows)
+}
+
+impl From<greedy::Pick> for Row {
+    fn from(p: greedy::Pick) -> Self {
+        Row::Greedy {
+            token: p.token,
+            // The argmax's logit is the maximum, so its log-probability is -log(sum exp(l - max)).
+            logprob: -p.lse,
+            spread: Spread {
+                entropy: p.entropy,
+                margin: p.margin,
+            },
+        }
+    }
+}
+
+/// `greedy::pick` of every row, computed where the logits are (a few reductions per row: the
+/// host reads back four numbers per sequence, not a vocabulary-sized row).
+fn device_picks(logits: &Tensor) -> Result<Vec<greedy::Pick>> {
+    let logits = logits.to_dtype(DType::F32)?;
+    let tokens = logits
+        .argmax_keepdim(D::Minus1)?
+        .flatten_all()?
+        .to_vec1::<u32>()?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    let shifted = logits.broadcast_sub(&max)?;
+    let e = shifted.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    let lse = sum.log()?;
+    // H = ln(sum) - sum(e * (l - max)) / sum.
+    let entropy = lse
+        .sub(&(e * &shifted)?.sum_keepdim(D::Minus1)?.div(&sum)?)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    // The runner-up: the row's maximum with its maxima pushed to -inf (a tie gives a margin of
+    // the next distinct value, where the CPU pass gives 0).
+    let at_max = shifted.eq(0f32)?;
+    let floor = Tensor::full(f32::NEG_INFINITY, shifted.shape(), shifted.device())?;
+    let second = at_max
+        .where_cond(&floor, &shifted)?
+        .max_keepdim(D::Minus1)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let lse = lse.flatten_all()?.to_vec1::<f32>()?;
+    Ok((0..tokens.len())
+        .map(|i| greedy::Pick {
+            token: tokens[i],
+            lse: lse[i],
+            entropy: entropy[i].max(0.0),
+            margin: -second[i],
+        })
+        .collect())
 }
 
 /// `read_rows` on the CPU: one pass per greedy row (`ops::greedy`), rows on the pool.
@@ -134,16 +176,13 @@ fn cpu_rows(logits: &Tensor, full: &[bool]) -> Result<Vec<Row>> {
     let n = full.len();
     let vocab = data.len() / n.max(1);
     let greedy: Vec<bool> = full.iter().map(|&f| !f).collect();
-    let picks = greedy::argmax_lse_rows(&data, &greedy);
+    let picks = greedy::pick_rows(&data, &greedy);
     Ok(picks
         .into_iter()
         .enumerate()
         .map(|(i, pick)| match pick {
             // The argmax's logit is the maximum, so its log-probability is -log(sum exp(l - max)).
-            Some((token, lse)) => Row::Greedy {
-                token,
-                logprob: -lse,
-            },
+            Some(p) => p.into(),
             None => Row::Full(data[i * vocab..(i + 1) * vocab].to_vec()),
         })
         .collect())
@@ -170,7 +209,11 @@ mod tests {
                     assert!(full[i]);
                     assert_eq!(r, &whole[i]);
                 }
-                Row::Greedy { token, logprob } => {
+                Row::Greedy {
+                    token,
+                    logprob,
+                    spread,
+                } => {
                     assert!(!full[i]);
                     let mut s = Sampler::new(SamplingParams::greedy());
                     let want = s.sample(&whole[i], &[]);
@@ -180,9 +223,29 @@ mod tests {
                         "{logprob} vs {}",
                         want.logprob
                     );
+                    assert!((spread.entropy - want.spread.entropy).abs() < 1e-4);
+                    assert_eq!(spread.margin, want.spread.margin);
                 }
             }
         }
         assert!(read_rows(&logits, &[true]).is_err());
+    }
+
+    /// The reductions a GPU runs (here on the CPU tensor) give the CPU pass's pick.
+    #[test]
+    fn device_reductions_match_the_cpu_pass() {
+        let dev = candle_core::Device::Cpu;
+        let logits = Tensor::randn(0f32, 3.0, (4, 5000), &dev).unwrap();
+        let whole = logits.to_vec2::<f32>().unwrap();
+        for (got, row) in device_picks(&logits).unwrap().iter().zip(&whole) {
+            let want = greedy::pick(row);
+            assert_eq!(got.token, want.token);
+            assert!((got.lse - want.lse).abs() < 1e-4);
+            assert!(
+                (got.entropy - want.entropy).abs() < 1e-3,
+                "{got:?} {want:?}"
+            );
+            assert!((got.margin - want.margin).abs() < 1e-5, "{got:?} {want:?}");
+        }
     }
 }

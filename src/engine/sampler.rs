@@ -106,6 +106,31 @@ impl SamplingParams {
     }
 }
 
+/// What the distribution a token was picked from says about the pick (the per-token quality
+/// signals: no extra model call, the row the pick was made from).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Spread {
+    /// Entropy of the model's distribution, in nats.
+    pub entropy: f32,
+    /// Log-probability of the most likely token minus that of the second.
+    pub margin: f32,
+}
+
+impl Spread {
+    /// The spread of `logits`, whose maximum is `max`.
+    pub fn of(logits: &[f32], max: f32) -> Self {
+        let (sum, moment) = crate::ops::vexp::exp_sum_moment(logits, max);
+        let margin = match top_n(logits, 2)[..] {
+            [a, b] => logits[a] - logits[b],
+            _ => f32::INFINITY,
+        };
+        Self {
+            entropy: (sum.ln() - moment / sum).max(0.0),
+            margin,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
     pub token: u32,
@@ -116,6 +141,7 @@ pub struct Sampled {
     /// For a probed token (see `SamplingParams::probe_tokens`): the log-probability of the most
     /// likely token minus that of the second (0 when they tie: the model could not choose).
     pub margin: Option<f32>,
+    pub spread: Spread,
 }
 
 /// Per-sequence sampling state.
@@ -207,13 +233,14 @@ impl Sampler {
         &mut self,
         token: u32,
         logprob: f32,
+        spread: Spread,
         row: impl FnOnce() -> Result<Vec<f32>>,
     ) -> Result<Sampled> {
         let Some(g) = self.guide.as_mut() else {
-            return Ok(self.take(token, logprob));
+            return Ok(self.take(token, logprob, spread));
         };
         if g.allows(token) {
-            return Ok(self.take(token, logprob));
+            return Ok(self.take(token, logprob, spread));
         }
         let row = row()?;
         let best = row.get(token as usize).copied().ok_or_else(|| {
@@ -230,10 +257,10 @@ impl Sampler {
                 argmax(&work)
             });
         // The argmax's log-probability is its logit minus the log-normalizer.
-        Ok(self.take(pick, logprob + row[pick as usize] - best))
+        Ok(self.take(pick, logprob + row[pick as usize] - best, spread))
     }
 
-    fn take(&mut self, token: u32, logprob: f32) -> Sampled {
+    fn take(&mut self, token: u32, logprob: f32, spread: Spread) -> Sampled {
         if let Some(g) = self.guide.as_mut() {
             g.commit(token);
         }
@@ -244,6 +271,7 @@ impl Sampler {
             logprob,
             top: Vec::new(),
             margin: None,
+            spread,
         }
     }
 
@@ -329,6 +357,7 @@ impl Sampler {
             logprob: log_softmax_at(logits, max, lse, token as usize),
             top,
             margin,
+            spread: Spread::of(logits, max),
         }
     }
 

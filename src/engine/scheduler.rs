@@ -12,7 +12,7 @@ use std::time::Duration;
 use super::block_pool::BlockPool;
 use super::metering::{split, CostModel};
 use super::runner::{Row, StepOutput};
-use super::sampler::Sampled;
+use super::sampler::{Sampled, Spread};
 use super::sequence::{Event, FinishReason, Sequence};
 
 #[derive(Debug, Clone)]
@@ -270,14 +270,18 @@ impl Scheduler {
         out: &StepOutput,
     ) -> HashMap<u64, crate::error::Result<Sampled>> {
         use rayon::prelude::*;
-        let picks: HashMap<u64, (usize, u32, f32)> = plan
+        let picks: HashMap<u64, (usize, u32, f32, Spread)> = plan
             .items
             .iter()
             .filter(|i| i.wants_logits)
             .zip(&out.rows)
             .enumerate()
             .filter_map(|(row, (i, r))| match r {
-                Row::Greedy { token, logprob } => Some((i.seq_id, (row, *token, *logprob))),
+                Row::Greedy {
+                    token,
+                    logprob,
+                    spread,
+                } => Some((i.seq_id, (row, *token, *logprob, *spread))),
                 Row::Full(_) => None,
             })
             .collect();
@@ -289,10 +293,10 @@ impl Scheduler {
             .par_iter_mut()
             .filter(|s| wanted(s))
             .filter_map(|s| {
-                let &(row, token, logprob) = picks.get(&s.id)?;
+                let &(row, token, logprob, spread) = picks.get(&s.id)?;
                 let sampled = s
                     .sampler
-                    .accept_greedy(token, logprob, || logits_row(out, row));
+                    .accept_greedy(token, logprob, spread, || logits_row(out, row));
                 Some((s.id, sampled))
             })
             .collect()
@@ -728,12 +732,16 @@ impl Scheduler {
             let Some((i, row)) = row else { continue };
             let sampled = match row {
                 Row::Full(r) => seq.sampler.sample(r, &seq.tokens),
-                &Row::Greedy { token, logprob } => {
+                &Row::Greedy {
+                    token,
+                    logprob,
+                    spread,
+                } => {
                     let sampled = match constrained.remove(&seq.id) {
                         Some(s) => s,
                         None => seq
                             .sampler
-                            .accept_greedy(token, logprob, || logits_row(&out, i)),
+                            .accept_greedy(token, logprob, spread, || logits_row(&out, i)),
                     };
                     match sampled {
                         Ok(s) => s,

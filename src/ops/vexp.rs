@@ -79,6 +79,66 @@ pub fn exp_sum(xs: &[f32], shift: f32, mut out: Option<&mut [f32]>) -> f32 {
     s
 }
 
+/// `exp_sum(xs, shift, None)` (the same bits) and sum(exp(x - shift) * (x - shift)), the first
+/// moment an entropy needs: H = ln(sum) - moment / sum for the distribution softmax(xs).
+pub fn exp_sum_moment(xs: &[f32], shift: f32) -> (f32, f32) {
+    let (mut lanes, mut moments) = ([0f32; 8], [0f32; 8]);
+    let n = exp_moment_lanes(xs, shift, &mut lanes, &mut moments);
+    let mut s = lanes.iter().sum::<f32>();
+    let mut m = moments.iter().sum::<f32>();
+    for &x in &xs[n..] {
+        let d = x - shift;
+        let e = exp(d);
+        s += e;
+        m = e.mul_add(d, m);
+    }
+    (s, m)
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+fn exp_moment_lanes(xs: &[f32], shift: f32, lanes: &mut [f32; 8], moments: &mut [f32; 8]) -> usize {
+    use std::arch::x86_64::*;
+    let n = xs.len() / 8 * 8;
+    // SAFETY: AVX2 and FMA at compile time (cfg above); loads of 8 floats at i < n <= xs.len(),
+    // one store into each of `lanes` and `moments`.
+    unsafe {
+        let sh = _mm256_set1_ps(shift);
+        let (mut acc, mut mom) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for i in (0..n).step_by(8) {
+            let d = _mm256_sub_ps(_mm256_loadu_ps(xs.as_ptr().add(i)), sh);
+            let e = exp8(d);
+            acc = _mm256_add_ps(acc, e);
+            mom = _mm256_fmadd_ps(e, d, mom);
+        }
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        _mm256_storeu_ps(moments.as_mut_ptr(), mom);
+    }
+    n
+}
+
+/// The portable form of `exp_moment_lanes`: the same operations lane by lane.
+#[cfg(not(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+)))]
+fn exp_moment_lanes(xs: &[f32], shift: f32, lanes: &mut [f32; 8], moments: &mut [f32; 8]) -> usize {
+    let n = xs.len() / 8 * 8;
+    for chunk in xs[..n].chunks_exact(8) {
+        for (l, &x) in chunk.iter().enumerate() {
+            let d = x - shift;
+            let e = exp(d);
+            lanes[l] += e;
+            moments[l] = e.mul_add(d, moments[l]);
+        }
+    }
+    n
+}
+
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
@@ -157,6 +217,32 @@ mod tests {
             for (x, o) in c.iter().zip(out) {
                 assert_eq!(o.to_bits(), super::exp(*x).to_bits(), "exp({x})");
             }
+        }
+    }
+
+    #[test]
+    fn the_moment_pass_sums_as_exp_sum_and_gives_the_entropy() {
+        for n in [0usize, 3, 8, 1003] {
+            let xs: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919) % 1009) as f32 / 100.0 - 5.0)
+                .collect();
+            let shift = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let shift = if shift.is_finite() { shift } else { 0.0 };
+            let (sum, moment) = super::exp_sum_moment(&xs, shift);
+            assert_eq!(sum.to_bits(), super::exp_sum(&xs, shift, None).to_bits());
+            if n == 0 {
+                continue;
+            }
+            let z: f64 = xs.iter().map(|&x| (x as f64 - shift as f64).exp()).sum();
+            let want: f64 = -xs
+                .iter()
+                .map(|&x| {
+                    let lp = x as f64 - shift as f64 - z.ln();
+                    lp.exp() * lp
+                })
+                .sum::<f64>();
+            let got = sum.ln() - moment / sum;
+            assert!((got as f64 - want).abs() < 1e-4, "n {n}: {got} vs {want}");
         }
     }
 

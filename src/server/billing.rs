@@ -138,6 +138,12 @@ impl Receipt {
             row.queue_ms = m.queue_time_ms;
             row.ttft_ms = m.time_to_first_token_ms;
             row.route = m.route.as_ref().map(|d| d.summary()).unwrap_or_default();
+            if let Some(q) = &m.quality {
+                match &m.route {
+                    Some(d) => q.observe(&d.model, &d.group),
+                    None => q.observe(&row.model, ""),
+                }
+            }
             if let Some(c) = m.cache.as_ref().filter(|c| c.hit) {
                 row.cache = c.kind.unwrap_or_default().into();
                 row.saved_device_ms = c.saved_device_time_ms;

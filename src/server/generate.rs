@@ -85,6 +85,8 @@ pub(super) struct ChoiceUsage {
     first_token: Option<Instant>,
     last_token: Option<Instant>,
     pub(super) device: engine::DeviceTime,
+    /// The choice's answer-quality signals (None before its first token).
+    pub(super) quality: Option<super::quality::Quality>,
 }
 
 #[derive(Debug)]
@@ -234,12 +236,14 @@ struct ChoiceState {
     started: Instant,
     last: Instant,
     usage: ChoiceUsage,
+    quality: super::quality::Tracker,
     done: bool,
 }
 
 impl ChoiceState {
     fn finished(&mut self, reason: FinishReason) -> ChoiceEvent {
         self.done = true;
+        self.usage.quality = self.quality.summary(reason == FinishReason::Length);
         tracing::debug!(
             choice = self.choice,
             ?reason,
@@ -316,6 +320,7 @@ impl ChoiceState {
                 self.usage.first_token.get_or_insert(now);
                 self.usage.last_token = Some(now);
                 self.usage.completion_tokens += 1;
+                self.quality.push(&s);
                 metrics::counter!(names::GENERATION_TOKENS, &self.labels).increment(1);
                 let text = match self.text.push(s.token) {
                     Ok(t) => t,
@@ -426,7 +431,9 @@ pub(super) fn start(
                 first_token: None,
                 last_token: None,
                 device: engine::DeviceTime::default(),
+                quality: None,
             },
+            quality: Default::default(),
             done: false,
         })
         .boxed()
@@ -473,6 +480,8 @@ fn updates(job: &Job) -> Result<(BoxStream<'static, Update>, StopSet), ApiError>
                         first_token: Some(now),
                         last_token: Some(now),
                         device: engine::DeviceTime::default(),
+                        // A replay generated nothing: no signals of its own.
+                        quality: None,
                     },
                 },
             ]);
@@ -672,6 +681,7 @@ fn metrics_of(finishes: &[ChoiceUsage], started: Instant) -> ResponseMetrics {
         decode_device_time_ms: ms(device.decode),
         route: None,
         cache: None,
+        quality: super::quality::Quality::combine(finishes.iter().filter_map(|f| f.quality)),
     }
 }
 

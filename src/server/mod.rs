@@ -8,6 +8,7 @@ pub mod error;
 pub mod generate;
 pub mod http;
 pub mod openai;
+pub mod quality;
 pub mod routes;
 pub mod tools;
 pub mod validate;

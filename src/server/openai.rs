@@ -178,6 +178,10 @@ pub struct ResponseMetrics {
     /// When the response cache is on for the request: what it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheMetrics>,
+    /// Answer-quality signals from the generated tokens (absent when none were generated, as
+    /// on a cache hit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quality: Option<super::quality::Quality>,
 }
 
 /// The response cache's part in a request (`metrics.cache`).

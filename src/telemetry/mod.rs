@@ -55,6 +55,15 @@ pub mod names {
     /// CPU time of the router's own work per decision (signals, thresholds, starting the next
     /// model), the models' steps excluded.
     pub const ROUTER_DECISION_SECONDS: &str = "hearth_router_decision_seconds";
+    /// Answer-quality signals per response, by answering model and route (see
+    /// `server::quality`).
+    pub const QUALITY_MEAN_LOGPROB: &str = "hearth_response_mean_logprob";
+    pub const QUALITY_P10_LOGPROB: &str = "hearth_response_p10_logprob";
+    pub const QUALITY_MIN_LOGPROB: &str = "hearth_response_min_logprob";
+    pub const QUALITY_MEAN_ENTROPY: &str = "hearth_response_mean_entropy_nats";
+    pub const QUALITY_MEAN_MARGIN: &str = "hearth_response_mean_top_margin";
+    pub const QUALITY_REPETITION: &str = "hearth_response_repetition_ratio";
+    pub const QUALITY_LENGTH_STOPS: &str = "hearth_response_length_stops_total";
 }
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -245,6 +254,41 @@ pub const CATALOG: &[(&str, Kind, &str)] = &[
         Kind::Histogram,
         "CPU seconds of the router's own work per decision (the models' steps excluded).",
     ),
+    (
+        names::QUALITY_MEAN_LOGPROB,
+        Kind::Histogram,
+        "Mean log-probability of a response's generated tokens.",
+    ),
+    (
+        names::QUALITY_P10_LOGPROB,
+        Kind::Histogram,
+        "10th percentile of a response's token log-probabilities.",
+    ),
+    (
+        names::QUALITY_MIN_LOGPROB,
+        Kind::Histogram,
+        "Lowest log-probability among a response's generated tokens.",
+    ),
+    (
+        names::QUALITY_MEAN_ENTROPY,
+        Kind::Histogram,
+        "Mean entropy (nats) of the distributions a response's tokens were picked from.",
+    ),
+    (
+        names::QUALITY_MEAN_MARGIN,
+        Kind::Histogram,
+        "Mean gap between the best and second-best token log-probability, per response.",
+    ),
+    (
+        names::QUALITY_REPETITION,
+        Kind::Histogram,
+        "Share of a response's 4-token sequences that repeat an earlier one (0 to 1).",
+    ),
+    (
+        names::QUALITY_LENGTH_STOPS,
+        Kind::Counter,
+        "Responses that stopped on max_tokens or the context length.",
+    ),
 ];
 
 /// The HELP text of `name`.
@@ -304,6 +348,25 @@ pub fn zero_series(s: &Served) {
         }
     };
     s.decoders.iter().for_each(|m| per_model(m, true));
+    // Quality signals: each model asked by name, and each route with each of its models.
+    let quality = |model: &str, route: &str| {
+        let l = [("model", model.to_string()), ("route", route.to_string())];
+        for h in [
+            names::QUALITY_MEAN_LOGPROB,
+            names::QUALITY_P10_LOGPROB,
+            names::QUALITY_MIN_LOGPROB,
+            names::QUALITY_MEAN_ENTROPY,
+            names::QUALITY_MEAN_MARGIN,
+            names::QUALITY_REPETITION,
+        ] {
+            let _ = metrics::histogram!(h, &l);
+        }
+        metrics::counter!(names::QUALITY_LENGTH_STOPS, &l).increment(0);
+    };
+    s.decoders.iter().for_each(|m| quality(m, ""));
+    for (route, models) in s.routes {
+        models.iter().for_each(|m| quality(m, route));
+    }
     s.embedders.iter().for_each(|m| per_model(m, false));
     let asked = s
         .decoders
@@ -410,6 +473,33 @@ pub fn prometheus() -> PrometheusHandle {
                 b.set_buckets_for_metric(Matcher::Full(n.to_string()), &latency)
                     .unwrap_or_else(|_| PrometheusBuilder::new())
             });
+            let logprob = [
+                -8.0, -6.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.75, -0.5, -0.25, -0.1, -0.05, 0.0,
+            ];
+            let builder = [
+                names::QUALITY_MEAN_LOGPROB,
+                names::QUALITY_P10_LOGPROB,
+                names::QUALITY_MIN_LOGPROB,
+            ]
+            .iter()
+            .fold(builder, |b, n| {
+                b.set_buckets_for_metric(Matcher::Full(n.to_string()), &logprob)
+                    .unwrap_or_else(|_| PrometheusBuilder::new())
+            });
+            let spread = [0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0];
+            let builder = [names::QUALITY_MEAN_ENTROPY, names::QUALITY_MEAN_MARGIN]
+                .iter()
+                .fold(builder, |b, n| {
+                    b.set_buckets_for_metric(Matcher::Full(n.to_string()), &spread)
+                        .unwrap_or_else(|_| PrometheusBuilder::new())
+                });
+            let ratio = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0];
+            let builder = builder
+                .set_buckets_for_metric(
+                    Matcher::Full(names::QUALITY_REPETITION.to_string()),
+                    &ratio,
+                )
+                .unwrap_or_else(|_| PrometheusBuilder::new());
             let similarity = [0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.96, 0.98, 0.99, 1.0];
             let builder = builder
                 .set_buckets_for_metric(

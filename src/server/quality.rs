@@ -1,0 +1,198 @@
+//! Answer-quality signals of a response, from the tokens it generated and the distributions they
+//! were picked from (no extra model call): how sure the model was of its tokens (mean, 10th
+//! percentile and lowest log-probability), how spread its distributions were (mean entropy, mean
+//! gap between the best and second-best token), whether it repeated itself (the share of its
+//! 4-token sequences that had already occurred in it), and whether it ran out of tokens.
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::engine::sampler::Sampled;
+use crate::telemetry::names;
+
+/// Length of the token sequences whose repeats count as repetition.
+const NGRAM: usize = 4;
+
+/// One choice's generated tokens, as they come.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+    entropy: f64,
+    margin: f64,
+    margins: usize,
+}
+
+impl Tracker {
+    pub fn push(&mut self, s: &Sampled) {
+        self.tokens.push(s.token);
+        self.logprobs.push(s.logprob);
+        self.entropy += f64::from(s.spread.entropy);
+        // A one-token vocabulary has an infinite gap: nothing to average.
+        if s.spread.margin.is_finite() {
+            self.margin += f64::from(s.spread.margin);
+            self.margins += 1;
+        }
+    }
+
+    /// The signals of the tokens so far; None before the first.
+    pub fn summary(&self, stopped_on_length: bool) -> Option<Quality> {
+        let n = self.logprobs.len();
+        if n == 0 {
+            return None;
+        }
+        let mut sorted = self.logprobs.clone();
+        sorted.sort_by(f32::total_cmp);
+        let grams = n.saturating_sub(NGRAM - 1);
+        let mut seen = std::collections::HashSet::with_capacity(grams);
+        let repeated = self
+            .tokens
+            .windows(NGRAM)
+            .filter(|w| !seen.insert(*w))
+            .count();
+        Some(Quality {
+            tokens: n,
+            mean_logprob: self.logprobs.iter().map(|&x| f64::from(x)).sum::<f64>() / n as f64,
+            // The nearest-rank percentile: the lowest tenth of the tokens are at or below it.
+            p10_logprob: f64::from(sorted[(n - 1) / 10]),
+            min_logprob: f64::from(sorted[0]),
+            mean_entropy: self.entropy / n as f64,
+            mean_margin: (self.margins > 0).then(|| self.margin / self.margins as f64),
+            repetition: if grams > 0 {
+                repeated as f64 / grams as f64
+            } else {
+                0.0
+            },
+            stopped_on_length,
+        })
+    }
+}
+
+/// A response's quality signals (`metrics.quality`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, ToSchema)]
+pub struct Quality {
+    /// Generated tokens the signals are over.
+    pub tokens: usize,
+    /// Mean log-probability of the generated tokens under the model's distribution.
+    pub mean_logprob: f64,
+    /// The 10th percentile of the tokens' log-probabilities (nearest rank).
+    pub p10_logprob: f64,
+    pub min_logprob: f64,
+    /// Mean entropy (nats) of the distributions the tokens were picked from.
+    pub mean_entropy: f64,
+    /// Mean gap between the most likely and the second most likely token's log-probability.
+    pub mean_margin: Option<f64>,
+    /// Share of the output's 4-token sequences that already occurred earlier in it (0 to 1).
+    pub repetition: f64,
+    /// The output ended because it reached `max_tokens` (or the context).
+    pub stopped_on_length: bool,
+}
+
+impl Quality {
+    /// The signals of several choices together: means weighted by tokens, the lowest 10th
+    /// percentile and minimum, length-stopped if any was.
+    pub fn combine(all: impl IntoIterator<Item = Quality>) -> Option<Quality> {
+        let all: Vec<Quality> = all.into_iter().collect();
+        let first = *all.first()?;
+        if all.len() == 1 {
+            return Some(first);
+        }
+        let n: usize = all.iter().map(|q| q.tokens).sum();
+        let mean = |f: &dyn Fn(&Quality) -> f64| {
+            all.iter().map(|q| f(q) * q.tokens as f64).sum::<f64>() / n.max(1) as f64
+        };
+        let margins: Vec<&Quality> = all.iter().filter(|q| q.mean_margin.is_some()).collect();
+        let margin_tokens: usize = margins.iter().map(|q| q.tokens).sum();
+        Some(Quality {
+            tokens: n,
+            mean_logprob: mean(&|q| q.mean_logprob),
+            p10_logprob: all
+                .iter()
+                .map(|q| q.p10_logprob)
+                .fold(f64::INFINITY, f64::min),
+            min_logprob: all
+                .iter()
+                .map(|q| q.min_logprob)
+                .fold(f64::INFINITY, f64::min),
+            mean_entropy: mean(&|q| q.mean_entropy),
+            mean_margin: (margin_tokens > 0).then(|| {
+                margins
+                    .iter()
+                    .map(|q| q.mean_margin.unwrap_or(0.0) * q.tokens as f64)
+                    .sum::<f64>()
+                    / margin_tokens as f64
+            }),
+            repetition: mean(&|q| q.repetition),
+            stopped_on_length: all.iter().any(|q| q.stopped_on_length),
+        })
+    }
+
+    /// Record the signals in the per-model and per-route histograms.
+    pub fn observe(&self, model: &str, route: &str) {
+        let labels = [("model", model.to_string()), ("route", route.to_string())];
+        for (name, v) in [
+            (names::QUALITY_MEAN_LOGPROB, self.mean_logprob),
+            (names::QUALITY_P10_LOGPROB, self.p10_logprob),
+            (names::QUALITY_MIN_LOGPROB, self.min_logprob),
+            (names::QUALITY_MEAN_ENTROPY, self.mean_entropy),
+            (names::QUALITY_REPETITION, self.repetition),
+        ] {
+            metrics::histogram!(name, &labels).record(v);
+        }
+        if let Some(m) = self.mean_margin {
+            metrics::histogram!(names::QUALITY_MEAN_MARGIN, &labels).record(m);
+        }
+        if self.stopped_on_length {
+            metrics::counter!(names::QUALITY_LENGTH_STOPS, &labels).increment(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::sampler::Spread;
+
+    fn token(t: u32, logprob: f32, entropy: f32, margin: f32) -> Sampled {
+        Sampled {
+            token: t,
+            logprob,
+            top: Vec::new(),
+            margin: None,
+            spread: Spread { entropy, margin },
+        }
+    }
+
+    #[test]
+    fn signals_follow_the_tokens() {
+        let mut t = Tracker::default();
+        assert!(t.summary(false).is_none());
+        // Twenty tokens: a 4-token loop "1 2 3 4" five times, log-probabilities -0.1 .. -2.0.
+        for i in 0..20u32 {
+            t.push(&token(i % 4 + 1, -0.1 * (i + 1) as f32, 0.5, 2.0));
+        }
+        let q = t.summary(true).unwrap();
+        assert_eq!(q.tokens, 20);
+        assert!((q.mean_logprob + 1.05).abs() < 1e-6);
+        // Nearest rank: the second lowest of twenty.
+        assert!((q.p10_logprob + 1.9).abs() < 1e-6, "{}", q.p10_logprob);
+        assert!((q.min_logprob + 2.0).abs() < 1e-6);
+        assert!((q.mean_entropy - 0.5).abs() < 1e-6);
+        assert_eq!(q.mean_margin, Some(2.0));
+        // 17 four-grams, of which only the first 4 are new.
+        assert!((q.repetition - 13.0 / 17.0).abs() < 1e-9);
+        assert!(q.stopped_on_length);
+        // Distinct tokens: no repetition.
+        let mut d = Tracker::default();
+        for i in 0..10 {
+            d.push(&token(i, -1.0, 1.0, f32::INFINITY));
+        }
+        let qd = d.summary(false).unwrap();
+        assert_eq!((qd.repetition, qd.mean_margin), (0.0, None));
+        let both = Quality::combine([q, qd]).unwrap();
+        assert_eq!(both.tokens, 30);
+        assert!((both.mean_logprob - (-1.05 * 20.0 - 10.0) / 30.0).abs() < 1e-9);
+        assert_eq!(both.min_logprob, -2.0f32 as f64);
+        assert_eq!(both.mean_margin, Some(2.0));
+        assert!(both.stopped_on_length);
+    }
+}
