@@ -12,6 +12,7 @@ pub mod loader;
 pub mod logits;
 pub mod model;
 pub mod ops;
+pub mod quality;
 pub mod router;
 pub mod server;
 pub mod telemetry;

@@ -111,6 +111,9 @@ fn metrics_pass_promtool_and_every_series_exists_from_start_up() {
         "hearth_router_decisions_total{route=\"auto\",model=\"lint-smol\",reason=\"confident\"}",
         "hearth_router_escalations_total{route=\"auto\",from=\"lint-smol\",to=\"lint-gemma\",reason=\"low_logprob\"}",
         "hearth_response_cache_requests_total{result=\"hit\",kind=\"semantic\"}",
+        "hearth_response_mean_logprob_count{model=\"lint-gemma\",route=\"auto\"}",
+        "hearth_quality_drift{model=\"lint-smol\",signal=\"mean_logprob\"}",
+        "hearth_quality_window_responses{model=\"lint-gemma\",window=\"24h\"}",
     ] {
         assert_eq!(s.metric(series), Some(0.0), "{series}");
     }

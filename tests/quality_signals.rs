@@ -109,4 +109,48 @@ fn quality_signals_agree_with_the_returned_logprobs() {
         ))
         .unwrap();
     assert!(count >= 2.0, "{count}");
+    // ... and in the model's last-hour window of the drift gauges.
+    let hour = s
+        .metric(&format!(
+            "hearth_quality_window_responses{{model=\"{MODEL}\",window=\"1h\"}}"
+        ))
+        .unwrap();
+    assert!(hour >= 2.0, "{hour}");
+}
+
+#[test]
+fn the_ledger_keeps_each_responses_signals() {
+    let dir = std::env::temp_dir().join(format!("hearth-quality-ledger-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let path = dir.join("usage.sqlite3");
+    let p = path.clone();
+    let s = TestServer::named("quality-ledger", move |c| c.ledger_path = Some(p));
+    let mut body = json!({
+        "model": "quality-ledger",
+        "messages": [{"role": "user", "content": "Count from one to five."}],
+        "max_tokens": 6,
+        "temperature": 0,
+    });
+    let (code, v, _) = common::call(&s.base, "POST", "/v1/chat/completions", None, Some(&body));
+    assert_eq!(code, 200, "{v}");
+    body["max_tokens"] = json!(1);
+    let (code, _, _) = common::call(&s.base, "POST", "/v1/chat/completions", None, Some(&body));
+    assert_eq!(code, 200);
+    drop(s);
+    let c = rusqlite::Connection::open(&path).unwrap();
+    let rows: Vec<(f64, f64, bool)> = c
+        .prepare("SELECT mean_logprob, mean_entropy, length_stop FROM requests ORDER BY ts_ms")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    let q = &v["metrics"]["quality"];
+    assert!((rows[0].0 - q["mean_logprob"].as_f64().unwrap()).abs() < 1e-9);
+    assert!((rows[0].1 - q["mean_entropy"].as_f64().unwrap()).abs() < 1e-9);
+    assert_eq!(rows[0].2, q["stopped_on_length"].as_bool().unwrap());
+    // One token of at most one: stopped on length.
+    assert!(rows[1].2);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -48,6 +48,8 @@ pub struct Row {
     pub cache: String,
     /// Device time the cached answer had taken (not spent again).
     pub saved_device_ms: f64,
+    /// The response's answer-quality signals (none when nothing was generated).
+    pub quality: Option<crate::quality::Quality>,
 }
 
 pub fn now_ms() -> i64 {
@@ -90,7 +92,14 @@ CREATE TABLE IF NOT EXISTS requests (
     finish_reason TEXT NOT NULL,
     status INTEGER NOT NULL,
     cache TEXT NOT NULL DEFAULT '',
-    saved_device_ms REAL NOT NULL DEFAULT 0
+    saved_device_ms REAL NOT NULL DEFAULT 0,
+    mean_logprob REAL,
+    p10_logprob REAL,
+    min_logprob REAL,
+    mean_entropy REAL,
+    mean_margin REAL,
+    repetition REAL,
+    length_stop INTEGER
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms);
 CREATE INDEX IF NOT EXISTS requests_tenant_ts ON requests (tenant, ts_ms);
@@ -125,6 +134,21 @@ fn open_for_writing(path: &Path) -> rusqlite::Result<Connection> {
              ALTER TABLE requests ADD COLUMN saved_device_ms REAL NOT NULL DEFAULT 0;",
         )?;
     }
+    // ... and one from before the quality signals, theirs (old rows: not measured).
+    let has_quality: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = 'mean_logprob'")?
+        .exists([])?;
+    if !has_quality {
+        conn.execute_batch(
+            "ALTER TABLE requests ADD COLUMN mean_logprob REAL;
+             ALTER TABLE requests ADD COLUMN p10_logprob REAL;
+             ALTER TABLE requests ADD COLUMN min_logprob REAL;
+             ALTER TABLE requests ADD COLUMN mean_entropy REAL;
+             ALTER TABLE requests ADD COLUMN mean_margin REAL;
+             ALTER TABLE requests ADD COLUMN repetition REAL;
+             ALTER TABLE requests ADD COLUMN length_stop INTEGER;",
+        )?;
+    }
     Ok(conn)
 }
 
@@ -134,9 +158,11 @@ fn insert(conn: &mut Connection, rows: &[Row]) -> rusqlite::Result<()> {
         let mut st = tx.prepare_cached(
             "INSERT INTO requests (ts_ms, request_id, tenant, key_id, user, model, route, \
              prompt_tokens, cached_tokens, completion_tokens, prefill_device_ms, decode_device_ms, \
-             queue_ms, ttft_ms, e2e_ms, finish_reason, status, cache, saved_device_ms) \
+             queue_ms, ttft_ms, e2e_ms, finish_reason, status, cache, saved_device_ms, \
+             mean_logprob, p10_logprob, min_logprob, mean_entropy, mean_margin, repetition, \
+             length_stop) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
-             ?18, ?19)",
+             ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)",
         )?;
         for r in rows {
             st.execute(params![
@@ -159,6 +185,13 @@ fn insert(conn: &mut Connection, rows: &[Row]) -> rusqlite::Result<()> {
                 r.status,
                 r.cache,
                 r.saved_device_ms,
+                r.quality.map(|q| q.mean_logprob),
+                r.quality.map(|q| q.p10_logprob),
+                r.quality.map(|q| q.min_logprob),
+                r.quality.map(|q| q.mean_entropy),
+                r.quality.and_then(|q| q.mean_margin),
+                r.quality.map(|q| q.repetition),
+                r.quality.map(|q| q.stopped_on_length),
             ])?;
         }
     }

@@ -218,7 +218,7 @@ mod tests {
     }
 
     #[test]
-    fn a_ledger_from_before_the_response_cache_gains_its_columns() {
+    fn a_ledger_from_before_the_response_cache_and_quality_gains_their_columns() {
         let dir = std::env::temp_dir().join(format!("hearth-ledger-old-{}", std::process::id()));
         let path = dir.join("usage.sqlite3");
         let _ = std::fs::remove_dir_all(&dir);
@@ -251,6 +251,32 @@ mod tests {
         assert_eq!((all[0].requests, all[0].cache_hits), (2, 1));
         assert!((all[0].saved_device_time_ms - 40.0).abs() < 1e-9);
         drop(l);
+        // The quality columns came too: a row with signals, an old row without.
+        let l = Ledger::open(&path, 0);
+        l.record(Row {
+            quality: Some(crate::quality::Quality {
+                tokens: 4,
+                mean_logprob: -0.5,
+                p10_logprob: -1.5,
+                min_logprob: -2.0,
+                mean_entropy: 0.8,
+                mean_margin: Some(3.0),
+                repetition: 0.25,
+                stopped_on_length: true,
+            }),
+            ..row("a", "m", None, 20, 3)
+        });
+        l.close();
+        let c = Connection::open(&path).unwrap();
+        let got: Vec<(Option<f64>, Option<f64>, Option<bool>)> = c
+            .prepare("SELECT mean_logprob, mean_margin, length_stop FROM requests ORDER BY ts_ms")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<std::result::Result<_, rusqlite::Error>>()
+            .unwrap();
+        assert_eq!(got[0], (None, None, None));
+        assert_eq!(got[2], (Some(-0.5), Some(3.0), Some(true)));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

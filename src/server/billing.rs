@@ -138,6 +138,7 @@ impl Receipt {
             row.queue_ms = m.queue_time_ms;
             row.ttft_ms = m.time_to_first_token_ms;
             row.route = m.route.as_ref().map(|d| d.summary()).unwrap_or_default();
+            row.quality = m.quality;
             if let Some(q) = &m.quality {
                 match &m.route {
                     Some(d) => q.observe(&d.model, &d.group),

@@ -86,7 +86,7 @@ pub(super) struct ChoiceUsage {
     last_token: Option<Instant>,
     pub(super) device: engine::DeviceTime,
     /// The choice's answer-quality signals (None before its first token).
-    pub(super) quality: Option<super::quality::Quality>,
+    pub(super) quality: Option<crate::quality::Quality>,
 }
 
 #[derive(Debug)]
@@ -236,7 +236,7 @@ struct ChoiceState {
     started: Instant,
     last: Instant,
     usage: ChoiceUsage,
-    quality: super::quality::Tracker,
+    quality: crate::quality::Tracker,
     done: bool,
 }
 
@@ -681,7 +681,7 @@ fn metrics_of(finishes: &[ChoiceUsage], started: Instant) -> ResponseMetrics {
         decode_device_time_ms: ms(device.decode),
         route: None,
         cache: None,
-        quality: super::quality::Quality::combine(finishes.iter().filter_map(|f| f.quality)),
+        quality: crate::quality::Quality::combine(finishes.iter().filter_map(|f| f.quality)),
     }
 }
 

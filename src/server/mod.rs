@@ -8,7 +8,6 @@ pub mod error;
 pub mod generate;
 pub mod http;
 pub mod openai;
-pub mod quality;
 pub mod routes;
 pub mod tools;
 pub mod validate;

@@ -181,7 +181,7 @@ pub struct ResponseMetrics {
     /// Answer-quality signals from the generated tokens (absent when none were generated, as
     /// on a cache hit).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub quality: Option<super::quality::Quality>,
+    pub quality: Option<crate::quality::Quality>,
 }
 
 /// The response cache's part in a request (`metrics.cache`).

@@ -682,6 +682,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         routes: &served.2,
         tenants: &served.3,
     });
+    crate::quality::drift().export(&served.0);
     // Every configured tenant on every model, at zero until it runs something.
     for t in &served.3 {
         for m in served.0.iter().chain(&served.1) {

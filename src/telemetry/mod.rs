@@ -64,6 +64,11 @@ pub mod names {
     pub const QUALITY_MEAN_MARGIN: &str = "hearth_response_mean_top_margin";
     pub const QUALITY_REPETITION: &str = "hearth_response_repetition_ratio";
     pub const QUALITY_LENGTH_STOPS: &str = "hearth_response_length_stops_total";
+    /// Each quality signal's mean per model over the last hour and the day before it, their
+    /// difference, and the responses behind each window (see `quality::Drift`).
+    pub const QUALITY_WINDOW_MEAN: &str = "hearth_quality_window_mean";
+    pub const QUALITY_DRIFT: &str = "hearth_quality_drift";
+    pub const QUALITY_WINDOW_RESPONSES: &str = "hearth_quality_window_responses";
 }
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -289,6 +294,9 @@ pub const CATALOG: &[(&str, Kind, &str)] = &[
         Kind::Counter,
         "Responses that stopped on max_tokens or the context length.",
     ),
+    (names::QUALITY_WINDOW_MEAN, Kind::Gauge, "Mean of a quality signal over the last hour (window 1h) or the day before it (window 24h)."),
+    (names::QUALITY_DRIFT, Kind::Gauge, "A quality signal's last-hour mean minus its mean over the day before (0 while either window is empty)."),
+    (names::QUALITY_WINDOW_RESPONSES, Kind::Gauge, "Responses behind the quality windows (1h, 24h)."),
 ];
 
 /// The HELP text of `name`.

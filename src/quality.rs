@@ -2,7 +2,12 @@
 //! were picked from (no extra model call): how sure the model was of its tokens (mean, 10th
 //! percentile and lowest log-probability), how spread its distributions were (mean entropy, mean
 //! gap between the best and second-best token), whether it repeated itself (the share of its
-//! 4-token sequences that had already occurred in it), and whether it ran out of tokens.
+//! 4-token sequences that had already occurred in it), and whether it ran out of tokens. `Drift`
+//! keeps each model's signals by the minute for a day, to compare the last hour with the day
+//! before it.
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Mutex, OnceLock, PoisonError};
+
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -144,6 +149,146 @@ impl Quality {
         if self.stopped_on_length {
             metrics::counter!(names::QUALITY_LENGTH_STOPS, &labels).increment(1);
         }
+        drift().record(model, self, now_minute());
+    }
+
+    /// The signals a drift is watched on, in `DRIFT_SIGNALS` order (None: not measured).
+    fn drift_values(&self) -> [Option<f64>; 5] {
+        [
+            Some(self.mean_logprob),
+            Some(self.p10_logprob),
+            Some(self.mean_entropy),
+            self.mean_margin,
+            Some(self.repetition),
+        ]
+    }
+}
+
+/// The signals whose drift is exported (`signal` label).
+pub const DRIFT_SIGNALS: [&str; 5] = [
+    "mean_logprob",
+    "p10_logprob",
+    "mean_entropy",
+    "mean_margin",
+    "repetition",
+];
+/// The recent window, and how far back the baseline before it reaches, in minutes.
+const HOUR: u64 = 60;
+const DAY: u64 = 24 * 60;
+
+#[derive(Debug, Clone, Copy)]
+struct Minute {
+    at: u64,
+    sums: [f64; 5],
+    counts: [u64; 5],
+    responses: u64,
+}
+
+/// Means of one model's signals over a window, and how many responses it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Window {
+    pub means: [Option<f64>; 5],
+    pub responses: u64,
+}
+
+/// Every model's signals by the minute, for the last hour and the day before it.
+#[derive(Debug, Default)]
+pub struct Drift {
+    models: Mutex<HashMap<String, VecDeque<Minute>>>,
+}
+
+fn now_minute() -> u64 {
+    (crate::ledger::now_ms().max(0) as u64) / 60_000
+}
+
+/// The process's drift tracker (metrics are process-wide too).
+pub fn drift() -> &'static Drift {
+    static DRIFT: OnceLock<Drift> = OnceLock::new();
+    DRIFT.get_or_init(Drift::default)
+}
+
+impl Drift {
+    pub fn record(&self, model: &str, q: &Quality, minute: u64) {
+        let mut models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
+        let series = models.entry(model.to_string()).or_default();
+        if series.back().is_none_or(|m| m.at != minute) {
+            series.push_back(Minute {
+                at: minute,
+                sums: [0.0; 5],
+                counts: [0; 5],
+                responses: 0,
+            });
+        }
+        while series.front().is_some_and(|m| m.at + HOUR + DAY <= minute) {
+            series.pop_front();
+        }
+        if let Some(m) = series.back_mut() {
+            m.responses += 1;
+            for (i, v) in q.drift_values().into_iter().enumerate() {
+                if let Some(v) = v.filter(|v| v.is_finite()) {
+                    m.sums[i] += v;
+                    m.counts[i] += 1;
+                }
+            }
+        }
+    }
+
+    /// The last hour (minutes after `minute - HOUR`) and the day before it.
+    pub fn windows(&self, model: &str, minute: u64) -> (Window, Window) {
+        let models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut acc = [([0f64; 5], [0u64; 5], 0u64); 2];
+        for m in models.get(model).into_iter().flatten() {
+            let w = if m.at + HOUR > minute {
+                0
+            } else if m.at + HOUR + DAY > minute {
+                1
+            } else {
+                continue;
+            };
+            for i in 0..5 {
+                acc[w].0[i] += m.sums[i];
+                acc[w].1[i] += m.counts[i];
+            }
+            acc[w].2 += m.responses;
+        }
+        let window = |(sums, counts, responses): ([f64; 5], [u64; 5], u64)| Window {
+            means: std::array::from_fn(|i| (counts[i] > 0).then(|| sums[i] / counts[i] as f64)),
+            responses,
+        };
+        (window(acc[0]), window(acc[1]))
+    }
+
+    /// Set the drift gauges of `models` (at scrape time): each signal's mean over the last hour
+    /// and over the day before it, their difference (0 while either is empty), and the
+    /// responses behind each window (an alert wants enough of them).
+    pub fn export(&self, models: &[String]) {
+        let minute = now_minute();
+        for model in models {
+            let (hour, day) = self.windows(model, minute);
+            for (w, r) in [("1h", hour.responses), ("24h", day.responses)] {
+                metrics::gauge!(names::QUALITY_WINDOW_RESPONSES, "model" => model.clone(), "window" => w)
+                    .set(r as f64);
+            }
+            for (i, signal) in DRIFT_SIGNALS.iter().enumerate() {
+                let l = |w: &'static str| {
+                    [
+                        ("model", model.clone()),
+                        ("signal", signal.to_string()),
+                        ("window", w.to_string()),
+                    ]
+                };
+                metrics::gauge!(names::QUALITY_WINDOW_MEAN, &l("1h"))
+                    .set(hour.means[i].unwrap_or(0.0));
+                metrics::gauge!(names::QUALITY_WINDOW_MEAN, &l("24h"))
+                    .set(day.means[i].unwrap_or(0.0));
+                let drift = match (hour.means[i], day.means[i]) {
+                    (Some(h), Some(d)) => h - d,
+                    _ => 0.0,
+                };
+                metrics::gauge!(names::QUALITY_DRIFT, "model" => model.clone(), "signal" => *signal)
+                    .set(drift);
+            }
+        }
     }
 }
 
@@ -160,6 +305,45 @@ mod tests {
             margin: None,
             spread: Spread { entropy, margin },
         }
+    }
+
+    fn quality(mean_logprob: f64) -> Quality {
+        Quality {
+            tokens: 10,
+            mean_logprob,
+            p10_logprob: mean_logprob - 1.0,
+            min_logprob: mean_logprob - 2.0,
+            mean_entropy: 1.0,
+            mean_margin: None,
+            repetition: 0.0,
+            stopped_on_length: false,
+        }
+    }
+
+    #[test]
+    fn drift_compares_the_last_hour_with_the_day_before() {
+        let d = Drift::default();
+        let t0 = 1_000_000;
+        // A day of confident answers, then an hour of doubtful ones.
+        for m in 0..DAY {
+            d.record("m", &quality(-0.2), t0 + m);
+        }
+        for m in DAY..DAY + HOUR {
+            d.record("m", &quality(-1.0), t0 + m);
+            d.record("m", &quality(-1.0), t0 + m);
+        }
+        let now = t0 + DAY + HOUR - 1;
+        let (hour, day) = d.windows("m", now);
+        assert_eq!((hour.responses, day.responses), (2 * HOUR, DAY));
+        assert!((hour.means[0].unwrap() + 1.0).abs() < 1e-9);
+        assert!((day.means[0].unwrap() + 0.2).abs() < 1e-9);
+        assert_eq!((hour.means[3], day.means[3]), (None, None));
+        // Older than the day before the last hour: dropped.
+        d.record("m", &quality(-1.0), now + DAY);
+        let (hour, day) = d.windows("m", now + DAY);
+        assert_eq!(hour.responses, 1);
+        assert_eq!(day.responses, 2 * HOUR);
+        assert_eq!(d.windows("other", now), Default::default());
     }
 
     #[test]
