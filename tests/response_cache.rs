@@ -38,6 +38,14 @@ fn server(semantic: bool, ttl_secs: u64, ledger: Option<std::path::PathBuf>) -> 
     })
 }
 
+fn both_levels() -> CacheConfig {
+    CacheConfig {
+        exact: true,
+        semantic: true,
+        ..Default::default()
+    }
+}
+
 fn embedder(name: &str) -> hearth::config::EmbeddingModelEntry {
     hearth::config::EmbeddingModelEntry {
         name: name.into(),
@@ -334,11 +342,7 @@ fn a_persisted_cache_survives_a_restart_for_its_tenant_only() {
 fn a_semantic_lookup_that_cannot_run_falls_back_to_the_exact_level() {
     // One queue place per model: a long embedding request holds the embedding model's.
     let s = TestServer::named(MODEL, |c| {
-        c.cache = CacheConfig {
-            exact: true,
-            semantic: true,
-            ..Default::default()
-        };
+        c.cache = both_levels();
         c.max_waiting = 1;
         // Its own name: metrics are one registry per test process.
         c.embedding_models = vec![embedder("minilm-fallback")];
@@ -397,11 +401,7 @@ fn a_semantic_lookup_that_cannot_run_falls_back_to_the_exact_level() {
 #[test]
 fn a_refused_request_spends_nothing_on_the_cache() {
     let s = TestServer::named(MODEL, |c| {
-        c.cache = CacheConfig {
-            exact: true,
-            semantic: true,
-            ..Default::default()
-        };
+        c.cache = both_levels();
         c.embedding_models = vec![embedder("minilm-refusal")];
         c.tenants = vec![TenantConfig {
             requests_per_minute: Some(1),
