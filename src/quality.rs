@@ -30,6 +30,10 @@ pub struct Tracker {
 impl Tracker {
     pub fn push(&mut self, s: &Sampled) {
         self.tokens.push(s.token);
+        // Non-finite values (NaN logits) would poison every mean and histogram they reach.
+        if !(s.logprob.is_finite() && s.spread.entropy.is_finite()) {
+            return;
+        }
         self.logprobs.push(s.logprob);
         self.entropy += f64::from(s.spread.entropy);
         // A one-token vocabulary has an infinite gap: nothing to average.
@@ -47,7 +51,7 @@ impl Tracker {
         }
         let mut sorted = self.logprobs.clone();
         sorted.sort_by(f32::total_cmp);
-        let grams = n.saturating_sub(NGRAM - 1);
+        let grams = self.tokens.len().saturating_sub(NGRAM - 1);
         let mut seen = std::collections::HashSet::with_capacity(grams);
         let repeated = self
             .tokens
@@ -55,7 +59,7 @@ impl Tracker {
             .filter(|w| !seen.insert(*w))
             .count();
         Some(Quality {
-            tokens: n,
+            tokens: self.tokens.len(),
             mean_logprob: self.logprobs.iter().map(|&x| f64::from(x)).sum::<f64>() / n as f64,
             // The nearest-rank percentile: the lowest tenth of the tokens are at or below it.
             p10_logprob: f64::from(sorted[(n - 1) / 10]),

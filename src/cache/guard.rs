@@ -363,20 +363,27 @@ fn words(text: &str) -> Vec<String> {
     out
 }
 
-/// The numbers of `text`, sorted: digit runs with their decimal part ("3.5", "1,000" -> "1000"),
-/// and number words as digits ("one" is left out: it is as often a pronoun).
-fn numbers(text: &str) -> Vec<String> {
+/// The digit runs of `text` in order, with their decimal part ("3.5", "1,000" -> "1000") and a
+/// minus sign that stands before them as a word's start ("-3", not the "-" of "COVID-19").
+fn digit_runs(text: &str) -> Vec<String> {
     let mut out = Vec::new();
     let chars: Vec<char> = text.chars().collect();
     let mut i = 0;
     while i < chars.len() {
         if chars[i].is_ascii_digit() {
-            let mut n = String::new();
+            let signed = i > 0
+                && matches!(chars[i - 1], '-' | '\u{2212}')
+                && (i == 1 || chars[i - 2].is_whitespace() || chars[i - 2] == '(');
+            let mut n = if signed {
+                "-".to_string()
+            } else {
+                String::new()
+            };
             while i < chars.len() {
                 let c = chars[i];
                 let joins = (c == '.' || c == ',')
                     && chars.get(i + 1).is_some_and(char::is_ascii_digit)
-                    && !n.is_empty();
+                    && n.chars().any(|d| d.is_ascii_digit());
                 if c.is_ascii_digit() {
                     n.push(c);
                 } else if joins && c == '.' {
@@ -391,6 +398,13 @@ fn numbers(text: &str) -> Vec<String> {
             i += 1;
         }
     }
+    out
+}
+
+/// The numbers of `text`, sorted: its digit runs, and number words as digits ("one" is left
+/// out: it is as often a pronoun).
+fn numbers(text: &str) -> Vec<String> {
+    let mut out = digit_runs(text);
     for w in words(text) {
         if let Some((_, n)) = NUMBER_WORDS.iter().find(|(name, _)| *name == w) {
             out.push(n.to_string());
@@ -659,6 +673,17 @@ pub fn refuses(cached: &str, asked: &str) -> Option<&'static str> {
         return Some("numbers");
     }
     let (a, b) = (words(cached), words(asked));
+    // The same numbers in another order in the same words: "is 7 greater than 3" / "is 3
+    // greater than 7".
+    let wording = |ws: &[String]| -> Vec<String> {
+        ws.iter()
+            .filter(|w| !w.chars().all(|c| c.is_ascii_digit()))
+            .cloned()
+            .collect()
+    };
+    if digit_runs(cached) != digit_runs(asked) && wording(&a) == wording(&b) {
+        return Some("numbers");
+    }
     if other_unit(&a, &b) {
         return Some("numbers");
     }
@@ -801,6 +826,18 @@ mod tests {
         assert!(refused(
             "What do I do on my first day?",
             "What do I do in my first week?"
+        ));
+        // Numbers that trade places, or change sign.
+        assert!(refused("Is 7 greater than 3?", "Is 3 greater than 7?"));
+        assert!(refused("What's 17 minus 5?", "What's 5 minus 17?"));
+        assert!(refused("What is -3 squared?", "What is 3 squared?"));
+        assert!(!refused(
+            "How many COVID-19 cases were there in 2021?",
+            "In 2021, how many COVID-19 cases were there?"
+        ));
+        assert!(!refused(
+            "How many PTO hours for 3 days off on 10-hour shifts?",
+            "On 10-hour shifts, how many PTO hours do 3 days off take?"
         ));
         assert!(!refused(
             "Was I charged twice this month?",

@@ -217,6 +217,9 @@ struct Entry {
     expires: Instant,
 }
 
+/// Candidates above the threshold the guard is asked about, most similar first.
+const GUARD_CANDIDATES: usize = 16;
+
 /// Aliases one entry keeps at most, and what one is counted as in the memory bound.
 const MAX_ALIASES: usize = 32;
 const ALIAS_BYTES: usize = 96;
@@ -480,9 +483,12 @@ impl ResponseCache {
         }
         if let (None, true, Some(q)) = (found, policy.semantic, query) {
             if let Some(ix) = part.semantic.get(&keys.semantic) {
+                // The guard reads the most similar few only: a partition full of refused near
+                // duplicates cannot make a lookup (under the cache's lock) slow.
                 found = ix
                     .search(&q.vector, threshold)
                     .into_iter()
+                    .take(GUARD_CANDIDATES)
                     .find(|&(id, _)| {
                         part.entries.get(&id).is_some_and(|e| {
                             e.semantic
@@ -491,7 +497,10 @@ impl ResponseCache {
                         })
                     })
                     .map(|(id, sim)| (id, HitKind::Semantic, sim));
-                if let Some((id, _, sim)) = found {
+                // Remembered only where it fits the bounds (a lookup evicts nothing).
+                let room = part.bytes + ALIAS_BYTES <= policy.max_bytes
+                    && st.bytes + ALIAS_BYTES <= self.max_bytes;
+                if let (Some((id, _, sim)), true) = (found, room) {
                     let added = part.alias(id, keys.exact, sim);
                     st.bytes += added;
                 }

@@ -142,27 +142,24 @@ fn device_picks(logits: &Tensor) -> Result<Vec<greedy::Pick>> {
     let e = shifted.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
     let lse = sum.log()?;
-    // H = ln(sum) - sum(e * (l - max)) / sum.
-    let entropy = lse
-        .sub(&(e * &shifted)?.sum_keepdim(D::Minus1)?.div(&sum)?)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    // The runner-up: the row's maximum with its maxima pushed to -inf (a tie gives a margin of
+    // H = ln(sum) - sum(e * (l - max)) / sum, with l - max clamped as the CPU pass clamps it (a
+    // masked -inf logit adds nothing rather than 0 x inf).
+    let moment = (e * shifted.maximum(-crate::ops::vexp::CLAMP)?)?.sum_keepdim(D::Minus1)?;
+    let entropy = lse.sub(&moment.div(&sum)?)?;
+    // The runner-up: the row's maximum with its maxima pushed far down (a tie gives a margin of
     // the next distinct value, where the CPU pass gives 0).
-    let at_max = shifted.eq(0f32)?;
-    let floor = Tensor::full(f32::NEG_INFINITY, shifted.shape(), shifted.device())?;
-    let second = at_max
-        .where_cond(&floor, &shifted)?
-        .max_keepdim(D::Minus1)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let lse = lse.flatten_all()?.to_vec1::<f32>()?;
-    Ok((0..tokens.len())
-        .map(|i| greedy::Pick {
-            token: tokens[i],
-            lse: lse[i],
-            entropy: entropy[i].max(0.0),
-            margin: -second[i],
+    let at_max = shifted.eq(0f32)?.to_dtype(DType::F32)?;
+    let second = (shifted - (at_max * 1e30)?)?.max_keepdim(D::Minus1)?;
+    // One read-back for the three per-row numbers.
+    let stats = Tensor::cat(&[&lse, &entropy, &second], 1)?.to_vec2::<f32>()?;
+    Ok(tokens
+        .into_iter()
+        .zip(stats)
+        .map(|(token, r)| greedy::Pick {
+            token,
+            lse: r[0],
+            entropy: r[1].max(0.0),
+            margin: -r[2],
         })
         .collect())
 }

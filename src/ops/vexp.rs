@@ -90,7 +90,7 @@ pub fn exp_sum_moment(xs: &[f32], shift: f32) -> (f32, f32) {
         let d = x - shift;
         let e = exp(d);
         s += e;
-        m = e.mul_add(d, m);
+        m = e.mul_add(d.max(-CLAMP), m);
     }
     (s, m)
 }
@@ -112,7 +112,9 @@ fn exp_moment_lanes(xs: &[f32], shift: f32, lanes: &mut [f32; 8], moments: &mut 
             let d = _mm256_sub_ps(_mm256_loadu_ps(xs.as_ptr().add(i)), sh);
             let e = exp8(d);
             acc = _mm256_add_ps(acc, e);
-            mom = _mm256_fmadd_ps(e, d, mom);
+            // d clamped as exp clamps it: a masked (-inf) logit adds a tiny finite term, not
+            // 0 x inf. maxps returns its second operand for a NaN, as f32::max does.
+            mom = _mm256_fmadd_ps(e, _mm256_max_ps(d, _mm256_set1_ps(-CLAMP)), mom);
         }
         _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
         _mm256_storeu_ps(moments.as_mut_ptr(), mom);
@@ -133,7 +135,7 @@ fn exp_moment_lanes(xs: &[f32], shift: f32, lanes: &mut [f32; 8], moments: &mut 
             let d = x - shift;
             let e = exp(d);
             lanes[l] += e;
-            moments[l] = e.mul_add(d, moments[l]);
+            moments[l] = e.mul_add(d.max(-CLAMP), moments[l]);
         }
     }
     n
@@ -244,6 +246,14 @@ mod tests {
             let got = sum.ln() - moment / sum;
             assert!((got as f64 - want).abs() < 1e-4, "n {n}: {got} vs {want}");
         }
+        // Masked logits (-inf, f32::MIN) leave the entropy finite and as if they were absent.
+        let mut xs: Vec<f32> = (0..64).map(|i| (i % 7) as f32 * 0.3).collect();
+        let (s0, m0) = super::exp_sum_moment(&xs, 1.8);
+        xs.extend([f32::NEG_INFINITY, f32::MIN, f32::NEG_INFINITY]);
+        let (s1, m1) = super::exp_sum_moment(&xs, 1.8);
+        assert!(m1.is_finite());
+        let h = |s: f32, m: f32| s.ln() - m / s;
+        assert!((h(s0, m0) - h(s1, m1)).abs() < 1e-5);
     }
 
     #[test]

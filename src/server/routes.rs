@@ -684,9 +684,13 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     });
     crate::quality::drift().export(&served.0);
     // Every configured tenant on every model, at zero until it runs something.
+    let seen: std::collections::HashSet<(String, String)> = tenant_secs
+        .iter()
+        .map(|(t, m, _)| (t.to_string(), m.clone()))
+        .collect();
     for t in &served.3 {
         for m in served.0.iter().chain(&served.1) {
-            if !tenant_secs.iter().any(|(x, y, _)| **x == **t && y == m) {
+            if !seen.contains(&(t.clone(), m.clone())) {
                 tenant_secs.push((t.as_str().into(), m.clone(), 0.0));
             }
         }

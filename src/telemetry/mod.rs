@@ -342,6 +342,20 @@ const CACHE_RESULTS: &[(&str, &str)] = &[
 /// Register every series of the served models, routes and tenants at zero (idempotent): a
 /// dashboard or an alert never sees a gap where nothing happened yet.
 pub fn zero_series(s: &Served) {
+    // Registered once per set of names (start-up, then a reload that changes the tenants): a
+    // scrape does not walk every tenant x model again.
+    use std::hash::{Hash, Hasher};
+    static DONE: std::sync::Mutex<Option<u64>> = std::sync::Mutex::new(None);
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (s.decoders, s.embedders, s.routes, s.tenants).hash(&mut h);
+    let key = h.finish();
+    let mut done = DONE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if *done == Some(key) {
+        return;
+    }
+    *done = Some(key);
     let per_model = |m: &str, decoder: bool| {
         let l = [("model", m.to_string())];
         for c in [names::PROMPT_TOKENS, names::REQUESTS_FINISHED] {
