@@ -117,16 +117,12 @@ pub struct Spread {
 }
 
 impl Spread {
-    /// The spread of `logits`, whose maximum is `max`.
-    pub fn of(logits: &[f32], max: f32) -> Self {
-        let (sum, moment) = crate::ops::vexp::exp_sum_moment(logits, max);
-        let margin = match top_n(logits, 2)[..] {
-            [a, b] => logits[a] - logits[b],
-            _ => f32::INFINITY,
-        };
+    /// The spread of `logits`: the greedy pick's own (one computation for both paths).
+    pub fn of(logits: &[f32]) -> Self {
+        let p = crate::ops::greedy::pick(logits);
         Self {
-            entropy: (sum.ln() - moment / sum).max(0.0),
-            margin,
+            entropy: p.entropy,
+            margin: p.margin,
         }
     }
 }
@@ -338,11 +334,8 @@ impl Sampler {
         if let Some(g) = self.guide.as_mut() {
             g.commit(token);
         }
-        let margin =
-            (self.generated < self.params.probe_tokens).then(|| match top_n(logits, 2)[..] {
-                [a, b] => logits[a] - logits[b],
-                _ => f32::INFINITY,
-            });
+        let spread = Spread::of(logits);
+        let margin = (self.generated < self.params.probe_tokens).then_some(spread.margin);
         self.generated += 1;
 
         let top = match top_n_wanted {
@@ -357,7 +350,7 @@ impl Sampler {
             logprob: log_softmax_at(logits, max, lse, token as usize),
             top,
             margin,
-            spread: Spread::of(logits, max),
+            spread,
         }
     }
 
