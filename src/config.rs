@@ -104,6 +104,15 @@ pub struct Config {
     pub ledger_retention_days: u32,
     /// The response cache (`[cache]`); off unless turned on here, for a tenant, or for a route.
     pub cache: crate::cache::CacheConfig,
+    /// Export request traces to this OpenTelemetry collector (e.g. `http://localhost:4318`);
+    /// unset: no traces.
+    pub otlp_endpoint: Option<String>,
+    /// `http/protobuf` (default) or `grpc`.
+    pub otlp_protocol: crate::telemetry::trace::OtlpProtocol,
+    /// Put prompts and outputs in the spans (off: only sizes, timings and decisions leave).
+    pub otlp_export_content: bool,
+    /// Share of traces kept (0..1) when the client sent no sampled `traceparent`.
+    pub otlp_sample_ratio: f64,
 }
 
 impl Default for Config {
@@ -149,6 +158,10 @@ impl Default for Config {
             routes: Vec::new(),
             ledger_retention_days: 400,
             cache: Default::default(),
+            otlp_endpoint: None,
+            otlp_protocol: Default::default(),
+            otlp_export_content: false,
+            otlp_sample_ratio: 1.0,
         }
     }
 }
@@ -239,6 +252,19 @@ impl Config {
                 "tls_cert and tls_key go together: set both or neither".into(),
             )),
         }
+    }
+
+    /// The trace exporter's settings, when `otlp_endpoint` is set.
+    pub fn traces(&self) -> Option<crate::telemetry::trace::TraceConfig> {
+        Some(crate::telemetry::trace::TraceConfig {
+            endpoint: self
+                .otlp_endpoint
+                .clone()
+                .filter(|e| !e.trim().is_empty())?,
+            protocol: self.otlp_protocol,
+            content: self.otlp_export_content,
+            sample_ratio: self.otlp_sample_ratio,
+        })
     }
 
     pub fn engine(&self) -> EngineConfig {

@@ -339,7 +339,7 @@ fn main() -> Result<()> {
                         out.write_all(piece.as_bytes())?;
                         out.flush()?;
                     }
-                    Event::Admitted { .. } => {}
+                    Event::Admitted { .. } | Event::Prefilled { .. } => {}
                     Event::Finished { .. } => break,
                     Event::Error(e) => anyhow::bail!(e),
                 }

@@ -139,7 +139,7 @@ proptest! {
                         return None; // drops the receiver: the client went away
                     }
                     match ev {
-                        Event::Admitted { .. } => {}
+                        Event::Admitted { .. } | Event::Prefilled { .. } => {}
                         Event::Token(_) => n += 1,
                         Event::Finished { reason, usage } => return Some((reason, n, usage.completion_tokens)),
                         Event::Error(err) => panic!("request failed: {err}"),

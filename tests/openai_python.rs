@@ -34,16 +34,7 @@ fn official_openai_client_works_against_hearth() {
                 models: vec!["small".into(), "large".into()],
                 ..Default::default()
             },
-            hearth::router::RouteConfig {
-                name: "escalate".into(),
-                models: vec!["small".into(), "large".into()],
-                probe_tokens: 2,
-                escalate_below: hearth::router::Thresholds {
-                    logprob_p10: 1.0,
-                    margin_p25: f32::MAX,
-                },
-                ..Default::default()
-            },
+            common::always_escalates("escalate", "small", "large"),
         ],
         ..Default::default()
     });

@@ -181,7 +181,7 @@ fn run_batch(e: &EngineHandle, prompts: &[Vec<u32>], max_tokens: usize) -> Resul
     for rx in rxs {
         for ev in rx.iter() {
             match ev {
-                Event::Admitted { .. } => {}
+                Event::Admitted { .. } | Event::Prefilled { .. } => {}
                 Event::Token(_) => tokens += 1,
                 Event::Finished { .. } => break,
                 Event::Error(msg) => return Err(crate::HearthError::InvalidRequest(msg)),

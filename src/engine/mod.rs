@@ -439,7 +439,7 @@ impl EngineHandle {
         let mut out = Vec::new();
         for ev in rx.iter() {
             match ev {
-                Event::Admitted { .. } => {}
+                Event::Admitted { .. } | Event::Prefilled { .. } => {}
                 Event::Token(s) => out.push(s),
                 Event::Finished { reason, usage } => return Ok((out, reason, usage)),
                 Event::Error(e) => return Err(HearthError::Internal(e)),

@@ -7,7 +7,7 @@
 //! and their prefix-cache chains.
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::block_pool::BlockPool;
 use super::metering::{split, CostModel};
@@ -476,13 +476,15 @@ impl Scheduler {
         }
         if seq.admitted.is_none() {
             let cached = seq.num_computed.min(seq.prompt_len);
-            let queue_secs = seq.arrived.elapsed().as_secs_f64();
+            let at = Instant::now();
+            let queue_secs = (at - seq.arrived).as_secs_f64();
             seq.admitted = Some((cached, queue_secs));
             self.pending.push((
                 seq.reply.clone(),
                 Event::Admitted {
                     cached_tokens: cached,
                     queue_secs,
+                    at,
                 },
             ));
         }
@@ -686,6 +688,7 @@ impl Scheduler {
             self.accept_constrained_greedy(plan, &out)
         };
         let mut rows = out.rows.iter().enumerate();
+        let (ended, batch_tokens) = (Instant::now(), plan.num_tokens());
         let mut done = Vec::new();
         let mut failed = Vec::new();
         let shares = match &self.cost {
@@ -729,6 +732,17 @@ impl Scheduler {
                 device_time: share,
                 tenant: seq.tenant.clone(),
             });
+            if item.prompt_tokens > 0 {
+                outputs.events.push((
+                    seq.reply.clone(),
+                    Event::Prefilled {
+                        tokens: item.prompt_tokens,
+                        batch_tokens,
+                        forward: out.elapsed,
+                        at: ended,
+                    },
+                ));
+            }
             let Some((i, row)) = row else { continue };
             let sampled = match row {
                 Row::Full(r) => seq.sampler.sample(r, &seq.tokens),

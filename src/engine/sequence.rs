@@ -51,14 +51,24 @@ impl std::ops::AddAssign for DeviceTime {
     }
 }
 
-/// What a request's reply channel carries: `Admitted` once, then `Token`s, then exactly one of
-/// `Finished` or `Error`.
+/// What a request's reply channel carries: `Admitted` once, then `Prefilled` chunks and `Token`s,
+/// then exactly one of `Finished` or `Error`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// First admission: how much of the prompt came from the prefix cache, and the time queued.
     Admitted {
         cached_tokens: usize,
         queue_secs: f64,
+        /// When (the reply is sent only after the step it joined).
+        at: Instant,
+    },
+    /// A chunk of the prompt ran: `tokens` of it, in a step of `batch_tokens` whose forward took
+    /// `forward` and ended at `at` (a trace's prefill span).
+    Prefilled {
+        tokens: usize,
+        batch_tokens: usize,
+        forward: Duration,
+        at: Instant,
     },
     Token(Sampled),
     Finished {

@@ -6,10 +6,13 @@ use std::time::Instant;
 
 use super::openai::{FinishReason, ResponseMetrics, Usage};
 use crate::ledger::{now_ms, Ledger, Row};
+use crate::telemetry::trace::Trace;
 use crate::tenancy::Tenant;
 
 pub struct Receipt {
     ledger: Option<Arc<Ledger>>,
+    /// The request's trace, which goes out with the row.
+    trace: Trace,
     row: Row,
     started: Instant,
     done: bool,
@@ -51,9 +54,11 @@ impl Receipt {
         key_id: &str,
         request_id: &str,
         started: Instant,
+        trace: Trace,
     ) -> Self {
         Self {
             ledger,
+            trace,
             row: Row {
                 request_id: request_id.into(),
                 tenant: tenant.name.to_string(),
@@ -71,6 +76,11 @@ impl Receipt {
         self.row.user = user.map(String::from);
     }
 
+    /// The request's trace (off unless `otlp_endpoint` is set).
+    pub fn trace(&self) -> &Trace {
+        &self.trace
+    }
+
     /// Whether the row has been written (or handed on by `take`).
     pub fn is_written(&self) -> bool {
         self.done
@@ -80,6 +90,7 @@ impl Receipt {
     pub fn take(&mut self) -> Self {
         let taken = Self {
             ledger: self.ledger.take(),
+            trace: std::mem::take(&mut self.trace),
             row: std::mem::take(&mut self.row),
             started: self.started,
             done: self.done,
@@ -152,6 +163,7 @@ impl Receipt {
         }
         row.e2e_ms = self.started.elapsed().as_secs_f64() * 1e3;
         row.ts_ms = now_ms();
+        super::genai::ended(&self.trace, &row, counted.map(|(_, m)| m));
         if let Some(l) = &self.ledger {
             l.record(row);
         }

@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use futures_util::stream::{self, BoxStream, StreamExt};
+use opentelemetry::KeyValue;
 
 use super::error::ApiError;
 use super::generate::{start, ChoiceEvent, Spec, Update};
@@ -207,11 +208,32 @@ impl Cascade {
         } else {
             self.group.probe_tokens.max(self.watch)
         };
+        let from = self.tried.last().cloned().unwrap_or_default();
+        let at_token = self.probed.iter().copied().max().unwrap_or(0);
+        let span = self
+            .spec
+            .trace()
+            .open("escalate", None, std::time::Instant::now(), || {
+                vec![
+                    KeyValue::new("hearth.route.from", from.clone()),
+                    KeyValue::new("hearth.route.to", engine.name.clone()),
+                    KeyValue::new("hearth.route.reason", reason),
+                    KeyValue::new("hearth.route.escalated_at_token", at_token as i64),
+                ]
+            });
         // The next model starts before this one stops, so a refusal (its queue is full) leaves the
         // cheaper answer standing.
-        let (next, stops) = match start(&self.spec, &engine, &prompts, probe) {
+        let (next, stops) = match start(&self.spec.under(span), &engine, &prompts, probe) {
             Ok(s) => s,
             Err(e) => {
+                self.spec
+                    .trace()
+                    .close(span, std::time::Instant::now(), || {
+                        vec![KeyValue::new(
+                            "hearth.escalation.refused",
+                            e.message.clone(),
+                        )]
+                    });
                 tracing::warn!(model = %engine.name, error = %e.message, "escalation refused; keeping the cheaper answer");
                 self.decided("escalation_refused", signals);
                 return;

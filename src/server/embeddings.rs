@@ -253,8 +253,12 @@ pub async fn embeddings(
     let (tenant, key_id) = tenant_of(caller)?;
     let mut receipt = receipt(&state, &headers, &tenant, &key_id, started);
     let req = async { validate(parse::<EmbeddingRequest>(&state, &headers, body).await?) }.await;
+    receipt
+        .trace()
+        .span("validate", None, started, Instant::now(), Vec::new);
     let req = counted(&state, &tenant, &mut receipt, req)?;
     receipt.set_request(&req.model, req.user.as_deref());
+    super::genai::embedding(receipt.trace(), &req.model);
     let model = req.model.clone();
     let r = embed(&state, req, &tenant, &mut receipt, started).await;
     let status = r.as_ref().map_or_else(|e| e.status, |resp| resp.status());
@@ -308,11 +312,29 @@ async fn embed(
         .limiter
         .admit(tenant, tokens)
         .map_err(ApiError::rate_limited)?;
+    let submitted = Instant::now();
     let rx = h.submit(ids, tenant.name.clone())?;
     let done = rx
         .await
         .map_err(|_| ApiError::from(crate::HearthError::EngineStopped))??;
     drop(admission);
+    let trace = receipt.trace();
+    trace.span("queue", None, submitted, submitted + done.queue, Vec::new);
+    trace.span(
+        "embed",
+        None,
+        submitted + done.queue,
+        Instant::now(),
+        || {
+            vec![
+                opentelemetry::KeyValue::new("gen_ai.usage.input_tokens", tokens as i64),
+                opentelemetry::KeyValue::new(
+                    "hearth.device_time_ms",
+                    done.device.as_secs_f64() * 1e3,
+                ),
+            ]
+        },
+    );
     let device_ms = done.device.as_secs_f64() * 1e3;
     let queue_ms = done.queue.as_secs_f64() * 1e3;
     let data = done

@@ -22,7 +22,9 @@ use super::validate::{Kind, Validated};
 use crate::engine::{self, EngineHandle, Event, Request};
 use crate::router::{Decision, Probe};
 use crate::telemetry::names;
+use crate::telemetry::trace::{SpanRef, Trace};
 use crate::text::{TextStream, Tokenizer};
+use opentelemetry::KeyValue;
 
 /// Where a request's answer comes from.
 // One per request, moved once: the size of `Live` costs nothing worth a box.
@@ -125,11 +127,16 @@ pub(super) struct Spec {
     limiter: Arc<crate::tenancy::limits::TenantLimiter>,
     started: Instant,
     constraint: Option<crate::grammar::Constraint>,
+    trace: Trace,
+    /// The span the choices' queue, prefill and decode spans go under (None: the request's).
+    parent: Option<SpanRef>,
 }
 
 impl Spec {
     fn of(job: &Job) -> Self {
         Self {
+            trace: job.receipt.trace().clone(),
+            parent: None,
             params: job.req.params.clone(),
             n: job.req.n,
             stops: job.req.stops.clone(),
@@ -144,6 +151,18 @@ impl Spec {
     /// Choices per prompt.
     pub(super) fn n(&self) -> usize {
         self.n
+    }
+
+    pub(super) fn trace(&self) -> &Trace {
+        &self.trace
+    }
+
+    /// The same request, its choices' spans under `parent` (an escalation's).
+    pub(super) fn under(&self, parent: Option<SpanRef>) -> Self {
+        Self {
+            parent,
+            ..self.clone()
+        }
     }
 }
 
@@ -237,10 +256,22 @@ struct ChoiceState {
     last: Instant,
     usage: ChoiceUsage,
     quality: crate::quality::Tracker,
+    trace: Trace,
+    parent: Option<SpanRef>,
+    /// Prompt chunks run so far (the prefill spans' numbering).
+    chunks: usize,
     done: bool,
 }
 
 impl ChoiceState {
+    /// The attributes every span of this choice carries.
+    fn span_attrs(&self) -> Vec<KeyValue> {
+        vec![
+            KeyValue::new("gen_ai.response.model", self.labels[0].1.clone()),
+            KeyValue::new("hearth.choice", self.choice as i64),
+        ]
+    }
+
     fn finished(&mut self, reason: FinishReason) -> ChoiceEvent {
         self.done = true;
         self.usage.quality = self.quality.summary(reason == FinishReason::Length);
@@ -288,9 +319,19 @@ impl ChoiceState {
             Some(Event::Admitted {
                 cached_tokens,
                 queue_secs,
+                at,
             }) => {
                 self.usage.cached_tokens = cached_tokens;
                 self.usage.queue_secs = queue_secs;
+                let queued = at - std::time::Duration::from_secs_f64(queue_secs);
+                self.trace.span("queue", self.parent, queued, at, || {
+                    let mut v = self.span_attrs();
+                    v.push(KeyValue::new(
+                        "gen_ai.usage.cache_read.input_tokens",
+                        cached_tokens as i64,
+                    ));
+                    v
+                });
                 metrics::histogram!(names::QUEUE_TIME, &self.labels).record(queue_secs);
                 tracing::debug!(
                     choice = self.choice,
@@ -298,6 +339,25 @@ impl ChoiceState {
                     queue_ms = queue_secs * 1e3,
                     "queued -> prefill"
                 );
+                Vec::new()
+            }
+            Some(Event::Prefilled {
+                tokens,
+                batch_tokens,
+                forward,
+                at,
+            }) => {
+                self.chunks += 1;
+                self.trace
+                    .span("prefill", self.parent, at - forward, at, || {
+                        let mut v = self.span_attrs();
+                        v.extend([
+                            KeyValue::new("hearth.prefill.chunk", self.chunks as i64),
+                            KeyValue::new("hearth.prefill.tokens", tokens as i64),
+                            KeyValue::new("hearth.step.tokens", batch_tokens as i64),
+                        ]);
+                        v
+                    });
                 Vec::new()
             }
             // Tokens the engine ran before it saw the stop: billed (in `Finished`), not shown.
@@ -352,6 +412,23 @@ impl ChoiceState {
                     self.usage.completion_tokens = usage.completion_tokens;
                 }
                 self.usage.device = usage.device;
+                if let (Some(first), Some(last)) = (self.usage.first_token, self.usage.last_token) {
+                    self.trace.span("decode", self.parent, first, last, || {
+                        let mut v = self.span_attrs();
+                        v.extend([
+                            KeyValue::new(
+                                "gen_ai.usage.output_tokens",
+                                usage.completion_tokens as i64,
+                            ),
+                            KeyValue::new(
+                                "hearth.decode_device_time_ms",
+                                usage.device.decode.as_secs_f64() * 1e3,
+                            ),
+                            KeyValue::new("hearth.finish", format!("{reason:?}").to_lowercase()),
+                        ]);
+                        v
+                    });
+                }
                 let rest = self.text.finish().unwrap_or_default();
                 let reason = match reason {
                     engine::FinishReason::Length if !self.stopping => FinishReason::Length,
@@ -434,6 +511,9 @@ pub(super) fn start(
                 quality: None,
             },
             quality: Default::default(),
+            trace: spec.trace.clone(),
+            parent: spec.parent,
+            chunks: 0,
             done: false,
         })
         .boxed()
@@ -541,9 +621,14 @@ impl Tally {
         (usage_of(&self.finishes), metrics)
     }
 
-    /// Gather the first choice's text for the response cache (only on a miss).
+    /// Gather the first choice's text for the response cache (only on a miss) and the trace
+    /// (only when it exports content).
     fn record(&mut self, choice: usize, text: &str, logprobs: &[TokenLogprob]) {
-        if self.store.is_some() && choice == 0 {
+        if choice != 0 {
+            return;
+        }
+        self.receipt.trace().output(text);
+        if self.store.is_some() {
             self.recorded.0.push_str(text);
             self.recorded.1.extend_from_slice(logprobs);
         }

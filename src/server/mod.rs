@@ -5,6 +5,7 @@ pub mod cached;
 pub mod cascade;
 pub mod embeddings;
 pub mod error;
+pub mod genai;
 pub mod generate;
 pub mod http;
 pub mod openai;
@@ -62,6 +63,8 @@ pub struct AppState {
     pub cache_config: crate::cache::CacheConfig,
     /// Response-cache settings of models and routes, by name.
     pub cache_by_name: Vec<(String, crate::cache::CacheSettings)>,
+    /// The OTLP trace exporter (None when `otlp_endpoint` is unset).
+    pub tracing: Option<Arc<crate::telemetry::trace::Tracing>>,
 }
 
 impl AppState {
@@ -336,6 +339,10 @@ impl Server {
             response_cache: Arc::new(response_cache(&config)),
             cache_config: config.cache.clone(),
             cache_by_name: config.cache_by_name(),
+            tracing: config
+                .traces()
+                .map(|t| crate::telemetry::trace::Tracing::start(&t))
+                .transpose()?,
         });
         let addr = listener.local_addr()?;
         tracing::info!(
@@ -409,6 +416,9 @@ impl Server {
         }
         let cache = self.state.response_cache.clone();
         let _ = tokio::task::spawn_blocking(move || cache.close()).await;
+        if let Some(t) = self.state.tracing.clone() {
+            let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::StreamExt;
+use opentelemetry::KeyValue;
 use serde_json::json;
 
 use super::billing::{Ending, Receipt};
@@ -27,6 +28,7 @@ use crate::engine::EngineHandle;
 use crate::ledger::{GroupBy, UsageQuery};
 use crate::router::Policy;
 use crate::telemetry::names;
+use crate::telemetry::trace::Trace;
 use crate::tenancy::{Caller, Tenant};
 
 /// The body as JSON of type T: a body over the size limit is a 413 (see `http::read_body`),
@@ -280,7 +282,18 @@ pub(super) fn receipt(
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    Receipt::new(state.ledger.clone(), tenant, key_id, request_id, started)
+    let trace = state
+        .tracing
+        .as_ref()
+        .map_or_else(Trace::off, |t| t.begin(headers, started));
+    Receipt::new(
+        state.ledger.clone(),
+        tenant,
+        key_id,
+        request_id,
+        started,
+        trace,
+    )
 }
 
 /// An inference route: the caller's tenant, a ledger row begun at arrival, the body parsed and
@@ -301,7 +314,11 @@ async fn infer<R: serde::de::DeserializeOwned>(
         Ok((req, directive))
     }
     .await;
+    receipt
+        .trace()
+        .span("validate", None, started, Instant::now(), Vec::new);
     let (req, directive) = counted(&state, &tenant, &mut receipt, req)?;
+    super::genai::asked(receipt.trace(), &req);
     run(state, req, directive, tenant, receipt, started).await
 }
 
@@ -342,13 +359,40 @@ async fn live(
     state: &AppState,
     req: &Validated,
     tenant: &Tenant,
+    trace: &Trace,
 ) -> Result<generate::Source, ApiError> {
+    let t0 = Instant::now();
     let (engine, prompts, route) = match state.routes.get().and_then(|r| r.get(&req.model)) {
-        Some(group) => routed(state, req, tenant, group.clone()).await?,
+        Some(group) => {
+            let r = routed(state, req, tenant, group.clone()).await?;
+            trace.span("route", None, t0, Instant::now(), || {
+                let plan = r.2.as_ref();
+                let mut v = vec![
+                    KeyValue::new("hearth.route.group", req.model.clone()),
+                    KeyValue::new("gen_ai.response.model", r.0.name.clone()),
+                ];
+                if let Some(p) = plan.and_then(|p| p.picked.clone()) {
+                    v.push(KeyValue::new("hearth.route.picked", p));
+                }
+                if let Some(p) = plan.filter(|p| !p.next.is_empty()) {
+                    let next: Vec<_> = p.next.iter().map(|(e, _)| e.name.clone().into()).collect();
+                    v.push(KeyValue::new(
+                        "hearth.route.escalation_models",
+                        opentelemetry::Value::Array(opentelemetry::Array::String(next)),
+                    ));
+                }
+                v
+            });
+            r
+        }
         None => {
             let engine = engine(state, &req.model)?;
             checked(req, &engine)?;
             let prompts = tokenize(state, req, &engine).await?;
+            trace.span("tokenize", None, t0, Instant::now(), || {
+                let tokens: usize = prompts.iter().map(Vec::len).sum();
+                vec![KeyValue::new("gen_ai.usage.input_tokens", tokens as i64)]
+            });
             (engine, prompts, None)
         }
     };
@@ -398,16 +442,33 @@ async fn run_job(
         .limiter
         .admit(&tenant, 0)
         .map_err(ApiError::rate_limited)?;
+    let trace = receipt
+        .as_ref()
+        .map(|r| r.trace().clone())
+        .unwrap_or_default();
+    let t0 = Instant::now();
     let outcome = super::cached::lookup(&state, &req, &tenant, directive).await?;
     let cache_header = outcome.header();
+    if let Some(h) = &cache_header {
+        trace.span("cache lookup", None, t0, Instant::now(), || {
+            vec![KeyValue::new(
+                "hearth.cache.result",
+                h.to_str().unwrap_or_default().to_string(),
+            )]
+        });
+    }
     let (source, cache, store) = match outcome {
         Outcome::Hit(hit, m) => (generate::Source::Cached(hit.answer), Some(m), None),
         Outcome::Miss(store) => {
             let m = store.metrics.clone();
-            (live(&state, &req, &tenant).await?, Some(m), Some(*store))
+            (
+                live(&state, &req, &tenant, &trace).await?,
+                Some(m),
+                Some(*store),
+            )
         }
-        Outcome::Bypass(m) => (live(&state, &req, &tenant).await?, Some(m), None),
-        Outcome::Off => (live(&state, &req, &tenant).await?, None, None),
+        Outcome::Bypass(m) => (live(&state, &req, &tenant, &trace).await?, Some(m), None),
+        Outcome::Off => (live(&state, &req, &tenant, &trace).await?, None, None),
     };
     // A replayed answer runs nothing: it counts as a request, not as tokens.
     if let generate::Source::Live { prompts, .. } = &source {

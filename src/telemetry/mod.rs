@@ -1,5 +1,7 @@
 //! Tracing set-up and every metric name, in one place. Names follow vLLM's, with a `hearth_` prefix and a
 //! `model` label.
+pub mod trace;
+
 pub mod names {
     pub const REQUESTS_RUNNING: &str = "hearth_num_requests_running";
     pub const REQUESTS_WAITING: &str = "hearth_num_requests_waiting";

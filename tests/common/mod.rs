@@ -37,6 +37,21 @@ pub fn both_models(smol: &str, gemma: &str) -> Vec<hearth::config::ModelEntry> {
     ]
 }
 
+/// A route group over `small` then `large` whose thresholds no answer passes: every request
+/// escalates after two probe tokens.
+pub fn always_escalates(name: &str, small: &str, large: &str) -> hearth::router::RouteConfig {
+    hearth::router::RouteConfig {
+        name: name.into(),
+        models: vec![small.into(), large.into()],
+        probe_tokens: 2,
+        escalate_below: hearth::router::Thresholds {
+            logprob_p10: 1.0,
+            margin_p25: f32::MAX,
+        },
+        ..Default::default()
+    }
+}
+
 pub fn load(path: &Path) -> Model {
     Model::load(path, "test", &Device::Cpu).expect("model loads")
 }
