@@ -21,7 +21,9 @@ pub async fn require_key(
 ) -> Response {
     let path = req.uri().path();
     let metrics = path == "/metrics";
-    if !(path.starts_with("/v1/") || (metrics && state.metrics_require_key)) {
+    // The console's page and assets hold no data; its live feed does.
+    let keyed = path.starts_with("/v1/") || path == "/console/live";
+    if !(keyed || (metrics && state.metrics_require_key)) {
         return next.run(req).await;
     }
     let authorization = req

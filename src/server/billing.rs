@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::console::errors::{ErrorEntry, ErrorLog};
 use super::openai::{FinishReason, ResponseMetrics, Usage};
 use crate::ledger::{now_ms, Ledger, Row};
 use crate::telemetry::trace::Trace;
@@ -13,6 +14,8 @@ pub struct Receipt {
     ledger: Option<Arc<Ledger>>,
     /// The request's trace, which goes out with the row.
     trace: Trace,
+    /// Where an error ending is also noted (the console's recent errors).
+    errors: Option<Arc<ErrorLog>>,
     row: Row,
     started: Instant,
     done: bool,
@@ -41,8 +44,11 @@ pub enum Ending<'a> {
     /// Refused or failed before producing anything.
     Refused {
         status: u16,
+        message: &'a str,
     },
-    Failed,
+    Failed {
+        message: &'a str,
+    },
     /// Dropped with no ending: the client left before anything was counted.
     ClientClosed,
 }
@@ -55,10 +61,12 @@ impl Receipt {
         request_id: &str,
         started: Instant,
         trace: Trace,
+        errors: Option<Arc<ErrorLog>>,
     ) -> Self {
         Self {
             ledger,
             trace,
+            errors,
             row: Row {
                 request_id: request_id.into(),
                 tenant: tenant.name.to_string(),
@@ -81,6 +89,14 @@ impl Receipt {
         &self.trace
     }
 
+    /// Write the row of a request refused with `e`.
+    pub fn refuse(&mut self, e: &super::error::ApiError) {
+        self.finish(Ending::Refused {
+            status: e.status.as_u16(),
+            message: &e.message,
+        });
+    }
+
     /// Whether the row has been written (or handed on by `take`).
     pub fn is_written(&self) -> bool {
         self.done
@@ -91,6 +107,7 @@ impl Receipt {
         let taken = Self {
             ledger: self.ledger.take(),
             trace: std::mem::take(&mut self.trace),
+            errors: self.errors.take(),
             row: std::mem::take(&mut self.row),
             started: self.started,
             done: self.done,
@@ -105,6 +122,7 @@ impl Receipt {
             return;
         }
         let mut row = std::mem::take(&mut self.row);
+        let mut error = None;
         let (status, reason, counted) = match ending {
             Ending::Finished {
                 reason,
@@ -134,8 +152,14 @@ impl Receipt {
                 row.queue_ms = queue_ms;
                 (200, "embedded", None)
             }
-            Ending::Refused { status } => (status, "refused", None),
-            Ending::Failed => (500, "error", None),
+            Ending::Refused { status, message } => {
+                error = Some(message);
+                (status, "refused", None)
+            }
+            Ending::Failed { message } => {
+                error = Some(message);
+                (500, "error", None)
+            }
             Ending::ClientClosed => (499, "client_closed", None),
         };
         row.status = status;
@@ -164,6 +188,20 @@ impl Receipt {
         row.e2e_ms = self.started.elapsed().as_secs_f64() * 1e3;
         row.ts_ms = now_ms();
         super::genai::ended(&self.trace, &row, counted.map(|(_, m)| m));
+        // A client that left is not an error of the service.
+        if row.status >= 400 && row.status != 499 {
+            if let Some(log) = &self.errors {
+                log.push(ErrorEntry {
+                    ts_ms: row.ts_ms,
+                    tenant: row.tenant.clone(),
+                    model: row.model.clone(),
+                    status: row.status,
+                    reason: row.finish_reason.clone(),
+                    message: error.unwrap_or_default().to_string(),
+                    request_id: row.request_id.clone(),
+                });
+            }
+        }
         if let Some(l) = &self.ledger {
             l.record(row);
         }

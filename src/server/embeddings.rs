@@ -262,9 +262,9 @@ pub async fn embeddings(
     let model = req.model.clone();
     let r = embed(&state, req, &tenant, &mut receipt, started).await;
     let status = r.as_ref().map_or_else(|e| e.status, |resp| resp.status());
-    receipt.finish(Ending::Refused {
-        status: status.as_u16(),
-    });
+    if let Err(e) = &r {
+        receipt.refuse(e);
+    }
     count_request(&state, &tenant, &model, status);
     r
 }

@@ -811,9 +811,7 @@ pub async fn complete(mut job: Job) -> Result<Body, ApiError> {
     let mut tally = match updates(&job) {
         Ok((updates, stops)) => Tally::new(updates, stops, &mut job),
         Err(e) => {
-            job.receipt.finish(Ending::Refused {
-                status: e.status.as_u16(),
-            });
+            job.receipt.refuse(&e);
             return Err(e);
         }
     };
@@ -834,7 +832,7 @@ pub async fn complete(mut job: Job) -> Result<Body, ApiError> {
                 tally.finishes.push(usage);
             }
             ChoiceEvent::Failed(e) => {
-                tally.receipt.finish(Ending::Failed);
+                tally.receipt.finish(Ending::Failed { message: &e });
                 return Err(ApiError::internal(e));
             }
         }
@@ -1181,7 +1179,7 @@ impl SseState {
                         }
                         ChoiceEvent::Failed(e) => {
                             self.phase = Phase::Done;
-                            self.tally.receipt.finish(Ending::Failed);
+                            self.tally.receipt.finish(Ending::Failed { message: &e });
                             let err = ErrorResponse::new(
                                 &e,
                                 "server_error",
@@ -1220,9 +1218,7 @@ pub fn stream(
     let tally = match updates(&job) {
         Ok((updates, stops)) => Tally::new(updates, stops, &mut job),
         Err(e) => {
-            job.receipt.finish(Ending::Refused {
-                status: e.status.as_u16(),
-            });
+            job.receipt.refuse(&e);
             return Err(e);
         }
     };

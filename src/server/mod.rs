@@ -3,6 +3,7 @@ pub mod auth;
 pub mod billing;
 pub mod cached;
 pub mod cascade;
+pub mod console;
 pub mod embeddings;
 pub mod error;
 pub mod genai;
@@ -63,6 +64,8 @@ pub struct AppState {
     pub cache_config: crate::cache::CacheConfig,
     /// Response-cache settings of models and routes, by name.
     pub cache_by_name: Vec<(String, crate::cache::CacheSettings)>,
+    /// The latest error endings, for the console.
+    pub errors: Arc<console::errors::ErrorLog>,
     /// The OTLP trace exporter (None when `otlp_endpoint` is unset).
     pub tracing: Option<Arc<crate::telemetry::trace::Tracing>>,
 }
@@ -144,6 +147,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/ready", get(routes::ready))
         .route("/metrics", get(routes::metrics))
         .route("/openapi.json", get(routes::openapi))
+        .route("/", get(console::index))
+        .route("/console/console.js", get(console::script))
+        .route("/console/console.css", get(console::style))
+        .route("/console/live", get(console::live))
         .fallback(routes::not_found)
         .with_state(state.clone())
         .layer(
@@ -339,6 +346,7 @@ impl Server {
             response_cache: Arc::new(response_cache(&config)),
             cache_config: config.cache.clone(),
             cache_by_name: config.cache_by_name(),
+            errors: Default::default(),
             tracing: config
                 .traces()
                 .map(|t| crate::telemetry::trace::Tracing::start(&t))

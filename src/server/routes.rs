@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use opentelemetry::KeyValue;
 use serde_json::json;
 
-use super::billing::{Ending, Receipt};
+use super::billing::Receipt;
 use super::error::ApiError;
 use super::generate::{self, Job};
 use super::openai::{
@@ -263,9 +263,7 @@ pub(super) fn counted<T>(
 ) -> Result<T, ApiError> {
     if let Err(e) = &r {
         count_request(state, tenant, "", e.status);
-        receipt.finish(Ending::Refused {
-            status: e.status.as_u16(),
-        });
+        receipt.refuse(e);
     }
     r
 }
@@ -293,6 +291,7 @@ pub(super) fn receipt(
         request_id,
         started,
         trace,
+        Some(state.errors.clone()),
     )
 }
 
@@ -345,10 +344,9 @@ async fn run(
     )
     .await;
     let status = r.as_ref().map_or_else(|e| e.status, |resp| resp.status());
-    if let Some(mut receipt) = slot {
-        receipt.finish(Ending::Refused {
-            status: status.as_u16(),
-        });
+    // Until the job took it, the receipt is here only for a refusal.
+    if let (Some(mut receipt), Err(e)) = (slot, &r) {
+        receipt.refuse(e);
     }
     count_request(&state, &tenant, &model, status);
     r

@@ -126,6 +126,13 @@ impl Tracing {
         })))
     }
 
+    /// Export what is buffered now (benchmarks; the batch processor exports on its own schedule).
+    pub fn flush(&self) {
+        if let Err(e) = self.provider.force_flush() {
+            tracing::warn!(error = %e, "trace export failed");
+        }
+    }
+
     /// Export what is buffered and stop (at shutdown; later spans are dropped).
     pub fn shutdown(&self) {
         if let Err(e) = self.provider.shutdown() {

@@ -1,0 +1,213 @@
+//! The web console at `/`: a playground and a live view, served by the binary itself (the assets
+//! are compiled in; the page loads nothing from anywhere else, so it works offline). The page holds
+//! no data: it calls the API with the key its user types in, and the live view is a server-sent
+//! event feed behind the same keys (a tenant key sees its own tenant's usage and errors, an admin
+//! key everyone's).
+pub mod errors;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Extension, State};
+use axum::http::{header, HeaderValue};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::{self, Stream};
+use serde::Serialize;
+
+use super::AppState;
+use crate::ledger::{GroupBy, UsageQuery, UsageRow};
+use crate::tenancy::Caller;
+
+const INDEX: &str = include_str!("assets/index.html");
+const SCRIPT: &str = include_str!("assets/console.js");
+const STYLE: &str = include_str!("assets/console.css");
+
+/// Nothing but this server's own script, style and API: no CDN, no inline script, no framing.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+                   img-src 'self' data:; base-uri 'none'; form-action 'none'; \
+                   frame-ancestors 'none'";
+
+/// How often the live view is refreshed.
+const TICK: Duration = Duration::from_secs(1);
+
+/// Recent errors sent per snapshot.
+const ERRORS_SHOWN: usize = 20;
+
+fn asset(body: &'static str, content_type: &'static str) -> Response {
+    let mut resp = body.into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    // Served with the binary: a new build may change them.
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+pub async fn index() -> Response {
+    asset(INDEX, "text/html; charset=utf-8")
+}
+
+pub async fn script() -> Response {
+    asset(SCRIPT, "text/javascript; charset=utf-8")
+}
+
+pub async fn style() -> Response {
+    asset(STYLE, "text/css; charset=utf-8")
+}
+
+/// One served model's state, as the live view shows it.
+#[derive(Debug, Serialize)]
+struct ModelLive {
+    name: String,
+    running: usize,
+    waiting: usize,
+    /// Share of the KV blocks in use (0 to 1).
+    kv_usage: f64,
+    /// Tokens generated per second over the last tick.
+    tokens_per_second: f64,
+    /// Share of prompt tokens served from the prefix cache since start (None before any).
+    prefix_hit_rate: Option<f64>,
+}
+
+/// What the live view gets every tick.
+#[derive(Debug, Serialize)]
+struct Snapshot {
+    ts_ms: i64,
+    /// `admin`, or the tenant the key belongs to.
+    scope: String,
+    /// None when this key may not see the engines (`metrics_require_key` and a tenant key).
+    models: Option<Vec<ModelLive>>,
+    /// Today's usage (UTC) by tenant, from the ledger; None without a ledger.
+    usage_today: Option<Vec<UsageRow>>,
+    errors: Vec<errors::ErrorEntry>,
+}
+
+/// The feed's state between ticks: each model's generated tokens at the previous one.
+struct Feed {
+    state: Arc<AppState>,
+    tenant: Option<String>,
+    scope: String,
+    show_models: bool,
+    last: HashMap<String, (u64, Instant)>,
+    first: bool,
+}
+
+impl Feed {
+    fn models(&mut self) -> Option<Vec<ModelLive>> {
+        if !self.show_models {
+            return None;
+        }
+        let engines = self.state.engines.get()?;
+        let now = Instant::now();
+        Some(
+            engines
+                .iter()
+                .map(|(name, e)| {
+                    let s = e.stats();
+                    let rate = match self.last.get(name) {
+                        Some(&(tokens, at)) => {
+                            let secs = (now - at).as_secs_f64().max(1e-3);
+                            s.decode_tokens.saturating_sub(tokens) as f64 / secs
+                        }
+                        None => 0.0,
+                    };
+                    self.last.insert(name.clone(), (s.decode_tokens, now));
+                    let used = s.total_blocks.saturating_sub(s.free_blocks);
+                    ModelLive {
+                        name: name.clone(),
+                        running: s.running,
+                        waiting: s.waiting,
+                        kv_usage: used as f64 / s.total_blocks.max(1) as f64,
+                        tokens_per_second: rate,
+                        prefix_hit_rate: (s.prefix_query_tokens > 0)
+                            .then(|| s.prefix_hit_tokens as f64 / s.prefix_query_tokens as f64),
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    async fn usage_today(&self) -> Option<Vec<UsageRow>> {
+        let ledger = self.state.ledger.clone()?;
+        let now = crate::ledger::now_ms() / 1000;
+        let q = UsageQuery {
+            start: Some(now - now.rem_euclid(86_400)),
+            end: None,
+            tenant: self.tenant.clone(),
+            group_by: vec![GroupBy::Tenant],
+        };
+        // Rows of requests that just ended are committed first, as /v1/usage does.
+        ledger.flush().await;
+        match tokio::task::spawn_blocking(move || ledger.query(&q)).await {
+            Ok(Ok(rows)) => Some(rows),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "console: usage query failed");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// The next snapshot (the first at once, then one per tick); None once the server drains.
+    async fn next(&mut self) -> Option<String> {
+        if !std::mem::take(&mut self.first) {
+            tokio::time::sleep(TICK).await;
+        }
+        if self.state.shutting_down.load(Ordering::Relaxed) {
+            return None;
+        }
+        let snap = Snapshot {
+            ts_ms: crate::ledger::now_ms(),
+            scope: self.scope.clone(),
+            models: self.models(),
+            usage_today: self.usage_today().await,
+            errors: self
+                .state
+                .errors
+                .recent(self.tenant.as_deref(), ERRORS_SHOWN),
+        };
+        serde_json::to_string(&snap).ok()
+    }
+}
+
+/// The live view's feed: a JSON snapshot per second as server-sent events, until the client leaves
+/// or the server drains.
+pub async fn live(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> Sse<impl Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
+    let (tenant, scope) = match &caller {
+        Caller::Tenant { tenant, .. } => (
+            Some(tenant.name.to_string()),
+            format!("tenant {}", tenant.name),
+        ),
+        Caller::Admin { .. } => (None, "admin".to_string()),
+    };
+    let show_models = matches!(caller, Caller::Admin { .. }) || !state.metrics_require_key;
+    let feed = Feed {
+        state,
+        tenant,
+        scope,
+        show_models,
+        last: HashMap::new(),
+        first: true,
+    };
+    Sse::new(stream::unfold(feed, |mut f| async move {
+        let data = f.next().await?;
+        Some((Ok(SseEvent::default().event("snapshot").data(data)), f))
+    }))
+}
