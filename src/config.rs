@@ -180,6 +180,7 @@ impl Config {
             .map_err(|e| HearthError::Config(format!("{}: {e}", path.display())))?;
         config.directory()?;
         config.check_routes()?;
+        config.traces()?;
         Ok(config)
     }
 
@@ -255,16 +256,30 @@ impl Config {
     }
 
     /// The trace exporter's settings, when `otlp_endpoint` is set.
-    pub fn traces(&self) -> Option<crate::telemetry::trace::TraceConfig> {
-        Some(crate::telemetry::trace::TraceConfig {
-            endpoint: self
-                .otlp_endpoint
-                .clone()
-                .filter(|e| !e.trim().is_empty())?,
+    pub fn traces(&self) -> Result<Option<crate::telemetry::trace::TraceConfig>> {
+        let Some(endpoint) = self.otlp_endpoint.clone().filter(|e| !e.trim().is_empty()) else {
+            return Ok(None);
+        };
+        if !(0.0..=1.0).contains(&self.otlp_sample_ratio) {
+            return Err(HearthError::Config(format!(
+                "otlp_sample_ratio must be between 0 and 1 (got {})",
+                self.otlp_sample_ratio
+            )));
+        }
+        // The exporters are built without TLS: a collector is reached over a trusted network or
+        // through a local agent.
+        if !endpoint.starts_with("http://") {
+            return Err(HearthError::Config(format!(
+                "otlp_endpoint `{endpoint}` must be an http:// URL (TLS to the collector is not \
+                 built in: run a collector or agent next to Hearth)"
+            )));
+        }
+        Ok(Some(crate::telemetry::trace::TraceConfig {
+            endpoint,
             protocol: self.otlp_protocol,
             content: self.otlp_export_content,
             sample_ratio: self.otlp_sample_ratio,
-        })
+        }))
     }
 
     pub fn engine(&self) -> EngineConfig {

@@ -140,6 +140,39 @@ fn the_page_is_self_contained_and_the_feed_is_behind_the_keys() {
 }
 
 #[test]
+fn live_feeds_are_capped_per_tenant() {
+    let s = server("console-cap", |_| {});
+    let open = |key: &str| {
+        agent()
+            .get(&format!("{}/console/live", s.base))
+            .header("authorization", &format!("Bearer {key}"))
+            .call()
+            .unwrap()
+    };
+    // Four feeds of one tenant stay open; a fifth is refused, another tenant's is not.
+    let held: Vec<_> = (0..4).map(|_| open(KEY)).collect();
+    assert!(held.iter().all(|r| r.status() == 200));
+    let mut fifth = open(KEY);
+    assert_eq!(fifth.status(), 429);
+    let body: Value = serde_json::from_str(&fifth.body_mut().read_to_string().unwrap()).unwrap();
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("live views"));
+    assert_eq!(open(OTHER).status(), 200);
+    // A closed feed gives its place back (once the server notices, at its next tick).
+    drop(held);
+    let t0 = std::time::Instant::now();
+    while open(KEY).status() != 200 {
+        assert!(
+            t0.elapsed().as_secs() < 10,
+            "the closed feeds' places never came back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[test]
 fn with_metrics_behind_a_key_a_tenant_sees_no_engine_gauges() {
     let s = server("console-closed", |c| c.metrics_require_key = true);
     assert!(snapshot(&s.base, Some(KEY)).unwrap()["models"].is_null());

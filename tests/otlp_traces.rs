@@ -192,7 +192,7 @@ fn http_protobuf_traces_follow_the_request_path_under_the_clients_traceparent() 
         "/v1/chat/completions",
         &[("traceparent", traceparent.as_str())],
         &json!({"model": "otlp-small", "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": 6, "temperature": 0, "user": "analyst-7"}),
+                "max_tokens": 6, "temperature": 0, "user": "analyst-7", "stop": ["the end"]}),
     );
     assert_eq!(status, 200, "{text}");
     let chat: Value = serde_json::from_str(&text).unwrap();
@@ -241,6 +241,10 @@ fn http_protobuf_traces_follow_the_request_path_under_the_clients_traceparent() 
     // Content is off: the prompt's words and the reply are nowhere in the export.
     let dump = serde_json::to_string(&all).unwrap();
     assert!(!dump.contains("northern depot"), "the prompt was exported");
+    assert!(
+        !dump.contains("analyst-7") && !dump.contains("the end"),
+        "the user label or a stop string was exported"
+    );
     assert!(!dump.contains("gen_ai.input.messages") && !dump.contains("gen_ai.output.messages"));
 
     // The chat request: under the client's span, named and attributed per the GenAI conventions.
@@ -272,7 +276,8 @@ fn http_protobuf_traces_follow_the_request_path_under_the_clients_traceparent() 
         json!([chat["choices"][0]["finish_reason"]])
     );
     assert_eq!(a["hearth.tenant"], TENANT);
-    assert_eq!(a["hearth.user"], "analyst-7");
+    // The end-user label goes only with the content.
+    assert!(a["hearth.user"].is_null());
     assert_eq!(a["http.response.status_code"], 200);
     let device = chat["metrics"]["device_time_ms"].as_f64().unwrap();
     assert!(device > 0.0);
@@ -394,6 +399,25 @@ fn http_protobuf_traces_follow_the_request_path_under_the_clients_traceparent() 
 }
 
 #[test]
+fn bad_trace_settings_are_refused_at_start() {
+    for (endpoint, ratio) in [
+        ("https://collector:4318", 1.0),
+        ("collector:4318", 1.0),
+        ("http://collector:4318", 1.5),
+        ("http://collector:4318", f64::NAN),
+    ] {
+        let cfg = hearth::config::Config {
+            otlp_endpoint: Some(endpoint.into()),
+            otlp_sample_ratio: ratio,
+            ..Default::default()
+        };
+        assert!(cfg.traces().is_err(), "{endpoint} {ratio}");
+    }
+    let off = hearth::config::Config::default();
+    assert!(off.traces().unwrap().is_none());
+}
+
+#[test]
 fn grpc_traces_sample_by_the_clients_flag_and_carry_content_only_when_configured() {
     let receiver = Receiver::start("grpc");
     let s = server(&receiver, |c| {
@@ -416,7 +440,7 @@ fn grpc_traces_sample_by_the_clients_flag_and_carry_content_only_when_configured
             &json!({"model": "otlp-small", "messages": [
                 {"role": "system", "content": "You answer in one word."},
                 {"role": "user", "content": "Name a colour of the sky."}],
-                "max_tokens": 5, "temperature": 0}),
+                "max_tokens": 5, "temperature": 0, "user": "analyst-9", "stop": ["\n\n"]}),
         );
         assert_eq!(status, 200, "{text}");
         (id, serde_json::from_str::<Value>(&text).unwrap())
@@ -446,6 +470,8 @@ fn grpc_traces_sample_by_the_clients_flag_and_carry_content_only_when_configured
     let (root, under) = request_spans(&all, &first);
     assert_eq!(root["trace_id"], "0af7651916cd43dd8448eb211c80319c");
     let a = &root["attributes"];
+    assert_eq!(a["hearth.user"], "analyst-9");
+    assert_eq!(a["gen_ai.request.stop_sequences"], json!(["\n\n"]));
     let input: Value = serde_json::from_str(a["gen_ai.input.messages"].as_str().unwrap()).unwrap();
     assert_eq!(
         input,

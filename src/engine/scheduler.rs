@@ -676,6 +676,8 @@ impl Scheduler {
     /// index), each sequence that wanted logits samples and appends a token, and finished ones are
     /// retired.
     pub fn update(&mut self, plan: &StepPlan, out: StepOutput) -> StepOutputs {
+        // When the forward ended, as near as the host knows (before any sampling work).
+        let (ended, batch_tokens) = (Instant::now(), plan.num_tokens());
         let mut outputs = StepOutputs {
             events: std::mem::take(&mut self.pending),
             seqs: Vec::with_capacity(plan.items.len()),
@@ -688,7 +690,6 @@ impl Scheduler {
             self.accept_constrained_greedy(plan, &out)
         };
         let mut rows = out.rows.iter().enumerate();
-        let (ended, batch_tokens) = (Instant::now(), plan.num_tokens());
         let mut done = Vec::new();
         let mut failed = Vec::new();
         let shares = match &self.cost {

@@ -66,11 +66,14 @@ pub fn asked(trace: &Trace, req: &Validated) {
                 f64::from(p.frequency_penalty),
             ));
         }
-        if !req.stops.is_empty() {
+        // Stop strings are the client's text: only their number unless content is exported.
+        if content && !req.stops.is_empty() {
             v.push(kv(
                 "gen_ai.request.stop_sequences",
                 strings(req.stops.iter().cloned()),
             ));
+        } else if !req.stops.is_empty() {
+            v.push(kv("hearth.request.stop_sequences", req.stops.len() as i64));
         }
         if req.constraint.is_some() {
             v.push(kv("hearth.constrained", true));
@@ -134,7 +137,8 @@ pub fn ended(trace: &Trace, row: &Row, m: Option<&ResponseMetrics>) {
         if !row.key_id.is_empty() {
             v.push(kv("hearth.key_id", row.key_id.clone()));
         }
-        if let Some(u) = &row.user {
+        // The end-user label often names a person: it goes with the content.
+        if let Some(u) = row.user.as_ref().filter(|_| content) {
             v.push(kv("hearth.user", u.clone()));
         }
         if let Some(t) = row.ttft_ms {

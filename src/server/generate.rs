@@ -323,7 +323,9 @@ impl ChoiceState {
             }) => {
                 self.usage.cached_tokens = cached_tokens;
                 self.usage.queue_secs = queue_secs;
-                let queued = at - std::time::Duration::from_secs_f64(queue_secs);
+                let queued = at
+                    .checked_sub(std::time::Duration::from_secs_f64(queue_secs))
+                    .unwrap_or(at);
                 self.trace.span("queue", self.parent, queued, at, || {
                     let mut v = self.span_attrs();
                     v.push(KeyValue::new(
@@ -348,16 +350,16 @@ impl ChoiceState {
                 at,
             }) => {
                 self.chunks += 1;
-                self.trace
-                    .span("prefill", self.parent, at - forward, at, || {
-                        let mut v = self.span_attrs();
-                        v.extend([
-                            KeyValue::new("hearth.prefill.chunk", self.chunks as i64),
-                            KeyValue::new("hearth.prefill.tokens", tokens as i64),
-                            KeyValue::new("hearth.step.tokens", batch_tokens as i64),
-                        ]);
-                        v
-                    });
+                let start = at.checked_sub(forward).unwrap_or(at);
+                self.trace.span("prefill", self.parent, start, at, || {
+                    let mut v = self.span_attrs();
+                    v.extend([
+                        KeyValue::new("hearth.prefill.chunk", self.chunks as i64),
+                        KeyValue::new("hearth.prefill.tokens", tokens as i64),
+                        KeyValue::new("hearth.step.tokens", batch_tokens as i64),
+                    ]);
+                    v
+                });
                 Vec::new()
             }
             // Tokens the engine ran before it saw the stop: billed (in `Finished`), not shown.

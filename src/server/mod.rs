@@ -66,6 +66,8 @@ pub struct AppState {
     pub cache_by_name: Vec<(String, crate::cache::CacheSettings)>,
     /// The latest error endings, for the console.
     pub errors: Arc<console::errors::ErrorLog>,
+    /// The console's live feeds.
+    pub console: console::Feeds,
     /// The OTLP trace exporter (None when `otlp_endpoint` is unset).
     pub tracing: Option<Arc<crate::telemetry::trace::Tracing>>,
 }
@@ -347,8 +349,9 @@ impl Server {
             cache_config: config.cache.clone(),
             cache_by_name: config.cache_by_name(),
             errors: Default::default(),
+            console: Default::default(),
             tracing: config
-                .traces()
+                .traces()?
                 .map(|t| crate::telemetry::trace::Tracing::start(&t))
                 .transpose()?,
         });

@@ -11,7 +11,9 @@ use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer 
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider,
+};
 use serde::Deserialize;
 
 use crate::error::{HearthError, Result};
@@ -87,8 +89,18 @@ impl Tracing {
             .build();
         // Whether a request is traced is decided at its arrival (see `begin`), so that an
         // unsampled one records nothing: what reaches the SDK is kept.
+        // A request's spans arrive together when it ends: room for a few thousand requests'
+        // worth between exports, so a burst is not dropped.
+        let batches = BatchSpanProcessor::builder(exporter)
+            .with_batch_config(
+                BatchConfigBuilder::default()
+                    .with_max_queue_size(1 << 16)
+                    .with_max_export_batch_size(2048)
+                    .build(),
+            )
+            .build();
         let provider = SdkTracerProvider::builder()
-            .with_batch_exporter(exporter)
+            .with_span_processor(batches)
             .with_sampler(Sampler::AlwaysOn)
             .with_resource(resource)
             .build();

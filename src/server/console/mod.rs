@@ -7,7 +7,7 @@ pub mod errors;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Extension, State};
@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, Stream};
 use serde::Serialize;
 
+use super::error::ApiError;
 use super::AppState;
 use crate::ledger::{GroupBy, UsageQuery, UsageRow};
 use crate::tenancy::Caller;
@@ -35,6 +36,62 @@ const TICK: Duration = Duration::from_secs(1);
 
 /// Recent errors sent per snapshot.
 const ERRORS_SHOWN: usize = 20;
+
+/// Live feeds open at once, in all and per tenant (admins count as one): each holds a connection
+/// for as long as its page is open.
+const MAX_FEEDS: usize = 32;
+const MAX_FEEDS_PER_SCOPE: usize = 4;
+
+/// The live feeds' shared state: how many are open per scope, and each scope's usage of today,
+/// read from the ledger at most once per tick whatever the number of viewers.
+#[derive(Default)]
+pub struct Feeds {
+    open: Mutex<HashMap<String, usize>>,
+    usage: Mutex<HashMap<String, Read>>,
+}
+
+/// A scope's usage of today and when it was read (None: no ledger, or the read failed).
+type Read = (Instant, Option<Arc<Vec<UsageRow>>>);
+
+/// A feed's place under the caps, given back when the feed ends.
+struct Slot {
+    state: Arc<AppState>,
+    scope: String,
+}
+
+impl Feeds {
+    fn open(state: &Arc<AppState>, scope: &str) -> Option<Slot> {
+        let mut open = state
+            .console
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let total: usize = open.values().sum();
+        let mine = open.entry(scope.to_string()).or_default();
+        if total >= MAX_FEEDS || *mine >= MAX_FEEDS_PER_SCOPE {
+            return None;
+        }
+        *mine += 1;
+        Some(Slot {
+            state: state.clone(),
+            scope: scope.to_string(),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self
+            .state
+            .console
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.scope) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
 
 fn asset(body: &'static str, content_type: &'static str) -> Response {
     let mut resp = body.into_response();
@@ -85,19 +142,20 @@ struct ModelLive {
 
 /// What the live view gets every tick.
 #[derive(Debug, Serialize)]
-struct Snapshot {
+struct Snapshot<'a> {
     ts_ms: i64,
     /// `admin`, or the tenant the key belongs to.
     scope: String,
     /// None when this key may not see the engines (`metrics_require_key` and a tenant key).
     models: Option<Vec<ModelLive>>,
     /// Today's usage (UTC) by tenant, from the ledger; None without a ledger.
-    usage_today: Option<Vec<UsageRow>>,
+    usage_today: Option<&'a [UsageRow]>,
     errors: Vec<errors::ErrorEntry>,
 }
 
 /// The feed's state between ticks: each model's generated tokens at the previous one.
 struct Feed {
+    _slot: Slot,
     state: Arc<AppState>,
     tenant: Option<String>,
     scope: String,
@@ -141,7 +199,35 @@ impl Feed {
         )
     }
 
-    async fn usage_today(&self) -> Option<Vec<UsageRow>> {
+    /// Today's usage in this feed's scope: the copy another viewer read within the last tick, or
+    /// a fresh read.
+    async fn usage_today(&self) -> Option<Arc<Vec<UsageRow>>> {
+        if let Some((at, rows)) = self.cached_usage() {
+            if at.elapsed() < TICK {
+                return rows;
+            }
+        }
+        let rows = self.read_usage().await.map(Arc::new);
+        self.state
+            .console
+            .usage
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(self.scope.clone(), (Instant::now(), rows.clone()));
+        rows
+    }
+
+    fn cached_usage(&self) -> Option<Read> {
+        self.state
+            .console
+            .usage
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&self.scope)
+            .cloned()
+    }
+
+    async fn read_usage(&self) -> Option<Vec<UsageRow>> {
         let ledger = self.state.ledger.clone()?;
         let now = crate::ledger::now_ms() / 1000;
         let q = UsageQuery {
@@ -170,11 +256,12 @@ impl Feed {
         if self.state.shutting_down.load(Ordering::Relaxed) {
             return None;
         }
+        let usage = self.usage_today().await;
         let snap = Snapshot {
             ts_ms: crate::ledger::now_ms(),
             scope: self.scope.clone(),
             models: self.models(),
-            usage_today: self.usage_today().await,
+            usage_today: usage.as_deref().map(Vec::as_slice),
             errors: self
                 .state
                 .errors
@@ -185,11 +272,11 @@ impl Feed {
 }
 
 /// The live view's feed: a JSON snapshot per second as server-sent events, until the client leaves
-/// or the server drains.
+/// or the server drains. Past the caps on open feeds, 429.
 pub async fn live(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
-) -> Sse<impl Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, std::convert::Infallible>>>, ApiError> {
     let (tenant, scope) = match &caller {
         Caller::Tenant { tenant, .. } => (
             Some(tenant.name.to_string()),
@@ -198,7 +285,18 @@ pub async fn live(
         Caller::Admin { .. } => (None, "admin".to_string()),
     };
     let show_models = matches!(caller, Caller::Admin { .. }) || !state.metrics_require_key;
+    let slot = Feeds::open(&state, &scope).ok_or_else(|| {
+        ApiError::rate_limited(crate::tenancy::limits::Refusal {
+            limit: "console_feeds",
+            message: format!(
+                "too many live views open (at most {MAX_FEEDS_PER_SCOPE} per tenant, \
+                 {MAX_FEEDS} in all): close one"
+            ),
+            retry_after: Duration::from_secs(5),
+        })
+    })?;
     let feed = Feed {
+        _slot: slot,
         state,
         tenant,
         scope,
@@ -206,8 +304,8 @@ pub async fn live(
         last: HashMap::new(),
         first: true,
     };
-    Sse::new(stream::unfold(feed, |mut f| async move {
+    Ok(Sse::new(stream::unfold(feed, |mut f| async move {
         let data = f.next().await?;
         Some((Ok(SseEvent::default().event("snapshot").data(data)), f))
-    }))
+    })))
 }

@@ -72,7 +72,13 @@ async function connect() {
   state.key = $("api-key").value.trim();
   sessionStorage.setItem("hearth-key", state.key);
   text($("conn"), "connecting...");
-  const resp = await fetch("/v1/models", { headers: headers(false) });
+  let resp;
+  try {
+    resp = await fetch("/v1/models", { headers: headers(false) });
+  } catch (e) {
+    text($("conn"), "cannot reach the server: " + e);
+    return;
+  }
   if (!resp.ok) {
     text($("conn"), "refused: " + (await errorMessage(resp)));
     return;
@@ -247,13 +253,17 @@ async function startLive() {
   while (!controller.signal.aborted) {
     try {
       const resp = await fetch("/console/live", { headers: headers(false), signal: controller.signal });
-      if (!resp.ok) {
+      if (resp.status === 401 || resp.status === 403) {
         text($("live-state"), "live view refused: " + (await errorMessage(resp)));
         return;
       }
+      if (!resp.ok) throw new Error(await errorMessage(resp));
       await readEvents(resp, (data) => showSnapshot(JSON.parse(data)));
     } catch (e) {
       if (controller.signal.aborted) return;
+      text($("live-state"), "reconnecting (" + e.message + ")...");
+      await new Promise((r) => setTimeout(r, 2000));
+      continue;
     }
     text($("live-state"), "reconnecting...");
     await new Promise((r) => setTimeout(r, 2000));
