@@ -393,6 +393,11 @@ impl EngineHandle {
         self.stats().cached_blocks
     }
 
+    /// Tokens per KV block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
     pub fn total_blocks(&self) -> usize {
         self.stats().total_blocks
     }

@@ -10,6 +10,7 @@ pub mod genai;
 pub mod generate;
 pub mod http;
 pub mod openai;
+pub mod render;
 pub mod routes;
 pub mod tools;
 pub mod validate;
@@ -142,6 +143,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(routes::chat))
         .route("/v1/completions", post(routes::completions))
+        .route("/v1/chat/completions/render", post(render::chat))
+        .route("/v1/completions/render", post(render::completion))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(routes::models))
         .route("/v1/usage", get(routes::usage))
@@ -200,6 +203,8 @@ impl utoipa::Modify for BearerAuth {
     paths(
         routes::chat,
         routes::completions,
+        render::chat,
+        render::completion,
         embeddings::embeddings,
         routes::models,
         routes::usage,

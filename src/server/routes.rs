@@ -43,7 +43,7 @@ pub(super) async fn parse<T: serde::de::DeserializeOwned>(
         .map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))
 }
 
-fn engine(state: &AppState, model: &str) -> Result<EngineHandle, ApiError> {
+pub(super) fn engine(state: &AppState, model: &str) -> Result<EngineHandle, ApiError> {
     if state.shutting_down.load(Ordering::Relaxed) {
         return Err(ApiError::shutting_down());
     }
@@ -68,7 +68,7 @@ fn engine(state: &AppState, model: &str) -> Result<EngineHandle, ApiError> {
 }
 
 /// The model-specific checks (context length, vocabulary), counted when they refuse.
-fn checked(req: &Validated, engine: &EngineHandle) -> Result<(), ApiError> {
+pub(super) fn checked(req: &Validated, engine: &EngineHandle) -> Result<(), ApiError> {
     validate::check_model(req, engine).inspect_err(|e| {
         metrics::counter!(names::REJECTED_REQUESTS, "code" => e.code.unwrap_or("invalid"))
             .increment(1);
@@ -78,7 +78,7 @@ fn checked(req: &Validated, engine: &EngineHandle) -> Result<(), ApiError> {
 /// A request to a route group: the group's models that can take it (a prompt too long for the
 /// small model's context goes to the next), each with the prompts in its own tokens; the first
 /// runs, the others are the cascade's to escalate to.
-async fn routed(
+pub(super) async fn routed(
     state: &AppState,
     req: &Validated,
     tenant: &Tenant,
@@ -176,7 +176,7 @@ async fn routed(
 
 /// The prompts' token ids, computed on the blocking pool (never on the reactor threads), at most
 /// `tokenize_permits` requests at a time.
-async fn tokenize(
+pub(super) async fn tokenize(
     state: &AppState,
     req: &Validated,
     engine: &EngineHandle,
@@ -709,8 +709,19 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             metrics::gauge!(names::KV_BLOCKS_TOTAL, &labels).set(s.total_blocks as f64);
             metrics::gauge!(names::KV_BLOCKS_FREE, &labels).set(s.free_blocks as f64);
             metrics::gauge!(names::KV_BLOCKS_CACHED, &labels).set(s.cached_blocks as f64);
-            metrics::gauge!(names::KV_CACHE_USAGE, &labels)
-                .set(1.0 - s.free_blocks as f64 / s.total_blocks.max(1) as f64);
+            let usage = 1.0 - s.free_blocks as f64 / s.total_blocks.max(1) as f64;
+            metrics::gauge!(names::KV_CACHE_USAGE, &labels).set(usage);
+            let vllm = [("model_name", name.clone())];
+            metrics::gauge!(names::VLLM_WAITING, &vllm).set(s.waiting as f64);
+            metrics::gauge!(names::VLLM_RUNNING, &vllm).set(s.running as f64);
+            metrics::gauge!(names::VLLM_KV_USAGE, &vllm).set(usage);
+            metrics::gauge!(
+                names::VLLM_CACHE_CONFIG,
+                "model_name" => name.clone(),
+                "block_size" => e.block_size().to_string(),
+                "num_gpu_blocks" => s.total_blocks.to_string()
+            )
+            .set(1.0);
             metrics::counter!(names::PREFIX_QUERIES, &labels).absolute(s.prefix_query_tokens);
             metrics::counter!(names::PREFIX_HITS, &labels).absolute(s.prefix_hit_tokens);
             metrics::counter!(names::PREEMPTIONS, &labels).absolute(s.preemptions);

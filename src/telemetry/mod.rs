@@ -71,6 +71,13 @@ pub mod names {
     pub const QUALITY_WINDOW_MEAN: &str = "hearth_quality_window_mean";
     pub const QUALITY_DRIFT: &str = "hearth_quality_drift";
     pub const QUALITY_WINDOW_RESPONSES: &str = "hearth_quality_window_responses";
+    /// vLLM's names, which the Gateway API Inference Extension's endpoint picker (and llm-d's
+    /// router) scrape: the same quantities as Hearth's own, labelled `model_name` as vLLM labels
+    /// them.
+    pub const VLLM_WAITING: &str = "vllm:num_requests_waiting";
+    pub const VLLM_RUNNING: &str = "vllm:num_requests_running";
+    pub const VLLM_KV_USAGE: &str = "vllm:kv_cache_usage_perc";
+    pub const VLLM_CACHE_CONFIG: &str = "vllm:cache_config_info";
 }
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -298,6 +305,26 @@ pub const CATALOG: &[(&str, Kind, &str)] = &[
     ),
     (names::QUALITY_WINDOW_MEAN, Kind::Gauge, "Mean of a quality signal over the last hour (window 1h) or the day before it (window 24h)."),
     (names::QUALITY_DRIFT, Kind::Gauge, "A quality signal's last-hour mean minus its mean over the day before (0 while either window is empty)."),
+    (
+        names::VLLM_WAITING,
+        Kind::Gauge,
+        "Requests queued for the model, not yet admitted (vLLM's name, for inference gateways).",
+    ),
+    (
+        names::VLLM_RUNNING,
+        Kind::Gauge,
+        "Requests in the model's running batch (vLLM's name, for inference gateways).",
+    ),
+    (
+        names::VLLM_KV_USAGE,
+        Kind::Gauge,
+        "Share of the model's KV-cache blocks in use, 0 to 1 (vLLM's name, for inference gateways).",
+    ),
+    (
+        names::VLLM_CACHE_CONFIG,
+        Kind::Gauge,
+        "The KV cache's block size and block count as labels (value 1; vLLM's name).",
+    ),
     (names::QUALITY_WINDOW_RESPONSES, Kind::Gauge, "Responses behind the quality windows (1h, 24h)."),
 ];
 

@@ -205,6 +205,36 @@ pub fn agent() -> ureq::Agent {
         .into()
 }
 
+/// A GET's body as text.
+pub fn get_text(base: &str, path: &str) -> String {
+    agent()
+        .get(&format!("{base}{path}"))
+        .call()
+        .expect("request sent")
+        .body_mut()
+        .read_to_string()
+        .unwrap()
+}
+
+/// Wait (up to a minute) until `model` has nothing running or waiting, as /metrics tells.
+pub fn wait_idle_http(base: &str, model: &str) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let text = get_text(base, "/metrics");
+        let busy = text.lines().any(|l| {
+            (l.starts_with("hearth_num_requests_running{")
+                || l.starts_with("hearth_num_requests_waiting{"))
+                && l.contains(&format!("model=\"{model}\""))
+                && !l.ends_with(" 0")
+        });
+        if !busy {
+            return;
+        }
+        assert!(t0.elapsed().as_secs() < 60, "{model} never went idle");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 pub fn post(base: &str, path: &str, body: &str) -> (u16, Value, Option<String>) {
     let mut r = agent()
         .post(&format!("{base}{path}"))

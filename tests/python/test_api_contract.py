@@ -23,6 +23,8 @@ FUZZ = os.environ["HEARTH_FUZZ_URL"]
 ROUTES = {
     "/v1/chat/completions",
     "/v1/completions",
+    "/v1/chat/completions/render",
+    "/v1/completions/render",
     "/v1/embeddings",
     "/v1/models",
     "/v1/usage",
