@@ -113,6 +113,14 @@ pub struct Config {
     pub otlp_export_content: bool,
     /// Share of traces kept (0..1) when the client sent no sampled `traceparent`.
     pub otlp_sample_ratio: f64,
+    /// Publish KV-cache events (vLLM's format) on a ZeroMQ PUB socket bound here, e.g.
+    /// `tcp://10.0.0.5:5557`; unset: none. They carry prompt token ids of every tenant.
+    pub kv_events_endpoint: Option<String>,
+    /// The replay (ROUTER) socket, e.g. `tcp://10.0.0.5:5558`; unset: no replay.
+    pub kv_events_replay_endpoint: Option<String>,
+    /// The pod part of the events' topic `kv@<pod>@<model>` (default: `$POD_IP:<port>`, as
+    /// llm-d's router names pods, else $POD_NAME, else $HOSTNAME).
+    pub kv_events_pod: Option<String>,
 }
 
 impl Default for Config {
@@ -162,6 +170,9 @@ impl Default for Config {
             otlp_protocol: Default::default(),
             otlp_export_content: false,
             otlp_sample_ratio: 1.0,
+            kv_events_endpoint: None,
+            kv_events_replay_endpoint: None,
+            kv_events_pod: None,
         }
     }
 }
@@ -255,6 +266,27 @@ impl Config {
         }
     }
 
+    /// The KV-event publisher's settings, when `kv_events_endpoint` is set.
+    pub fn kv_events(&self) -> Option<crate::kv_events::KvEventsConfig> {
+        let endpoint = self.kv_events_endpoint.clone()?;
+        let pod = self
+            .kv_events_pod
+            .clone()
+            .or_else(|| {
+                std::env::var("POD_IP")
+                    .ok()
+                    .map(|ip| format!("{ip}:{}", self.port))
+            })
+            .or_else(|| std::env::var("POD_NAME").ok())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "hearth".into());
+        Some(crate::kv_events::KvEventsConfig {
+            endpoint,
+            replay_endpoint: self.kv_events_replay_endpoint.clone(),
+            pod,
+        })
+    }
+
     /// The trace exporter's settings, when `otlp_endpoint` is set.
     pub fn traces(&self) -> Result<Option<crate::telemetry::trace::TraceConfig>> {
         let Some(endpoint) = self.otlp_endpoint.clone().filter(|e| !e.trim().is_empty()) else {
@@ -299,6 +331,7 @@ impl Config {
             prefix_caching: self.prefix_caching,
             default_max_tokens: self.default_max_tokens,
             metering: self.metering,
+            kv_events: None,
         }
     }
 }

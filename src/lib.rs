@@ -7,6 +7,7 @@ pub mod embedding;
 pub mod engine;
 pub mod error;
 pub mod grammar;
+pub mod kv_events;
 pub mod ledger;
 pub mod loader;
 pub mod logits;

@@ -66,6 +66,21 @@ impl Drop for Allocation {
     }
 }
 
+/// A change to the prefix index, as KV-cache events report it to routers (see `kv_events`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvEvent {
+    /// Consecutive full blocks joined the index: their chained hashes, the hash of the block
+    /// before the first (None: it starts the prompt), their tokens, and the salt they are under.
+    Stored {
+        hashes: Vec<u64>,
+        parent: Option<u64>,
+        tokens: Vec<u32>,
+        salt: u64,
+    },
+    /// Blocks left the index (evicted).
+    Removed { hashes: Vec<u64> },
+}
+
 #[derive(Debug)]
 pub struct BlockPool {
     block_size: usize,
@@ -77,6 +92,8 @@ pub struct BlockPool {
     index: HashMap<u64, u32>,
     tick: u64,
     caching: bool,
+    /// Index changes not yet taken (None: nobody listens).
+    events: Option<Vec<KvEvent>>,
 }
 
 /// The chained hash of a full block.
@@ -102,7 +119,56 @@ impl BlockPool {
             index: HashMap::new(),
             tick: 0,
             caching,
+            events: None,
         }
+    }
+
+    /// Record index changes as `KvEvent`s from now on.
+    pub fn record_events(&mut self) {
+        self.events.get_or_insert_with(Vec::new);
+    }
+
+    /// The index changes since the last call (empty when not recording).
+    pub fn take_events(&mut self) -> Vec<KvEvent> {
+        self.events.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    fn removed(&mut self, hash: u64) {
+        let Some(ev) = self.events.as_mut() else {
+            return;
+        };
+        // Evictions in one step go out as one event.
+        if let Some(KvEvent::Removed { hashes }) = ev.last_mut() {
+            hashes.push(hash);
+        } else {
+            ev.push(KvEvent::Removed { hashes: vec![hash] });
+        }
+    }
+
+    fn stored(&mut self, hash: u64, parent: u64, salt: u64, tokens: &[u32]) {
+        let Some(ev) = self.events.as_mut() else {
+            return;
+        };
+        // A block that continues the last stored run extends it.
+        if let Some(KvEvent::Stored {
+            hashes,
+            tokens: run,
+            salt: s,
+            ..
+        }) = ev.last_mut()
+        {
+            if *s == salt && hashes.last() == Some(&parent) {
+                hashes.push(hash);
+                run.extend_from_slice(tokens);
+                return;
+            }
+        }
+        ev.push(KvEvent::Stored {
+            hashes: vec![hash],
+            parent: (parent != ROOT_HASH).then_some(parent),
+            tokens: tokens.to_vec(),
+            salt,
+        });
     }
 
     pub fn block_size(&self) -> usize {
@@ -142,13 +208,18 @@ impl BlockPool {
             None => {
                 let (_, b) = self.cached.pop_first()?;
                 let m = &mut self.meta[b as usize];
+                let mut evicted = None;
                 if let Some(h) = m.hash.take() {
                     if self.index.get(&h) == Some(&b) {
                         self.index.remove(&h);
+                        evicted = Some(h);
                     }
                 }
                 m.tokens.clear();
                 m.lru_key = None;
+                if let Some(h) = evicted {
+                    self.removed(h);
+                }
                 b
             }
         };
@@ -282,6 +353,7 @@ impl BlockPool {
         m.salt = salt;
         m.tokens = tokens.to_vec();
         self.index.insert(h, block);
+        self.stored(h, parent, salt, tokens);
         h
     }
 }
@@ -289,6 +361,60 @@ impl BlockPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn index_changes_come_out_as_events_only_when_recorded() {
+        let tokens: Vec<u32> = (0..40).collect();
+        let mut quiet = BlockPool::new(4, 16, true);
+        let mut a = Allocation::new(1);
+        assert!(quiet.grow(&mut a, 40));
+        quiet.commit(&mut a, &tokens, 40);
+        assert!(quiet.take_events().is_empty());
+        quiet.release(&mut a);
+
+        let mut pool = BlockPool::new(3, 16, true);
+        pool.record_events();
+        let mut a = Allocation::new(1);
+        assert!(pool.grow(&mut a, 40));
+        // Committed over two steps: one event per step, the second continuing the first's chain.
+        pool.commit(&mut a, &tokens, 20);
+        pool.commit(&mut a, &tokens, 40);
+        let first = pool.take_events();
+        let chain = pool.chain(1, &tokens);
+        assert_eq!(
+            first,
+            vec![KvEvent::Stored {
+                hashes: chain.clone(),
+                parent: None,
+                tokens: tokens[..32].to_vec(),
+                salt: 1,
+            }]
+        );
+        pool.release(&mut a);
+        // Another salt needs blocks: the cached ones are evicted, and say so.
+        let mut b = Allocation::new(2);
+        assert!(pool.grow(&mut b, 48));
+        pool.commit(&mut b, &tokens[..16], 16);
+        let events = pool.take_events();
+        assert_eq!(events.len(), 2, "{events:?}");
+        let KvEvent::Removed { hashes } = &events[0] else {
+            panic!("{events:?}")
+        };
+        let mut evicted = hashes.clone();
+        evicted.sort();
+        let mut want = chain.clone();
+        want.sort();
+        assert_eq!(evicted, want);
+        assert!(matches!(
+            &events[1],
+            KvEvent::Stored {
+                salt: 2,
+                parent: None,
+                ..
+            }
+        ));
+        pool.release(&mut b);
+    }
 
     #[test]
     fn grow_is_all_or_nothing_and_release_returns_everything() {

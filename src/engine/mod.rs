@@ -62,6 +62,8 @@ pub struct EngineConfig {
     pub default_max_tokens: usize,
     /// Split each step's device time over its sequences (off: their shares are zero).
     pub metering: bool,
+    /// Where prefix-index changes go as KV-cache events (None: not recorded).
+    pub kv_events: Option<crate::kv_events::Sink>,
 }
 
 impl Default for EngineConfig {
@@ -75,6 +77,7 @@ impl Default for EngineConfig {
             prefix_caching: true,
             default_max_tokens: 1024,
             metering: true,
+            kv_events: None,
         }
     }
 }
@@ -484,7 +487,19 @@ impl Engine {
         let backend = cfg
             .backend
             .unwrap_or_else(|| AttentionBackend::best_for(&d.device, dtype));
-        let pool = BlockPool::new(num_blocks, cfg.block_size, cfg.prefix_caching);
+        let mut pool = BlockPool::new(num_blocks, cfg.block_size, cfg.prefix_caching);
+        let events = cfg.kv_events.clone().map(|sink| {
+            pool.record_events();
+            let model: Arc<str> = model.name.as_str().into();
+            // A (re)started engine holds nothing: routers drop what they knew of it.
+            sink.send(crate::kv_events::Batch {
+                model: model.clone(),
+                block_size: cfg.block_size,
+                cleared: true,
+                events: Vec::new(),
+            });
+            (sink, model, cfg.block_size)
+        });
         let cost = model.decoder.cost_model();
         let cost_per_token = cost.cost(0, 1, true);
         let mut scheduler = Scheduler::new(
@@ -528,7 +543,7 @@ impl Engine {
         };
         std::thread::Builder::new()
             .name(format!("engine-{}", model.name))
-            .spawn(move || run_loop(runner, scheduler, rx, stats))?;
+            .spawn(move || run_loop(runner, scheduler, rx, stats, events))?;
         Ok(handle)
     }
 }
@@ -540,6 +555,7 @@ fn run_loop(
     mut sched: Scheduler,
     rx: flume::Receiver<Sequence>,
     shared: Arc<Mutex<EngineStats>>,
+    events: Option<(crate::kv_events::Sink, Arc<str>, usize)>,
 ) {
     let mut stats = EngineStats::default();
     loop {
@@ -591,6 +607,17 @@ fn run_loop(
         publish(&shared, &stats);
         let idle_but_waiting = plan.is_empty() && !sched.is_idle();
         outputs.send();
+        if let Some((sink, model, block_size)) = &events {
+            let changes = sched.pool.take_events();
+            if !changes.is_empty() {
+                sink.send(crate::kv_events::Batch {
+                    model: model.clone(),
+                    block_size: *block_size,
+                    cleared: false,
+                    events: changes,
+                });
+            }
+        }
         if idle_but_waiting {
             // Nothing fits right now (admission checks capacity, so this is rare): avoid spinning.
             std::thread::sleep(Duration::from_millis(1));

@@ -221,7 +221,11 @@ pub fn openapi_doc() -> utoipa::openapi::OpenApi {
     <ApiDoc as utoipa::OpenApi>::openapi()
 }
 
-fn load_all(config: &Config, device: &Device) -> Result<Vec<(String, EngineHandle)>> {
+fn load_all(
+    config: &Config,
+    device: &Device,
+    kv_events: Option<crate::kv_events::Sink>,
+) -> Result<Vec<(String, EngineHandle)>> {
     let total = config.models.len();
     let mut engines = Vec::with_capacity(total);
     for (i, m) in config.models.iter().enumerate() {
@@ -249,7 +253,13 @@ fn load_all(config: &Config, device: &Device) -> Result<Vec<(String, EngineHandl
                     ))
                 })?;
         }
-        let engine = Engine::start(model, config.engine())?;
+        let engine = Engine::start(
+            model,
+            crate::engine::EngineConfig {
+                kv_events: kv_events.clone(),
+                ..config.engine()
+            },
+        )?;
         tracing::info!(model = %m.name, secs = t0.elapsed().as_secs_f32(), "model {}/{total} ready", i + 1);
         engines.push((m.name.clone(), engine));
     }
@@ -374,9 +384,13 @@ impl Server {
         let serve = tokio::spawn(http::serve(listener, app, http_cfg, async move {
             stop_signal.notified().await
         }));
+        let kv_events = match config.kv_events() {
+            Some(k) => Some(crate::kv_events::start(&k).await?),
+            None => None,
+        };
         let loader_state = state.clone();
         let loader = tokio::task::spawn_blocking(move || {
-            let engines = load_all(&config, &device)?;
+            let engines = load_all(&config, &device, kv_events)?;
             let embedders = load_embedders(&config, &device)?;
             let costs: Vec<(String, u128)> = engines
                 .iter()
