@@ -27,6 +27,9 @@ const QUEUED_BATCHES: usize = 4096;
 /// The end of a replay: the sequence number -1 as 8 big-endian bytes.
 const END_OF_REPLAY: [u8; 8] = [0xff; 8];
 
+/// How long one replay message may wait for its client.
+const REPLAY_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The medium vLLM names the primary KV cache.
 const MEDIUM: &str = "GPU";
 
@@ -54,14 +57,17 @@ pub struct Batch {
 #[derive(Debug, Clone)]
 pub struct Sink {
     tx: flume::Sender<Batch>,
+    /// Dropped since the publisher last looked (it skips as many sequence numbers).
     dropped: Arc<AtomicU64>,
+    dropped_total: Arc<AtomicU64>,
 }
 
 impl Sink {
     /// Queue a batch; never blocks the engine (a full queue drops it, and says so).
     pub fn send(&self, batch: Batch) {
         if let Err(flume::TrySendError::Full(_)) = self.tx.try_send(batch) {
-            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            let n = self.dropped_total.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
                 tracing::warn!(
                     dropped = n,
@@ -83,17 +89,27 @@ pub async fn start(cfg: &KvEventsConfig) -> Result<Sink> {
     };
     let mut publisher = zeromq::PubSocket::new();
     publisher
-        .bind(&cfg.endpoint)
+        .bind(&any_host(&cfg.endpoint))
         .await
         .map_err(|e| bad(&cfg.endpoint, e))?;
     let buffer: Buffer = Arc::default();
     if let Some(replay) = &cfg.replay_endpoint {
         let mut router = zeromq::RouterSocket::new();
-        router.bind(replay).await.map_err(|e| bad(replay, e))?;
+        router
+            .bind(&any_host(replay))
+            .await
+            .map_err(|e| bad(replay, e))?;
         tokio::spawn(serve_replays(router, buffer.clone()));
     }
     let (tx, rx) = flume::bounded(QUEUED_BATCHES);
-    tokio::spawn(publish(publisher, rx, buffer, cfg.pod.clone()));
+    let dropped = Arc::new(AtomicU64::new(0));
+    tokio::spawn(publish(
+        publisher,
+        rx,
+        buffer,
+        cfg.pod.clone(),
+        dropped.clone(),
+    ));
     tracing::warn!(
         endpoint = %cfg.endpoint,
         replay = ?cfg.replay_endpoint,
@@ -101,7 +117,8 @@ pub async fn start(cfg: &KvEventsConfig) -> Result<Sink> {
     );
     Ok(Sink {
         tx,
-        dropped: Arc::default(),
+        dropped,
+        dropped_total: Arc::default(),
     })
 }
 
@@ -110,23 +127,27 @@ async fn publish(
     rx: flume::Receiver<Batch>,
     buffer: Buffer,
     pod: String,
+    dropped: Arc<AtomicU64>,
 ) {
     let mut seq: u64 = 0;
     while let Ok(batch) = rx.recv_async().await {
+        // Batches an engine dropped leave a gap in the numbers, so subscribers see they missed
+        // something.
+        seq += dropped.swap(0, Ordering::Relaxed);
         let payload = Bytes::from(encode(&batch, now_secs()));
         let mut msg = ZmqMessage::from(format!("kv@{pod}@{}", batch.model));
         msg.push_back(Bytes::copy_from_slice(&seq.to_be_bytes()));
         msg.push_back(payload.clone());
+        // PUB drops for subscribers that cannot keep up; an error here is the socket's end.
+        if let Err(e) = socket.send(msg).await {
+            tracing::warn!(error = %e, "KV-event publish failed");
+        }
         {
             let mut b = buffer.lock().unwrap_or_else(PoisonError::into_inner);
             if b.len() == REPLAY_BATCHES {
                 b.pop_front();
             }
             b.push_back((seq, payload));
-        }
-        // PUB drops for subscribers that cannot keep up; an error here is the socket's end.
-        if let Err(e) = socket.send(msg).await {
-            tracing::warn!(error = %e, "KV-event publish failed");
         }
         seq += 1;
     }
@@ -165,17 +186,29 @@ async fn serve_replays(mut socket: zeromq::RouterSocket, buffer: Buffer) {
             m.push_back(payload);
             m
         };
+        // A client that stops reading must not hold the replay up for the others.
+        let mut cut = false;
         for (seq, payload) in replies {
-            if socket
-                .send(frame(&seq.to_be_bytes(), payload))
-                .await
-                .is_err()
-            {
+            let sent = tokio::time::timeout(
+                REPLAY_SEND_TIMEOUT,
+                socket.send(frame(&seq.to_be_bytes(), payload)),
+            )
+            .await;
+            if !matches!(sent, Ok(Ok(()))) {
+                cut = true;
                 break;
             }
         }
-        let _ = socket.send(frame(&END_OF_REPLAY, Bytes::new())).await;
+        if !cut {
+            let end = socket.send(frame(&END_OF_REPLAY, Bytes::new()));
+            let _ = tokio::time::timeout(REPLAY_SEND_TIMEOUT, end).await;
+        }
     }
+}
+
+/// `tcp://*:PORT`, as vLLM's and llm-d's docs write it, is every interface.
+fn any_host(endpoint: &str) -> String {
+    endpoint.replacen("tcp://*:", "tcp://0.0.0.0:", 1)
 }
 
 fn now_secs() -> f64 {

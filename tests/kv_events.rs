@@ -139,7 +139,8 @@ fn a_subscriber_sees_stored_removed_and_replayed_blocks() {
         ],
         // Room for a few prompts only: more evict the oldest cached blocks.
         kv_cache_mib: 16,
-        kv_events_endpoint: Some(format!("tcp://127.0.0.1:{events_port}")),
+        // Every interface, written as vLLM's and llm-d's docs write it.
+        kv_events_endpoint: Some(format!("tcp://*:{events_port}")),
         kv_events_replay_endpoint: Some(format!("tcp://127.0.0.1:{replay_port}")),
         kv_events_pod: Some("pod-7".into()),
         ..Default::default()

@@ -396,6 +396,12 @@ impl EngineHandle {
         self.stats().cached_blocks
     }
 
+    /// Requests not yet admitted: the scheduler's queue and those still in the channel to it (a
+    /// long step leaves new arrivals there, and admission counts them).
+    pub fn waiting(&self, snap: &EngineStats) -> usize {
+        snap.waiting + self.tx.len()
+    }
+
     /// Tokens per KV block.
     pub fn block_size(&self) -> usize {
         self.block_size

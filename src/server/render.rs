@@ -38,6 +38,11 @@ async fn render<R: serde::de::DeserializeOwned>(
     validate: fn(R, &validate::Limits) -> Result<Validated, ApiError>,
 ) -> Result<Json<Rendered>, ApiError> {
     let (tenant, _) = tenant_of(caller)?;
+    // Tokenizing takes the shared tokenizer permits: a tenant over its limits may not.
+    let _admission = state
+        .limiter
+        .admit(&tenant, 0)
+        .map_err(ApiError::rate_limited)?;
     let req = validate(parse::<R>(&state, &headers, body).await?, &state.limits)?;
     let (engine, mut prompts) = match state.routes.get().and_then(|r| r.get(&req.model)) {
         Some(group) => {

@@ -705,14 +705,15 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             let labels = [("model", name.clone())];
             let s = e.stats();
             metrics::gauge!(names::REQUESTS_RUNNING, &labels).set(s.running as f64);
-            metrics::gauge!(names::REQUESTS_WAITING, &labels).set(s.waiting as f64);
+            let waiting = e.waiting(&s) as f64;
+            metrics::gauge!(names::REQUESTS_WAITING, &labels).set(waiting);
             metrics::gauge!(names::KV_BLOCKS_TOTAL, &labels).set(s.total_blocks as f64);
             metrics::gauge!(names::KV_BLOCKS_FREE, &labels).set(s.free_blocks as f64);
             metrics::gauge!(names::KV_BLOCKS_CACHED, &labels).set(s.cached_blocks as f64);
             let usage = 1.0 - s.free_blocks as f64 / s.total_blocks.max(1) as f64;
             metrics::gauge!(names::KV_CACHE_USAGE, &labels).set(usage);
             let vllm = [("model_name", name.clone())];
-            metrics::gauge!(names::VLLM_WAITING, &vllm).set(s.waiting as f64);
+            metrics::gauge!(names::VLLM_WAITING, &vllm).set(waiting);
             metrics::gauge!(names::VLLM_RUNNING, &vllm).set(s.running as f64);
             metrics::gauge!(names::VLLM_KV_USAGE, &vllm).set(usage);
             metrics::gauge!(
