@@ -199,6 +199,11 @@ impl StepCost {
 }
 
 impl EngineStats {
+    /// Share of the KV blocks in use (0 to 1): a cached prefix nobody holds counts as free.
+    pub fn kv_usage(&self) -> f64 {
+        1.0 - self.free_blocks as f64 / self.total_blocks.max(1) as f64
+    }
+
     /// Count one step's work.
     fn add_step(&mut self, out: &scheduler::StepOutputs, step: Duration) {
         self.steps += 1;

@@ -209,7 +209,7 @@ impl Cascade {
             self.group.probe_tokens.max(self.watch)
         };
         let from = self.tried.last().cloned().unwrap_or_default();
-        let at_token = self.probed.iter().copied().max().unwrap_or(0);
+        let at_token = self.probed.iter().copied().max();
         let span = self
             .spec
             .trace()
@@ -218,7 +218,10 @@ impl Cascade {
                     KeyValue::new("hearth.route.from", from.clone()),
                     KeyValue::new("hearth.route.to", engine.name.clone()),
                     KeyValue::new("hearth.route.reason", reason),
-                    KeyValue::new("hearth.route.escalated_at_token", at_token as i64),
+                    KeyValue::new(
+                        "hearth.route.escalated_at_token",
+                        at_token.unwrap_or(0) as i64,
+                    ),
                 ]
             });
         // The next model starts before this one stops, so a refusal (its queue is full) leaves the
@@ -251,7 +254,7 @@ impl Cascade {
         )
         .increment(1);
         if self.escalated_at.is_none() {
-            self.escalated_at = self.probed.iter().copied().max();
+            self.escalated_at = at_token;
         }
         // Drop the cheaper attempt's text; keep the device time it used (its choices' finishes,
         // held or still to come once it sees the stop).

@@ -9,7 +9,8 @@ use super::validate::{Input, Kind, Validated};
 use crate::ledger::Row;
 use crate::telemetry::trace::Trace;
 
-fn strings(v: impl IntoIterator<Item = String>) -> Value {
+/// A list of strings as an attribute value.
+pub(super) fn strings(v: impl IntoIterator<Item = String>) -> Value {
     Value::Array(Array::String(
         v.into_iter().map(StringValue::from).collect(),
     ))

@@ -13,9 +13,10 @@ use serde::Serialize;
 
 use super::error::ApiError;
 use super::openai::{ChatRequest, CompletionRequest, ErrorResponse};
-use super::routes::{checked, engine, parse, routed, tenant_of, tokenize};
+use super::routes::{parse, resolve, tenant_of};
 use super::validate::{self, Validated};
 use super::AppState;
+use crate::telemetry::trace::Trace;
 use crate::tenancy::Caller;
 
 /// The token ids of a request's prompt, after the chat template.
@@ -44,18 +45,7 @@ async fn render<R: serde::de::DeserializeOwned>(
         .admit(&tenant, 0)
         .map_err(ApiError::rate_limited)?;
     let req = validate(parse::<R>(&state, &headers, body).await?, &state.limits)?;
-    let (engine, mut prompts) = match state.routes.get().and_then(|r| r.get(&req.model)) {
-        Some(group) => {
-            let (engine, prompts, _) = routed(&state, &req, &tenant, group.clone()).await?;
-            (engine, prompts)
-        }
-        None => {
-            let engine = engine(&state, &req.model)?;
-            checked(&req, &engine)?;
-            let prompts = tokenize(&state, &req, &engine).await?;
-            (engine, prompts)
-        }
-    };
+    let (engine, mut prompts, _) = resolve(&state, &req, &tenant, &Trace::off()).await?;
     let several = prompts.len() > 1;
     let token_ids = prompts.first().cloned().unwrap_or_default();
     if !several {

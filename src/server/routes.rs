@@ -43,7 +43,7 @@ pub(super) async fn parse<T: serde::de::DeserializeOwned>(
         .map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))
 }
 
-pub(super) fn engine(state: &AppState, model: &str) -> Result<EngineHandle, ApiError> {
+fn engine(state: &AppState, model: &str) -> Result<EngineHandle, ApiError> {
     if state.shutting_down.load(Ordering::Relaxed) {
         return Err(ApiError::shutting_down());
     }
@@ -68,7 +68,7 @@ pub(super) fn engine(state: &AppState, model: &str) -> Result<EngineHandle, ApiE
 }
 
 /// The model-specific checks (context length, vocabulary), counted when they refuse.
-pub(super) fn checked(req: &Validated, engine: &EngineHandle) -> Result<(), ApiError> {
+fn checked(req: &Validated, engine: &EngineHandle) -> Result<(), ApiError> {
     validate::check_model(req, engine).inspect_err(|e| {
         metrics::counter!(names::REJECTED_REQUESTS, "code" => e.code.unwrap_or("invalid"))
             .increment(1);
@@ -78,7 +78,7 @@ pub(super) fn checked(req: &Validated, engine: &EngineHandle) -> Result<(), ApiE
 /// A request to a route group: the group's models that can take it (a prompt too long for the
 /// small model's context goes to the next), each with the prompts in its own tokens; the first
 /// runs, the others are the cascade's to escalate to.
-pub(super) async fn routed(
+async fn routed(
     state: &AppState,
     req: &Validated,
     tenant: &Tenant,
@@ -176,7 +176,7 @@ pub(super) async fn routed(
 
 /// The prompts' token ids, computed on the blocking pool (never on the reactor threads), at most
 /// `tokenize_permits` requests at a time.
-pub(super) async fn tokenize(
+async fn tokenize(
     state: &AppState,
     req: &Validated,
     engine: &EngineHandle,
@@ -352,15 +352,24 @@ async fn run(
     r
 }
 
-/// The request on its model (or route group): model checks, tokens, grammar compiler.
-async fn live(
+/// The model that runs the request first and the prompts in its tokens: a route group's pick
+/// (rules, then the load check) with its plan, or the named model after its checks. The request
+/// path and the render endpoints both resolve here, so render gives the ids the request runs.
+pub(super) async fn resolve(
     state: &AppState,
     req: &Validated,
     tenant: &Tenant,
     trace: &Trace,
-) -> Result<generate::Source, ApiError> {
+) -> Result<
+    (
+        EngineHandle,
+        Vec<Vec<u32>>,
+        Option<super::cascade::RoutePlan>,
+    ),
+    ApiError,
+> {
     let t0 = Instant::now();
-    let (engine, prompts, route) = match state.routes.get().and_then(|r| r.get(&req.model)) {
+    Ok(match state.routes.get().and_then(|r| r.get(&req.model)) {
         Some(group) => {
             let r = routed(state, req, tenant, group.clone()).await?;
             trace.span("route", None, t0, Instant::now(), || {
@@ -373,10 +382,9 @@ async fn live(
                     v.push(KeyValue::new("hearth.route.picked", p));
                 }
                 if let Some(p) = plan.filter(|p| !p.next.is_empty()) {
-                    let next: Vec<_> = p.next.iter().map(|(e, _)| e.name.clone().into()).collect();
                     v.push(KeyValue::new(
                         "hearth.route.escalation_models",
-                        opentelemetry::Value::Array(opentelemetry::Array::String(next)),
+                        super::genai::strings(p.next.iter().map(|(e, _)| e.name.clone())),
                     ));
                 }
                 v
@@ -393,7 +401,17 @@ async fn live(
             });
             (engine, prompts, None)
         }
-    };
+    })
+}
+
+/// The request on its model (or route group): model checks, tokens, grammar compiler.
+async fn live(
+    state: &AppState,
+    req: &Validated,
+    tenant: &Tenant,
+    trace: &Trace,
+) -> Result<generate::Source, ApiError> {
+    let (engine, prompts, route) = resolve(state, req, tenant, trace).await?;
     if req.constraint.is_some() {
         // A model's first constrained request builds its grammar compiler (a trie over the whole
         // vocabulary): on the blocking pool, never on a reactor thread.
@@ -710,7 +728,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             metrics::gauge!(names::KV_BLOCKS_TOTAL, &labels).set(s.total_blocks as f64);
             metrics::gauge!(names::KV_BLOCKS_FREE, &labels).set(s.free_blocks as f64);
             metrics::gauge!(names::KV_BLOCKS_CACHED, &labels).set(s.cached_blocks as f64);
-            let usage = 1.0 - s.free_blocks as f64 / s.total_blocks.max(1) as f64;
+            let usage = s.kv_usage();
             metrics::gauge!(names::KV_CACHE_USAGE, &labels).set(usage);
             let vllm = [("model_name", name.clone())];
             metrics::gauge!(names::VLLM_WAITING, &vllm).set(waiting);

@@ -184,12 +184,11 @@ impl Feed {
                         None => 0.0,
                     };
                     self.last.insert(name.clone(), (s.decode_tokens, now));
-                    let used = s.total_blocks.saturating_sub(s.free_blocks);
                     ModelLive {
                         name: name.clone(),
                         running: s.running,
                         waiting: s.waiting,
-                        kv_usage: used as f64 / s.total_blocks.max(1) as f64,
+                        kv_usage: s.kv_usage(),
                         tokens_per_second: rate,
                         prefix_hit_rate: (s.prefix_query_tokens > 0)
                             .then(|| s.prefix_hit_tokens as f64 / s.prefix_query_tokens as f64),
