@@ -35,7 +35,10 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("hearth-metering-cost-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let ledger = Ledger::open(&dir.join("usage.sqlite3"), 400);
+    let ledger = Ledger::open(
+        hearth::ledger::Target::Sqlite(dir.join("usage.sqlite3")),
+        400,
+    );
     let rows = 20_000;
     let t = Instant::now();
     for i in 0..rows {

@@ -29,4 +29,18 @@ if ! command -v promtool >/dev/null 2>&1; then
     $SUDO apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 \
         || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q --no-install-recommends prometheus >/dev/null; }
 fi
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    # tests/ledger_postgres.rs runs the usage ledger against a real PostgreSQL (a throwaway
+    # cluster per test; the package's own cluster is not used).
+    echo "[test] installing postgresql (Debian)" >&2
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO=sudo; fi
+    $SUDO apt-get install -y -q --no-install-recommends postgresql >/dev/null 2>&1 \
+        || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q --no-install-recommends postgresql >/dev/null; } \
+        || echo "[test] postgresql cannot be installed here: the PostgreSQL ledger tests will say SKIPPED" >&2
+fi
+if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    # Installed: a ledger test that cannot start it fails rather than skips.
+    export HEARTH_REQUIRE_POSTGRES=1
+fi
 cargo test --release

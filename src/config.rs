@@ -93,8 +93,15 @@ pub struct Config {
     /// Serve HTTPS with this PEM certificate chain and private key (both or neither).
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
-    /// The usage ledger (SQLite); unset: no ledger.
+    /// The usage ledger (SQLite); unset: no ledger. With `ledger_url` set, only the response
+    /// cache's persisted copy (`[cache] persist`) is kept in this file.
     pub ledger_path: Option<PathBuf>,
+    /// The usage ledger in PostgreSQL (`postgres://user@host:5432/db`), shared by every replica;
+    /// in place of the file. The environment's `HEARTH_LEDGER_URL` overrides it (`hearth serve`).
+    pub ledger_url: Option<String>,
+    /// PEM CA certificates that the ledger's PostgreSQL server is verified against
+    /// (`sslmode=require`); unset: the web PKI roots.
+    pub ledger_ca_file: Option<PathBuf>,
     /// Split each step's device time over its requests and keep the usage ledger. On by default;
     /// off only to measure what they cost (then responses report no device time and no rows).
     pub metering: bool,
@@ -162,6 +169,8 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             ledger_path: Some(DEFAULT_LEDGER.into()),
+            ledger_url: None,
+            ledger_ca_file: None,
             metering: true,
             routes: Vec::new(),
             ledger_retention_days: 400,
@@ -192,6 +201,7 @@ impl Config {
         config.directory()?;
         config.check_routes()?;
         config.traces()?;
+        config.ledger()?;
         Ok(config)
     }
 
@@ -285,6 +295,25 @@ impl Config {
             replay_endpoint: self.kv_events_replay_endpoint.clone(),
             pod,
         })
+    }
+
+    /// Where the usage ledger is kept: PostgreSQL when `ledger_url` is set, else the file; none
+    /// without metering.
+    pub fn ledger(&self) -> Result<Option<crate::ledger::Target>> {
+        if !self.metering {
+            return Ok(None);
+        }
+        match (self.ledger_url.as_deref().filter(|u| !u.trim().is_empty()), &self.ledger_path) {
+            (Some(url), _) if !crate::ledger::is_url(url) => Err(HearthError::Config(
+                "ledger_url must be a postgres:// or postgresql:// URL (a file goes in ledger_path)"
+                    .into(),
+            )),
+            (Some(url), _) => {
+                crate::ledger::Target::parse(url, self.ledger_ca_file.as_deref()).map(Some)
+            }
+            (None, Some(path)) => Ok(Some(crate::ledger::Target::Sqlite(path.clone()))),
+            (None, None) => Ok(None),
+        }
     }
 
     /// The trace exporter's settings, when `otlp_endpoint` is set.

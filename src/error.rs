@@ -30,6 +30,9 @@ pub enum HearthError {
     Internal(String),
     #[error("the engine has stopped")]
     EngineStopped,
+    /// The usage ledger's database cannot be reached (the query can be retried).
+    #[error("the usage ledger is unavailable: {0}")]
+    LedgerUnavailable(String),
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
     #[error("io error: {0}")]

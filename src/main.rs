@@ -58,9 +58,10 @@ enum Cmd {
         /// cuda:N, metal, cpu (default: the config's, else the best available).
         #[arg(long)]
         device: Option<String>,
-        /// The usage ledger file (default: the config's, else data/usage.sqlite3).
+        /// The usage ledger: a SQLite file or a postgres:// URL (default: the config's, else
+        /// data/usage.sqlite3). `HEARTH_LEDGER_URL` in the environment also sets the URL.
         #[arg(long)]
-        ledger: Option<PathBuf>,
+        ledger: Option<String>,
     },
     /// Measure prefill and decode throughput of a model on this machine, or the router's cost /
     /// quality (`--suite route`).
@@ -89,8 +90,12 @@ enum Cmd {
     },
     /// Usage totals from a usage ledger, as a table, CSV or JSON (for finance exports).
     Usage {
+        /// A SQLite file or a postgres:// URL (a password may come from `PGPASSWORD`).
         #[arg(long, default_value = hearth::config::DEFAULT_LEDGER)]
-        ledger: PathBuf,
+        ledger: String,
+        /// PEM CA certificates for a PostgreSQL ledger reached with `sslmode=require`.
+        #[arg(long)]
+        ledger_ca_file: Option<PathBuf>,
         /// Unix seconds, inclusive.
         #[arg(long)]
         start: Option<i64>,
@@ -239,6 +244,7 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Usage {
             ledger,
+            ledger_ca_file,
             start,
             end,
             group_by,
@@ -252,8 +258,11 @@ fn main() -> Result<()> {
                 tenant,
                 group_by: group_by.clone(),
             };
-            anyhow::ensure!(ledger.exists(), "no usage ledger at {}", ledger.display());
-            let rows = hearth::ledger::query::run(&ledger, &q)?;
+            let target = hearth::ledger::Target::parse(&ledger, ledger_ca_file.as_deref())?;
+            if let hearth::ledger::Target::Sqlite(p) = &target {
+                anyhow::ensure!(p.exists(), "no usage ledger at {}", p.display());
+            }
+            let rows = target.query(&q)?;
             print_usage(&rows, &group_by, &format)?;
         }
         Cmd::Serve {
@@ -265,8 +274,16 @@ fn main() -> Result<()> {
             ledger,
         } => {
             let mut cfg = Config::load(config.as_deref())?;
-            if ledger.is_some() {
-                cfg.ledger_path = ledger;
+            if let Ok(url) = std::env::var("HEARTH_LEDGER_URL") {
+                cfg.ledger_url = Some(url);
+            }
+            match ledger {
+                Some(l) if hearth::ledger::is_url(&l) => cfg.ledger_url = Some(l),
+                Some(l) => {
+                    cfg.ledger_path = Some(l.into());
+                    cfg.ledger_url = None;
+                }
+                None => {}
             }
             if device.is_some() {
                 cfg.device = device;

@@ -384,7 +384,7 @@ fn sigterm_drains_and_exits_zero() {
     let status = child.wait().unwrap();
     assert!(status.success(), "exit status {status:?}");
     // Every request drained by SIGTERM is in the usage ledger.
-    let totals = hearth::ledger::query::run(&ledger, &Default::default()).unwrap();
+    let totals = hearth::ledger::sqlite::query(&ledger, &Default::default()).unwrap();
     assert_eq!(totals[0].requests, 4, "{totals:?}");
     assert_eq!(totals[0].completion_tokens, 160);
     let _ = std::fs::remove_file(&ledger);

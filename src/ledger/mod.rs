@@ -1,21 +1,25 @@
-//! The usage ledger: one SQLite row per finished or refused request of a known tenant, for
-//! chargeback. Rows are written off the hot path by one writer thread in batched transactions
-//! (WAL); a failed batch is retried, and if the file cannot be written the server keeps serving,
-//! counts the rows it lost (`hearth_ledger_rows_dropped_total`) and logs it. `flush` waits until
-//! every row recorded before it is committed, so a usage query sees every request that finished
-//! before it.
+//! The usage ledger: one row per finished or refused request of a known tenant, for chargeback,
+//! in an embedded SQLite file (the default) or in PostgreSQL (`ledger_url`, one ledger for every
+//! replica). Rows are written off the hot path by one writer thread in batched transactions.
+//! While the store cannot be written (a full disk, a database restarting) its rows wait in memory
+//! and are retried, up to `MAX_PENDING`; only past that are they lost, counted
+//! (`hearth_ledger_rows_dropped_total`) and logged, and the server serves on throughout. `flush`
+//! waits until every row recorded before it is committed (or waiting for the store), so a usage
+//! query sees every request that finished before it.
+pub mod postgres;
 pub mod query;
+pub mod sqlite;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rusqlite::{params, Connection};
-
 use crate::error::{HearthError, Result};
 use crate::telemetry::names;
 
+pub use self::postgres::PgTarget;
+pub(crate) use self::sqlite::open_file;
 pub use query::{GroupBy, UsageQuery, UsageRow};
 
 /// One request, as billed.
@@ -58,212 +62,259 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Rows kept in memory while the store is down (about 300 bytes each); older ones are lost first.
+const MAX_PENDING: usize = 100_000;
+/// How often a store that failed is tried again.
+const REOPEN_AFTER: Duration = Duration::from_secs(5);
+/// Rows per transaction.
+const BATCH: usize = 4096;
+
+/// Where the ledger is kept.
+#[derive(Clone)]
+pub enum Target {
+    Sqlite(PathBuf),
+    Postgres(Box<PgTarget>),
+}
+
+impl Target {
+    /// A `postgres://` (or `postgresql://`) URL, else a SQLite file's path.
+    pub fn parse(s: &str, ca_file: Option<&Path>) -> Result<Self> {
+        if is_url(s) {
+            return Ok(Self::Postgres(Box::new(PgTarget::parse(s, ca_file)?)));
+        }
+        if s.contains("://") {
+            return Err(HearthError::Config(format!(
+                "ledger: `{}` is neither a postgres:// URL nor a file path",
+                s.split("://").next().unwrap_or_default()
+            )));
+        }
+        Ok(Self::Sqlite(s.into()))
+    }
+
+    fn open_writer(&self) -> std::result::Result<Box<dyn Store>, String> {
+        match self {
+            Self::Sqlite(p) => sqlite::open_for_writing(p)
+                .map(|c| Box::new(c) as Box<dyn Store>)
+                .map_err(|e| e.to_string()),
+            Self::Postgres(pg) => pg
+                .open_for_writing()
+                .map(|c| Box::new(c) as Box<dyn Store>)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// One usage query, on a connection of its own (the `hearth usage` export).
+    pub fn query(&self, q: &UsageQuery) -> Result<Vec<UsageRow>> {
+        match self {
+            Self::Sqlite(p) => sqlite::query(p, q),
+            Self::Postgres(pg) => pg.query(&Mutex::new(None), q),
+        }
+    }
+}
+
+/// Whether a ledger setting names a PostgreSQL database.
+pub fn is_url(s: &str) -> bool {
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
+}
+
+/// The file's path, or the URL without its password.
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite(p) => write!(f, "{}", p.display()),
+            Self::Postgres(pg) => write!(f, "{pg}"),
+        }
+    }
+}
+
+/// What the writer needs of a store.
+trait Store {
+    /// All of `rows` in one transaction, or none of them.
+    fn insert(&mut self, rows: &[Row]) -> std::result::Result<(), String>;
+    /// Delete the rows older than `cutoff_ms`; how many went.
+    fn prune(&mut self, cutoff_ms: i64) -> std::result::Result<u64, String>;
+}
+
+/// A column's value, for either store.
+enum Value {
+    Int(Option<i64>),
+    Real(Option<f64>),
+    Text(Option<String>),
+    Bool(Option<bool>),
+}
+
+/// The columns a row fills, in the order of `values`.
+const COLUMNS: [&str; 26] = [
+    "ts_ms",
+    "request_id",
+    "tenant",
+    "key_id",
+    "\"user\"",
+    "model",
+    "route",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+    "prefill_device_ms",
+    "decode_device_ms",
+    "queue_ms",
+    "ttft_ms",
+    "e2e_ms",
+    "finish_reason",
+    "status",
+    "cache",
+    "saved_device_ms",
+    "mean_logprob",
+    "p10_logprob",
+    "min_logprob",
+    "mean_entropy",
+    "mean_margin",
+    "repetition",
+    "length_stop",
+];
+
+fn insert_sql(d: query::Dialect) -> String {
+    let params: Vec<String> = (1..=COLUMNS.len()).map(|i| d.param(i)).collect();
+    format!(
+        "INSERT INTO requests ({}) VALUES ({})",
+        COLUMNS.join(", "),
+        params.join(", ")
+    )
+}
+
+fn values(r: &Row) -> [Value; 26] {
+    let text = |s: &str| Value::Text(Some(s.to_owned()));
+    let int = |i: u64| Value::Int(Some(i64::try_from(i).unwrap_or(i64::MAX)));
+    let real = |f: f64| Value::Real(Some(f));
+    let q = r.quality.as_ref();
+    [
+        Value::Int(Some(r.ts_ms)),
+        text(&r.request_id),
+        text(&r.tenant),
+        text(&r.key_id),
+        Value::Text(r.user.clone()),
+        text(&r.model),
+        text(&r.route),
+        int(r.prompt_tokens),
+        int(r.cached_tokens),
+        int(r.completion_tokens),
+        real(r.prefill_device_ms),
+        real(r.decode_device_ms),
+        real(r.queue_ms),
+        Value::Real(r.ttft_ms),
+        real(r.e2e_ms),
+        text(&r.finish_reason),
+        int(u64::from(r.status)),
+        text(&r.cache),
+        real(r.saved_device_ms),
+        Value::Real(q.map(|q| q.mean_logprob)),
+        Value::Real(q.map(|q| q.p10_logprob)),
+        Value::Real(q.map(|q| q.min_logprob)),
+        Value::Real(q.map(|q| q.mean_entropy)),
+        Value::Real(q.and_then(|q| q.mean_margin)),
+        Value::Real(q.map(|q| q.repetition)),
+        Value::Bool(q.map(|q| q.stopped_on_length)),
+    ]
+}
+
 enum Msg {
     Row(Box<Row>),
-    /// Answered once every row sent before it is committed (or given up on).
+    /// Answered once every row sent before it is committed (or waiting for the store).
     Flush(flume::Sender<()>),
 }
 
-/// The writer's handle: record rows, flush, query, close.
-pub struct Ledger {
-    path: PathBuf,
-    tx: Mutex<Option<flume::Sender<Msg>>>,
-    writer: Mutex<Option<JoinHandle<()>>>,
-}
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS requests (
-    id INTEGER PRIMARY KEY,
-    ts_ms INTEGER NOT NULL,
-    request_id TEXT NOT NULL,
-    tenant TEXT NOT NULL,
-    key_id TEXT NOT NULL,
-    user TEXT,
-    model TEXT NOT NULL,
-    route TEXT NOT NULL,
-    prompt_tokens INTEGER NOT NULL,
-    cached_tokens INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    prefill_device_ms REAL NOT NULL,
-    decode_device_ms REAL NOT NULL,
-    queue_ms REAL NOT NULL,
-    ttft_ms REAL,
-    e2e_ms REAL NOT NULL,
-    finish_reason TEXT NOT NULL,
-    status INTEGER NOT NULL,
-    cache TEXT NOT NULL DEFAULT '',
-    saved_device_ms REAL NOT NULL DEFAULT 0,
-    mean_logprob REAL,
-    p10_logprob REAL,
-    min_logprob REAL,
-    mean_entropy REAL,
-    mean_margin REAL,
-    repetition REAL,
-    length_stop INTEGER
-);
-CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms);
-CREATE INDEX IF NOT EXISTS requests_tenant_ts ON requests (tenant, ts_ms);
-";
-
-/// Open the ledger's file for writing (creating it and its folder), with `schema` applied: WAL, so
-/// that writers and readers of the same file (the ledger's, the response cache's copy, usage
-/// queries) wait for each other rather than fail.
-pub(crate) fn open_file(path: &Path, schema: &str) -> rusqlite::Result<Connection> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        // A failure here shows up as the open's error below.
-        let _ = std::fs::create_dir_all(dir);
-    }
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    conn.execute_batch(schema)?;
-    Ok(conn)
-}
-
-/// Open (creating the file, its folder and the table) for writing.
-fn open_for_writing(path: &Path) -> rusqlite::Result<Connection> {
-    let conn = open_file(path, SCHEMA)?;
-    // A ledger written before the response cache existed gets its columns (old rows: no hit).
-    let has_cache: bool = conn
-        .prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = 'cache'")?
-        .exists([])?;
-    if !has_cache {
-        conn.execute_batch(
-            "ALTER TABLE requests ADD COLUMN cache TEXT NOT NULL DEFAULT '';
-             ALTER TABLE requests ADD COLUMN saved_device_ms REAL NOT NULL DEFAULT 0;",
-        )?;
-    }
-    // ... and one from before the quality signals, theirs (old rows: not measured).
-    let has_quality: bool = conn
-        .prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = 'mean_logprob'")?
-        .exists([])?;
-    if !has_quality {
-        conn.execute_batch(
-            "ALTER TABLE requests ADD COLUMN mean_logprob REAL;
-             ALTER TABLE requests ADD COLUMN p10_logprob REAL;
-             ALTER TABLE requests ADD COLUMN min_logprob REAL;
-             ALTER TABLE requests ADD COLUMN mean_entropy REAL;
-             ALTER TABLE requests ADD COLUMN mean_margin REAL;
-             ALTER TABLE requests ADD COLUMN repetition REAL;
-             ALTER TABLE requests ADD COLUMN length_stop INTEGER;",
-        )?;
-    }
-    Ok(conn)
-}
-
-fn insert(conn: &mut Connection, rows: &[Row]) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
-    {
-        let mut st = tx.prepare_cached(
-            "INSERT INTO requests (ts_ms, request_id, tenant, key_id, user, model, route, \
-             prompt_tokens, cached_tokens, completion_tokens, prefill_device_ms, decode_device_ms, \
-             queue_ms, ttft_ms, e2e_ms, finish_reason, status, cache, saved_device_ms, \
-             mean_logprob, p10_logprob, min_logprob, mean_entropy, mean_margin, repetition, \
-             length_stop) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
-             ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)",
-        )?;
-        for r in rows {
-            st.execute(params![
-                r.ts_ms,
-                r.request_id,
-                r.tenant,
-                r.key_id,
-                r.user,
-                r.model,
-                r.route,
-                r.prompt_tokens as i64,
-                r.cached_tokens as i64,
-                r.completion_tokens as i64,
-                r.prefill_device_ms,
-                r.decode_device_ms,
-                r.queue_ms,
-                r.ttft_ms,
-                r.e2e_ms,
-                r.finish_reason,
-                r.status,
-                r.cache,
-                r.saved_device_ms,
-                r.quality.map(|q| q.mean_logprob),
-                r.quality.map(|q| q.p10_logprob),
-                r.quality.map(|q| q.min_logprob),
-                r.quality.map(|q| q.mean_entropy),
-                r.quality.and_then(|q| q.mean_margin),
-                r.quality.map(|q| q.repetition),
-                r.quality.map(|q| q.stopped_on_length),
-            ])?;
-        }
-    }
-    tx.commit()
-}
-
-/// The writer thread: batches whatever has arrived, commits it (three tries), answers flushes, and
-/// prunes rows past the retention once an hour.
-fn writer(path: PathBuf, retention_days: u32, rx: flume::Receiver<Msg>) {
-    let mut conn: Option<Connection> = None;
+/// The writer thread: gathers whatever has arrived, commits what is pending, answers flushes,
+/// retries a failed store every `REOPEN_AFTER`, and prunes rows past the retention once an hour.
+fn writer(target: Target, retention_days: u32, rx: flume::Receiver<Msg>) {
+    let mut store: Option<Box<dyn Store>> = None;
     let mut last_open_try: Option<Instant> = None;
     let mut last_prune: Option<Instant> = None;
+    let mut pending: Vec<Row> = Vec::new();
+    let mut down = false;
     loop {
-        let first = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(m) => Some(m),
-            Err(flume::RecvTimeoutError::Timeout) => None,
-            Err(flume::RecvTimeoutError::Disconnected) => break,
+        // With rows waiting for the store, wake up to try it again.
+        let wait = if pending.is_empty() {
+            Duration::from_secs(60)
+        } else {
+            Duration::from_secs(1)
         };
-        let mut rows = Vec::new();
+        let (first, closing) = match rx.recv_timeout(wait) {
+            Ok(m) => (Some(m), false),
+            Err(flume::RecvTimeoutError::Timeout) => (None, false),
+            Err(flume::RecvTimeoutError::Disconnected) => (None, true),
+        };
         let mut flushes = Vec::new();
-        for m in first.into_iter().chain(rx.try_iter().take(4096)) {
+        for m in first.into_iter().chain(rx.try_iter().take(BATCH)) {
             match m {
-                Msg::Row(r) => rows.push(*r),
+                Msg::Row(r) => pending.push(*r),
                 Msg::Flush(ack) => flushes.push(ack),
             }
         }
-        if conn.is_none() && last_open_try.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+        if store.is_none() && last_open_try.is_none_or(|t| t.elapsed() > REOPEN_AFTER) {
             last_open_try = Some(Instant::now());
-            match open_for_writing(&path) {
-                Ok(c) => conn = Some(c),
-                Err(e) => tracing::error!(
-                    path = %path.display(), error = %e,
-                    "USAGE LEDGER UNWRITABLE: requests are served but their usage rows are lost"
-                ),
+            match target.open_writer() {
+                Ok(s) => store = Some(s),
+                Err(e) if !down => {
+                    down = true;
+                    tracing::error!(
+                        ledger = %target, error = %e,
+                        "USAGE LEDGER UNWRITABLE: requests are served, their usage rows wait in memory"
+                    );
+                }
+                Err(e) => tracing::debug!(ledger = %target, error = %e, "ledger still unwritable"),
             }
         }
-        if !rows.is_empty() {
-            let written = conn.as_mut().is_some_and(|c| {
-                (0..3).any(|attempt| {
-                    if attempt > 0 {
-                        std::thread::sleep(Duration::from_millis(50 << attempt));
+        while !pending.is_empty() {
+            let Some(s) = store.as_mut() else { break };
+            let n = pending.len().min(BATCH);
+            match s.insert(&pending[..n]) {
+                Ok(()) => {
+                    pending.drain(..n);
+                    metrics::counter!(names::LEDGER_ROWS_WRITTEN).increment(n as u64);
+                    if std::mem::take(&mut down) {
+                        tracing::info!(ledger = %target, "usage ledger writable again");
                     }
-                    match insert(c, &rows) {
-                        Ok(()) => true,
-                        Err(e) => {
-                            tracing::warn!(error = %e, attempt, "ledger batch not written");
-                            false
-                        }
+                }
+                Err(e) => {
+                    if !down {
+                        down = true;
+                        tracing::error!(
+                            ledger = %target, error = %e, rows = pending.len(),
+                            "USAGE LEDGER: rows not written; they wait in memory and are retried"
+                        );
                     }
-                })
-            });
-            if written {
-                metrics::counter!(names::LEDGER_ROWS_WRITTEN).increment(rows.len() as u64);
-            } else {
-                tracing::error!(
-                    path = %path.display(), rows = rows.len(),
-                    "USAGE LEDGER: rows lost (the file cannot be written)"
-                );
-                metrics::counter!(names::LEDGER_ROWS_DROPPED).increment(rows.len() as u64);
-                // Reopen on the next batch: the file may have come back.
-                conn = None;
+                    // Opened again on the next round: the store may be back by then.
+                    store = None;
+                    last_open_try = None;
+                }
             }
         }
+        let lost = if closing {
+            pending.len()
+        } else {
+            pending.len().saturating_sub(MAX_PENDING)
+        };
+        if lost > 0 {
+            pending.drain(..lost);
+            tracing::error!(
+                ledger = %target, rows = lost,
+                "USAGE LEDGER: rows lost (the store could not be written)"
+            );
+            metrics::counter!(names::LEDGER_ROWS_DROPPED).increment(lost as u64);
+        }
+        metrics::gauge!(names::LEDGER_ROWS_PENDING).set(pending.len() as f64);
         for ack in flushes {
             let _ = ack.send(());
         }
+        if closing {
+            break;
+        }
         if retention_days > 0 && last_prune.is_none_or(|t| t.elapsed() > Duration::from_secs(3600))
         {
-            last_prune = Some(Instant::now());
-            if let Some(c) = &conn {
+            if let Some(s) = store.as_mut() {
+                last_prune = Some(Instant::now());
                 let cutoff = now_ms() - i64::from(retention_days) * 86_400_000;
-                match c.execute("DELETE FROM requests WHERE ts_ms < ?1", params![cutoff]) {
+                match s.prune(cutoff) {
                     Ok(n) if n > 0 => tracing::info!(rows = n, retention_days, "ledger pruned"),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "ledger pruning failed"),
@@ -273,19 +324,29 @@ fn writer(path: PathBuf, retention_days: u32, rx: flume::Receiver<Msg>) {
     }
 }
 
+/// The writer's handle: record rows, flush, query, close.
+pub struct Ledger {
+    target: Target,
+    /// The usage queries' connection to PostgreSQL, kept between queries.
+    reader: Mutex<Option<::postgres::Client>>,
+    tx: Mutex<Option<flume::Sender<Msg>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
 impl Ledger {
-    /// Start the writer for the ledger at `path`. Never fails: an unwritable path is logged and
-    /// its rows are counted as dropped, and the server serves on.
-    pub fn open(path: &Path, retention_days: u32) -> Self {
+    /// Start the writer for the ledger at `target`. Never fails: an unwritable store is logged,
+    /// its rows wait (see the module's note), and the server serves on.
+    pub fn open(target: Target, retention_days: u32) -> Self {
         let (tx, rx) = flume::unbounded();
-        let p = path.to_path_buf();
+        let t = target.clone();
         let writer = std::thread::Builder::new()
             .name("ledger".into())
-            .spawn(move || writer(p, retention_days, rx))
+            .spawn(move || writer(t, retention_days, rx))
             .map_err(|e| tracing::error!(error = %e, "cannot start the ledger writer"))
             .ok();
         Self {
-            path: path.to_path_buf(),
+            target,
+            reader: Mutex::new(None),
             tx: Mutex::new(Some(tx)),
             writer: Mutex::new(writer),
         }
@@ -307,7 +368,7 @@ impl Ledger {
         }
     }
 
-    /// Wait until every row recorded so far is committed (or given up on).
+    /// Wait until every row recorded so far is committed (or waiting for the store).
     pub async fn flush(&self) {
         let (ack, done) = flume::bounded(1);
         if self
@@ -318,7 +379,8 @@ impl Ledger {
         }
     }
 
-    /// Flush, stop the writer and wait for it (shutdown: no row recorded before this is lost).
+    /// Flush, stop the writer and wait for it (shutdown: no row recorded before this is lost,
+    /// unless the store cannot be written).
     pub fn close(&self) {
         let tx = self
             .tx
@@ -336,9 +398,12 @@ impl Ledger {
         }
     }
 
-    /// Usage totals from the file (a reader of its own; WAL lets it run beside the writer).
+    /// Usage totals (blocking: call it off the async runtime).
     pub fn query(&self, q: &UsageQuery) -> Result<Vec<UsageRow>> {
-        query::run(&self.path, q)
+        match &self.target {
+            Target::Sqlite(p) => sqlite::query(p, q),
+            Target::Postgres(pg) => pg.query(&self.reader, q),
+        }
     }
 }
 

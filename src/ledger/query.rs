@@ -1,7 +1,6 @@
-//! Usage totals over a time range, grouped by any of tenant, model, user and day (UTC).
-use std::path::Path;
-
-use rusqlite::{params_from_iter, Connection, OpenFlags};
+//! Usage totals over a time range, grouped by any of tenant, model, user and day (UTC): one
+//! query, written once for both stores (SQLite and PostgreSQL differ only in the words of
+//! `Dialect`), and read back into the same rows.
 use serde::Serialize;
 
 use crate::error::{HearthError, Result};
@@ -37,12 +36,41 @@ impl GroupBy {
         Ok(out)
     }
 
-    fn column(self) -> &'static str {
+    fn column(self, d: Dialect) -> &'static str {
+        match (self, d) {
+            (Self::Tenant, _) => "tenant",
+            (Self::Model, _) => "model",
+            // No label and an empty one are one group, sorted alike by both stores.
+            (Self::User, _) => "COALESCE(\"user\", '')",
+            (Self::Day, Dialect::Sqlite) => "strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch')",
+            (Self::Day, Dialect::Postgres) => {
+                "to_char(to_timestamp(ts_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+            }
+        }
+    }
+}
+
+/// Where the two stores' SQL differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    /// The `i`th (from 1) positional parameter.
+    pub(crate) fn param(self, i: usize) -> String {
         match self {
-            Self::Tenant => "tenant",
-            Self::Model => "model",
-            Self::User => "user",
-            Self::Day => "strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch')",
+            Self::Sqlite => format!("?{i}"),
+            Self::Postgres => format!("${i}"),
+        }
+    }
+
+    /// Groups sort byte-wise in both stores, whatever PostgreSQL's database collation is.
+    fn collate(self) -> &'static str {
+        match self {
+            Self::Sqlite => "",
+            Self::Postgres => " COLLATE \"C\"",
         }
     }
 }
@@ -79,45 +107,62 @@ pub struct UsageRow {
     pub saved_device_time_ms: f64,
 }
 
-pub fn run(path: &Path, q: &UsageQuery) -> Result<Vec<UsageRow>> {
-    if !path.exists() {
-        return Ok(Vec::new());
+/// A usage query as SQL, with its parameters: the range in Unix milliseconds, then the tenant
+/// if there is one.
+pub(crate) struct Select {
+    pub sql: String,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub tenant: Option<String>,
+}
+
+impl UsageQuery {
+    pub(crate) fn select(&self, d: Dialect) -> Select {
+        let cols: Vec<&str> = self.group_by.iter().map(|g| g.column(d)).collect();
+        let mut sql = String::from("SELECT ");
+        for c in &cols {
+            sql.push_str(c);
+            sql.push_str(", ");
+        }
+        // The sums are cast back to integers: PostgreSQL sums BIGINTs into NUMERIC.
+        sql.push_str(&format!(
+            "COUNT(*), CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(cached_tokens) AS BIGINT), \
+             CAST(SUM(completion_tokens) AS BIGINT), SUM(prefill_device_ms + decode_device_ms), \
+             CAST(SUM(CASE WHEN cache <> '' THEN 1 ELSE 0 END) AS BIGINT), SUM(saved_device_ms) \
+             FROM requests WHERE ts_ms >= {} AND ts_ms < {}",
+            d.param(1),
+            d.param(2)
+        ));
+        if self.tenant.is_some() {
+            sql.push_str(&format!(" AND tenant = {}", d.param(3)));
+        }
+        if !cols.is_empty() {
+            let order: Vec<String> = cols.iter().map(|c| format!("{c}{}", d.collate())).collect();
+            sql.push_str(&format!(
+                " GROUP BY {} ORDER BY {}",
+                cols.join(", "),
+                order.join(", ")
+            ));
+        }
+        Select {
+            sql,
+            start_ms: self.start.map_or(i64::MIN, |s| s.saturating_mul(1000)),
+            end_ms: self.end.map_or(i64::MAX, |e| e.saturating_mul(1000)),
+            tenant: self.tenant.clone(),
+        }
     }
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    let cols: Vec<&str> = q.group_by.iter().map(|g| g.column()).collect();
-    let mut sql = String::from("SELECT ");
-    for c in &cols {
-        sql.push_str(c);
-        sql.push_str(", ");
-    }
-    sql.push_str(
-        "COUNT(*), SUM(prompt_tokens), SUM(cached_tokens), SUM(completion_tokens), \
-         SUM(prefill_device_ms + decode_device_ms), SUM(cache != ''), SUM(saved_device_ms) \
-         FROM requests WHERE ts_ms >= ?1 AND ts_ms < ?2",
-    );
-    let mut args: Vec<rusqlite::types::Value> = vec![
-        q.start.map_or(i64::MIN, |s| s.saturating_mul(1000)).into(),
-        q.end.map_or(i64::MAX, |e| e.saturating_mul(1000)).into(),
-    ];
-    if let Some(t) = &q.tenant {
-        sql.push_str(" AND tenant = ?3");
-        args.push(t.clone().into());
-    }
-    if !cols.is_empty() {
-        let list = cols.join(", ");
-        sql.push_str(&format!(" GROUP BY {list} ORDER BY {list}"));
-    }
-    let mut st = conn.prepare(&sql)?;
-    let n = cols.len();
-    let rows = st.query_map(params_from_iter(args), |r| {
+
+    /// One result row of `select`, read through the store's typed getters. With no grouping and
+    /// no rows both stores return one all-zero row: kept (a total).
+    pub(crate) fn decode<E>(
+        &self,
+        text: impl Fn(usize) -> std::result::Result<Option<String>, E>,
+        int: impl Fn(usize) -> std::result::Result<Option<i64>, E>,
+        real: impl Fn(usize) -> std::result::Result<Option<f64>, E>,
+    ) -> std::result::Result<UsageRow, E> {
         let mut row = UsageRow::default();
-        for (i, g) in q.group_by.iter().enumerate() {
-            let v: Option<String> = r.get(i)?;
-            let v = Some(v.unwrap_or_default());
+        for (i, g) in self.group_by.iter().enumerate() {
+            let v = Some(text(i)?.unwrap_or_default());
             match g {
                 GroupBy::Tenant => row.tenant = v,
                 GroupBy::Model => row.model = v,
@@ -125,158 +170,15 @@ pub fn run(path: &Path, q: &UsageQuery) -> Result<Vec<UsageRow>> {
                 GroupBy::Day => row.day = v,
             }
         }
-        row.requests = r.get::<_, i64>(n)? as u64;
-        row.prompt_tokens = r.get::<_, Option<i64>>(n + 1)?.unwrap_or(0) as u64;
-        row.cached_tokens = r.get::<_, Option<i64>>(n + 2)?.unwrap_or(0) as u64;
-        row.completion_tokens = r.get::<_, Option<i64>>(n + 3)?.unwrap_or(0) as u64;
-        row.device_time_ms = r.get::<_, Option<f64>>(n + 4)?.unwrap_or(0.0);
-        row.cache_hits = r.get::<_, Option<i64>>(n + 5)?.unwrap_or(0) as u64;
-        row.saved_device_time_ms = r.get::<_, Option<f64>>(n + 6)?.unwrap_or(0.0);
+        let n = self.group_by.len();
+        let count = |i| int(i).map(|v| v.unwrap_or(0).max(0) as u64);
+        row.requests = count(n)?;
+        row.prompt_tokens = count(n + 1)?;
+        row.cached_tokens = count(n + 2)?;
+        row.completion_tokens = count(n + 3)?;
+        row.device_time_ms = real(n + 4)?.unwrap_or(0.0);
+        row.cache_hits = count(n + 5)?;
+        row.saved_device_time_ms = real(n + 6)?.unwrap_or(0.0);
         Ok(row)
-    })?;
-    // With no grouping and no rows, SQLite still returns one all-zero row: kept (a total).
-    rows.collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(Into::into)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ledger::{Ledger, Row};
-
-    fn row(tenant: &str, model: &str, user: Option<&str>, ts_ms: i64, prompt: u64) -> Row {
-        Row {
-            ts_ms,
-            request_id: format!("r{ts_ms}"),
-            tenant: tenant.into(),
-            key_id: "k".into(),
-            user: user.map(String::from),
-            model: model.into(),
-            prompt_tokens: prompt,
-            completion_tokens: 2,
-            prefill_device_ms: 1.5,
-            decode_device_ms: 0.5,
-            finish_reason: "stop".into(),
-            status: 200,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn groups_filters_and_survives_a_reopen() {
-        let dir = std::env::temp_dir().join(format!("hearth-ledger-{}", std::process::id()));
-        let path = dir.join("usage.sqlite3");
-        let _ = std::fs::remove_dir_all(&dir);
-        let day = 86_400_000;
-        {
-            let l = Ledger::open(&path, 0);
-            l.record(row("a", "m1", Some("u1"), 10 * day, 10));
-            l.record(row("a", "m2", None, 10 * day + 5, 20));
-            l.record(row("b", "m1", Some("u2"), 11 * day, 40));
-            l.close();
-        }
-        let l = Ledger::open(&path, 0);
-        let all = l.query(&UsageQuery::default()).unwrap();
-        assert_eq!(all.len(), 1);
-        assert_eq!(
-            (
-                all[0].requests,
-                all[0].prompt_tokens,
-                all[0].completion_tokens
-            ),
-            (3, 70, 6)
-        );
-        assert!((all[0].device_time_ms - 6.0).abs() < 1e-9);
-        let by = |g: &str, tenant: Option<&str>| {
-            l.query(&UsageQuery {
-                group_by: GroupBy::parse_list(g).unwrap(),
-                tenant: tenant.map(String::from),
-                ..Default::default()
-            })
-            .unwrap()
-        };
-        let t = by("tenant", None);
-        assert_eq!(t.len(), 2);
-        assert_eq!((t[0].tenant.as_deref(), t[0].requests), (Some("a"), 2));
-        let d = by("day,tenant", None);
-        assert_eq!(d.len(), 2);
-        assert_eq!(d[0].day.as_deref(), Some("1970-01-11"));
-        assert_eq!(d[1].day.as_deref(), Some("1970-01-12"));
-        let only_b = by("model,user", Some("b"));
-        assert_eq!(only_b.len(), 1);
-        assert_eq!(only_b[0].user.as_deref(), Some("u2"));
-        let range = l
-            .query(&UsageQuery {
-                start: Some(11 * 86_400),
-                ..Default::default()
-            })
-            .unwrap();
-        assert_eq!(range[0].requests, 1);
-        assert!(GroupBy::parse_list("tenant,cost").is_err());
-        drop(l);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn a_ledger_from_before_the_response_cache_and_quality_gains_their_columns() {
-        let dir = std::env::temp_dir().join(format!("hearth-ledger-old-{}", std::process::id()));
-        let path = dir.join("usage.sqlite3");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        {
-            // The table as it was: no cache columns, one row.
-            let c = Connection::open(&path).unwrap();
-            c.execute_batch(
-                "CREATE TABLE requests (id INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, \
-                 request_id TEXT NOT NULL, tenant TEXT NOT NULL, key_id TEXT NOT NULL, user TEXT, \
-                 model TEXT NOT NULL, route TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, \
-                 cached_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, \
-                 prefill_device_ms REAL NOT NULL, decode_device_ms REAL NOT NULL, \
-                 queue_ms REAL NOT NULL, ttft_ms REAL, e2e_ms REAL NOT NULL, \
-                 finish_reason TEXT NOT NULL, status INTEGER NOT NULL);
-                 INSERT INTO requests VALUES (1, 5, 'r', 'a', 'k', NULL, 'm', '', 1, 0, 1, 1.0, \
-                 1.0, 0.0, NULL, 1.0, 'stop', 200);",
-            )
-            .unwrap();
-        }
-        let l = Ledger::open(&path, 0);
-        l.record(Row {
-            cache: "semantic".into(),
-            saved_device_ms: 40.0,
-            ..row("a", "m", None, 10, 3)
-        });
-        l.close();
-        let l = Ledger::open(&path, 0);
-        let all = l.query(&UsageQuery::default()).unwrap();
-        assert_eq!((all[0].requests, all[0].cache_hits), (2, 1));
-        assert!((all[0].saved_device_time_ms - 40.0).abs() < 1e-9);
-        drop(l);
-        // The quality columns came too: a row with signals, an old row without.
-        let l = Ledger::open(&path, 0);
-        l.record(Row {
-            quality: Some(crate::quality::Quality {
-                tokens: 4,
-                mean_logprob: -0.5,
-                p10_logprob: -1.5,
-                min_logprob: -2.0,
-                mean_entropy: 0.8,
-                mean_margin: Some(3.0),
-                repetition: 0.25,
-                stopped_on_length: true,
-            }),
-            ..row("a", "m", None, 20, 3)
-        });
-        l.close();
-        let c = Connection::open(&path).unwrap();
-        let got: Vec<(Option<f64>, Option<f64>, Option<bool>)> = c
-            .prepare("SELECT mean_logprob, mean_margin, length_stop FROM requests ORDER BY ts_ms")
-            .unwrap()
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .unwrap()
-            .collect::<std::result::Result<_, rusqlite::Error>>()
-            .unwrap();
-        assert_eq!(got[0], (None, None, None));
-        assert_eq!(got[2], (Some(-0.5), Some(3.0), Some(true)));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -174,6 +174,7 @@ impl From<HearthError> for ApiError {
                 message,
             ),
             HearthError::EngineStopped => Self::unavailable("engine_stopped", message),
+            HearthError::LedgerUnavailable(_) => Self::unavailable("ledger_unavailable", message),
             _ => Self::internal(message),
         }
     }

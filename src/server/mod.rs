@@ -356,10 +356,8 @@ impl Server {
             metrics_require_key: config.metrics_require_key,
             limiter: Default::default(),
             ledger: config
-                .ledger_path
-                .as_deref()
-                .filter(|_| config.metering)
-                .map(|p| Arc::new(crate::ledger::Ledger::open(p, config.ledger_retention_days))),
+                .ledger()?
+                .map(|t| Arc::new(crate::ledger::Ledger::open(t, config.ledger_retention_days))),
             response_cache: Arc::new(response_cache(&config)),
             cache_config: config.cache.clone(),
             cache_by_name: config.cache_by_name(),

@@ -621,7 +621,7 @@ pub async fn usage(
     let ledger = state.ledger.clone().ok_or_else(|| {
         ApiError::unavailable(
             "no_ledger",
-            "this server keeps no usage ledger (ledger_path is unset)",
+            "this server keeps no usage ledger (ledger_path and ledger_url are unset, or metering is off)",
         )
     })?;
     let tenant = match caller {

@@ -32,8 +32,10 @@ pub mod names {
     pub const TOKENIZED_REQUESTS: &str = "hearth_tokenized_requests_total";
     /// Requests refused for a missing or unknown API key (counted only: no tenant to bill).
     pub const UNAUTHORIZED_REQUESTS: &str = "hearth_unauthorized_requests_total";
-    /// Usage-ledger rows committed, and rows lost (the file could not be written).
+    /// Usage-ledger rows committed, rows waiting in memory for an unwritable store, and rows
+    /// lost (past the wait's bound).
     pub const LEDGER_ROWS_WRITTEN: &str = "hearth_ledger_rows_written_total";
+    pub const LEDGER_ROWS_PENDING: &str = "hearth_ledger_rows_pending";
     pub const LEDGER_ROWS_DROPPED: &str = "hearth_ledger_rows_dropped_total";
     /// Requests refused before tokenization, by reason (`code`).
     pub const REJECTED_REQUESTS: &str = "hearth_rejected_requests_total";
@@ -211,7 +213,12 @@ pub const CATALOG: &[(&str, Kind, &str)] = &[
     (
         names::LEDGER_ROWS_DROPPED,
         Kind::Counter,
-        "Usage-ledger rows lost (the file could not be written).",
+        "Usage-ledger rows lost (the store could not be written for longer than the pending bound).",
+    ),
+    (
+        names::LEDGER_ROWS_PENDING,
+        Kind::Gauge,
+        "Usage-ledger rows waiting in memory for the store to be writable again.",
     ),
     (
         names::REJECTED_REQUESTS,
@@ -473,6 +480,7 @@ pub fn zero_series(s: &Served) {
     ] {
         metrics::counter!(c).increment(0);
     }
+    metrics::gauge!(names::LEDGER_ROWS_PENDING).set(0.0);
 }
 
 /// A counter family with fractional values in Prometheus text format (the `metrics` crate's

@@ -1,5 +1,6 @@
 //! Shared helpers for the real-model tests: model paths and engine set-up.
 #![allow(dead_code)]
+pub mod postgres;
 use std::path::{Path, PathBuf};
 
 use std::io::{BufRead, BufReader};
