@@ -1,11 +1,12 @@
 //! What metering and the ledger cost, measured directly (cargo bench --bench metering_cost): the
 //! device-time split of one 64-sequence step, and a ledger row from `record` to its commit. Their
 //! sum over a 64-stream run, against that run's time, bounds the overhead far below what an
-//! end-to-end throughput A/B can resolve on a noisy machine (see benches/RESULTS.md).
+//! end-to-end throughput A/B can resolve on a noisy machine (see benches/RESULTS.md). With
+//! `HEARTH_BENCH_LEDGER_URL=postgres://...` (an empty database) the PostgreSQL ledger too.
 use std::time::{Duration, Instant};
 
 use hearth::engine::metering::{split, CostModel};
-use hearth::ledger::{Ledger, Row};
+use hearth::ledger::{GroupBy, Ledger, Row, Target, UsageQuery};
 
 fn main() {
     // SmolLM2-135M's constants (30 layers, hidden 576, vocab 49152, 9 heads x 64).
@@ -35,17 +36,26 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("hearth-metering-cost-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let ledger = Ledger::open(
-        hearth::ledger::Target::Sqlite(dir.join("usage.sqlite3")),
-        400,
-    );
+    ledger_cost(Target::Sqlite(dir.join("usage.sqlite3")));
+    // A PostgreSQL ledger too, given one (an empty database: its `requests` table is dropped).
+    if let Ok(url) = std::env::var("HEARTH_BENCH_LEDGER_URL") {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        c.batch_execute("DROP TABLE IF EXISTS requests").unwrap();
+        ledger_cost(Target::parse(&url, None).unwrap());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A ledger row from `record` to its commit, and a usage query over the rows written.
+fn ledger_cost(target: Target) {
+    let ledger = Ledger::open(target.clone(), 400);
     let rows = 20_000;
     let t = Instant::now();
     for i in 0..rows {
         ledger.record(Row {
             ts_ms: 1_800_000_000_000 + i,
             request_id: format!("req-{i}"),
-            tenant: "team-a".into(),
+            tenant: ["team-a", "team-b", "team-c"][i as usize % 3].into(),
             key_id: "3f2a9c1b".into(),
             user: Some("alice".into()),
             model: "smollm2-135m-instruct".into(),
@@ -64,10 +74,26 @@ fn main() {
     let queued = t.elapsed().as_secs_f64() / rows as f64;
     ledger.close();
     let committed = t.elapsed().as_secs_f64() / rows as f64;
+    let store = match target {
+        Target::Sqlite(_) => "sqlite",
+        Target::Postgres(_) => "postgres",
+    };
     println!(
-        "ledger row: {:.2} us to queue on the request path, {:.2} us queued + committed (writer thread)",
+        "ledger row ({store}): {:.2} us to queue on the request path, {:.2} us queued + committed (writer thread)",
         queued * 1e6,
         committed * 1e6
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    let q = UsageQuery {
+        group_by: vec![GroupBy::Tenant, GroupBy::Day],
+        ..Default::default()
+    };
+    let runs = 20;
+    let t = Instant::now();
+    for _ in 0..runs {
+        assert_eq!(target.query(&q).unwrap().len(), 3);
+    }
+    println!(
+        "usage query ({store}, {rows} rows, by tenant and day, connection included): {:.2} ms",
+        t.elapsed().as_secs_f64() * 1e3 / runs as f64
+    );
 }

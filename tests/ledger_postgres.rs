@@ -31,7 +31,8 @@ fn sample_rows() -> Vec<Row> {
     let models = ["smol", "gemma"];
     let users = [None, Some(""), Some("alice"), Some("Bob")];
     let caches = ["", "", "exact", "semantic"];
-    (0..48u64)
+    // More than one full INSERT statement of PostgreSQL rows (256), and a partial one.
+    (0..600u64)
         .map(|i| Row {
             ts_ms: 20_000 * DAY_MS + (i % 3) as i64 * DAY_MS + i as i64 * 1000,
             request_id: format!("req-{i}"),
@@ -118,7 +119,7 @@ fn postgres_answers_every_usage_query_as_the_sqlite_file_does() {
         .map(|r| r.prefill_device_ms + r.decode_device_ms)
         .sum();
     assert_eq!(total.len(), 1);
-    assert_eq!(total[0].requests, 48);
+    assert_eq!(total[0].requests, 600);
     assert_eq!(
         total[0].prompt_tokens,
         rows.iter().map(|r| r.prompt_tokens).sum::<u64>()

@@ -173,12 +173,20 @@ const COLUMNS: [&str; 26] = [
     "length_stop",
 ];
 
-fn insert_sql(d: query::Dialect) -> String {
-    let params: Vec<String> = (1..=COLUMNS.len()).map(|i| d.param(i)).collect();
+/// An insert of `rows` rows at once.
+fn insert_sql(d: query::Dialect, rows: usize) -> String {
+    let tuples: Vec<String> = (0..rows)
+        .map(|r| {
+            let params: Vec<String> = (1..=COLUMNS.len())
+                .map(|c| d.param(r * COLUMNS.len() + c))
+                .collect();
+            format!("({})", params.join(", "))
+        })
+        .collect();
     format!(
-        "INSERT INTO requests ({}) VALUES ({})",
+        "INSERT INTO requests ({}) VALUES {}",
         COLUMNS.join(", "),
-        params.join(", ")
+        tuples.join(", ")
     )
 }
 

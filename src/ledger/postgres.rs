@@ -240,16 +240,32 @@ fn run(client: &mut Client, q: &UsageQuery) -> std::result::Result<Vec<UsageRow>
         .collect()
 }
 
+/// Rows per INSERT statement: one round trip carries many rows (26 parameters each; PostgreSQL
+/// takes up to 65,535 in a statement).
+const ROWS_PER_STATEMENT: usize = 256;
+
 impl Store for Client {
     fn insert(&mut self, rows: &[Row]) -> std::result::Result<(), String> {
         let write = |client: &mut Client| -> std::result::Result<(), postgres::Error> {
             let mut tx = client.transaction()?;
-            let st = tx.prepare(&super::insert_sql(Dialect::Postgres))?;
-            for r in rows {
-                let values: Vec<Box<dyn ToSql + Sync>> =
-                    super::values(r).into_iter().map(sql_value).collect();
+            // Prepared once for a long batch's full chunks; a short one's single chunk is
+            // prepared as it runs.
+            let full = if rows.len() >= ROWS_PER_STATEMENT {
+                Some(tx.prepare(&super::insert_sql(Dialect::Postgres, ROWS_PER_STATEMENT))?)
+            } else {
+                None
+            };
+            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                let values: Vec<Box<dyn ToSql + Sync>> = chunk
+                    .iter()
+                    .flat_map(super::values)
+                    .map(sql_value)
+                    .collect();
                 let args: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v.as_ref()).collect();
-                tx.execute(&st, &args)?;
+                match &full {
+                    Some(st) if chunk.len() == ROWS_PER_STATEMENT => tx.execute(st, &args)?,
+                    _ => tx.execute(&super::insert_sql(Dialect::Postgres, chunk.len()), &args)?,
+                };
             }
             tx.commit()
         };

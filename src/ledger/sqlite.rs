@@ -105,7 +105,7 @@ impl Store for Connection {
         let write = |conn: &mut Connection| -> rusqlite::Result<()> {
             let tx = conn.transaction()?;
             {
-                let mut st = tx.prepare_cached(&super::insert_sql(Dialect::Sqlite))?;
+                let mut st = tx.prepare_cached(&super::insert_sql(Dialect::Sqlite, 1))?;
                 for r in rows {
                     st.execute(params_from_iter(
                         super::values(r).into_iter().map(sql_value),
