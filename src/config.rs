@@ -311,6 +311,9 @@ impl Config {
             (Some(url), _) => {
                 crate::ledger::Target::parse(url, self.ledger_ca_file.as_deref()).map(Some)
             }
+            (None, _) if self.ledger_ca_file.is_some() => Err(HearthError::Config(
+                "ledger_ca_file is for a PostgreSQL ledger (ledger_url)".into(),
+            )),
             (None, Some(path)) => Ok(Some(crate::ledger::Target::Sqlite(path.clone()))),
             (None, None) => Ok(None),
         }

@@ -147,6 +147,9 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
         (json!({"model": "smol", "messages": [{"role": "user", "content": "x"}], "temperature": -1}).to_string(), 400, None),
         (json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}).to_string(), 404, Some("model_not_found")),
         (json!({"model": "smol", "prompt": "x".repeat(5000)}).to_string(), 413, Some("request_too_large")),
+        // The `user` label goes to the usage ledger: bounded, and no control characters.
+        (json!({"model": "smol", "prompt": "x", "user": "a\u{0}b"}).to_string(), 400, None),
+        (json!({"model": "smol", "messages": [{"role": "user", "content": "x"}], "user": "u".repeat(513)}).to_string(), 400, None),
     ];
     for (body, status, code) in cases {
         let (st, v, _) = post(

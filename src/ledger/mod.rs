@@ -68,6 +68,8 @@ const MAX_PENDING: usize = 100_000;
 const REOPEN_AFTER: Duration = Duration::from_secs(5);
 /// Rows per transaction.
 const BATCH: usize = 4096;
+/// The longest a usage query waits for the writer to commit what came before it.
+const FLUSH_WAIT: Duration = Duration::from_secs(10);
 
 /// Where the ledger is kept.
 #[derive(Clone)]
@@ -130,9 +132,17 @@ impl std::fmt::Display for Target {
 /// What the writer needs of a store.
 trait Store {
     /// All of `rows` in one transaction, or none of them.
-    fn insert(&mut self, rows: &[Row]) -> std::result::Result<(), String>;
+    fn insert(&mut self, rows: &[Row]) -> std::result::Result<(), WriteError>;
     /// Delete the rows older than `cutoff_ms`; how many went.
     fn prune(&mut self, cutoff_ms: i64) -> std::result::Result<u64, String>;
+}
+
+/// Why rows were not written.
+enum WriteError {
+    /// The store refuses the rows' values: trying them again cannot help.
+    Rejected(String),
+    /// The store cannot be reached or written (down, full, read-only): the rows wait.
+    Unavailable(String),
 }
 
 /// A column's value, for either store.
@@ -231,6 +241,56 @@ enum Msg {
     Flush(flume::Sender<()>),
 }
 
+/// What writing the pending rows did.
+#[derive(Default)]
+struct Round {
+    written: usize,
+    rejected: usize,
+    /// Why the store stopped taking rows, if it did (the rest wait).
+    failed: Option<String>,
+}
+
+/// Write `pending`, oldest first, in batches, until it is empty or the store fails. A batch the
+/// store refuses for its values is written again row by row, and only the refused rows are
+/// dropped: one bad row does not hold up the others.
+fn write_pending(store: &mut dyn Store, pending: &mut Vec<Row>, target: &Target) -> Round {
+    let mut round = Round::default();
+    while !pending.is_empty() {
+        let n = pending.len().min(BATCH);
+        match store.insert(&pending[..n]) {
+            Ok(()) => {
+                pending.drain(..n);
+                round.written += n;
+            }
+            Err(WriteError::Unavailable(e)) => {
+                round.failed = Some(e);
+                return round;
+            }
+            Err(WriteError::Rejected(_)) => {
+                let mut batch = pending.drain(..n).collect::<Vec<_>>().into_iter();
+                while let Some(row) = batch.next() {
+                    match store.insert(std::slice::from_ref(&row)) {
+                        Ok(()) => round.written += 1,
+                        Err(WriteError::Rejected(e)) => {
+                            round.rejected += 1;
+                            tracing::error!(
+                                ledger = %target, request_id = %row.request_id, error = %e,
+                                "USAGE LEDGER: a row the store refuses is lost"
+                            );
+                        }
+                        Err(WriteError::Unavailable(e)) => {
+                            pending.splice(0..0, std::iter::once(row).chain(batch));
+                            round.failed = Some(e);
+                            return round;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    round
+}
+
 /// The writer thread: gathers whatever has arrived, commits what is pending, answers flushes,
 /// retries a failed store every `REOPEN_AFTER`, and prunes rows past the retention once an hour.
 fn writer(target: Target, retention_days: u32, rx: flume::Receiver<Msg>) {
@@ -238,7 +298,22 @@ fn writer(target: Target, retention_days: u32, rx: flume::Receiver<Msg>) {
     let mut last_open_try: Option<Instant> = None;
     let mut last_prune: Option<Instant> = None;
     let mut pending: Vec<Row> = Vec::new();
+    // Whether the store is known to be failing (logged once per outage).
     let mut down = false;
+    let report = |failed: Option<&str>, pending: usize, down: &mut bool| match failed {
+        Some(e) if !*down => {
+            *down = true;
+            tracing::error!(
+                ledger = %target, error = %e, rows = pending,
+                "USAGE LEDGER UNWRITABLE: requests are served, their usage rows wait in memory and are retried"
+            );
+        }
+        Some(e) => tracing::debug!(ledger = %target, error = %e, "ledger still unwritable"),
+        None if std::mem::take(down) => {
+            tracing::info!(ledger = %target, "usage ledger writable again")
+        }
+        None => {}
+    };
     loop {
         // With rows waiting for the store, wake up to try it again.
         let wait = if pending.is_empty() {
@@ -258,44 +333,38 @@ fn writer(target: Target, retention_days: u32, rx: flume::Receiver<Msg>) {
                 Msg::Flush(ack) => flushes.push(ack),
             }
         }
-        if store.is_none() && last_open_try.is_none_or(|t| t.elapsed() > REOPEN_AFTER) {
+        // A failed store is tried again every REOPEN_AFTER, and once more at shutdown.
+        if store.is_none() && (closing || last_open_try.is_none_or(|t| t.elapsed() > REOPEN_AFTER))
+        {
             last_open_try = Some(Instant::now());
             match target.open_writer() {
                 Ok(s) => store = Some(s),
-                Err(e) if !down => {
-                    down = true;
-                    tracing::error!(
-                        ledger = %target, error = %e,
-                        "USAGE LEDGER UNWRITABLE: requests are served, their usage rows wait in memory"
-                    );
-                }
-                Err(e) => tracing::debug!(ledger = %target, error = %e, "ledger still unwritable"),
+                Err(e) => report(Some(&e), pending.len(), &mut down),
             }
         }
-        while !pending.is_empty() {
-            let Some(s) = store.as_mut() else { break };
-            let n = pending.len().min(BATCH);
-            match s.insert(&pending[..n]) {
-                Ok(()) => {
-                    pending.drain(..n);
-                    metrics::counter!(names::LEDGER_ROWS_WRITTEN).increment(n as u64);
-                    if std::mem::take(&mut down) {
-                        tracing::info!(ledger = %target, "usage ledger writable again");
+        if let Some(mut s) = store.take().filter(|_| !pending.is_empty()) {
+            let mut round = write_pending(s.as_mut(), &mut pending, &target);
+            if round.failed.is_some() {
+                // A connection that sat idle may have been closed under the writer (a database
+                // restart, an idle timeout): one new connection is tried at once, so that a
+                // flush is not answered while rows it could have had are waiting.
+                drop(s);
+                last_open_try = Some(Instant::now());
+                if let Ok(mut again) = target.open_writer() {
+                    let more = write_pending(again.as_mut(), &mut pending, &target);
+                    round.written += more.written;
+                    round.rejected += more.rejected;
+                    round.failed = more.failed;
+                    if round.failed.is_none() {
+                        store = Some(again);
                     }
                 }
-                Err(e) => {
-                    if !down {
-                        down = true;
-                        tracing::error!(
-                            ledger = %target, error = %e, rows = pending.len(),
-                            "USAGE LEDGER: rows not written; they wait in memory and are retried"
-                        );
-                    }
-                    // Opened again on the next round: the store may be back by then.
-                    store = None;
-                    last_open_try = None;
-                }
+            } else {
+                store = Some(s);
             }
+            metrics::counter!(names::LEDGER_ROWS_WRITTEN).increment(round.written as u64);
+            metrics::counter!(names::LEDGER_ROWS_DROPPED).increment(round.rejected as u64);
+            report(round.failed.as_deref(), pending.len(), &mut down);
         }
         let lost = if closing {
             pending.len()
@@ -376,14 +445,15 @@ impl Ledger {
         }
     }
 
-    /// Wait until every row recorded so far is committed (or waiting for the store).
+    /// Wait until every row recorded so far is committed (or waiting for the store), or for
+    /// `FLUSH_WAIT` at most: a store that hangs does not hang its readers.
     pub async fn flush(&self) {
         let (ack, done) = flume::bounded(1);
         if self
             .sender()
             .is_some_and(|tx| tx.send(Msg::Flush(ack)).is_ok())
         {
-            let _ = done.recv_async().await;
+            let _ = tokio::time::timeout(FLUSH_WAIT, done.recv_async()).await;
         }
     }
 
@@ -403,6 +473,16 @@ impl Ledger {
             .take();
         if let Some(w) = writer {
             let _ = w.join();
+        }
+        // The PostgreSQL client blocks on a runtime of its own when dropped, which a thread of
+        // the server's runtime may not do: it is dropped on a plain thread.
+        let reader = self
+            .reader
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(r) = reader {
+            let _ = std::thread::spawn(move || drop(r)).join();
         }
     }
 

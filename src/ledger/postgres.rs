@@ -14,7 +14,7 @@ use postgres::types::ToSql;
 use postgres::{Client, NoTls};
 
 use super::query::{Dialect, UsageQuery, UsageRow};
-use super::{Row, Store, Value};
+use super::{Row, Store, Value, WriteError};
 use crate::error::{HearthError, Result};
 
 const SCHEMA: &str = "
@@ -65,6 +65,8 @@ pub struct PgTarget {
 impl PgTarget {
     pub fn parse(url: &str, ca_file: Option<&Path>) -> Result<Self> {
         let bad = |why: String| HearthError::Config(format!("ledger_url: {why}"));
+        let (url, root_cert) = libpq_spellings(url);
+        let ca_file = ca_file.or(root_cert.as_deref());
         let mut config: postgres::Config = url.parse().map_err(|e| bad(chain(&e)))?;
         if config.get_hosts().is_empty() {
             return Err(bad("no host".into()));
@@ -79,6 +81,15 @@ impl PgTarget {
         }
         if config.get_application_name().is_none() {
             config.application_name("hearth");
+        }
+        config.keepalives(true);
+        if config.get_keepalives_idle() > Duration::from_secs(60) {
+            config.keepalives_idle(Duration::from_secs(60));
+        }
+        // A connection whose packets vanish fails in 30 s rather than in TCP's ~15 minutes,
+        // which would hold the writer, and every flush waiting on it.
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(Duration::from_secs(30));
         }
         let tls =
             match config.get_ssl_mode() {
@@ -103,13 +114,19 @@ impl PgTarget {
         }
     }
 
-    /// Open a writer's connection, the table made if missing.
+    /// Open a writer's connection, the table made if missing (only then: a role that may only
+    /// insert and select writes to a table made for it).
     pub(super) fn open_for_writing(&self) -> std::result::Result<Client, postgres::Error> {
         let mut client = self.connect()?;
-        let mut tx = client.transaction()?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
-        tx.batch_execute(SCHEMA)?;
-        tx.commit()?;
+        let exists: bool = client
+            .query_one("SELECT to_regclass('requests') IS NOT NULL", &[])?
+            .get(0);
+        if !exists {
+            let mut tx = client.transaction()?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
+            tx.batch_execute(SCHEMA)?;
+            tx.commit()?;
+        }
         Ok(client)
     }
 
@@ -138,19 +155,24 @@ impl PgTarget {
                     *slot = Some(client);
                     return Ok(rows);
                 }
-                // An error of the query itself would fail again: only a lost connection is retried.
-                Err(e) if e.as_db_error().is_some() => return Err(self.unavailable(&e)),
-                Err(e) => last = Some(e),
+                // A lost connection (closed, or the server going away: SQLSTATE 08, 57) is
+                // retried on a new one; an error of the query itself would only fail again.
+                Err(e)
+                    if client.is_closed()
+                        || e.code().is_none_or(|c| {
+                            c.code().starts_with("08") || c.code().starts_with("57")
+                        }) =>
+                {
+                    last = Some(e)
+                }
+                Err(e) => {
+                    last = Some(e);
+                    break;
+                }
             }
         }
-        Err(match last {
-            Some(e) => self.unavailable(&e),
-            None => HearthError::LedgerUnavailable(self.to_string()),
-        })
-    }
-
-    fn unavailable(&self, e: &postgres::Error) -> HearthError {
-        HearthError::LedgerUnavailable(format!("{self}: {}", chain(e)))
+        let why = last.map_or_else(String::new, |e| chain(&e));
+        Err(HearthError::LedgerUnavailable(format!("{self}: {why}")))
     }
 }
 
@@ -167,6 +189,29 @@ fn chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     s
+}
+
+/// libpq's spellings the client does not take: `sslmode=verify-full` and `verify-ca` become
+/// `require` (which here always verifies the certificate and the host name), and
+/// `sslrootcert=FILE` is taken out as the CA file (`ledger_ca_file` wins over it).
+fn libpq_spellings(url: &str) -> (String, Option<std::path::PathBuf>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_string(), None);
+    };
+    let mut root_cert = None;
+    let mut kept = Vec::new();
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("sslmode", "verify-full" | "verify-ca")) => kept.push("sslmode=require"),
+            Some(("sslrootcert", file)) => root_cert = Some(file.into()),
+            _ => kept.push(pair),
+        }
+    }
+    if kept.is_empty() {
+        (base.to_string(), root_cert)
+    } else {
+        (format!("{base}?{}", kept.join("&")), root_cert)
+    }
 }
 
 /// The URL without its password, for logs and errors.
@@ -245,7 +290,7 @@ fn run(client: &mut Client, q: &UsageQuery) -> std::result::Result<Vec<UsageRow>
 const ROWS_PER_STATEMENT: usize = 256;
 
 impl Store for Client {
-    fn insert(&mut self, rows: &[Row]) -> std::result::Result<(), String> {
+    fn insert(&mut self, rows: &[Row]) -> std::result::Result<(), WriteError> {
         let write = |client: &mut Client| -> std::result::Result<(), postgres::Error> {
             let mut tx = client.transaction()?;
             // Prepared once for a long batch's full chunks; a short one's single chunk is
@@ -269,7 +314,14 @@ impl Store for Client {
             }
             tx.commit()
         };
-        write(self).map_err(|e| e.to_string())
+        write(self).map_err(|e| {
+            let why = chain(&e);
+            // Data exceptions and integrity violations: these rows' values, not the store.
+            match e.code().map(|c| c.code().get(..2)) {
+                Some(Some("22" | "23")) => WriteError::Rejected(why),
+                _ => WriteError::Unavailable(why),
+            }
+        })
     }
 
     fn prune(&mut self, cutoff_ms: i64) -> std::result::Result<u64, String> {

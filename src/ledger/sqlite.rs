@@ -7,7 +7,7 @@ use std::time::Duration;
 use rusqlite::{params, params_from_iter, Connection, OpenFlags};
 
 use super::query::{Dialect, UsageQuery, UsageRow};
-use super::{Row, Store, Value};
+use super::{Row, Store, Value, WriteError};
 use crate::error::Result;
 
 const SCHEMA: &str = "
@@ -101,7 +101,7 @@ fn sql_value(v: Value) -> rusqlite::types::Value {
 }
 
 impl Store for Connection {
-    fn insert(&mut self, rows: &[Row]) -> std::result::Result<(), String> {
+    fn insert(&mut self, rows: &[Row]) -> std::result::Result<(), WriteError> {
         let write = |conn: &mut Connection| -> rusqlite::Result<()> {
             let tx = conn.transaction()?;
             {
@@ -114,7 +114,10 @@ impl Store for Connection {
             }
             tx.commit()
         };
-        write(self).map_err(|e| e.to_string())
+        write(self).map_err(|e| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::ConstraintViolation) => WriteError::Rejected(e.to_string()),
+            _ => WriteError::Unavailable(e.to_string()),
+        })
     }
 
     fn prune(&mut self, cutoff_ms: i64) -> std::result::Result<u64, String> {

@@ -131,7 +131,7 @@ pub fn validate(req: EmbeddingRequest) -> Result<Validated, ApiError> {
         input: input(&req.input)?,
         base64,
         dimensions: req.dimensions,
-        user: req.user,
+        user: super::validate::user_label(req.user)?,
         truncate: req.truncate.unwrap_or(false),
     })
 }

@@ -174,7 +174,15 @@ impl From<HearthError> for ApiError {
                 message,
             ),
             HearthError::EngineStopped => Self::unavailable("engine_stopped", message),
-            HearthError::LedgerUnavailable(_) => Self::unavailable("ledger_unavailable", message),
+            HearthError::LedgerUnavailable(_) => {
+                // The caller (a tenant, maybe) learns that the ledger is unavailable; which
+                // database and why go to the log.
+                tracing::warn!(error = %message, "usage query failed");
+                Self::unavailable(
+                    "ledger_unavailable",
+                    "the usage ledger's database cannot be queried now; retry later",
+                )
+            }
             _ => Self::internal(message),
         }
     }

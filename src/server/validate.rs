@@ -229,6 +229,28 @@ fn response_format(s: &Sampling) -> Result<Option<Constraint>, ApiError> {
 }
 
 /// Refuse the fields that would change the result and that Hearth cannot honour yet.
+/// The longest `user` label kept (in characters).
+const MAX_USER_LABEL: usize = 512;
+
+/// The end-user label, as the usage ledger keeps and exports it: bounded, and free of control
+/// characters (a NUL is not text to PostgreSQL; a newline would split an exported line).
+pub fn user_label(user: Option<String>) -> Result<Option<String>, ApiError> {
+    let Some(u) = user else { return Ok(None) };
+    if u.chars().count() > MAX_USER_LABEL {
+        return Err(ApiError::invalid(
+            format!("`user` must be at most {MAX_USER_LABEL} characters"),
+            Some("user"),
+        ));
+    }
+    if u.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            "`user` must not contain control characters",
+            Some("user"),
+        ));
+    }
+    Ok(Some(u))
+}
+
 fn refuse_unsupported(s: &Sampling) -> Result<(), ApiError> {
     if s.functions.is_some() {
         return Err(ApiError::unsupported(
@@ -337,7 +359,7 @@ fn sampling(
         want_logprobs: logprobs.is_some(),
         constraint: response_format(&s)?,
         tools: None,
-        user: s.user,
+        user: user_label(s.user)?,
     };
     let work = v.num_prompts() * n * max_tokens.unwrap_or(limits.default_max_tokens);
     if work > limits.max_request_tokens {

@@ -36,6 +36,35 @@ fn is_root() -> bool {
         .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
 }
 
+/// Servers of earlier test runs that were killed before their drop ran (pg_ctl starts the
+/// server in a session of its own, so it outlives the test process): stopped and removed.
+fn sweep_stale() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("hearth-pg-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let pidfile = e.path().join("data/postmaster.pid");
+        if let Some(server) = std::fs::read_to_string(pidfile)
+            .ok()
+            .and_then(|s| s.lines().next().map(str::to_owned))
+        {
+            let _ = Command::new("kill").args(["-9", &server]).status();
+        }
+        let _ = std::fs::remove_dir_all(e.path());
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -64,6 +93,7 @@ impl PgServer {
             );
             return None;
         };
+        sweep_stale();
         let dir = std::env::temp_dir().join(format!("hearth-pg-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -87,6 +117,11 @@ impl PgServer {
                 "-E",
                 "UTF8",
                 "--no-sync",
+                // A database whose default collation is not byte order (as production ones are
+                // not): the ledger's groups must sort alike in both stores all the same.
+                "--locale-provider=icu",
+                "--icu-locale=en-US",
+                "--locale=C",
             ],
         );
         s.options = options(&data);
