@@ -192,10 +192,8 @@ impl Config {
         let Some(path) = path else {
             return Ok(Self::default());
         };
-        let text = std::fs::read_to_string(path).map_err(|e| HearthError::ModelFile {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| HearthError::Config(format!("cannot read {}: {e}", path.display())))?;
         let config: Self = toml::from_str(&text)
             .map_err(|e| HearthError::Config(format!("{}: {e}", path.display())))?;
         config.directory()?;

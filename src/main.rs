@@ -278,7 +278,9 @@ fn main() -> Result<()> {
                 cfg.ledger_url = Some(url);
             }
             match ledger {
-                Some(l) if hearth::ledger::is_url(&l) => cfg.ledger_url = Some(l),
+                // Any URL is the database's (a non-postgres one is refused when the server
+                // starts, rather than taken for a file name).
+                Some(l) if l.contains("://") => cfg.ledger_url = Some(l),
                 Some(l) => {
                     cfg.ledger_path = Some(l.into());
                     cfg.ledger_url = None;

@@ -194,6 +194,15 @@ fn an_unwritable_ledger_does_not_stop_serving_and_writes_its_rows_once_it_can() 
         before,
         "no row was lost on the way"
     );
+    // From then on a request right after a query is in the next query at once.
+    for n in 4..=5 {
+        assert_eq!(
+            call(&s.base, "POST", "/v1/completions", Some("sk-a"), Some(&ok)).0,
+            200
+        );
+        let (_, v) = call(&s.base, "GET", "/v1/usage", Some("sk-admin"), None);
+        assert_eq!(written(&v), n, "{v}");
+    }
     let _ = std::fs::remove_dir_all(&blocker);
 }
 

@@ -284,6 +284,14 @@ fn two_replicas_write_one_ledger_and_either_reads_both() {
     let lines: Vec<&str> = csv.lines().collect();
     assert!(lines[1].starts_with("team-a,2,"), "{csv}");
     assert!(lines[2].starts_with("team-b,2,"), "{csv}");
+
+    // Queries right after requests, again and again: each sees the request before it (a query
+    // with nothing to write must not leave the writer without its connection).
+    for i in 1..=3 {
+        complete(&a.base, "sk-a", &text, "/v1/completions");
+        let mine = usage(&a.base, "sk-a", "").1;
+        assert_eq!(mine["data"][0]["requests"], 2 + i, "{mine}");
+    }
 }
 
 #[test]

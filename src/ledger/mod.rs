@@ -86,7 +86,7 @@ impl Target {
         }
         if s.contains("://") {
             return Err(HearthError::Config(format!(
-                "ledger: `{}` is neither a postgres:// URL nor a file path",
+                "ledger: a `{}://` URL is neither a postgres:// URL nor a file path",
                 s.split("://").next().unwrap_or_default()
             )));
         }
@@ -101,7 +101,7 @@ impl Target {
             Self::Postgres(pg) => pg
                 .open_for_writing()
                 .map(|c| Box::new(c) as Box<dyn Store>)
-                .map_err(|e| e.to_string()),
+                .map_err(|e| postgres::chain(&e)),
         }
     }
 
@@ -294,8 +294,6 @@ fn write_pending(store: &mut dyn Store, pending: &mut Vec<Row>, target: &Target)
 /// The writer thread: gathers whatever has arrived, commits what is pending, answers flushes,
 /// retries a failed store every `REOPEN_AFTER`, and prunes rows past the retention once an hour.
 fn writer(target: Target, retention_days: u32, rx: flume::Receiver<Msg>) {
-    let mut store: Option<Box<dyn Store>> = None;
-    let mut last_open_try: Option<Instant> = None;
     let mut last_prune: Option<Instant> = None;
     let mut pending: Vec<Row> = Vec::new();
     // Whether the store is known to be failing (logged once per outage).
@@ -313,6 +311,16 @@ fn writer(target: Target, retention_days: u32, rx: flume::Receiver<Msg>) {
             tracing::info!(ledger = %target, "usage ledger writable again")
         }
         None => {}
+    };
+    // Opened at once, so that a wrong URL, password or path is in the log at start-up.
+    tracing::info!(ledger = %target, "usage ledger");
+    let mut last_open_try = Some(Instant::now());
+    let mut store: Option<Box<dyn Store>> = match target.open_writer() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            report(Some(&e), 0, &mut down);
+            None
+        }
     };
     loop {
         // With rows waiting for the store, wake up to try it again.
@@ -342,7 +350,12 @@ fn writer(target: Target, retention_days: u32, rx: flume::Receiver<Msg>) {
                 Err(e) => report(Some(&e), pending.len(), &mut down),
             }
         }
-        if let Some(mut s) = store.take().filter(|_| !pending.is_empty()) {
+        let ready = if pending.is_empty() {
+            None
+        } else {
+            store.take()
+        };
+        if let Some(mut s) = ready {
             let mut round = write_pending(s.as_mut(), &mut pending, &target);
             if round.failed.is_some() {
                 // A connection that sat idle may have been closed under the writer (a database

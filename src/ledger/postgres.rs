@@ -64,7 +64,7 @@ pub struct PgTarget {
 
 impl PgTarget {
     pub fn parse(url: &str, ca_file: Option<&Path>) -> Result<Self> {
-        let bad = |why: String| HearthError::Config(format!("ledger_url: {why}"));
+        let bad = |why: String| HearthError::Config(format!("the ledger's PostgreSQL URL: {why}"));
         let (url, root_cert) = libpq_spellings(url);
         let ca_file = ca_file.or(root_cert.as_deref());
         let mut config: postgres::Config = url.parse().map_err(|e| bad(chain(&e)))?;
@@ -95,7 +95,7 @@ impl PgTarget {
             match config.get_ssl_mode() {
                 SslMode::Require => Some(Arc::new(client_tls(ca_file)?)),
                 _ if ca_file.is_some() => return Err(bad(
-                    "ledger_ca_file is set but the URL does not ask for TLS (add sslmode=require)"
+                    "a CA file (ledger_ca_file or sslrootcert) is given but the URL does not ask for TLS (add sslmode=require)"
                         .into(),
                 )),
                 _ => None,
@@ -178,7 +178,7 @@ impl PgTarget {
 
 /// An error and its causes (the client's own message is only the kind: "invalid connection
 /// string", "error connecting to server").
-fn chain(e: &dyn std::error::Error) -> String {
+pub(super) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
@@ -232,7 +232,11 @@ impl std::fmt::Display for PgTarget {
                 write!(f, ":{p}")?;
             }
         }
-        write!(f, "/{}", c.get_dbname().unwrap_or(""))
+        write!(f, "/{}", c.get_dbname().unwrap_or(""))?;
+        if self.tls.is_some() {
+            write!(f, " (TLS)")?;
+        }
+        Ok(())
     }
 }
 
@@ -318,7 +322,11 @@ impl Store for Client {
             let why = chain(&e);
             // Data exceptions and integrity violations: these rows' values, not the store.
             match e.code().map(|c| c.code().get(..2)) {
-                Some(Some("22" | "23")) => WriteError::Rejected(why),
+                // The server's message, not its detail: the detail quotes the row's values.
+                Some(Some("22" | "23")) => WriteError::Rejected(
+                    e.as_db_error()
+                        .map_or(why, |d| format!("{}: {}", d.code().code(), d.message())),
+                ),
                 _ => WriteError::Unavailable(why),
             }
         })

@@ -324,7 +324,14 @@ impl Server {
             );
         }
         let tls = config.tls()?.map(RwLock::new);
-        let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port)).await?;
+        let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
+            .await
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {}:{}: {e}", config.host, config.port),
+                )
+            })?;
         let state = Arc::new(AppState {
             engines: OnceLock::new(),
             embedders: OnceLock::new(),

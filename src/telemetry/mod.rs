@@ -213,7 +213,7 @@ pub const CATALOG: &[(&str, Kind, &str)] = &[
     (
         names::LEDGER_ROWS_DROPPED,
         Kind::Counter,
-        "Usage-ledger rows lost (the store could not be written for longer than the pending bound).",
+        "Usage-ledger rows lost: past the bound on rows waiting for an unwritable store, still waiting at shutdown, or refused by the store for their values.",
     ),
     (
         names::LEDGER_ROWS_PENDING,
