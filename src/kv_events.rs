@@ -62,6 +62,33 @@ pub struct Sink {
     dropped_total: Arc<AtomicU64>,
 }
 
+/// One engine's end of the sink: its model and block size go with every batch it sends.
+pub struct EngineEvents {
+    sink: Sink,
+    model: Arc<str>,
+    block_size: usize,
+}
+
+impl EngineEvents {
+    pub fn new(sink: Sink, model: &str, block_size: usize) -> Self {
+        Self {
+            sink,
+            model: model.into(),
+            block_size,
+        }
+    }
+
+    /// Queue one step's changes (`cleared`: the engine starts empty).
+    pub fn send(&self, cleared: bool, events: Vec<KvEvent>) {
+        self.sink.send(Batch {
+            model: self.model.clone(),
+            block_size: self.block_size,
+            cleared,
+            events,
+        });
+    }
+}
+
 impl Sink {
     /// Queue a batch; never blocks the engine (a full queue drops it, and says so).
     pub fn send(&self, batch: Batch) {

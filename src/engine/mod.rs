@@ -501,15 +501,10 @@ impl Engine {
         let mut pool = BlockPool::new(num_blocks, cfg.block_size, cfg.prefix_caching);
         let events = cfg.kv_events.clone().map(|sink| {
             pool.record_events();
-            let model: Arc<str> = model.name.as_str().into();
+            let events = crate::kv_events::EngineEvents::new(sink, &model.name, cfg.block_size);
             // A (re)started engine holds nothing: routers drop what they knew of it.
-            sink.send(crate::kv_events::Batch {
-                model: model.clone(),
-                block_size: cfg.block_size,
-                cleared: true,
-                events: Vec::new(),
-            });
-            (sink, model, cfg.block_size)
+            events.send(true, Vec::new());
+            events
         });
         let cost = model.decoder.cost_model();
         let cost_per_token = cost.cost(0, 1, true);
@@ -566,7 +561,7 @@ fn run_loop(
     mut sched: Scheduler,
     rx: flume::Receiver<Sequence>,
     shared: Arc<Mutex<EngineStats>>,
-    events: Option<(crate::kv_events::Sink, Arc<str>, usize)>,
+    events: Option<crate::kv_events::EngineEvents>,
 ) {
     let mut stats = EngineStats::default();
     loop {
@@ -618,15 +613,10 @@ fn run_loop(
         publish(&shared, &stats);
         let idle_but_waiting = plan.is_empty() && !sched.is_idle();
         outputs.send();
-        if let Some((sink, model, block_size)) = &events {
+        if let Some(events) = &events {
             let changes = sched.pool.take_events();
             if !changes.is_empty() {
-                sink.send(crate::kv_events::Batch {
-                    model: model.clone(),
-                    block_size: *block_size,
-                    cleared: false,
-                    events: changes,
-                });
+                events.send(false, changes);
             }
         }
         if idle_but_waiting {

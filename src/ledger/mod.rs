@@ -107,9 +107,18 @@ impl Target {
 
     /// One usage query, on a connection of its own (the `hearth usage` export).
     pub fn query(&self, q: &UsageQuery) -> Result<Vec<UsageRow>> {
+        self.query_on(&Mutex::new(None), q)
+    }
+
+    /// A usage query; a PostgreSQL one on the connection kept in `reader`.
+    fn query_on(
+        &self,
+        reader: &Mutex<Option<::postgres::Client>>,
+        q: &UsageQuery,
+    ) -> Result<Vec<UsageRow>> {
         match self {
             Self::Sqlite(p) => sqlite::query(p, q),
-            Self::Postgres(pg) => pg.query(&Mutex::new(None), q),
+            Self::Postgres(pg) => pg.query(reader, q),
         }
     }
 }
@@ -312,16 +321,16 @@ fn writer(target: Target, retention_days: u32, rx: flume::Receiver<Msg>) {
         }
         None => {}
     };
+    let open = |pending: usize, down: &mut bool| {
+        target
+            .open_writer()
+            .map_err(|e| report(Some(&e), pending, down))
+            .ok()
+    };
     // Opened at once, so that a wrong URL, password or path is in the log at start-up.
     tracing::info!(ledger = %target, "usage ledger");
     let mut last_open_try = Some(Instant::now());
-    let mut store: Option<Box<dyn Store>> = match target.open_writer() {
-        Ok(s) => Some(s),
-        Err(e) => {
-            report(Some(&e), 0, &mut down);
-            None
-        }
-    };
+    let mut store = open(0, &mut down);
     loop {
         // With rows waiting for the store, wake up to try it again.
         let wait = if pending.is_empty() {
@@ -345,10 +354,7 @@ fn writer(target: Target, retention_days: u32, rx: flume::Receiver<Msg>) {
         if store.is_none() && (closing || last_open_try.is_none_or(|t| t.elapsed() > REOPEN_AFTER))
         {
             last_open_try = Some(Instant::now());
-            match target.open_writer() {
-                Ok(s) => store = Some(s),
-                Err(e) => report(Some(&e), pending.len(), &mut down),
-            }
+            store = open(pending.len(), &mut down);
         }
         let ready = if pending.is_empty() {
             None
@@ -473,39 +479,26 @@ impl Ledger {
     /// Flush, stop the writer and wait for it (shutdown: no row recorded before this is lost,
     /// unless the store cannot be written).
     pub fn close(&self) {
-        let tx = self
-            .tx
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        drop(tx);
-        let writer = self
-            .writer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(w) = writer {
+        drop(take(&self.tx));
+        if let Some(w) = take(&self.writer) {
             let _ = w.join();
         }
         // The PostgreSQL client blocks on a runtime of its own when dropped, which a thread of
         // the server's runtime may not do: it is dropped on a plain thread.
-        let reader = self
-            .reader
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(r) = reader {
+        if let Some(r) = take(&self.reader) {
             let _ = std::thread::spawn(move || drop(r)).join();
         }
     }
 
     /// Usage totals (blocking: call it off the async runtime).
     pub fn query(&self, q: &UsageQuery) -> Result<Vec<UsageRow>> {
-        match &self.target {
-            Target::Sqlite(p) => sqlite::query(p, q),
-            Target::Postgres(pg) => pg.query(&self.reader, q),
-        }
+        self.target.query_on(&self.reader, q)
     }
+}
+
+/// What `slot` holds, taken out (a panicked holder's lock still gives it up).
+fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {
+    slot.lock().unwrap_or_else(PoisonError::into_inner).take()
 }
 
 impl Drop for Ledger {

@@ -59,7 +59,7 @@ const SCHEMA_LOCK: i64 = 0x6865_6172_7468_4c47; // "hearthLG"
 #[derive(Clone)]
 pub struct PgTarget {
     config: postgres::Config,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    tls: Option<rustls::ClientConfig>,
 }
 
 impl PgTarget {
@@ -93,7 +93,7 @@ impl PgTarget {
         }
         let tls =
             match config.get_ssl_mode() {
-                SslMode::Require => Some(Arc::new(client_tls(ca_file)?)),
+                SslMode::Require => Some(client_tls(ca_file)?),
                 _ if ca_file.is_some() => return Err(bad(
                     "a CA file (ledger_ca_file or sslrootcert) is given but the URL does not ask for TLS (add sslmode=require)"
                         .into(),
@@ -107,9 +107,7 @@ impl PgTarget {
         match &self.tls {
             Some(tls) => self
                 .config
-                .connect(tokio_postgres_rustls::MakeRustlsConnect::new(
-                    (**tls).clone(),
-                )),
+                .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls.clone())),
             None => self.config.connect(NoTls),
         }
     }

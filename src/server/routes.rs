@@ -75,6 +75,14 @@ fn checked(req: &Validated, engine: &EngineHandle) -> Result<(), ApiError> {
     })
 }
 
+/// The model that runs a request first, its prompts in that model's tokens, and, for a route
+/// group, the plan of models to escalate to.
+type Resolved = (
+    EngineHandle,
+    Vec<Vec<u32>>,
+    Option<super::cascade::RoutePlan>,
+);
+
 /// A request to a route group: the group's models that can take it (a prompt too long for the
 /// small model's context goes to the next), each with the prompts in its own tokens; the first
 /// runs, the others are the cascade's to escalate to.
@@ -83,14 +91,7 @@ async fn routed(
     req: &Validated,
     tenant: &Tenant,
     group: crate::router::Group,
-) -> Result<
-    (
-        EngineHandle,
-        Vec<Vec<u32>>,
-        Option<super::cascade::RoutePlan>,
-    ),
-    ApiError,
-> {
+) -> Result<Resolved, ApiError> {
     let mut candidates = Vec::new();
     let mut refusal = None;
     let engines = group
@@ -360,14 +361,7 @@ pub(super) async fn resolve(
     req: &Validated,
     tenant: &Tenant,
     trace: &Trace,
-) -> Result<
-    (
-        EngineHandle,
-        Vec<Vec<u32>>,
-        Option<super::cascade::RoutePlan>,
-    ),
-    ApiError,
-> {
+) -> Result<Resolved, ApiError> {
     let t0 = Instant::now();
     Ok(match state.routes.get().and_then(|r| r.get(&req.model)) {
         Some(group) => {

@@ -228,7 +228,6 @@ fn response_format(s: &Sampling) -> Result<Option<Constraint>, ApiError> {
     })
 }
 
-/// Refuse the fields that would change the result and that Hearth cannot honour yet.
 /// The longest `user` label kept (in characters).
 const MAX_USER_LABEL: usize = 512;
 
@@ -251,6 +250,7 @@ pub fn user_label(user: Option<String>) -> Result<Option<String>, ApiError> {
     Ok(Some(u))
 }
 
+/// Refuse the fields that would change the result and that Hearth cannot honour yet.
 fn refuse_unsupported(s: &Sampling) -> Result<(), ApiError> {
     if s.functions.is_some() {
         return Err(ApiError::unsupported(
