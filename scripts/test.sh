@@ -7,7 +7,7 @@ bash scripts/fetch-models.sh
 if [ ! -x .venv-test/bin/python ] || ! .venv-test/bin/python -c 'import openai, pytest, schemathesis, openapi_spec_validator, jsonschema, langchain_openai, grpc, opentelemetry.proto, selenium, kubernetes_validate, zmq, msgpack' 2>/dev/null; then
     echo "[test] installing the pinned OpenAI client and API-contract tools into .venv-test" >&2
     python3 -m venv .venv-test
-    .venv-test/bin/pip install --quiet openai==3.51.0 pytest==9.2.0 schemathesis==4.32.5 \
+    .venv-test/bin/pip install --quiet --no-cache-dir openai==3.51.0 pytest==9.2.0 schemathesis==4.32.5 \
         openapi-spec-validator==0.9.0 jsonschema==4.26.0 \
         langchain-openai==1.7.4 opentelemetry-proto==1.45.2 grpcio==1.85.3 protobuf==7.36.2 \
         selenium==4.51.0 kubernetes-validate==1.37.0 \
