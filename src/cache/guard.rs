@@ -149,7 +149,7 @@ const STOPWORDS: &[&str] = &[
 ];
 
 /// An in-place edit is at most this many words on each side...
-const MAX_EDIT: usize = 3;
+const MAX_EDIT: usize = 4;
 /// ...in a sentence whose unchanged words are at least this share of the longer one.
 const MIN_KEPT: f64 = 0.5;
 
@@ -419,10 +419,29 @@ fn numbers(text: &str) -> Vec<String> {
         if !start && w == "May" {
             out.push("may".to_string());
         }
+        if let Some(n) = roman(w) {
+            out.push(n.to_string());
+        }
         start = raw.ends_with(['.', '?', '!', ':']);
     }
     out.sort();
     out
+}
+
+/// The value of an upper-case Roman numeral from II to XXXIX ("World War II", "Phase III"); "I"
+/// is the pronoun, and letters beyond X are as often initials ("CV", "MD").
+fn roman(w: &str) -> Option<u32> {
+    if w.len() < 2 || !w.chars().all(|c| matches!(c, 'I' | 'V' | 'X')) {
+        return None;
+    }
+    let ones = ["", "I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX"];
+    (2..40).find(|n: &u32| {
+        format!(
+            "{}{}",
+            "X".repeat((n / 10) as usize),
+            ones[(n % 10) as usize]
+        ) == w
+    })
 }
 
 /// Prefixes that negate the word they are put before ("paid" / "unpaid", "eligible" /
@@ -544,13 +563,19 @@ fn differing<'a>(a: &'a [String], b: &'a [String]) -> (usize, &'a [String], &'a 
 fn edited_in_place(a: &[String], b: &[String]) -> bool {
     let (kept, x, y) = differing(a, b);
     let longer = a.len().max(b.len()).max(1);
-    if x.is_empty() || y.is_empty() || x.len() > MAX_EDIT || y.len() > MAX_EDIT {
-        return false;
-    }
-    if (kept as f64) < MIN_KEPT * longer as f64 {
+    if x.len() > MAX_EDIT || y.len() > MAX_EDIT || (kept as f64) < MIN_KEPT * longer as f64 {
         return false;
     }
     let content = |ws: &[String]| ws.iter().any(|w| !STOPWORDS.contains(&w.as_str()));
+    if x.is_empty() || y.is_empty() {
+        // A content word put into the middle of the same sentence narrows or changes what it
+        // names ("the square of 144" / "the square root of 144"); at either end it is more often
+        // a courtesy or an adverb.
+        let added = if x.is_empty() { y } else { x };
+        let inside = a.iter().zip(b).next().is_some_and(|(p, q)| p == q)
+            && a.last().is_some_and(|w| b.last() == Some(w));
+        return inside && added.len() <= 2 && content(added);
+    }
     let direction = DIRECTIONS.iter().any(|(p, q)| {
         (x.iter().any(|w| w == p) && y.iter().any(|w| w == q))
             || (x.iter().any(|w| w == q) && y.iter().any(|w| w == p))
@@ -617,6 +642,10 @@ fn other_question(a: &[String], b: &[String]) -> bool {
                     }
                     return HOW.iter().find(|(x, _)| Some(*x) == next).map(|(_, k)| *k);
                 }
+                // "what caused the outage" asks why it happened.
+                if w == "what" && next.is_some_and(|n| matches!(n, "caused" | "causes" | "cause")) {
+                    return Some("why");
+                }
                 let kind = WH.iter().find(|(x, _)| x == w).map(|(_, k)| *k)?;
                 // A question word comes before its verb or an infinitive ("when is", "where
                 // to", "who approved"); "what happens when I resign" and "when working from
@@ -667,6 +696,32 @@ fn roles_swapped(a: &[String], b: &[String]) -> bool {
     around && cx.len() >= 2 && sx == sy && cx != cy
 }
 
+/// The first word after `marker` at or after `from` that is not a determiner, and where it is
+/// ("from the US": "us" is a name here, not the pronoun).
+fn slot_after(ws: &[String], marker: &str, from: usize) -> Option<(usize, String)> {
+    const DETERMINERS: &[&str] = &["the", "a", "an", "my", "our", "your", "their", "his", "her"];
+    let at = from + ws.iter().skip(from).position(|w| w == marker)?;
+    ws.iter()
+        .enumerate()
+        .skip(at + 1)
+        .find(|(_, w)| !DETERMINERS.contains(&w.as_str()))
+        .map(|(i, w)| (i, w.clone()))
+}
+
+/// Whether a move "from X to Y" is "from Y to X" on the other side, however much else differs
+/// ("from the EU to the US" / "from the US to the EU").
+fn direction_reversed(a: &[String], b: &[String]) -> bool {
+    let ends = |ws: &[String]| -> Option<(String, String)> {
+        let (at, from) = slot_after(ws, "from", 0)?;
+        let (_, to) = slot_after(ws, "to", at + 1)?;
+        (from != to).then_some((from, to))
+    };
+    match (ends(a), ends(b)) {
+        (Some((f1, t1)), Some((f2, t2))) => f1 == t2 && t1 == f2,
+        _ => false,
+    }
+}
+
 /// Why `cached` and `asked` must not share an answer although they embed alike; None: they may.
 pub fn refuses(cached: &str, asked: &str) -> Option<&'static str> {
     if numbers(cached) != numbers(asked) {
@@ -690,7 +745,7 @@ pub fn refuses(cached: &str, asked: &str) -> Option<&'static str> {
     if negated(&a) != negated(&b) || prefix_negated(&a, &b) {
         return Some("negation");
     }
-    if swapped_opposite(&a, &b) {
+    if swapped_opposite(&a, &b) || direction_reversed(&a, &b) {
         return Some("opposite");
     }
     if edited_in_place(&a, &b) {
@@ -899,5 +954,64 @@ mod tests {
             "What is the notice period when I resign?",
             "If I resign, how long is my notice period?"
         ));
+    }
+
+    #[test]
+    fn roman_numerals_insertions_reversed_moves_and_causes() {
+        assert_eq!(
+            refuses("When did World War II end?", "When did World War I end?"),
+            Some("numbers")
+        );
+        assert_eq!(
+            refuses(
+                "What were the results of the Phase III trial?",
+                "How did the Phase III trial turn out?"
+            ),
+            None
+        );
+        assert_eq!(refuses("Do I need a CV?", "Is a CV needed?"), None);
+        assert_eq!(
+            refuses(
+                "What is the square root of 144?",
+                "What is the square of 144?"
+            ),
+            Some("edited in place")
+        );
+        assert_eq!(
+            refuses(
+                "How do I reset my password?",
+                "How do I reset my password quickly?"
+            ),
+            None,
+            "a word added at an end is not a narrowed slot"
+        );
+        assert_eq!(
+            refuses(
+                "How do I move money from savings to my checking account?",
+                "Can I move money from checking to savings?"
+            ),
+            Some("opposite")
+        );
+        assert_eq!(
+            refuses(
+                "Can we transfer personal data from the EU to the US?",
+                "Can we transfer personal data from the US to the EU?"
+            ),
+            Some("opposite")
+        );
+        assert_eq!(
+            refuses(
+                "What caused the outage on March 3?",
+                "How long did the outage on March 3 last?"
+            ),
+            Some("another question word")
+        );
+        assert_eq!(
+            refuses(
+                "What caused the outage on March 3?",
+                "Why did the outage on March 3 happen?"
+            ),
+            None
+        );
     }
 }
