@@ -13,7 +13,18 @@ use serde_json::{json, Value};
 const MODEL: &str = "cached";
 
 fn server(semantic: bool, ttl_secs: u64, ledger: Option<std::path::PathBuf>) -> TestServer {
-    TestServer::named(MODEL, move |c| {
+    server_named(MODEL, semantic, ttl_secs, ledger)
+}
+
+/// A server whose model has a name of its own: gauges are per model, and the tests of this file
+/// share one process.
+fn server_named(
+    name: &str,
+    semantic: bool,
+    ttl_secs: u64,
+    ledger: Option<std::path::PathBuf>,
+) -> TestServer {
+    TestServer::named(name, move |c| {
         c.cache = CacheConfig {
             exact: true,
             semantic,
@@ -418,4 +429,90 @@ fn a_refused_request_spends_nothing_on_the_cache() {
     assert_eq!(refused.status, 429, "{}", refused.body);
     // No lookup ran for it: no embedding.
     assert_eq!(s.metric(batches), Some(1.0));
+}
+
+#[test]
+fn identical_requests_at_once_are_generated_once() {
+    let s = server(false, 3600, None);
+    let q = "Name the largest planet of the solar system.";
+    let n = 4;
+    let gate = std::sync::Barrier::new(n);
+    let answers: Vec<(Answer, std::time::Instant, std::time::Instant)> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..n)
+            .map(|_| {
+                sc.spawn(|| {
+                    gate.wait();
+                    let t0 = std::time::Instant::now();
+                    let a = ask(&s, "sk-a", q, json!({}), None);
+                    (a, t0, std::time::Instant::now())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let misses: Vec<_> = answers
+        .iter()
+        .filter(|(a, ..)| a.cache.as_deref() == Some("miss"))
+        .collect();
+    assert_eq!(misses.len(), 1, "one generation for the burst");
+    let (first, _, first_done) = misses[0];
+    let device = first.body["metrics"]["device_time_ms"].as_f64().unwrap();
+    assert!(device > 0.0);
+    for (a, started, _) in &answers {
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!(a.text(), first.text());
+        if a.cache.as_deref() == Some("hit") {
+            assert_eq!(a.cache()["kind"], "exact");
+            assert_eq!(a.body["metrics"]["device_time_ms"], 0.0);
+            assert_eq!(a.body["usage"], first.body["usage"]);
+        }
+        // All were asked while the one answer was being generated: they waited for it.
+        assert!(started < first_done);
+    }
+    // Another tenant's same request is its own generation.
+    assert_eq!(
+        ask(&s, "sk-b", q, json!({}), None).cache.as_deref(),
+        Some("miss")
+    );
+}
+
+#[test]
+fn a_request_waiting_for_one_whose_client_left_generates_its_own_answer() {
+    use std::io::BufRead;
+    const NAME: &str = "cached-wait";
+    let s = server_named(NAME, false, 3600, None);
+    let q = "Describe the water cycle.";
+    let long = json!({"model": NAME, "max_tokens": 96, "ignore_eos": true});
+    let body = json!({
+        "model": NAME,
+        "messages": [{"role": "system", "content": "Answer in one short sentence."},
+                     {"role": "user", "content": q}],
+        "max_tokens": 96, "ignore_eos": true, "temperature": 0, "stream": true,
+    });
+    std::thread::scope(|sc| {
+        let mut r = common::agent()
+            .post(&format!("{}/v1/chat/completions", s.base))
+            .header("content-type", "application/json")
+            .header("authorization", "Bearer sk-a")
+            .send(body.to_string())
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let mut lines = std::io::BufReader::new(r.body_mut().as_reader()).lines();
+        for _ in 0..4 {
+            lines.next();
+        }
+        let follower = sc.spawn(|| ask(&s, "sk-a", q, long.clone(), None));
+        // The same request waits for the streaming one instead of running beside it.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        assert!(!follower.is_finished());
+        let running = format!("hearth_num_requests_running{{model=\"{NAME}\"}}");
+        assert_eq!(s.metric(&running), Some(1.0));
+        // Its client leaves: the waiter is woken, finds no answer and generates its own.
+        drop(lines);
+        drop(r);
+        let a = follower.join().unwrap();
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!(a.cache.as_deref(), Some("miss"));
+        assert_eq!(a.body["usage"]["completion_tokens"], 96);
+    });
 }

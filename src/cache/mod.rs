@@ -10,6 +10,7 @@
 //! `max_mib`), evicting the least recently used entries; entries expire after `ttl_secs`.
 pub mod guard;
 pub mod index;
+pub mod inflight;
 pub mod key;
 pub mod persist;
 
@@ -371,6 +372,8 @@ pub struct CacheStats {
 /// Every tenant's cached answers.
 pub struct ResponseCache {
     store: Mutex<Store>,
+    /// Requests being generated, which the same request waits for.
+    pub inflight: Arc<inflight::InFlight>,
     max_bytes: usize,
     saved_nanos: AtomicU64,
     persist: Option<persist::Persist>,
@@ -381,6 +384,7 @@ impl ResponseCache {
     pub fn new(max_bytes: usize) -> Self {
         Self {
             store: Mutex::new(Store::default()),
+            inflight: Arc::default(),
             max_bytes,
             saved_nanos: AtomicU64::new(0),
             persist: None,

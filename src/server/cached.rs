@@ -11,6 +11,7 @@ use super::error::ApiError;
 use super::openai::CacheMetrics;
 use super::validate::Validated;
 use super::AppState;
+use crate::cache::inflight::{self, Turn};
 use crate::cache::{key, Answer, Hit, Policy, Query, ResponseCache};
 use crate::telemetry::names;
 use crate::tenancy::Tenant;
@@ -85,6 +86,8 @@ pub struct Store {
     query: Option<Query>,
     policy: Policy,
     pub metrics: CacheMetrics,
+    /// Held until the answer is kept or the request ends: the same request waits meanwhile.
+    _leader: Option<crate::cache::inflight::Leader>,
 }
 
 impl Store {
@@ -147,8 +150,23 @@ pub async fn lookup(
         status: "miss",
         ..Default::default()
     };
-    if let Some(hit) = cache.get(&tenant.name, &keys, None, &policy, threshold) {
-        return Ok(hit_outcome(hit, metrics));
+    // The same request already being generated: wait for its answer rather than generate it
+    // again (a few times at most: a leader that ends without an answer hands the turn on).
+    let mut leader = None;
+    for _ in 0..3 {
+        if let Some(hit) = cache.get(&tenant.name, &keys, None, &policy, threshold) {
+            return Ok(hit_outcome(hit, metrics));
+        }
+        if !policy.exact {
+            break;
+        }
+        match cache.inflight.turn(&tenant.name, keys.exact) {
+            Turn::Lead(l) => {
+                leader = Some(l);
+                break;
+            }
+            Turn::Wait(rx) => inflight::wait(rx).await,
+        }
     }
     let mut query = None;
     if let (true, Some(text), Some(embedder)) =
@@ -190,6 +208,7 @@ pub async fn lookup(
         query,
         policy,
         metrics,
+        _leader: leader,
     })))
 }
 
