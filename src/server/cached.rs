@@ -152,8 +152,8 @@ pub async fn lookup(
     };
     // The same request already being generated: wait for its answer rather than generate it
     // again (a few times at most: a leader that ends without an answer hands the turn on).
-    let mut leader = None;
-    for _ in 0..3 {
+    let (mut leader, mut waits) = (None, 0);
+    loop {
         if let Some(hit) = cache.get(&tenant.name, &keys, None, &policy, threshold) {
             return Ok(hit_outcome(hit, metrics));
         }
@@ -165,7 +165,11 @@ pub async fn lookup(
                 leader = Some(l);
                 break;
             }
-            Turn::Wait(rx) => inflight::wait(rx).await,
+            Turn::Wait(rx) if waits < 3 => {
+                inflight::wait(rx).await;
+                waits += 1;
+            }
+            Turn::Wait(_) => break,
         }
     }
     let mut query = None;
