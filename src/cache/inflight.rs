@@ -1,7 +1,9 @@
 //! Identical requests in flight answered once: while a tenant's request is being generated, the
 //! same request (the same exact key) waits for its answer instead of generating it again, then
 //! takes it from the cache as an exact hit. A burst of the same question (a dashboard's many
-//! clients, a retried call) costs one generation.
+//! clients, a retried call) costs one generation. A leader that ends without keeping an answer
+//! (its client left, it failed, the answer was too large) says so, and its waiters generate at
+//! once rather than queue behind one another.
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -12,14 +14,14 @@ type Key = (Arc<str>, [u8; 32]);
 /// The requests being generated, by tenant and exact key.
 #[derive(Default)]
 pub struct InFlight {
-    leaders: Mutex<HashMap<Key, watch::Receiver<()>>>,
+    leaders: Mutex<HashMap<Key, watch::Receiver<bool>>>,
 }
 
 /// Whether a request generates its answer or waits for the same request's.
 pub enum Turn {
     Lead(Leader),
-    /// Resolves when the leader is gone (answered, failed or cancelled).
-    Wait(watch::Receiver<()>),
+    /// For `wait`: resolves when the leader is gone.
+    Wait(watch::Receiver<bool>),
 }
 
 /// Held by the generating request; dropping it (after its answer is in the cache, or when it
@@ -27,7 +29,15 @@ pub enum Turn {
 pub struct Leader {
     inflight: Arc<InFlight>,
     key: Key,
-    _done: watch::Sender<()>,
+    /// True once the answer is in the cache; dropped when the leader ends.
+    kept: watch::Sender<bool>,
+}
+
+impl Leader {
+    /// The answer is in the cache: the waiters will find it.
+    pub fn kept(&self) {
+        self.kept.send_replace(true);
+    }
 }
 
 impl InFlight {
@@ -37,12 +47,12 @@ impl InFlight {
         if let Some(rx) = leaders.get(&key) {
             return Turn::Wait(rx.clone());
         }
-        let (tx, rx) = watch::channel(());
+        let (tx, rx) = watch::channel(false);
         leaders.insert(key.clone(), rx);
         Turn::Lead(Leader {
             inflight: self.clone(),
             key,
-            _done: tx,
+            kept: tx,
         })
     }
 
@@ -68,10 +78,12 @@ impl Drop for Leader {
     }
 }
 
-/// Wait for the leader to be gone.
-pub async fn wait(mut rx: watch::Receiver<()>) {
-    // Err once the sender is dropped, which is all this waits for.
+/// Wait for the leader to be gone; whether it kept an answer.
+pub async fn wait(mut rx: watch::Receiver<bool>) -> bool {
+    // Err once the sender is dropped, which is what this waits for.
     while rx.changed().await.is_ok() {}
+    let kept = *rx.borrow();
+    kept
 }
 
 #[cfg(test)]
@@ -99,11 +111,15 @@ mod tests {
         let waiter = tokio::spawn(wait(rx));
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
+        leader.kept();
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "woken when the leader is gone");
         drop(leader);
-        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+        let kept = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
             .await
             .expect("woken")
             .expect("joined");
+        assert!(kept);
         assert!(f.is_empty());
         assert!(
             matches!(f.turn(&a, [1; 32]), Turn::Lead(_)),
@@ -122,8 +138,9 @@ mod tests {
             panic!("waits");
         };
         drop(leader);
-        tokio::time::timeout(std::time::Duration::from_secs(5), wait(rx))
+        let kept = tokio::time::timeout(std::time::Duration::from_secs(5), wait(rx))
             .await
             .expect("returns at once");
+        assert!(!kept, "it ended without an answer");
     }
 }

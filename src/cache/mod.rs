@@ -524,7 +524,8 @@ impl ResponseCache {
 
     /// Keep `answer` for the tenant under `keys` (and `query`, for the semantic level) as an
     /// answer of `scope` (the model or route asked for), evicting least recently used entries
-    /// beyond the scope's bound, the tenant's and the global one.
+    /// beyond the scope's bound, the tenant's and the global one. False when it is too large to
+    /// keep.
     pub fn put(
         &self,
         tenant: &Arc<str>,
@@ -533,7 +534,7 @@ impl ResponseCache {
         query: Option<Query>,
         answer: Answer,
         policy: &Policy,
-    ) {
+    ) -> bool {
         let ttl = policy.ttl.min(MAX_TTL);
         let saved = self.persist.as_ref().map(|_| persist::Saved {
             tenant: tenant.to_string(),
@@ -566,6 +567,7 @@ impl ResponseCache {
         if let (true, Some(p), Some(s)) = (kept, &self.persist, saved) {
             p.put(s);
         }
+        kept
     }
 
     /// The insertion itself; false when the answer is too large to keep.

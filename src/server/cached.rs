@@ -18,6 +18,9 @@ use crate::tenancy::Tenant;
 
 pub const HEADER: &str = "x-hearth-cache";
 
+/// The longest a request waits for the same request's answer before generating its own.
+const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// What the client asked of the cache in `x-hearth-cache`: `bypass`, or
 /// `min-similarity=<0..1>` (a threshold above the configured one; a lower one changes nothing).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -87,13 +90,13 @@ pub struct Store {
     policy: Policy,
     pub metrics: CacheMetrics,
     /// Held until the answer is kept or the request ends: the same request waits meanwhile.
-    _leader: Option<crate::cache::inflight::Leader>,
+    leader: Option<crate::cache::inflight::Leader>,
 }
 
 impl Store {
     /// Keep the finished answer.
     pub fn put(self, answer: Answer) {
-        self.cache.put(
+        let kept = self.cache.put(
             &self.tenant,
             &self.scope,
             &self.keys,
@@ -101,6 +104,9 @@ impl Store {
             answer,
             &self.policy,
         );
+        if let (true, Some(l)) = (kept, &self.leader) {
+            l.kept();
+        }
     }
 }
 
@@ -151,8 +157,10 @@ pub async fn lookup(
         ..Default::default()
     };
     // The same request already being generated: wait for its answer rather than generate it
-    // again (a few times at most: a leader that ends without an answer hands the turn on).
-    let (mut leader, mut waits) = (None, 0);
+    // again. Not for long: a streamed answer is kept only once its client has read it all, and
+    // a stalled client must not hold up the rest.
+    let mut leader = None;
+    let deadline = tokio::time::Instant::now() + MAX_WAIT;
     loop {
         if let Some(hit) = cache.get(&tenant.name, &keys, None, &policy, threshold) {
             return Ok(hit_outcome(hit, metrics));
@@ -165,11 +173,12 @@ pub async fn lookup(
                 leader = Some(l);
                 break;
             }
-            Turn::Wait(rx) if waits < 3 => {
-                inflight::wait(rx).await;
-                waits += 1;
-            }
-            Turn::Wait(_) => break,
+            // Kept: look it up. Not kept (the leader failed, its client left, the answer was
+            // too large) or too long a wait: generate it without leading.
+            Turn::Wait(rx) => match tokio::time::timeout_at(deadline, inflight::wait(rx)).await {
+                Ok(true) => {}
+                Ok(false) | Err(_) => break,
+            },
         }
     }
     let mut query = None;
@@ -212,7 +221,7 @@ pub async fn lookup(
         query,
         policy,
         metrics,
-        _leader: leader,
+        leader,
     })))
 }
 
