@@ -82,7 +82,8 @@ impl Answer {
     }
 }
 
-fn ask(s: &TestServer, key: &str, question: &str, extra: Value, header: Option<&str>) -> Answer {
+/// The chat request `ask` sends: greedy, 16 tokens, `extra`'s fields on top.
+fn chat_body(question: &str, extra: &Value) -> Value {
     let mut body = json!({
         "model": MODEL,
         "messages": [{"role": "system", "content": "Answer in one short sentence."},
@@ -93,6 +94,11 @@ fn ask(s: &TestServer, key: &str, question: &str, extra: Value, header: Option<&
     for (k, v) in extra.as_object().unwrap() {
         body[k] = v.clone();
     }
+    body
+}
+
+fn ask(s: &TestServer, key: &str, question: &str, extra: Value, header: Option<&str>) -> Answer {
+    let body = chat_body(question, &extra);
     let mut rq = common::agent()
         .post(&format!("{}/v1/chat/completions", s.base))
         .header("content-type", "application/json")
@@ -483,12 +489,9 @@ fn a_request_waiting_for_one_whose_client_left_generates_its_own_answer() {
     let s = server_named(NAME, false, 3600, None);
     let q = "Describe the water cycle.";
     let long = json!({"model": NAME, "max_tokens": 96, "ignore_eos": true});
-    let body = json!({
-        "model": NAME,
-        "messages": [{"role": "system", "content": "Answer in one short sentence."},
-                     {"role": "user", "content": q}],
-        "max_tokens": 96, "ignore_eos": true, "temperature": 0, "stream": true,
-    });
+    // The same request as the waiter's (streaming is not part of the key).
+    let mut body = chat_body(q, &long);
+    body["stream"] = json!(true);
     std::thread::scope(|sc| {
         let mut r = common::agent()
             .post(&format!("{}/v1/chat/completions", s.base))

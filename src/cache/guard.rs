@@ -572,8 +572,7 @@ fn edited_in_place(a: &[String], b: &[String]) -> bool {
         // names ("the square of 144" / "the square root of 144"); at either end it is more often
         // a courtesy or an adverb.
         let added = if x.is_empty() { y } else { x };
-        let inside = a.iter().zip(b).next().is_some_and(|(p, q)| p == q)
-            && a.last().is_some_and(|w| b.last() == Some(w));
+        let inside = !a.is_empty() && a.first() == b.first() && a.last() == b.last();
         return inside && added.len() <= 2 && content(added);
     }
     let direction = DIRECTIONS.iter().any(|(p, q)| {

@@ -55,15 +55,6 @@ impl InFlight {
             kept: tx,
         })
     }
-
-    /// Requests being generated that others may wait for.
-    pub fn len(&self) -> usize {
-        self.leaders.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 impl Drop for Leader {
@@ -120,7 +111,10 @@ mod tests {
             .expect("woken")
             .expect("joined");
         assert!(kept);
-        assert!(f.is_empty());
+        assert!(
+            f.leaders.lock().unwrap().is_empty(),
+            "the leader left the map"
+        );
         assert!(
             matches!(f.turn(&a, [1; 32]), Turn::Lead(_)),
             "the next one leads"

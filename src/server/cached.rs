@@ -90,7 +90,7 @@ pub struct Store {
     policy: Policy,
     pub metrics: CacheMetrics,
     /// Held until the answer is kept or the request ends: the same request waits meanwhile.
-    leader: Option<crate::cache::inflight::Leader>,
+    leader: Option<inflight::Leader>,
 }
 
 impl Store {
