@@ -40,6 +40,10 @@ impl ModelEntry {
 pub struct EmbeddingModelEntry {
     pub name: String,
     pub path: PathBuf,
+    /// A low-rank adapter merged into the weights at load: `questions` (built in; tunes
+    /// all-MiniLM-L6-v2 for matching questions, what the semantic cache does) or a safetensors
+    /// file (`scripts/train_cache_adapter.py` writes one).
+    pub adapter: Option<String>,
 }
 
 /// Where the usage ledger lives unless the config says otherwise (the data directory, relative
@@ -142,10 +146,20 @@ impl Default for Config {
                 ),
                 ModelEntry::new("gemma-3-270m", "models/gemma-3-270m-q4_k_m.gguf"),
             ],
-            embedding_models: vec![EmbeddingModelEntry {
-                name: "all-minilm-l6-v2".into(),
-                path: "models/all-minilm-l6-v2".into(),
-            }],
+            // The base model (sentence-transformers' vectors) and, for the semantic cache, the
+            // same model with the built-in question-matching adapter.
+            embedding_models: vec![
+                EmbeddingModelEntry {
+                    name: "all-minilm-l6-v2".into(),
+                    path: "models/all-minilm-l6-v2".into(),
+                    adapter: None,
+                },
+                EmbeddingModelEntry {
+                    name: "all-minilm-l6-v2-questions".into(),
+                    path: "models/all-minilm-l6-v2".into(),
+                    adapter: Some(crate::embedding::adapter::QUESTIONS.into()),
+                },
+            ],
             embedding_batch_tokens: 4096,
             kv_cache_mib: 512,
             kv_cache_fraction: None,
@@ -395,10 +409,17 @@ mod tests {
     fn embedding_models_parse_and_names_stay_unique() {
         let c: Config = toml::from_str(
             "[[models]]\nname = \"m\"\npath = \"/m.gguf\"\n\
-             [[embedding_models]]\nname = \"e\"\npath = \"/e\"\n",
+             [[embedding_models]]\nname = \"e\"\npath = \"/e\"\n\
+             [[embedding_models]]\nname = \"q\"\npath = \"/e\"\nadapter = \"questions\"\n",
         )
         .unwrap();
         assert_eq!(c.embedding_models[0].name, "e");
+        assert_eq!(c.embedding_models[0].adapter, None);
+        assert_eq!(c.embedding_models[1].adapter.as_deref(), Some("questions"));
+        assert_eq!(
+            Config::default().embedding_models[1].adapter.as_deref(),
+            Some(crate::embedding::adapter::QUESTIONS)
+        );
         assert!(c.check_routes().is_ok());
         assert_eq!(
             Config::default().embedding_models[0].name,

@@ -139,3 +139,61 @@ fn the_batcher_packs_by_padded_tokens_and_batches_requests_that_wait_together() 
     assert_eq!(s.waiting, 0);
     assert_eq!(s.tenant_device_nanos.values().sum::<u64>(), s.device_nanos);
 }
+
+/// The built-in question-matching adapter merged into the weights gives the vectors that the
+/// training script's fp64 NumPy reference gives for the merged model
+/// (tests/data/question_adapter_reference.json, written with the adapter); and the adapter moves
+/// them: the base model's vectors are not the adapted ones.
+#[test]
+fn the_question_adapter_matches_its_reference_and_changes_the_vectors() {
+    use hearth::embedding::adapter::Adapter;
+    let dir = common::models_dir().join("all-minilm-l6-v2");
+    let adapted = Embedder::load_adapted(&dir, Some(&Adapter::Questions), &Device::Cpu)
+        .expect("the adapter fits all-minilm-l6-v2");
+    assert!(adapted.adapted());
+    let base = embedder();
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/question_adapter_reference.json"
+    );
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let refs = v.as_array().unwrap();
+    assert!(refs.len() >= 4);
+    for r in refs {
+        let text = r["text"].as_str().unwrap();
+        let want: Vec<f32> = r["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        let got = adapted.embed(&[text]).unwrap().remove(0);
+        let c = cosine(&got, &want);
+        assert!(c > 1.0 - 1e-4, "{text:?}: cosine {c} to the reference");
+        let b = base.embed(&[text]).unwrap().remove(0);
+        assert!(
+            cosine(&b, &want) < 0.999,
+            "{text:?}: the adapter changed nothing"
+        );
+    }
+}
+
+#[test]
+fn an_adapter_file_that_is_missing_or_does_not_fit_is_a_clear_error() {
+    use hearth::embedding::adapter::Adapter;
+    let dir = common::models_dir().join("all-minilm-l6-v2");
+    let missing = Adapter::File("/nonexistent/adapter.safetensors".into());
+    let err = Embedder::load_adapted(&dir, Some(&missing), &Device::Cpu)
+        .err()
+        .expect("no such file");
+    assert!(
+        err.to_string().contains("/nonexistent/adapter.safetensors"),
+        "{err}"
+    );
+    // The model's own weights are no adapter: no `scale`, no `.lora_a` tensors.
+    let not_an_adapter = Adapter::File(dir.join("model.safetensors"));
+    let err = Embedder::load_adapted(&dir, Some(&not_an_adapter), &Device::Cpu)
+        .err()
+        .expect("not an adapter");
+    assert!(err.to_string().contains("does not fit"), "{err}");
+}

@@ -157,6 +157,7 @@ fn server(receiver: &Receiver, f: impl FnOnce(&mut hearth::config::Config)) -> T
         embedding_models: vec![hearth::config::EmbeddingModelEntry {
             name: "otlp-minilm".into(),
             path: common::models_dir().join("all-minilm-l6-v2"),
+            adapter: None,
         }],
         tenants: vec![TenantConfig::new(TENANT, &[KEY])],
         // Small steps: a prompt of a few hundred tokens prefills in several chunks.

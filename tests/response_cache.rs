@@ -61,6 +61,8 @@ fn embedder(name: &str) -> hearth::config::EmbeddingModelEntry {
     hearth::config::EmbeddingModelEntry {
         name: name.into(),
         path: common::models_dir().join("all-minilm-l6-v2"),
+        // What the default configuration's cache embeds with.
+        adapter: Some("questions".into()),
     }
 }
 

@@ -34,17 +34,20 @@ fn endpoints_respond_and_both_default_models_load() {
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    // The served models, then the default route group over them, then the embedding model.
+    // The served models, then the default route group over them, then the embedding models (the
+    // second is the first with the question-matching adapter, the semantic cache's).
     assert_eq!(
         ids,
         [
             "smollm2-135m-instruct",
             "gemma-3-270m",
             "auto",
-            "all-minilm-l6-v2"
+            "all-minilm-l6-v2",
+            "all-minilm-l6-v2-questions"
         ]
     );
     assert_eq!(models["data"][3]["capabilities"], json!(["embeddings"]));
+    assert_eq!(models["data"][4]["capabilities"], json!(["embeddings"]));
     assert_eq!(
         models["data"][2]["capabilities"],
         json!(["chat.completions", "completions"])

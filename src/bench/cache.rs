@@ -18,6 +18,7 @@ use serde::Deserialize;
 use super::BenchArgs;
 use crate::cache::index::dot;
 use crate::cache::{guard, key, Answer, CacheConfig, Policy, Query, ResponseCache};
+use crate::embedding::adapter::Adapter;
 use crate::embedding::batcher::{BatchConfig, EmbedHandle};
 use crate::embedding::Embedder;
 use crate::error::Result;
@@ -89,9 +90,23 @@ fn pct(x: f64) -> String {
     format!("{:.1}%", 100.0 * x)
 }
 
-fn pairs_report(e: &Embedder, path: &Path) -> Result<()> {
+fn pairs_report(e: &Embedder, path: &Path, t: f32, json: Option<&Path>) -> Result<()> {
     let pairs = load_pairs(path)?;
     let scores = score_pairs(e, &pairs)?;
+    if let Some(out) = json {
+        let lines: Vec<String> = pairs
+            .iter()
+            .zip(&scores)
+            .map(|(p, &(sim, _))| {
+                serde_json::json!({
+                    "a": p.a, "b": p.b, "label": p.label, "kind": p.kind,
+                    "similarity": sim, "refused": guard::refuses(&p.a, &p.b),
+                })
+                .to_string()
+            })
+            .collect();
+        std::fs::write(out, lines.join("\n") + "\n")?;
+    }
     let hits = pairs.iter().filter(|p| p.label == "hit").count();
     println!(
         "## Hit decisions: {} pairs ({hits} paraphrases that must hit, {} near misses that must not), {}\n",
@@ -114,8 +129,7 @@ fn pairs_report(e: &Embedder, path: &Path) -> Result<()> {
             pct(f0)
         );
     }
-    let t = crate::cache::DEFAULT_THRESHOLD;
-    println!("\nAt the default threshold {t:.2}, by kind (hits / pairs):");
+    println!("\nAt the threshold {t:.2}, by kind (hits / pairs):");
     let mut kinds: Vec<&str> = pairs.iter().map(|p| p.kind.as_str()).collect();
     kinds.sort();
     kinds.dedup();
@@ -303,10 +317,10 @@ fn index_report(e: Embedder, entries: usize) -> Result<()> {
     Ok(())
 }
 
-fn miss_overhead_report(path: &Path, device: &candle_core::Device) -> Result<()> {
+fn miss_overhead_report(embedder: Embedder) -> Result<()> {
     let h = EmbedHandle::start(
         "bench",
-        Embedder::load(path, device)?,
+        embedder,
         BatchConfig {
             max_batch_tokens: 4096,
             max_waiting: 16,
@@ -359,9 +373,15 @@ fn miss_overhead_report(path: &Path, device: &candle_core::Device) -> Result<()>
 pub fn suite(args: &BenchArgs) -> Result<()> {
     let path = args.model_path()?;
     let device = crate::device::select(args.device.as_deref())?;
+    let adapter = args.adapter.as_deref().map(Adapter::parse);
+    let load = || Embedder::load_adapted(path, adapter.as_ref(), &device);
     let data = args.data_or("benches/cache_pairs.jsonl");
-    pairs_report(&Embedder::load(path, &device)?, &data)?;
-    index_report(Embedder::load(path, &device)?, args.entries)?;
-    miss_overhead_report(path, &device)?;
+    let t = args.threshold.unwrap_or(crate::cache::DEFAULT_THRESHOLD);
+    pairs_report(&load()?, &data, t, args.json.as_deref())?;
+    if args.entries == 0 {
+        return Ok(());
+    }
+    index_report(load()?, args.entries)?;
+    miss_overhead_report(load()?)?;
     Ok(())
 }

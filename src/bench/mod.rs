@@ -44,7 +44,8 @@ pub struct BenchArgs {
     /// `serve`: an API key sent as `Authorization: Bearer`.
     #[arg(long, env = "HEARTH_API_KEY")]
     pub api_key: Option<String>,
-    /// `serve`: write the results as JSON here.
+    /// `serve`: write the results as JSON here; `cache`: each pair's similarity and the guard's
+    /// verdict, as JSON lines.
     #[arg(long)]
     pub json: Option<PathBuf>,
     /// `serve`: earlier results (`--json` files) to show beside this run's, in the table and chart
@@ -82,6 +83,14 @@ pub struct BenchArgs {
     /// `cache`: answers held in one tenant for the index measurement.
     #[arg(long, default_value_t = 100_000)]
     pub entries: usize,
+    /// `cache`: the threshold at which the pairs are listed by kind, with their false hits and
+    /// refused paraphrases (default: the cache's default threshold).
+    #[arg(long)]
+    pub threshold: Option<f32>,
+    /// `cache`: a low-rank adapter merged into the embedding model (`questions`, the built-in
+    /// one, or a safetensors file).
+    #[arg(long)]
+    pub adapter: Option<String>,
     /// The `route` suite's server config (models and routes); default: the default models.
     #[arg(long)]
     pub config: Option<PathBuf>,

@@ -54,11 +54,17 @@ pub fn not_cacheable(req: &Validated) -> Option<&'static str> {
 }
 
 /// The semantic key `semantic` under one embedding model: vectors of different models (or of one
-/// name pointing at other weights of another size) never meet in one index.
-pub fn with_embedder(semantic: &Digest, name: &str, dims: usize, vocab: usize) -> Digest {
+/// name pointing at other weights of another size, or with another adapter merged) never meet in
+/// one index, persisted entries included.
+pub fn with_embedder(semantic: &Digest, e: &crate::embedding::Embedder, name: &str) -> Digest {
+    let (dims, vocab, adapter) = (e.dims(), e.vocab(), e.adapter_digest());
     let mut h = Sha256::new();
     h.update(semantic);
     h.update(format!("\0embedder\0{name}\0{dims}\0{vocab}").as_bytes());
+    if !adapter.is_empty() {
+        // Keys of unadapted models stay what they were (entries persisted before adapters).
+        h.update(format!("\0adapter\0{adapter}").as_bytes());
+    }
     h.finalize().into()
 }
 

@@ -1,6 +1,7 @@
 //! Sentence embeddings: a BERT encoder (candle-transformers' `BertModel`) with sentence-transformers'
 //! head (mean of the token states over the attention mask, then L2 normalization), as
 //! all-MiniLM-L6-v2 is trained to be used. `batcher` serves it to concurrent requests.
+pub mod adapter;
 pub mod batcher;
 
 use std::path::Path;
@@ -33,6 +34,8 @@ pub struct Embedder {
     layer_weights: u64,
     layers: u64,
     device: Device,
+    /// The merged adapter's digest; empty without one.
+    adapter: String,
 }
 
 fn file_error(path: &Path, reason: impl ToString) -> HearthError {
@@ -61,6 +64,15 @@ fn special_suffix(tokenizer: &Tokenizer) -> Result<Vec<u32>> {
 
 impl Embedder {
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_adapted(dir, None, device)
+    }
+
+    /// The model with `adapter`'s low-rank updates merged into its weights.
+    pub fn load_adapted(
+        dir: &Path,
+        adapter: Option<&adapter::Adapter>,
+        device: &Device,
+    ) -> Result<Self> {
         let read = |name: &str| -> Result<String> {
             let p = dir.join(name);
             std::fs::read_to_string(&p).map_err(|e| file_error(&p, e))
@@ -79,7 +91,12 @@ impl Embedder {
         if !weights.exists() {
             return Err(HearthError::ModelNotFound(weights.display().to_string()));
         }
-        let tensors = candle_core::safetensors::load(&weights, device)?
+        let mut tensors = candle_core::safetensors::load(&weights, device)?;
+        let adapter = match adapter {
+            Some(a) => a.merge(&mut tensors, device)?,
+            None => String::new(),
+        };
+        let tensors = tensors
             .into_iter()
             .map(|(name, t)| {
                 // A linear layer multiplies by its weight transposed: kept transposed in memory,
@@ -123,7 +140,18 @@ impl Embedder {
             layer_weights: 4 * h * h + 2 * h * ff,
             layers: cfg.num_hidden_layers as u64,
             device: device.clone(),
+            adapter,
         })
+    }
+
+    /// Whether an adapter was merged into its weights.
+    pub fn adapted(&self) -> bool {
+        !self.adapter.is_empty()
+    }
+
+    /// A digest of the adapter merged into its weights; empty without one.
+    pub fn adapter_digest(&self) -> &str {
+        &self.adapter
     }
 
     /// Where it computes.

@@ -188,7 +188,7 @@ pub async fn lookup(
         // Vectors of one embedding model are comparable with that model's only: its identity
         // is part of the semantic key.
         let e = embedder.embedder();
-        keys.semantic = key::with_embedder(&keys.semantic, &embedder.name, e.dims(), e.vocab());
+        keys.semantic = key::with_embedder(&keys.semantic, e, &embedder.name);
         // The semantic level is an optimization: when it cannot run (the embedding model's queue
         // is full, it stopped), the request goes on with the exact level alone.
         match embed(embedder, text, &tenant.name).await {

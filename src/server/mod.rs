@@ -79,7 +79,7 @@ impl AppState {
         let all = self.embedders.get()?;
         match &self.cache_config.embedding_model {
             Some(name) => all.iter().find(|h| &h.name == name),
-            None => all.first(),
+            None => all.iter().find(|h| h.embedder().adapted()).or(all.first()),
         }
     }
 
@@ -304,7 +304,8 @@ fn load_embedders(
         .iter()
         .map(|m| {
             let t0 = Instant::now();
-            let e = crate::embedding::Embedder::load(&m.path, device)?;
+            let adapter = m.adapter.as_deref().map(crate::embedding::adapter::Adapter::parse);
+            let e = crate::embedding::Embedder::load_adapted(&m.path, adapter.as_ref(), device)?;
             tracing::info!(model = %m.name, dims = e.dims(), secs = t0.elapsed().as_secs_f32(), "embedding model ready");
             crate::embedding::batcher::EmbedHandle::start(&m.name, e, batching)
         })
