@@ -20,7 +20,7 @@ Needs (pip, CPU wheels): numpy==2.4.6 tokenizers==0.23.3 safetensors==0.8.0 jax=
 About 4 minutes on two CPU cores; the same inputs give the same adapter on the same machine.
 
     python3 scripts/train_cache_adapter.py --model models/all-minilm-l6-v2 \\
-        --out src/cache/question_adapter.safetensors \\
+        --out src/embedding/question_adapter.safetensors \\
         --reference tests/data/question_adapter_reference.json \\
         benches/cache_pairs.jsonl benches/cache_pairs_heldout.jsonl ...
 
@@ -169,6 +169,8 @@ def main():
     pairs = []
     for path in args.pairs:
         pairs += [json.loads(line) for line in open(path) if line.strip()]
+    if len(pairs) < args.batch:
+        sys.exit(f"{len(pairs)} pairs: at least one batch ({args.batch}) is needed")
     rnd = random.Random(args.seed)
     key = jax.random.PRNGKey(args.seed)
     P = {}
@@ -207,6 +209,9 @@ def main():
     tensors = {k: np.asarray(v, np.float32) for k, v in P.items()}
     n_params = sum(v.size for v in tensors.values())
     tensors["scale"] = np.array([scale], np.float32)
+    # Which weights it was trained on: the sum of each adapted weight, in the order of the names.
+    stems = sorted(k[: -len(".lora_a")] for k in tensors if k.endswith(".lora_a"))
+    tensors["base_sums"] = np.array([base[s + ".weight"].astype(np.float64).sum() for s in stems], np.float32)
     meta = {"base": "sentence-transformers/all-MiniLM-L6-v2", "rank": str(args.rank), "alpha": str(args.alpha),
             "trained_on": ",".join(pathlib.Path(p).name for p in args.pairs), "pairs": str(len(pairs)),
             "epochs": str(args.epochs), "frozen_layers": str(args.frozen), "seed": str(args.seed)}
@@ -221,7 +226,7 @@ def main():
                 p = f"encoder.layer.{l}.{t}"
                 a = tensors[p + ".lora_a"].astype(np.float64)
                 b = tensors[p + ".lora_b"].astype(np.float64)
-                merged[p + ".weight"] = merged[p + ".weight"] + scale * (b @ a)
+                merged[p + ".weight"] = merged[p + ".weight"] + float(tensors["scale"][0]) * (b @ a)
         tok.enable_truncation(max_length=256)
         out = []
         for s in REFERENCE_SENTENCES:

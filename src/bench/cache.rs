@@ -376,8 +376,11 @@ pub fn suite(args: &BenchArgs) -> Result<()> {
     let adapter = args.adapter.as_deref().map(Adapter::parse);
     let load = || Embedder::load_adapted(path, adapter.as_ref(), &device);
     let data = args.data_or("benches/cache_pairs.jsonl");
-    let t = args.threshold.unwrap_or(crate::cache::DEFAULT_THRESHOLD);
-    pairs_report(&load()?, &data, t, args.json.as_deref())?;
+    let e = load()?;
+    let t = args
+        .threshold
+        .unwrap_or_else(|| crate::cache::default_threshold(&e));
+    pairs_report(&e, &data, t, args.json.as_deref())?;
     if args.entries == 0 {
         return Ok(());
     }

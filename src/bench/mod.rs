@@ -80,7 +80,8 @@ pub struct BenchArgs {
     /// benches/cache_pairs.jsonl).
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// `cache`: answers held in one tenant for the index measurement.
+    /// `cache`: answers held in one tenant for the index measurement; 0 measures the labelled
+    /// pairs only (no index, no miss overhead).
     #[arg(long, default_value_t = 100_000)]
     pub entries: usize,
     /// `cache`: the threshold at which the pairs are listed by kind, with their false hits and

@@ -56,8 +56,13 @@ pub fn not_cacheable(req: &Validated) -> Option<&'static str> {
 /// The semantic key `semantic` under one embedding model: vectors of different models (or of one
 /// name pointing at other weights of another size, or with another adapter merged) never meet in
 /// one index, persisted entries included.
-pub fn with_embedder(semantic: &Digest, e: &crate::embedding::Embedder, name: &str) -> Digest {
-    let (dims, vocab, adapter) = (e.dims(), e.vocab(), e.adapter_digest());
+pub fn with_embedder(
+    semantic: &Digest,
+    name: &str,
+    dims: usize,
+    vocab: usize,
+    adapter: &str,
+) -> Digest {
     let mut h = Sha256::new();
     h.update(semantic);
     h.update(format!("\0embedder\0{name}\0{dims}\0{vocab}").as_bytes());
@@ -190,6 +195,28 @@ mod tests {
         let mut s2 = s1.clone();
         s2["seed"] = json!(2);
         assert_ne!(keys(&chat(s1)).exact, keys(&chat(s2)).exact);
+    }
+
+    #[test]
+    fn an_embedding_models_identity_and_adapter_are_part_of_the_semantic_key() {
+        let s = [7u8; 32];
+        let base = with_embedder(&s, "m", 384, 30522, "");
+        // Unadapted keys are what they were before adapters existed.
+        let mut h = Sha256::new();
+        h.update(s);
+        h.update(format!("\0embedder\0m\0{}\0{}", 384, 30522).as_bytes());
+        assert_eq!(base, <[u8; 32]>::from(h.finalize()));
+        for other in [
+            with_embedder(&s, "n", 384, 30522, ""),
+            with_embedder(&s, "m", 768, 30522, ""),
+            with_embedder(&s, "m", 384, 30522, "0123abcd"),
+        ] {
+            assert_ne!(other, base);
+        }
+        assert_ne!(
+            with_embedder(&s, "m", 384, 30522, "0123abcd"),
+            with_embedder(&s, "m", 384, 30522, "4567ef01")
+        );
     }
 
     #[test]

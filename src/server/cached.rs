@@ -151,7 +151,14 @@ pub async fn lookup(
     let mut keys = tokio::task::spawn_blocking(move || key::keys(&r))
         .await
         .map_err(|e| ApiError::internal(format!("cache key task failed: {e}")))?;
-    let threshold = policy.threshold.max(d.min_similarity.unwrap_or(0.0));
+    let embedder = state.cache_embedder();
+    // Unset, the threshold is the one measured for the embedding model (its adapter).
+    let configured = policy.threshold.unwrap_or_else(|| {
+        embedder.map_or(crate::cache::DEFAULT_THRESHOLD, |h| {
+            crate::cache::default_threshold(h.embedder())
+        })
+    });
+    let threshold = configured.max(d.min_similarity.unwrap_or(0.0));
     let mut metrics = CacheMetrics {
         status: "miss",
         ..Default::default()
@@ -182,13 +189,17 @@ pub async fn lookup(
         }
     }
     let mut query = None;
-    if let (true, Some(text), Some(embedder)) =
-        (policy.semantic, &keys.text, state.cache_embedder())
-    {
+    if let (true, Some(text), Some(embedder)) = (policy.semantic, &keys.text, embedder) {
         // Vectors of one embedding model are comparable with that model's only: its identity
         // is part of the semantic key.
         let e = embedder.embedder();
-        keys.semantic = key::with_embedder(&keys.semantic, e, &embedder.name);
+        keys.semantic = key::with_embedder(
+            &keys.semantic,
+            &embedder.name,
+            e.dims(),
+            e.vocab(),
+            e.adapter_digest(),
+        );
         // The semantic level is an optimization: when it cannot run (the embedding model's queue
         // is full, it stopped), the request goes on with the exact level alone.
         match embed(embedder, text, &tenant.name).await {

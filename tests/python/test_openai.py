@@ -187,7 +187,7 @@ def test_route_groups_work_through_the_client():
     """`auto` and a group that always escalates, over SmolLM2 (`small`) and Gemma 3 (`large`)."""
     routed = OpenAI(base_url=os.environ["HEARTH_ROUTED_URL"] + "/v1", api_key="unused", max_retries=0, timeout=120)
     ids = [m.id for m in routed.models.list()]
-    assert ids == ["small", "large", "auto", "escalate", "all-minilm-l6-v2"]
+    assert ids == ["small", "large", "auto", "escalate", "all-minilm-l6-v2", "all-minilm-l6-v2-questions"]
     kw = dict(messages=[{"role": "user", "content": "Name a planet."}], max_tokens=10, temperature=0)
     # Chat goes only to a model with its own chat template: Gemma 3 here is a base model without one.
     auto = routed.chat.completions.create(model="auto", **kw)
