@@ -85,7 +85,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 100_000)]
     pub entries: usize,
     /// `cache`: the threshold at which the pairs are listed by kind, with their false hits and
-    /// refused paraphrases (default: the cache's default threshold).
+    /// refused paraphrases (default: the cache's default for the embedder, `default_threshold`).
     #[arg(long)]
     pub threshold: Option<f32>,
     /// `cache`: a low-rank adapter merged into the embedding model (`questions`, the built-in
