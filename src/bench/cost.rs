@@ -163,6 +163,32 @@ pub fn suite(args: &BenchArgs) -> Result<()> {
         all_on.device_secs() - lookups,
         n - all_on.hits("exact") - all_on.hits("semantic")
     );
+    // Where the generated answers' device time went: kept by the cheap model, or escalated (both
+    // models generated), by the router's decision.
+    let mut by_route: BTreeMap<String, (usize, f64)> = BTreeMap::new();
+    for o in all_on
+        .outcomes
+        .iter()
+        .filter(|o| !o.cache.as_ref().is_some_and(|c| c["hit"] == true))
+    {
+        let route = o.route.as_ref().map_or_else(
+            || "no route".to_string(),
+            |r| {
+                let tried = r["tried"].as_array().map_or(0, Vec::len);
+                format!(
+                    "{} after {tried} model(s)",
+                    r["model"].as_str().unwrap_or("?")
+                )
+            },
+        );
+        let e = by_route.entry(route).or_default();
+        e.0 += 1;
+        e.1 += o.device_ms / 1e3;
+    }
+    println!("\nGenerated answers by the model that answered (device s, lookups included):");
+    for (route, (count, secs)) in &by_route {
+        println!("- {route}: {count} requests, {secs:.1} s");
+    }
     println!("\nBy form (accuracy always-large / all on; hits exact + semantic of all on):");
     for form in forms.keys() {
         let pick = |i: usize| requests[i].form == *form;
