@@ -101,6 +101,7 @@ fn pairs_report(e: &Embedder, path: &Path, t: f32, json: Option<&Path>) -> Resul
                 serde_json::json!({
                     "a": p.a, "b": p.b, "label": p.label, "kind": p.kind,
                     "similarity": sim, "refused": guard::refuses(&p.a, &p.b),
+                    "refusals": guard::all_refusals(&p.a, &p.b),
                 })
                 .to_string()
             })

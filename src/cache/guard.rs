@@ -558,6 +558,32 @@ fn differing<'a>(a: &'a [String], b: &'a [String]) -> (usize, &'a [String], &'a 
     )
 }
 
+/// The sentences (or lines) of `text`, each as its words.
+fn sentences(text: &str) -> Vec<Vec<String>> {
+    text.split_inclusive(['\n', '.', '?', '!', ';'])
+        .map(words)
+        .filter(|ws| !ws.is_empty())
+        .collect()
+}
+
+/// The words of the sentences where `cached` and `asked` differ: the sentences both share at
+/// the start and the end are left out, so a template's fixed lines ("Q: ... / A: The author of
+/// X is") do not make a reworded question look like one slot refilled.
+fn differing_sentences(cached: &str, asked: &str) -> (Vec<String>, Vec<String>) {
+    let (a, b) = (sentences(cached), sentences(asked));
+    let head = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let tail = a[head..]
+        .iter()
+        .rev()
+        .zip(b[head..].iter().rev())
+        .take_while(|(x, y)| x == y)
+        .count();
+    (
+        a[head..a.len() - tail].concat(),
+        b[head..b.len() - tail].concat(),
+    )
+}
+
 /// Whether `b` is `a` with a small edit in place: the same words before and after it, and on
 /// each side a few words that change a content word, or a direction.
 fn edited_in_place(a: &[String], b: &[String]) -> bool {
@@ -566,20 +592,48 @@ fn edited_in_place(a: &[String], b: &[String]) -> bool {
     if x.len() > MAX_EDIT || y.len() > MAX_EDIT || (kept as f64) < MIN_KEPT * longer as f64 {
         return false;
     }
-    let content = |ws: &[String]| ws.iter().any(|w| !STOPWORDS.contains(&w.as_str()));
+    let content = |ws: &[String]| -> Vec<String> {
+        ws.iter()
+            .filter(|w| !STOPWORDS.contains(&w.as_str()))
+            .cloned()
+            .collect()
+    };
     if x.is_empty() || y.is_empty() {
         // A content word put into the middle of the same sentence narrows or changes what it
         // names ("the square of 144" / "the square root of 144"); at either end it is more often
         // a courtesy or an adverb.
         let added = if x.is_empty() { y } else { x };
         let inside = !a.is_empty() && a.first() == b.first() && a.last() == b.last();
-        return inside && added.len() <= 2 && content(added);
+        return inside && added.len() <= 2 && !content(added).is_empty();
     }
     let direction = DIRECTIONS.iter().any(|(p, q)| {
         (x.iter().any(|w| w == p) && y.iter().any(|w| w == q))
             || (x.iter().any(|w| w == q) && y.iter().any(|w| w == p))
     });
-    (content(x) && content(y)) || direction
+    let (cx, cy) = (content(x), content(y));
+    if direction {
+        return true;
+    }
+    if cx.is_empty() || cy.is_empty() {
+        return false;
+    }
+    let missing = |from: &[String], to: &[String]| from.iter().filter(|w| !to.contains(w)).count();
+    match (missing(&cx, &cy), missing(&cy, &cx)) {
+        // A content word on each side that the other lacks: a slot refilled ("France" /
+        // "Germany").
+        (1.., 1..) => true,
+        // The same content words, moved among function words.
+        (0, 0) => false,
+        // Content words only added: a narrowing when they sit between content words both
+        // share, whatever the function words around them ("what's the square" / "what is the
+        // square root").
+        _ => {
+            let (ca, cb) = (content(a), content(b));
+            let before = ca.iter().zip(&cb).take_while(|(p, q)| p == q).count();
+            let (kept, p, q) = differing(&ca, &cb);
+            (p.is_empty() || q.is_empty()) && before > 0 && kept > before && p.len() + q.len() <= 2
+        }
+    }
 }
 
 /// Question words that ask for different things (a person, a time, a place, a reason).
@@ -721,45 +775,74 @@ fn direction_reversed(a: &[String], b: &[String]) -> bool {
     }
 }
 
-/// Why `cached` and `asked` must not share an answer although they embed alike; None: they may.
-pub fn refuses(cached: &str, asked: &str) -> Option<&'static str> {
-    if numbers(cached) != numbers(asked) {
-        return Some("numbers");
-    }
-    let (a, b) = (words(cached), words(asked));
-    // The same numbers in another order in the same words: "is 7 greater than 3" / "is 3
-    // greater than 7".
+/// A pair to check: both texts and their words.
+struct Pair<'s> {
+    cached: &'s str,
+    asked: &'s str,
+    a: Vec<String>,
+    b: Vec<String>,
+}
+
+/// The same numbers in another order in the same words: "is 7 greater than 3" / "is 3 greater
+/// than 7".
+fn numbers_reordered(p: &Pair) -> bool {
     let wording = |ws: &[String]| -> Vec<String> {
         ws.iter()
             .filter(|w| !w.chars().all(|c| c.is_ascii_digit()))
             .cloned()
             .collect()
     };
-    if digit_runs(cached) != digit_runs(asked) && wording(&a) == wording(&b) {
-        return Some("numbers");
+    digit_runs(p.cached) != digit_runs(p.asked) && wording(&p.a) == wording(&p.b)
+}
+
+/// The checks in the order they are tried, each with the reason it gives.
+const RULES: &[(&str, fn(&Pair) -> bool)] = &[
+    ("numbers", |p| numbers(p.cached) != numbers(p.asked)),
+    ("numbers", numbers_reordered),
+    ("numbers", |p| other_unit(&p.a, &p.b)),
+    ("negation", |p| {
+        negated(&p.a) != negated(&p.b) || prefix_negated(&p.a, &p.b)
+    }),
+    ("opposite", |p| {
+        swapped_opposite(&p.a, &p.b) || direction_reversed(&p.a, &p.b)
+    }),
+    ("edited in place", |p| {
+        let (a, b) = differing_sentences(p.cached, p.asked);
+        edited_in_place(&a, &b)
+    }),
+    ("roles swapped", |p| roles_swapped(&p.a, &p.b)),
+    ("another question word", |p| other_question(&p.a, &p.b)),
+    ("another name", |p| {
+        other_name(p.cached, p.asked, &p.a, &p.b)
+    }),
+];
+
+fn pair<'s>(cached: &'s str, asked: &'s str) -> Pair<'s> {
+    Pair {
+        cached,
+        asked,
+        a: words(cached),
+        b: words(asked),
     }
-    if other_unit(&a, &b) {
-        return Some("numbers");
-    }
-    if negated(&a) != negated(&b) || prefix_negated(&a, &b) {
-        return Some("negation");
-    }
-    if swapped_opposite(&a, &b) || direction_reversed(&a, &b) {
-        return Some("opposite");
-    }
-    if edited_in_place(&a, &b) {
-        return Some("edited in place");
-    }
-    if roles_swapped(&a, &b) {
-        return Some("roles swapped");
-    }
-    if other_question(&a, &b) {
-        return Some("another question word");
-    }
-    if other_name(cached, asked, &a, &b) {
-        return Some("another name");
-    }
-    None
+}
+
+/// Why `cached` and `asked` must not share an answer although they embed alike; None: they may.
+pub fn refuses(cached: &str, asked: &str) -> Option<&'static str> {
+    let p = pair(cached, asked);
+    RULES.iter().find(|(_, rule)| rule(&p)).map(|(why, _)| *why)
+}
+
+/// Every reason the guard has to refuse the pair (`refuses` gives the first): what the cache
+/// benchmark reports, to weigh each rule on labelled pairs.
+pub fn all_refusals(cached: &str, asked: &str) -> Vec<&'static str> {
+    let p = pair(cached, asked);
+    let mut why: Vec<&'static str> = RULES
+        .iter()
+        .filter(|(_, rule)| rule(&p))
+        .map(|(why, _)| *why)
+        .collect();
+    why.dedup();
+    why
 }
 
 #[cfg(test)]
@@ -1011,6 +1094,56 @@ mod tests {
                 "Why did the outage on March 3 happen?"
             ),
             None
+        );
+    }
+
+    #[test]
+    fn template_lines_and_moved_words_are_not_a_refilled_slot() {
+        // A completion template's fixed answer line is left out of the comparison: the question
+        // line alone is reworded too much to be one slot refilled.
+        assert_eq!(
+            refuses(
+                "Q: Who wrote Dracula?\nA: Dracula was written by",
+                "Q: Who is the author of Dracula?\nA: Dracula was written by"
+            ),
+            None
+        );
+        assert_eq!(
+            refuses(
+                "Q: How many vacation days do new employees get?\nA: New employees get",
+                "Q: How many vacation days do managers get?\nA: New employees get"
+            ),
+            Some("edited in place")
+        );
+        // The same content word moved among function words, a word added at the start.
+        assert_eq!(
+            refuses(
+                "The French word for \"dog\" is \"",
+                "In French, the word for \"dog\" is \""
+            ),
+            None
+        );
+        assert_eq!(
+            refuses(
+                "The French word for \"dog\" is \"",
+                "Translated into French, the word for \"dog\" is \""
+            ),
+            None
+        );
+        assert_eq!(
+            refuses(
+                "The French word for \"dog\" is \"",
+                "The Spanish word for \"dog\" is \""
+            ),
+            Some("edited in place")
+        );
+        // Added between shared content words, beside a function word changed: a narrowing.
+        assert_eq!(
+            refuses(
+                "Who approves the travel budget?",
+                "Who approves a travel expense budget?"
+            ),
+            Some("edited in place")
         );
     }
 }
