@@ -700,6 +700,16 @@ fn other_question(a: &[String], b: &[String]) -> bool {
                     return Some("why");
                 }
                 let kind = WH.iter().find(|(x, _)| x == w).map(|(_, k)| *k)?;
+                // "where do I enter a promo code", "where to file expenses" ask the way to do
+                // it, as "how do I" does; "where are the logs stored" asks for a place.
+                let doer = ws.get(i + 2).map(String::as_str);
+                if kind == "where"
+                    && (next == Some("to")
+                        || next.is_some_and(|n| AUXILIARIES.contains(&n))
+                            && matches!(doer, Some("i" | "we" | "you")))
+                {
+                    return Some("how");
+                }
                 // A question word comes before its verb or an infinitive ("when is", "where
                 // to", "who approved"); "what happens when I resign" and "when working from
                 // home, is ..." ask no "when".
@@ -1144,6 +1154,33 @@ mod tests {
                 "Who approves a travel expense budget?"
             ),
             Some("edited in place")
+        );
+    }
+
+    #[test]
+    fn where_to_do_it_asks_how_to_do_it() {
+        assert_eq!(
+            refuses("How do I track my package?", "where can I track my parcel"),
+            None
+        );
+        assert_eq!(
+            refuses(
+                "How do I apply a discount code at checkout?",
+                "where to enter a promo code when paying"
+            ),
+            None
+        );
+        // A place, not a way.
+        assert_eq!(
+            refuses(
+                "How do I install TensorBoard?",
+                "Where does TensorBoard store its log files?"
+            ),
+            Some("another question word")
+        );
+        assert_eq!(
+            refuses("How do I file Form 941?", "When is Form 941 due?"),
+            Some("another question word")
         );
     }
 }
