@@ -671,6 +671,9 @@ const HOW: &[(&str, &str)] = &[
     ("soon", "when"),
 ];
 
+/// The kind of "where do I ...": both a place and a way.
+const HOW_OR_WHERE: &str = "how or where";
+
 /// Whether both ask with a question word of its own kind and the kinds differ ("who wrote" /
 /// "when was it written", "how long does a refund take" / "how much is refunded").
 fn other_question(a: &[String], b: &[String]) -> bool {
@@ -700,15 +703,16 @@ fn other_question(a: &[String], b: &[String]) -> bool {
                     return Some("why");
                 }
                 let kind = WH.iter().find(|(x, _)| x == w).map(|(_, k)| *k)?;
-                // "where do I enter a promo code", "where to file expenses" ask the way to do
-                // it, as "how do I" does; "where are the logs stored" asks for a place.
+                // "where do I enter a promo code", "where to file expenses" ask for a place and
+                // for the way to do it, as "how do I" does; "where are the logs stored" asks for
+                // a place only.
                 let doer = ws.get(i + 2).map(String::as_str);
                 if kind == "where"
                     && (next == Some("to")
                         || next.is_some_and(|n| AUXILIARIES.contains(&n))
                             && matches!(doer, Some("i" | "we" | "you")))
                 {
-                    return Some("how");
+                    return Some(HOW_OR_WHERE);
                 }
                 // A question word comes before its verb or an infinitive ("when is", "where
                 // to", "who approved"); "what happens when I resign" and "when working from
@@ -718,6 +722,13 @@ fn other_question(a: &[String], b: &[String]) -> bool {
                 asks.then_some(kind)
             })
             .collect()
+    };
+    let kinds = |ws: &[String]| {
+        let mut k = kinds(ws);
+        if k.remove(HOW_OR_WHERE) {
+            k.extend(["how", "where"]);
+        }
+        k
     };
     // A question opening with its verb asks yes or no ("can I get admin rights" / "who approves
     // admin rights"), unless it wraps another question ("can you tell me how to ...") or is a
@@ -1167,6 +1178,13 @@ mod tests {
             refuses(
                 "How do I apply a discount code at checkout?",
                 "where to enter a promo code when paying"
+            ),
+            None
+        );
+        assert_eq!(
+            refuses(
+                "Where can I find the employee handbook?",
+                "where is the staff handbook located"
             ),
             None
         );
