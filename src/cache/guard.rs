@@ -816,8 +816,11 @@ fn numbers_reordered(p: &Pair) -> bool {
     digit_runs(p.cached) != digit_runs(p.asked) && wording(&p.a) == wording(&p.b)
 }
 
-/// The checks in the order they are tried, each with the reason it gives.
-const RULES: &[(&str, fn(&Pair) -> bool)] = &[
+/// A check, and the reason it gives when it refuses.
+type Rule = (&'static str, fn(&Pair) -> bool);
+
+/// The checks in the order they are tried.
+const RULES: &[Rule] = &[
     ("numbers", |p| numbers(p.cached) != numbers(p.asked)),
     ("numbers", numbers_reordered),
     ("numbers", |p| other_unit(&p.a, &p.b)),
