@@ -483,6 +483,58 @@ fn names(text: &str) -> Vec<String> {
     out
 }
 
+/// The literals a text quotes (double quotes or backticks), as words: what the question is about,
+/// taken literally ("the French word for \"dog\"", "what does `git stash` do").
+fn quoted(text: &str) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    let mut open: Option<(char, String)> = None;
+    for c in text.chars() {
+        let closes = |o: char| matches!((o, c), ('"', '"') | ('`', '`') | ('\u{201c}', '\u{201d}'));
+        match &mut open {
+            Some((o, s)) if closes(*o) => {
+                let ws = words(s);
+                if !ws.is_empty() {
+                    out.push(ws);
+                }
+                open = None;
+            }
+            Some((_, s)) => s.push(c),
+            None if matches!(c, '"' | '`' | '\u{201c}') => open = Some((c, String::new())),
+            None => {}
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Whether both quote literals and they differ ("the opposite of \"big\"" / "the word opposite in
+/// meaning to \"long\""): another term, however the rest is reworded.
+fn other_literal(cached: &str, asked: &str) -> bool {
+    let (a, b) = (quoted(cached), quoted(asked));
+    !a.is_empty() && !b.is_empty() && a != b
+}
+
+/// The arithmetic a text asks for, by operation ("plus" and "add" are one).
+fn operations(ws: &[String]) -> std::collections::BTreeSet<&'static str> {
+    ws.iter()
+        .filter_map(|w| match w.as_str() {
+            "plus" | "add" | "added" | "sum" => Some("+"),
+            "minus" | "subtract" | "subtracted" | "less" | "difference" => Some("-"),
+            "times" | "multiplied" | "multiply" | "product" => Some("*"),
+            "divided" | "divide" | "over" | "quotient" => Some("/"),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether both ask for arithmetic on numbers and the operations differ ("9 plus 9" / "9 times
+/// 9"): the numbers agree, the answer does not.
+fn other_operation(cached: &str, a: &[String], b: &[String]) -> bool {
+    let (x, y) = (operations(a), operations(b));
+    !digit_runs(cached).is_empty() && !x.is_empty() && !y.is_empty() && x != y
+}
+
 /// Whether each side names something the other does not mention ("reset my Okta password" /
 /// "how do I get my Jira password reset"): another entity, however the rest is reworded.
 fn other_name(cached: &str, asked: &str, a: &[String], b: &[String]) -> bool {
@@ -824,6 +876,7 @@ const RULES: &[Rule] = &[
     ("numbers", |p| numbers(p.cached) != numbers(p.asked)),
     ("numbers", numbers_reordered),
     ("numbers", |p| other_unit(&p.a, &p.b)),
+    ("numbers", |p| other_operation(p.cached, &p.a, &p.b)),
     ("negation", |p| {
         negated(&p.a) != negated(&p.b) || prefix_negated(&p.a, &p.b)
     }),
@@ -839,6 +892,7 @@ const RULES: &[Rule] = &[
     ("another name", |p| {
         other_name(p.cached, p.asked, &p.a, &p.b)
     }),
+    ("another quoted term", |p| other_literal(p.cached, p.asked)),
 ];
 
 fn pair<'s>(cached: &'s str, asked: &'s str) -> Pair<'s> {
@@ -1203,5 +1257,42 @@ mod tests {
             refuses("How do I file Form 941?", "When is Form 941 due?"),
             Some("another question word")
         );
+    }
+
+    #[test]
+    fn quoted_terms_and_operations_must_agree() {
+        assert_eq!(
+            refuses(
+                "In French, the word for \"dog\" is \"",
+                "The French word for \"book\" is \""
+            ),
+            Some("another quoted term")
+        );
+        assert_eq!(
+            refuses(
+                "The opposite of \"big\" is \"",
+                "The word opposite in meaning to \"long\" is \""
+            ),
+            Some("another quoted term")
+        );
+        assert_eq!(
+            refuses("What does `git stash` do?", "what is `git stash` for"),
+            None
+        );
+        assert_eq!(
+            refuses(
+                "Why does Outlook say \"Updating inbox\"?",
+                "outlook keeps saying updating inbox, why"
+            ),
+            None
+        );
+        assert_eq!(
+            refuses(
+                "Q: Compute 9 plus 9, please.\nA: 9 plus 9 is",
+                "Q: What is 9 times 9?\nA: 9 times 9 is"
+            ),
+            Some("numbers")
+        );
+        assert_eq!(refuses("What is 9 plus 3?", "add 9 and 3"), None);
     }
 }
