@@ -98,10 +98,10 @@ fn pairs_report(e: &Embedder, path: &Path, t: f32, json: Option<&Path>) -> Resul
             .iter()
             .zip(&scores)
             .map(|(p, &(sim, _))| {
+                let refusals = guard::all_refusals(&p.a, &p.b);
                 serde_json::json!({
                     "a": p.a, "b": p.b, "label": p.label, "kind": p.kind,
-                    "similarity": sim, "refused": guard::refuses(&p.a, &p.b),
-                    "refusals": guard::all_refusals(&p.a, &p.b),
+                    "similarity": sim, "refused": refusals.first(), "refusals": refusals,
                 })
                 .to_string()
             })

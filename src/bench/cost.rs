@@ -48,9 +48,15 @@ impl Arm {
     fn hits(&self, kind: &str) -> usize {
         self.outcomes
             .iter()
-            .filter(|o| o.cache.as_ref().is_some_and(|c| c["kind"] == kind))
+            .filter(|o| hit_kind(o) == Some(kind))
             .count()
     }
+}
+
+/// `exact` or `semantic` when the response cache answered the request.
+fn hit_kind(o: &Outcome) -> Option<&str> {
+    let c = o.cache.as_ref()?;
+    (c["hit"] == true).then(|| c["kind"].as_str()).flatten()
 }
 
 fn run(cfg: Config, model: Option<&str>, name: &str, items: &[Item]) -> Result<Arm> {
@@ -166,11 +172,7 @@ pub fn suite(args: &BenchArgs) -> Result<()> {
     // Where the generated answers' device time went: kept by the cheap model, or escalated (both
     // models generated), by the router's decision.
     let mut by_route: BTreeMap<String, (usize, f64)> = BTreeMap::new();
-    for o in all_on
-        .outcomes
-        .iter()
-        .filter(|o| !o.cache.as_ref().is_some_and(|c| c["hit"] == true))
-    {
+    for o in all_on.outcomes.iter().filter(|o| hit_kind(o).is_none()) {
         let route = o.route.as_ref().map_or_else(
             || "no route".to_string(),
             |r| {
@@ -193,13 +195,7 @@ pub fn suite(args: &BenchArgs) -> Result<()> {
     for form in forms.keys() {
         let pick = |i: usize| requests[i].form == *form;
         let hits = (0..n)
-            .filter(|&i| {
-                pick(i)
-                    && all_on.outcomes[i]
-                        .cache
-                        .as_ref()
-                        .is_some_and(|c| c["hit"] == true)
-            })
+            .filter(|&i| pick(i) && hit_kind(&all_on.outcomes[i]).is_some())
             .count();
         println!(
             "- {form}: {} / {}; {hits} hits",
@@ -212,9 +208,7 @@ pub fn suite(args: &BenchArgs) -> Result<()> {
     let wrong_hits = (0..n)
         .filter(|&i| {
             let o = &all_on.outcomes[i];
-            o.cache.as_ref().is_some_and(|c| c["kind"] == "semantic")
-                && !o.right
-                && large.outcomes[i].right
+            hit_kind(o) == Some("semantic") && !o.right && large.outcomes[i].right
         })
         .count();
     println!("\nSemantic hits answered wrong where always-large was right: {wrong_hits}.");
@@ -227,12 +221,7 @@ pub fn suite(args: &BenchArgs) -> Result<()> {
         }
     }
     let semantic: Vec<usize> = (0..n)
-        .filter(|&i| {
-            all_on.outcomes[i]
-                .cache
-                .as_ref()
-                .is_some_and(|c| c["kind"] == "semantic")
-        })
+        .filter(|&i| hit_kind(&all_on.outcomes[i]) == Some("semantic"))
         .collect();
     let differ = semantic
         .iter()

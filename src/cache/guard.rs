@@ -594,8 +594,9 @@ fn swapped_opposite(a: &[String], b: &[String]) -> bool {
     })
 }
 
-/// The words `a` and `b` share at both ends (how many), and what each has between them.
-fn differing<'a>(a: &'a [String], b: &'a [String]) -> (usize, &'a [String], &'a [String]) {
+/// What `a` and `b` share at the start and at the end (how many items each), and what each has
+/// between them.
+fn differing<'a, T: PartialEq>(a: &'a [T], b: &'a [T]) -> (usize, usize, &'a [T], &'a [T]) {
     let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
     let suffix = a[prefix..]
         .iter()
@@ -604,10 +605,19 @@ fn differing<'a>(a: &'a [String], b: &'a [String]) -> (usize, &'a [String], &'a 
         .take_while(|(x, y)| x == y)
         .count();
     (
-        prefix + suffix,
+        prefix,
+        suffix,
         &a[prefix..a.len() - suffix],
         &b[prefix..b.len() - suffix],
     )
+}
+
+/// The words that are not function words.
+fn content_words(ws: &[String]) -> Vec<String> {
+    ws.iter()
+        .filter(|w| !STOPWORDS.contains(&w.as_str()))
+        .cloned()
+        .collect()
 }
 
 /// The sentences (or lines) of `text`, each as its words.
@@ -623,49 +633,35 @@ fn sentences(text: &str) -> Vec<Vec<String>> {
 /// X is") do not make a reworded question look like one slot refilled.
 fn differing_sentences(cached: &str, asked: &str) -> (Vec<String>, Vec<String>) {
     let (a, b) = (sentences(cached), sentences(asked));
-    let head = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
-    let tail = a[head..]
-        .iter()
-        .rev()
-        .zip(b[head..].iter().rev())
-        .take_while(|(x, y)| x == y)
-        .count();
-    (
-        a[head..a.len() - tail].concat(),
-        b[head..b.len() - tail].concat(),
-    )
+    let (_, _, x, y) = differing(&a, &b);
+    (x.concat(), y.concat())
 }
 
 /// Whether `b` is `a` with a small edit in place: the same words before and after it, and on
 /// each side a few words that change a content word, or a direction.
 fn edited_in_place(a: &[String], b: &[String]) -> bool {
-    let (kept, x, y) = differing(a, b);
+    let (head, tail, x, y) = differing(a, b);
     let longer = a.len().max(b.len()).max(1);
-    if x.len() > MAX_EDIT || y.len() > MAX_EDIT || (kept as f64) < MIN_KEPT * longer as f64 {
+    if x.len() > MAX_EDIT || y.len() > MAX_EDIT || ((head + tail) as f64) < MIN_KEPT * longer as f64
+    {
         return false;
     }
-    let content = |ws: &[String]| -> Vec<String> {
-        ws.iter()
-            .filter(|w| !STOPWORDS.contains(&w.as_str()))
-            .cloned()
-            .collect()
-    };
     if x.is_empty() || y.is_empty() {
         // A content word put into the middle of the same sentence narrows or changes what it
         // names ("the square of 144" / "the square root of 144"); at either end it is more often
         // a courtesy or an adverb.
         let added = if x.is_empty() { y } else { x };
         let inside = !a.is_empty() && a.first() == b.first() && a.last() == b.last();
-        return inside && added.len() <= 2 && !content(added).is_empty();
+        return inside && added.len() <= 2 && !content_words(added).is_empty();
     }
     let direction = DIRECTIONS.iter().any(|(p, q)| {
         (x.iter().any(|w| w == p) && y.iter().any(|w| w == q))
             || (x.iter().any(|w| w == q) && y.iter().any(|w| w == p))
     });
-    let (cx, cy) = (content(x), content(y));
     if direction {
         return true;
     }
+    let (cx, cy) = (content_words(x), content_words(y));
     if cx.is_empty() || cy.is_empty() {
         return false;
     }
@@ -680,10 +676,9 @@ fn edited_in_place(a: &[String], b: &[String]) -> bool {
         // share, whatever the function words around them ("what's the square" / "what is the
         // square root").
         _ => {
-            let (ca, cb) = (content(a), content(b));
-            let before = ca.iter().zip(&cb).take_while(|(p, q)| p == q).count();
-            let (kept, p, q) = differing(&ca, &cb);
-            (p.is_empty() || q.is_empty()) && before > 0 && kept > before && p.len() + q.len() <= 2
+            let (ca, cb) = (content_words(a), content_words(b));
+            let (head, tail, p, q) = differing(&ca, &cb);
+            (p.is_empty() || q.is_empty()) && head > 0 && tail > 0 && p.len() + q.len() <= 2
         }
     }
 }
@@ -806,14 +801,9 @@ fn other_question(a: &[String], b: &[String]) -> bool {
 /// Whether the same content words trade places in an otherwise identical sentence ("corporate
 /// card for personal expenses" / "personal card for corporate expenses").
 fn roles_swapped(a: &[String], b: &[String]) -> bool {
-    let (kept, x, y) = differing(a, b);
-    let content = |ws: &[String]| -> Vec<String> {
-        ws.iter()
-            .filter(|w| !STOPWORDS.contains(&w.as_str()))
-            .cloned()
-            .collect()
-    };
-    let (cx, cy) = (content(x), content(y));
+    let (head, tail, x, y) = differing(a, b);
+    let kept = head + tail;
+    let (cx, cy) = (content_words(x), content_words(y));
     let (mut sx, mut sy) = (cx.clone(), cy.clone());
     sx.sort();
     sy.sort();
