@@ -1,5 +1,6 @@
 //! Prefix reuse and memory pressure on a real model (SmolLM2): shared prefixes are computed once,
-//! preemption under a tiny pool keeps every output exact, and tenants never share blocks.
+//! to the token (whole cached blocks, then the leading slots of the cached block that shares the
+//! most), preemption under a tiny pool keeps every output exact, and tenants never share blocks.
 mod common;
 
 use hearth::engine::{EngineConfig, EngineHandle, Request, SamplingParams, SchedulerConfig};
@@ -60,13 +61,21 @@ fn shared_prefix_is_computed_once_and_output_is_unchanged() {
             ..Default::default()
         },
     );
-    // 400 ends on a block boundary (25 blocks of 16); 410 ends inside block 26.
-    for (prefix_len, want_cached) in [(400usize, 400usize), (410, 400)] {
+    // 400 ends on a block boundary (25 blocks of 16); 410 ends inside block 26, whose first 10
+    // slots are copied from the first request's block 26.
+    for prefix_len in [400usize, 410] {
         let prefix = ids(&on, prefix_len as u64, prefix_len);
         let mut first = prefix.clone();
         first.extend(ids(&on, 1000 + prefix_len as u64, 20));
         let mut second = prefix.clone();
         second.extend(ids(&on, 2000 + prefix_len as u64, 30));
+        // The suffixes' words may agree for a token or two; every shared token is reused.
+        let want_cached = first
+            .iter()
+            .zip(&second)
+            .take_while(|(a, b)| a == b)
+            .count();
+        assert!(want_cached >= prefix_len);
 
         let (_, cached_first, computed_first) = run(&on, &first, None, 4);
         assert_eq!(cached_first, 0);
@@ -103,11 +112,51 @@ fn a_fully_cached_prompt_still_computes_its_last_token() {
     let (a, _, _) = run(&e, &prompt, None, 8);
     let (b, cached, computed) = run(&e, &prompt, None, 8);
     assert_eq!(a, b);
-    assert_eq!(
-        cached, 48,
-        "the last block is recomputed so its logits exist"
+    assert_eq!(cached, 63, "the last token is computed so its logits exist");
+    assert_eq!(computed, 1);
+}
+
+/// A shared instruction that ends inside a block, then questions of one template: each prompt
+/// reuses every token it shares with an earlier one, not only whole blocks, and every output is
+/// what the prompt gives with caching off.
+#[test]
+fn prompts_reuse_a_shared_prefix_to_the_token_and_outputs_are_unchanged() {
+    let on = common::engine(&common::smollm2(), EngineConfig::default());
+    let off = common::engine(
+        &common::smollm2(),
+        EngineConfig {
+            prefix_caching: false,
+            ..Default::default()
+        },
     );
-    assert_eq!(computed, 16);
+    let enc = |s: &str| on.tokenizer.encode(s).unwrap();
+    let instruction = "You are the internal assistant of a company. Answer with a short, correct \
+                       completion of the text below, nothing else.\n\n";
+    let prompts: Vec<Vec<u32>> = ["Poland", "South Korea", "Peru", "Kenya"]
+        .iter()
+        .map(|c| {
+            enc(&format!(
+                "{instruction}Q: What is the capital of {c}?\nA: The capital of {c} is"
+            ))
+        })
+        .collect();
+    let shared = |a: &[u32], b: &[u32]| a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    assert!(
+        shared(&prompts[0], &prompts[1]) % 16 != 0,
+        "the shared part must end inside a block for this test to mean anything"
+    );
+    for (i, p) in prompts.iter().enumerate() {
+        let (out, cached, computed) = run(&on, p, None, 8);
+        let want = prompts[..i]
+            .iter()
+            .map(|q| shared(q, p))
+            .max()
+            .unwrap_or(0)
+            .min(p.len() - 1);
+        assert_eq!(cached, want, "prompt {i}");
+        assert_eq!(computed as usize, p.len() - want, "prompt {i}");
+        assert_eq!(out, run(&off, p, None, 8).0, "prompt {i}: output differs");
+    }
 }
 
 #[test]
@@ -122,7 +171,7 @@ fn different_tenants_never_share_blocks() {
     let (_, cached_none, _) = run(&e, &prompt, None, 8);
     assert_eq!(cached_none, 0, "no tenant is a namespace of its own");
     let (out_a2, cached_a2, _) = run(&e, &prompt, Some("tenant-a"), 8);
-    assert_eq!(cached_a2, 192, "the same tenant hits its own prefix");
+    assert_eq!(cached_a2, 199, "the same tenant hits its own prefix");
     assert_eq!(out_a, out_b);
     assert_eq!(out_a, out_a2);
 }

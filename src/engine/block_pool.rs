@@ -5,8 +5,15 @@
 //! On a hit the tokens, salt and parent are compared too, so a hash collision can never serve wrong KV.
 //! A block whose last user is gone stays cached (reference count 0) in least-recently-freed order and
 //! is evicted only when the pool needs a block; blocks that hold nothing reusable are handed out first.
+//!
+//! Where a prompt leaves the cached chain inside a block, the cached block under the same parent that
+//! shares the longest run of leading tokens with it lends those slots: they are copied into the
+//! sequence's own new block (`BlockCopy`) instead of being computed again. A shared system prompt
+//! rarely ends on a block boundary, and questions of one template share their first words, so with
+//! whole blocks only about half a block of every shared prefix would be recomputed per request.
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
+use std::ops::Bound;
 
 #[derive(Debug, Default, Clone)]
 struct Meta {
@@ -18,6 +25,16 @@ struct Meta {
     tokens: Vec<u32>,
     /// Key in `cached` while the block is cached and unused.
     lru_key: Option<u64>,
+    /// In `children` under (parent, salt, tokens): it may lend its leading slots.
+    lends: bool,
+}
+
+/// Copy the first `len` K/V slots of cached block `src` into block `dst` (a sequence's own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockCopy {
+    pub src: u32,
+    pub dst: u32,
+    pub len: usize,
 }
 
 /// One sequence's KV blocks and the prefix-cache chain of its full ones. Only the pool creates,
@@ -30,6 +47,11 @@ pub struct Allocation {
     hashes: Vec<u64>,
     /// Prefix-cache namespace: blocks are shared only under the same salt.
     salt: u64,
+    /// Slots the last block gets from a cached one before the sequence's first step.
+    copy: Option<BlockCopy>,
+    /// The tokens whose K/V the block after the hashed ones holds (with partial reuse): when the
+    /// sequence ends, that block stays cached to lend them.
+    tail: Vec<u32>,
 }
 
 impl Allocation {
@@ -38,7 +60,14 @@ impl Allocation {
             blocks: Vec::new(),
             hashes: Vec::new(),
             salt,
+            copy: None,
+            tail: Vec::new(),
         }
+    }
+
+    /// The copy the step that first runs this sequence must make, once.
+    pub fn take_copy(&mut self) -> Option<BlockCopy> {
+        self.copy.take()
     }
 
     /// The block table, in token order.
@@ -90,8 +119,13 @@ pub struct BlockPool {
     /// Unused blocks that still hold a cached prefix, oldest first.
     cached: BTreeMap<u64, u32>,
     index: HashMap<u64, u32>,
+    /// The indexed blocks by (parent hash, salt), in token order: the one sharing the longest
+    /// leading run with a prompt's next block is next to where that block would sort.
+    children: HashMap<(u64, u64), BTreeMap<Vec<u32>, u32>>,
     tick: u64,
     caching: bool,
+    /// Reuse leading slots of a cached block (`BlockCopy`), not only whole blocks.
+    partial: bool,
     /// Index changes not yet taken (None: nobody listens).
     events: Option<Vec<KvEvent>>,
 }
@@ -117,8 +151,10 @@ impl BlockPool {
             empty: (0..num_blocks as u32).rev().collect(),
             cached: BTreeMap::new(),
             index: HashMap::new(),
+            children: HashMap::new(),
             tick: 0,
             caching,
+            partial: caching,
             events: None,
         }
     }
@@ -179,6 +215,13 @@ impl BlockPool {
         self.caching
     }
 
+    /// Whether prompts may reuse part of a cached block (on by default with caching). The copy costs
+    /// two small copies per layer: nothing on the CPU, where each recomputed token costs a full
+    /// pass over the weights, but launches on a GPU, where a few prompt tokens more are nearly free.
+    pub fn set_partial_reuse(&mut self, on: bool) {
+        self.partial = on && self.caching;
+    }
+
     pub fn num_total(&self) -> usize {
         self.meta.len()
     }
@@ -215,6 +258,15 @@ impl BlockPool {
                         evicted = Some(h);
                     }
                 }
+                if std::mem::take(&mut m.lends) {
+                    let key = (m.parent, m.salt);
+                    if let Some(kids) = self.children.get_mut(&key) {
+                        kids.remove(m.tokens.as_slice());
+                        if kids.is_empty() {
+                            self.children.remove(&key);
+                        }
+                    }
+                }
                 m.tokens.clear();
                 m.lru_key = None;
                 if let Some(h) = evicted {
@@ -244,7 +296,11 @@ impl BlockPool {
     /// Release every block of `alloc` (the one place blocks are freed) and empty it. Tail blocks are
     /// released first so that, among a sequence's cached blocks, the tail is evicted first.
     pub fn release(&mut self, alloc: &mut Allocation) {
+        let tail = std::mem::take(&mut alloc.tail);
+        let tail_block = alloc.blocks.get(alloc.hashes.len()).copied();
+        let parent = alloc.hashes.last().copied().unwrap_or(ROOT_HASH);
         alloc.hashes.clear();
+        alloc.copy = None;
         for b in alloc.blocks.drain(..).rev() {
             let m = &mut self.meta[b as usize];
             debug_assert!(m.ref_count > 0, "double free of block {b}");
@@ -252,7 +308,17 @@ impl BlockPool {
             if m.ref_count > 0 {
                 continue;
             }
-            if m.hash.is_some() && self.caching {
+            if self.partial && Some(b) == tail_block && !tail.is_empty() {
+                let kids = self.children.entry((parent, alloc.salt)).or_default();
+                if !kids.contains_key(tail.as_slice()) {
+                    kids.insert(tail.clone(), b);
+                    m.parent = parent;
+                    m.salt = alloc.salt;
+                    m.tokens.clone_from(&tail);
+                    m.lends = true;
+                }
+            }
+            if (m.hash.is_some() || m.lends) && self.caching {
                 self.tick += 1;
                 m.lru_key = Some(self.tick);
                 self.cached.insert(self.tick, b);
@@ -284,13 +350,15 @@ impl BlockPool {
             .count()
     }
 
-    /// Start an empty `alloc` with the longest chain of cached full blocks that begins `tokens`
-    /// under its salt, at most `max_blocks` long; returns the number of tokens those blocks hold.
+    /// Start an empty `alloc` with the longest cached prefix of `tokens` under its salt, at most
+    /// `max_tokens` long: the chain of cached full blocks, then (with partial reuse) a new block
+    /// whose leading slots a cached block lends (`Allocation::take_copy`). Returns the number of
+    /// tokens reused.
     pub fn match_prefix(
         &mut self,
         alloc: &mut Allocation,
         tokens: &[u32],
-        max_blocks: usize,
+        max_tokens: usize,
     ) -> usize {
         debug_assert!(
             alloc.blocks.is_empty(),
@@ -300,8 +368,12 @@ impl BlockPool {
             return 0;
         }
         let salt = alloc.salt;
+        let max_tokens = max_tokens.min(tokens.len());
         let mut parent = ROOT_HASH;
-        for chunk in tokens.chunks_exact(self.block_size).take(max_blocks) {
+        for chunk in tokens
+            .chunks_exact(self.block_size)
+            .take(max_tokens / self.block_size)
+        {
             let h = block_hash(parent, salt, chunk);
             let Some(&b) = self.index.get(&h) else { break };
             let m = &mut self.meta[b as usize];
@@ -318,7 +390,40 @@ impl BlockPool {
             alloc.hashes.push(h);
             parent = h;
         }
-        alloc.blocks.len() * self.block_size
+        let whole = alloc.blocks.len() * self.block_size;
+        if !self.partial || whole >= max_tokens {
+            return whole;
+        }
+        let next = &tokens[whole..tokens.len().min(whole + self.block_size)];
+        let Some((src, shared)) = self.longest_sibling(parent, salt, next) else {
+            return whole;
+        };
+        // Taken after the search: if it evicts the lender itself, the slots are already in place.
+        let Some(dst) = self.take() else {
+            return whole;
+        };
+        let len = shared.min(max_tokens - whole);
+        alloc.blocks.push(dst);
+        alloc.copy = (src != dst).then_some(BlockCopy { src, dst, len });
+        whole + len
+    }
+
+    /// The indexed block under (`parent`, `salt`) whose tokens share the longest leading run with
+    /// `next`, and that run's length (None when no block shares a first token).
+    fn longest_sibling(&self, parent: u64, salt: u64, next: &[u32]) -> Option<(u32, usize)> {
+        let kids = self.children.get(&(parent, salt))?;
+        let after = kids
+            .range::<[u32], _>((Bound::Included(next), Bound::Unbounded))
+            .next();
+        let before = kids
+            .range::<[u32], _>((Bound::Unbounded, Bound::Excluded(next)))
+            .next_back();
+        after
+            .into_iter()
+            .chain(before)
+            .map(|(t, &b)| (b, t.iter().zip(next).take_while(|(a, b)| a == b).count()))
+            .max_by_key(|&(_, n)| n)
+            .filter(|&(_, n)| n > 0)
     }
 
     /// Record that the first `computed` of `tokens` have their K/V written: blocks that became
@@ -333,6 +438,12 @@ impl BlockPool {
             let parent = alloc.hashes.last().copied().unwrap_or(ROOT_HASH);
             let h = self.register(block, parent, alloc.salt, &tokens[i * bs..(i + 1) * bs]);
             alloc.hashes.push(h);
+        }
+        if self.partial {
+            let start = alloc.hashes.len() * bs;
+            let end = computed.min(tokens.len()).max(start);
+            alloc.tail.clear();
+            alloc.tail.extend_from_slice(&tokens[start..end]);
         }
     }
 
@@ -353,6 +464,11 @@ impl BlockPool {
         m.salt = salt;
         m.tokens = tokens.to_vec();
         self.index.insert(h, block);
+        self.children
+            .entry((parent, salt))
+            .or_default()
+            .insert(tokens.to_vec(), block);
+        self.meta[block as usize].lends = true;
         self.stored(h, parent, salt, tokens);
         h
     }
@@ -446,9 +562,13 @@ mod tests {
         let toks: Vec<u32> = (0..10).collect();
         let mut t = fill(&mut pool, &toks, 1);
         pool.release(&mut t);
-        assert_eq!(pool.num_cached(), 2, "two full blocks stay cached");
+        assert_eq!(
+            pool.num_cached(),
+            3,
+            "two full blocks and the tail stay cached"
+        );
         let mut hit = Allocation::new(1);
-        assert_eq!(pool.match_prefix(&mut hit, &toks, usize::MAX), 8);
+        assert_eq!(pool.match_prefix(&mut hit, &toks, 9), 9);
         let mut other = Allocation::new(2);
         assert_eq!(
             pool.match_prefix(&mut other, &toks, usize::MAX),
@@ -460,14 +580,88 @@ mod tests {
         let mut partial = Allocation::new(1);
         assert_eq!(
             pool.match_prefix(&mut partial, &diverging, usize::MAX),
-            4,
-            "only the first block matches"
+            5,
+            "the first block matches, and one slot of the second"
         );
+        assert_eq!(partial.blocks().len(), 2);
         for a in [&mut hit, &mut other, &mut partial] {
             pool.release(a);
         }
         assert_eq!(pool.num_free(), 8);
         assert!(pool.all_free());
+    }
+
+    #[test]
+    fn a_prompt_leaving_the_chain_mid_block_borrows_the_longest_shared_run() {
+        let mut pool = BlockPool::new(16, 4, true);
+        // Three cached second blocks under the same first one: [4,5,6,7], [4,5,9,9], [4,8,8,8].
+        let mut held = Vec::new();
+        for second in [[4, 5, 6, 7], [4, 5, 9, 9], [4, 8, 8, 8]] {
+            let toks: Vec<u32> = [0, 1, 2, 3].into_iter().chain(second).collect();
+            held.push(fill(&mut pool, &toks, 1));
+        }
+        for a in &mut held {
+            pool.release(a);
+        }
+        let want = [0, 1, 2, 3, 4, 5, 9, 1, 1];
+        let mut a = Allocation::new(1);
+        assert_eq!(pool.match_prefix(&mut a, &want, want.len() - 1), 7);
+        let c = a.take_copy().expect("a copy");
+        assert_eq!(c.len, 3);
+        assert_eq!(c.dst, a.blocks()[1]);
+        assert_eq!(pool.meta[c.src as usize].tokens, vec![4, 5, 9, 9]);
+        assert!(a.take_copy().is_none(), "made once");
+        // Capped so the last token is computed: the same 8 tokens reuse 7.
+        let mut same = Allocation::new(1);
+        let eight = [0, 1, 2, 3, 4, 5, 6, 7];
+        assert_eq!(pool.match_prefix(&mut same, &eight, 7), 7);
+        // Under another salt nothing is lent; without partial reuse only whole blocks are.
+        let mut other = Allocation::new(2);
+        assert_eq!(pool.match_prefix(&mut other, &want, 8), 0);
+        pool.set_partial_reuse(false);
+        let mut whole = Allocation::new(1);
+        assert_eq!(pool.match_prefix(&mut whole, &want, 8), 4);
+        assert!(whole.take_copy().is_none());
+        for x in [&mut a, &mut same, &mut other, &mut whole] {
+            pool.release(x);
+        }
+        assert!(pool.all_free());
+    }
+
+    #[test]
+    fn a_finished_sequences_last_block_lends_what_it_holds() {
+        let mut pool = BlockPool::new(8, 4, true);
+        let toks = [0, 1, 2, 3, 4, 5, 6];
+        let mut a = fill(&mut pool, &toks, 1);
+        pool.release(&mut a);
+        assert_eq!(pool.num_cached(), 2, "the full block and the tail [4,5,6]");
+        // The same prompt again: one whole block, then two of the tail's three slots (the last
+        // token is computed).
+        let mut again = Allocation::new(1);
+        assert_eq!(pool.match_prefix(&mut again, &toks, toks.len() - 1), 6);
+        assert_eq!(again.take_copy().map(|c| c.len), Some(2));
+        pool.release(&mut again);
+        // Evicted, it lends nothing more.
+        let mut big = Allocation::new(2);
+        assert!(pool.grow(&mut big, 32));
+        assert!(pool.children.is_empty());
+        pool.release(&mut big);
+        assert!(pool.all_free());
+    }
+
+    #[test]
+    fn an_evicted_block_lends_nothing() {
+        let mut pool = BlockPool::new(3, 2, true);
+        let mut a = fill(&mut pool, &[1, 2, 3, 4], 0);
+        pool.release(&mut a);
+        // Three blocks: the one empty block, then the cached tail [3,4] is evicted.
+        let mut b = Allocation::new(0);
+        assert!(pool.grow(&mut b, 4));
+        let mut c = Allocation::new(0);
+        assert_eq!(pool.match_prefix(&mut c, &[1, 2, 3, 9, 9], 4), 2);
+        assert!(c.take_copy().is_none());
+        pool.release(&mut b);
+        pool.release(&mut c);
     }
 
     #[test]

@@ -499,6 +499,7 @@ impl Engine {
             .backend
             .unwrap_or_else(|| AttentionBackend::best_for(&d.device, dtype));
         let mut pool = BlockPool::new(num_blocks, cfg.block_size, cfg.prefix_caching);
+        pool.set_partial_reuse(d.device.is_cpu());
         let events = cfg.kv_events.clone().map(|sink| {
             pool.record_events();
             let events = crate::kv_events::EngineEvents::new(sink, &model.name, cfg.block_size);

@@ -64,6 +64,9 @@ impl Runner {
             .collect();
         let turn = crate::device::cpu_turn(&self.decoder.device);
         let timer = StepTimer::start(&self.decoder.device);
+        for c in &plan.copies {
+            self.kv.copy_slots(c)?;
+        }
         let logits = self.decoder.forward(&batch, &self.kv, self.backend)?;
         let device_time = timer.stop();
         let rows = read_rows(&logits, &full)?;

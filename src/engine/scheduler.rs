@@ -9,7 +9,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::block_pool::BlockPool;
+use super::block_pool::{BlockCopy, BlockPool};
 use super::metering::{split, CostModel};
 use super::runner::{Row, StepOutput};
 use super::sampler::{Sampled, Spread};
@@ -53,6 +53,9 @@ pub struct Scheduled {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct StepPlan {
     pub items: Vec<Scheduled>,
+    /// K/V slots to copy between blocks before the forward, in order (a later copy may overwrite
+    /// a block an earlier one read: one evicted while this plan was made).
+    pub copies: Vec<BlockCopy>,
 }
 
 impl StepPlan {
@@ -459,10 +462,9 @@ impl Scheduler {
         if seq.alloc.blocks().is_empty() {
             // Reuse the longest cached prefix, but always compute at least the last token: its
             // logits are needed.
-            let max_blocks = (seq.tokens.len() - 1) / self.pool.block_size();
-            seq.num_computed = self
-                .pool
-                .match_prefix(&mut seq.alloc, &seq.tokens, max_blocks);
+            seq.num_computed =
+                self.pool
+                    .match_prefix(&mut seq.alloc, &seq.tokens, seq.tokens.len() - 1);
         }
         let n = seq.num_pending().min(cap);
         if !self.pool.grow(&mut seq.alloc, seq.num_computed + n) {
@@ -474,6 +476,7 @@ impl Scheduler {
             self.prefix_query_tokens += seq.tokens.len() as u64;
             self.prefix_hit_tokens += seq.num_computed as u64;
         }
+        plan.copies.extend(seq.alloc.take_copy());
         if seq.admitted.is_none() {
             let cached = seq.num_computed.min(seq.prompt_len);
             let at = Instant::now();

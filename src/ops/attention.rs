@@ -188,6 +188,20 @@ impl KvCache {
         })
     }
 
+    /// Copy the first `c.len` slots of block `c.src` into block `c.dst`, in every layer.
+    pub fn copy_slots(&self, c: &crate::engine::block_pool::BlockCopy) -> Result<()> {
+        let bs = self.block_size;
+        for t in self.k.iter().chain(&self.v) {
+            // Through a copy of just those slots (`copy` would clone the whole cache): the source and
+            // the destination share the cache's storage.
+            let part = t
+                .narrow(0, c.src as usize * bs, c.len)?
+                .force_contiguous()?;
+            t.slice_set(&part, 0, c.dst as usize * bs)?;
+        }
+        Ok(())
+    }
+
     /// Bytes one block takes over all layers (K and V).
     pub fn bytes_per_block(
         n_layers: usize,
