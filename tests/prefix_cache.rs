@@ -28,6 +28,17 @@ fn ids(e: &EngineHandle, seed: u64, len: usize) -> Vec<u32> {
     t[..len].to_vec()
 }
 
+/// SmolLM2 with prefix caching off: what every output must equal.
+fn uncached() -> EngineHandle {
+    common::engine(
+        &common::smollm2(),
+        EngineConfig {
+            prefix_caching: false,
+            ..Default::default()
+        },
+    )
+}
+
 fn run(e: &EngineHandle, prompt: &[u32], tenant: Option<&str>, n: usize) -> (Vec<u32>, usize, u64) {
     let before = e.stats().prefill_tokens;
     let (toks, _, usage) = e
@@ -54,13 +65,7 @@ fn run(e: &EngineHandle, prompt: &[u32], tenant: Option<&str>, n: usize) -> (Vec
 #[test]
 fn shared_prefix_is_computed_once_and_output_is_unchanged() {
     let on = common::engine(&common::smollm2(), EngineConfig::default());
-    let off = common::engine(
-        &common::smollm2(),
-        EngineConfig {
-            prefix_caching: false,
-            ..Default::default()
-        },
-    );
+    let off = uncached();
     // 400 ends on a block boundary (25 blocks of 16); 410 ends inside block 26, whose first 10
     // slots are copied from the first request's block 26.
     for prefix_len in [400usize, 410] {
@@ -122,13 +127,7 @@ fn a_fully_cached_prompt_still_computes_its_last_token() {
 #[test]
 fn prompts_reuse_a_shared_prefix_to_the_token_and_outputs_are_unchanged() {
     let on = common::engine(&common::smollm2(), EngineConfig::default());
-    let off = common::engine(
-        &common::smollm2(),
-        EngineConfig {
-            prefix_caching: false,
-            ..Default::default()
-        },
-    );
+    let off = uncached();
     let enc = |s: &str| on.tokenizer.encode(s).unwrap();
     let instruction = "You are the internal assistant of a company. Answer with a short, correct \
                        completion of the text below, nothing else.\n\n";
@@ -203,13 +202,7 @@ fn a_burst_behind_a_fresh_prefix_computes_it_once() {
         computed as f64 <= 1.1 * ideal as f64,
         "computed {computed} prompt tokens, ideal {ideal}"
     );
-    let off = common::engine(
-        &common::smollm2(),
-        EngineConfig {
-            prefix_caching: false,
-            ..Default::default()
-        },
-    );
+    let off = uncached();
     for (p, out) in prompts.iter().zip(&outs) {
         assert_eq!(&run(&off, p, None, 4).0, out);
     }
@@ -238,7 +231,7 @@ proptest! {
     /// alone, and at the end every block is free or cached.
     #[test]
     fn preemption_under_a_tiny_pool_keeps_outputs_exact(jobs in prop::collection::vec(job(), 2..9)) {
-        let solo = common::engine(&common::smollm2(), EngineConfig { prefix_caching: false, ..Default::default() });
+        let solo = uncached();
         let cfg = EngineConfig {
             num_blocks: Some(14),
             scheduler: SchedulerConfig { max_batch_tokens: 96, max_seqs: 8, ..Default::default() },

@@ -47,8 +47,9 @@ pub struct Allocation {
     hashes: Vec<u64>,
     /// Prefix-cache namespace: blocks are shared only under the same salt.
     salt: u64,
-    /// Slots the last block gets from a cached one before the sequence's first step.
-    copy: Option<BlockCopy>,
+    /// The cached block lending its leading slots to the block after the matched ones, and how
+    /// many: copied before the sequence's first step.
+    lend: Option<(u32, usize)>,
     /// The tokens whose K/V the block after the hashed ones holds (with partial reuse): when the
     /// sequence ends, that block stays cached to lend them.
     tail: Vec<u32>,
@@ -60,14 +61,18 @@ impl Allocation {
             blocks: Vec::new(),
             hashes: Vec::new(),
             salt,
-            copy: None,
+            lend: None,
             tail: Vec::new(),
         }
     }
 
-    /// The copy the step that first runs this sequence must make, once.
+    /// The copy the step that first runs this sequence must make, once, after `BlockPool::grow`
+    /// gave it the block the slots go to. None also when `grow` evicted the lender itself into that
+    /// block: the slots are already there.
     pub fn take_copy(&mut self) -> Option<BlockCopy> {
-        self.copy.take()
+        let (src, len) = self.lend.take()?;
+        let dst = *self.blocks.get(self.hashes.len())?;
+        (src != dst).then_some(BlockCopy { src, dst, len })
     }
 
     /// The block table, in token order.
@@ -300,7 +305,7 @@ impl BlockPool {
         let tail_block = alloc.blocks.get(alloc.hashes.len()).copied();
         let parent = alloc.hashes.last().copied().unwrap_or(ROOT_HASH);
         alloc.hashes.clear();
-        alloc.copy = None;
+        alloc.lend = None;
         for b in alloc.blocks.drain(..).rev() {
             let m = &mut self.meta[b as usize];
             debug_assert!(m.ref_count > 0, "double free of block {b}");
@@ -351,9 +356,9 @@ impl BlockPool {
     }
 
     /// Start an empty `alloc` with the longest cached prefix of `tokens` under its salt, at most
-    /// `max_tokens` long: the chain of cached full blocks, then (with partial reuse) a new block
-    /// whose leading slots a cached block lends (`Allocation::take_copy`). Returns the number of
-    /// tokens reused.
+    /// `max_tokens` long: the chain of cached full blocks, then (with partial reuse) the leading
+    /// slots a cached block lends to the next block (`Allocation::take_copy`, once `grow` added it:
+    /// an admission that does not fit evicts nothing). Returns the number of tokens reused.
     pub fn match_prefix(
         &mut self,
         alloc: &mut Allocation,
@@ -398,13 +403,8 @@ impl BlockPool {
         let Some((src, shared)) = self.longest_sibling(parent, salt, next) else {
             return whole;
         };
-        // Taken after the search: if it evicts the lender itself, the slots are already in place.
-        let Some(dst) = self.take() else {
-            return whole;
-        };
         let len = shared.min(max_tokens - whole);
-        alloc.blocks.push(dst);
-        alloc.copy = (src != dst).then_some(BlockCopy { src, dst, len });
+        alloc.lend = Some((src, len));
         whole + len
     }
 
@@ -464,11 +464,13 @@ impl BlockPool {
         m.salt = salt;
         m.tokens = tokens.to_vec();
         self.index.insert(h, block);
-        self.children
-            .entry((parent, salt))
-            .or_default()
-            .insert(tokens.to_vec(), block);
-        self.meta[block as usize].lends = true;
+        if self.partial {
+            self.children
+                .entry((parent, salt))
+                .or_default()
+                .insert(tokens.to_vec(), block);
+            self.meta[block as usize].lends = true;
+        }
         self.stored(h, parent, salt, tokens);
         h
     }
@@ -583,7 +585,8 @@ mod tests {
             5,
             "the first block matches, and one slot of the second"
         );
-        assert_eq!(partial.blocks().len(), 2);
+        assert!(pool.grow(&mut partial, diverging.len()));
+        assert_eq!(partial.take_copy().map(|c| c.len), Some(1));
         for a in [&mut hit, &mut other, &mut partial] {
             pool.release(a);
         }
@@ -606,6 +609,7 @@ mod tests {
         let want = [0, 1, 2, 3, 4, 5, 9, 1, 1];
         let mut a = Allocation::new(1);
         assert_eq!(pool.match_prefix(&mut a, &want, want.len() - 1), 7);
+        assert!(pool.grow(&mut a, want.len()));
         let c = a.take_copy().expect("a copy");
         assert_eq!(c.len, 3);
         assert_eq!(c.dst, a.blocks()[1]);
@@ -639,6 +643,7 @@ mod tests {
         // token is computed).
         let mut again = Allocation::new(1);
         assert_eq!(pool.match_prefix(&mut again, &toks, toks.len() - 1), 6);
+        assert!(pool.grow(&mut again, toks.len()));
         assert_eq!(again.take_copy().map(|c| c.len), Some(2));
         pool.release(&mut again);
         // Evicted, it lends nothing more.
@@ -650,11 +655,29 @@ mod tests {
     }
 
     #[test]
+    fn an_admission_that_does_not_fit_evicts_nothing() {
+        let mut pool = BlockPool::new(2, 4, true);
+        let mut a = fill(&mut pool, &[0, 1, 2, 3, 4, 5, 6, 7], 1);
+        pool.release(&mut a);
+        assert_eq!(pool.num_cached(), 2);
+        // Reuses 5 tokens (a whole block, then one slot) but needs three blocks for 12 tokens.
+        let long = [0, 1, 2, 3, 4, 9, 9, 9, 9, 9, 9, 9];
+        let mut b = Allocation::new(1);
+        assert_eq!(pool.match_prefix(&mut b, &long, long.len() - 1), 5);
+        assert!(!pool.grow(&mut b, long.len()));
+        pool.release(&mut b);
+        assert_eq!(pool.num_cached(), 2, "both blocks still cached");
+        let mut c = Allocation::new(1);
+        assert_eq!(pool.match_prefix(&mut c, &long[..8], 7), 5);
+        pool.release(&mut c);
+    }
+
+    #[test]
     fn an_evicted_block_lends_nothing() {
         let mut pool = BlockPool::new(3, 2, true);
         let mut a = fill(&mut pool, &[1, 2, 3, 4], 0);
         pool.release(&mut a);
-        // Three blocks: the one empty block, then the cached tail [3,4] is evicted.
+        // Two blocks for b: the one empty block, then the oldest cached one, [3,4] (released first).
         let mut b = Allocation::new(0);
         assert!(pool.grow(&mut b, 4));
         let mut c = Allocation::new(0);
