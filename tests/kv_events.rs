@@ -48,9 +48,11 @@ impl Drop for Subscriber {
 }
 
 impl Subscriber {
+    /// The messages written so far: complete lines only (the subscriber may be writing one).
     fn messages(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.1)
-            .unwrap_or_default()
+        let text = std::fs::read_to_string(&self.1).unwrap_or_default();
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
