@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: &[&str] = &["paged_attention", "activation"];
+const KERNELS: &[&str] = &["paged_attention", "activation", "norm", "greedy"];
 
 // The kernels' limits, owned by the Rust side (the launchers use the same constants).
 #[allow(dead_code)]
@@ -37,6 +37,10 @@ fn main() {
             .arg(format!(
                 "-DHEARTH_ATTN_MAX_PER_LANE={}",
                 kernel_limits::ATTN_MAX_PER_LANE
+            ))
+            .arg(format!(
+                "-DHEARTH_NORM_PER_THREAD={}",
+                kernel_limits::NORM_PER_THREAD
             ))
             .arg(format!("-arch=compute_{cap}"))
             .arg("-o")

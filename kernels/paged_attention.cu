@@ -185,3 +185,142 @@ __device__ void paged_attention(T *__restrict__ out, const T *__restrict__ q,
 INSTANTIATE(f32, float)
 INSTANTIATE(f16, __half)
 INSTANTIATE(bf16, __nv_bfloat16)
+
+// Attention with the query heads that share a KV head taken together: one thread block of WARPS
+// warps per (token, KV head) and G query heads, so each K and V row is read once per group rather
+// than once per query head. Each warp walks every WARPS-th key with G online softmaxes; lanes split
+// head_dim (PL values each). Same layouts and masking as paged_attention.
+template <typename T, int G, int PL>
+__device__ void paged_attention_gqa(T *__restrict__ out, const T *__restrict__ q,
+                                    const T *__restrict__ k_cache, const T *__restrict__ v_cache,
+                                    const uint32_t *__restrict__ block_tables,
+                                    const uint32_t *__restrict__ token_seq,
+                                    const uint32_t *__restrict__ token_pos, int n_heads,
+                                    int n_kv_heads, int d, int block_size, int max_blocks,
+                                    float scale, int window) {
+    const size_t t = blockIdx.x;
+    const int kvh = blockIdx.y;
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int pos = (int)token_pos[t];
+    const int lo = window > 0 ? max(0, pos + 1 - window) : 0;
+    const uint32_t *table = block_tables + (size_t)token_seq[t] * max_blocks;
+    const size_t row = (size_t)n_kv_heads * d;
+
+    float qv[G][PL];
+    float acc[G][PL];
+    float m[G];
+    float l[G];
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        const T *qp = q + (t * n_heads + (size_t)kvh * G + g) * d;
+#pragma unroll
+        for (int i = 0; i < PL; i++) {
+            const int c = lane + 32 * i;
+            qv[g][i] = c < d ? to_f(qp[c]) * scale : 0.f;
+            acc[g][i] = 0.f;
+        }
+        m[g] = -INFINITY;
+        l[g] = 0.f;
+    }
+    for (int kp = lo + warp; kp <= pos; kp += WARPS) {
+        const size_t slot = (size_t)table[kp / block_size] * block_size + kp % block_size;
+        const T *kr = k_cache + slot * row + (size_t)kvh * d;
+        const T *vr = v_cache + slot * row + (size_t)kvh * d;
+        float kv[PL];
+        float vv[PL];
+#pragma unroll
+        for (int i = 0; i < PL; i++) {
+            const int c = lane + 32 * i;
+            kv[i] = c < d ? to_f(kr[c]) : 0.f;
+            vv[i] = c < d ? to_f(vr[c]) : 0.f;
+        }
+        float s[G];
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            s[g] = 0.f;
+#pragma unroll
+            for (int i = 0; i < PL; i++) s[g] += qv[g][i] * kv[i];
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+            for (int g = 0; g < G; g++) s[g] += __shfl_xor_sync(0xffffffffu, s[g], o);
+        }
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            const float m_new = fmaxf(m[g], s[g]);
+            const float corr = __expf(m[g] - m_new);
+            const float p = __expf(s[g] - m_new);
+            l[g] = l[g] * corr + p;
+#pragma unroll
+            for (int i = 0; i < PL; i++) acc[g][i] = acc[g][i] * corr + p * vv[i];
+            m[g] = m_new;
+        }
+    }
+
+    __shared__ float sm_m[WARPS][G];
+    __shared__ float sm_l[WARPS][G];
+    __shared__ float sm_acc[WARPS][G][32 * PL];
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        if (lane == 0) {
+            sm_m[warp][g] = m[g];
+            sm_l[warp][g] = l[g];
+        }
+#pragma unroll
+        for (int i = 0; i < PL; i++) sm_acc[warp][g][lane + 32 * i] = acc[g][i];
+    }
+    __syncthreads();
+    // Warp w merges heads w, w + WARPS, ...; the warp that saw key `pos` makes each maximum finite.
+    for (int g = warp; g < G; g += WARPS) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < WARPS; w++) mx = fmaxf(mx, sm_m[w][g]);
+        float wt[WARPS];
+        float total = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; w++) {
+            wt[w] = sm_m[w][g] == -INFINITY ? 0.f : __expf(sm_m[w][g] - mx);
+            total += sm_l[w][g] * wt[w];
+        }
+        const float inv = 1.f / total;
+        T *op = out + (t * n_heads + (size_t)kvh * G + g) * d;
+#pragma unroll
+        for (int i = 0; i < PL; i++) {
+            const int c = lane + 32 * i;
+            if (c >= d) continue;
+            float o = 0.f;
+#pragma unroll
+            for (int w = 0; w < WARPS; w++) o += sm_acc[w][g][c] * wt[w];
+            op[c] = from_f<T>(o * inv);
+        }
+    }
+}
+
+#define INSTANTIATE_GQA(NAME, T, G, PL)                                                          \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS)                                     \
+        paged_attention_gqa##G##_pl##PL##_##NAME(                                                \
+            T *out, const T *q, const T *k_cache, const T *v_cache,                              \
+            const uint32_t *block_tables, const uint32_t *token_seq, const uint32_t *token_pos,  \
+            int n_heads, int n_kv_heads, int d, int block_size, int max_blocks, float scale,     \
+            int window) {                                                                        \
+        paged_attention_gqa<T, G, PL>(out, q, k_cache, v_cache, block_tables, token_seq,         \
+                                      token_pos, n_heads, n_kv_heads, d, block_size, max_blocks, \
+                                      scale, window);                                            \
+    }
+
+#define INSTANTIATE_GQA_ALL(NAME, T)                                                             \
+    INSTANTIATE_GQA(NAME, T, 2, 2)                                                               \
+    INSTANTIATE_GQA(NAME, T, 2, 4)                                                               \
+    INSTANTIATE_GQA(NAME, T, 2, 8)                                                               \
+    INSTANTIATE_GQA(NAME, T, 4, 2)                                                               \
+    INSTANTIATE_GQA(NAME, T, 4, 4)                                                               \
+    INSTANTIATE_GQA(NAME, T, 4, 8)                                                               \
+    INSTANTIATE_GQA(NAME, T, 8, 2)                                                               \
+    INSTANTIATE_GQA(NAME, T, 8, 4)                                                               \
+    INSTANTIATE_GQA(NAME, T, 8, 8)
+
+INSTANTIATE_GQA_ALL(f32, float)
+INSTANTIATE_GQA_ALL(f16, __half)
+INSTANTIATE_GQA_ALL(bf16, __nv_bfloat16)

@@ -2,8 +2,11 @@
 //! (one ragged batch, paged KV cache) in three steps per prompt: a first prefill chunk, a second chunk
 //! that attends to the cached first one, and a one-token decode. Used to compare Hearth against an
 //! independent implementation (scripts/gpu_check.py compares it with Hugging Face transformers).
+use candle_core::{Device, Tensor};
+
 use crate::error::{HearthError, Result};
 use crate::model::{AttentionBackend, Batch, Model};
+use crate::ops::greedy;
 
 /// One logits row: which prompt, and the position whose next token it predicts.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -26,6 +29,29 @@ pub fn staged_logits(
     backend: AttentionBackend,
     block_size: usize,
 ) -> Result<(Vec<RowInfo>, Vec<Vec<f32>>)> {
+    let s = staged_logits_with(model, prompts, backend, block_size, false)?;
+    Ok((s.infos, s.rows))
+}
+
+/// `staged_logits_with`'s rows, and how far a decode graph's replay moved them.
+pub struct Staged {
+    pub infos: Vec<RowInfo>,
+    pub rows: Vec<Vec<f32>>,
+    /// The decode rows' largest difference between the graph's replay and the run before its
+    /// capture; None where no graph ran.
+    pub graph_replay_vs_first_max: Option<f32>,
+}
+
+/// `staged_logits`, with the decode stage optionally through a CUDA decode graph (where the build,
+/// device and backend have them): the stage runs twice, capturing and then replaying, and the
+/// replay's rows are returned with their largest difference from the first run's.
+pub fn staged_logits_with(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    backend: AttentionBackend,
+    block_size: usize,
+    graphs: bool,
+) -> Result<Staged> {
     if let Some(p) = prompts.iter().find(|p| p.len() < 4) {
         return Err(HearthError::InvalidRequest(format!(
             "prompts need at least 4 tokens (got {})",
@@ -46,7 +72,23 @@ pub fn staged_logits(
         tables.push((next..next + n).collect::<Vec<u32>>());
         next += n;
     }
-    let kv = model.decoder.new_kv_cache(next as usize, block_size)?;
+    #[cfg(feature = "cuda")]
+    let graphs = graphs
+        .then(|| {
+            crate::engine::decode_graphs::DecodeGraphs::new(
+                &model.decoder.device,
+                backend,
+                next,
+                model.decoder.cfg.max_context.div_ceil(block_size),
+            )
+        })
+        .flatten();
+    #[cfg(not(feature = "cuda"))]
+    let _ = graphs;
+    // One block more than the prompts use: a graph's pad rows write there.
+    let kv = model.decoder.new_kv_cache(next as usize + 1, block_size)?;
+    #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+    let mut replay_diff = None;
     let mut infos = Vec::new();
     let mut rows = Vec::new();
     let mut start = vec![0usize; prompts.len()];
@@ -65,8 +107,63 @@ pub fn staged_logits(
             });
             start[i] = end;
         }
+        #[cfg(feature = "cuda")]
+        if let (Some(g), "decode") = (&graphs, name) {
+            let first = g.run(&model.decoder, &kv, &batch)?;
+            let again = g.run(&model.decoder, &kv, &batch)?;
+            if let (Some(a), Some(b)) = (first, again) {
+                let (a, b) = (a.logits.to_vec2::<f32>()?, b.logits.to_vec2::<f32>()?);
+                let diff = a
+                    .iter()
+                    .flatten()
+                    .zip(b.iter().flatten())
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                replay_diff = Some(diff);
+                rows.extend(b);
+                continue;
+            }
+        }
         let logits = model.decoder.forward(&batch, &kv, backend)?;
         rows.extend(logits.to_vec2::<f32>()?);
     }
-    Ok((infos, rows))
+    Ok(Staged {
+        infos,
+        rows,
+        graph_replay_vs_first_max: replay_diff,
+    })
+}
+
+/// The device's greedy picks of logit rows against the host pass (`ops::greedy::pick`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct PickCheck {
+    pub rows: usize,
+    pub token_mismatches: usize,
+    pub lse_max_diff: f32,
+    pub entropy_max_diff: f32,
+    pub margin_max_diff: f32,
+}
+
+/// Uploads `rows` to `device`, picks there as the engine does (`runner::device_picks`), and
+/// compares each pick with the host pass over the same row.
+pub fn pick_check(rows: &[Vec<f32>], device: &Device) -> Result<PickCheck> {
+    let vocab = rows.first().map_or(0, Vec::len);
+    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+    let t = Tensor::from_vec(flat, (rows.len(), vocab), device)?;
+    let got = crate::engine::runner::device_picks(&t)?;
+    let mut c = PickCheck {
+        rows: rows.len(),
+        token_mismatches: 0,
+        lse_max_diff: 0.0,
+        entropy_max_diff: 0.0,
+        margin_max_diff: 0.0,
+    };
+    for (g, row) in got.iter().zip(rows) {
+        let want = greedy::pick(row);
+        c.token_mismatches += usize::from(g.token != want.token);
+        c.lse_max_diff = c.lse_max_diff.max((g.lse - want.lse).abs());
+        c.entropy_max_diff = c.entropy_max_diff.max((g.entropy - want.entropy).abs());
+        c.margin_max_diff = c.margin_max_diff.max((g.margin - want.margin).abs());
+    }
+    Ok(c)
 }

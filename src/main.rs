@@ -393,7 +393,10 @@ fn main() -> Result<()> {
                 Some(a) => AttentionBackend::parse(a)?,
                 None => AttentionBackend::best_for(&device, m.decoder.cfg.dtype),
             };
-            let (infos, rows) = hearth::logits::staged_logits(&m, &prompts, backend, 16)?;
+            // The decode stage goes through a CUDA graph where this build and device have them
+            // (HEARTH_CUDA_GRAPHS=0 turns them off): the check then covers graph replay too.
+            let staged = hearth::logits::staged_logits_with(&m, &prompts, backend, 16, true)?;
+            let (infos, rows) = (staged.infos, staged.rows);
             let mut bytes = Vec::with_capacity(rows.len() * m.decoder.cfg.vocab * 4);
             for v in rows.iter().flatten() {
                 bytes.extend_from_slice(&v.to_le_bytes());
@@ -406,6 +409,8 @@ fn main() -> Result<()> {
                     "dtype": format!("{:?}", m.decoder.cfg.dtype),
                     "attention": format!("{backend:?}"),
                     "rows": infos,
+                    "graph_replay_vs_first_max": staged.graph_replay_vs_first_max,
+                    "picks_vs_host": hearth::logits::pick_check(&rows, &device)?,
                 })
             );
         }

@@ -32,6 +32,16 @@ fn staged_logits_equal_whole_prompt_forward() {
             };
             assert!(diff < bound, "{backend:?} {info:?}: max diff {diff}");
         }
+        // The engine's device-side greedy reductions over these real rows give the host pass's
+        // picks (on a GPU build the same check runs there: scripts/gpu_check.py).
+        let pc = hearth::logits::pick_check(&rows, &m.decoder.device).unwrap();
+        assert_eq!(pc.rows, rows.len());
+        assert_eq!(pc.token_mismatches, 0, "{pc:?}");
+        assert!(
+            pc.lse_max_diff < 1e-3 && pc.entropy_max_diff < 1e-3,
+            "{pc:?}"
+        );
+        assert!(pc.margin_max_diff < 1e-4, "{pc:?}");
     }
     assert!(staged_logits(&m, &[vec![1, 2]], AttentionBackend::Cpu, 16).is_err());
     assert!(staged_logits(&m, &[vec![1, 2, 3, 1 << 30]], AttentionBackend::Cpu, 16).is_err());

@@ -435,6 +435,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .collect::<Result<Vec<_>>>()?;
         // Aggregate: all generated tokens over wall time (16-token prompts make prefill negligible).
         let mut split = StepSplit::default();
+        let _ = crate::device::take_op_profile();
         let agg = best(&mut || {
             let before = StepSplit::read(&engine);
             let (n, secs) = run_batch(&engine, &prompts, args.decode_tokens)?;
@@ -447,6 +448,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             split.per_step(split.forward_us),
             split.per_step(split.device_us),
         );
+        if let Some(table) = crate::device::take_op_profile() {
+            println!("\nDecode steps' device time by op, {b} sequences (HEARTH_CUDA_PROFILE):\n\n{table}");
+        }
     }
     Ok(())
 }

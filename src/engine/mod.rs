@@ -2,6 +2,8 @@
 //! `schedule -> execute -> sample -> update` in a loop. Requests arrive over a channel; each gets its
 //! tokens back on its own channel, and a closed channel cancels it.
 pub mod block_pool;
+#[cfg(feature = "cuda")]
+pub mod decode_graphs;
 pub mod metering;
 pub mod runner;
 pub mod sampler;
@@ -491,13 +493,26 @@ impl Engine {
                 total: 0,
             });
         }
-        let kv = d.new_kv_cache(num_blocks, cfg.block_size)?;
-        // candle's CUDA device queues work on the calling thread's stream: the weights and the zeroed
-        // cache must be complete before the engine thread uses them from its own.
-        d.device.synchronize()?;
         let backend = cfg
             .backend
             .unwrap_or_else(|| AttentionBackend::best_for(&d.device, dtype));
+        // Decode graphs pad their batches with rows that write to a block of their own: one block
+        // past the pool's.
+        #[cfg(feature = "cuda")]
+        let graphs = decode_graphs::DecodeGraphs::new(
+            &d.device,
+            backend,
+            num_blocks as u32,
+            model.max_context().div_ceil(cfg.block_size),
+        );
+        #[cfg(feature = "cuda")]
+        let sink_blocks = usize::from(graphs.is_some());
+        #[cfg(not(feature = "cuda"))]
+        let sink_blocks = 0;
+        let kv = d.new_kv_cache(num_blocks + sink_blocks, cfg.block_size)?;
+        // candle's CUDA device queues work on the calling thread's stream: the weights and the zeroed
+        // cache must be complete before the engine thread uses them from its own.
+        d.device.synchronize()?;
         let mut pool = BlockPool::new(num_blocks, cfg.block_size, cfg.prefix_caching);
         pool.set_partial_reuse(d.device.is_cpu());
         let events = cfg.kv_events.clone().map(|sink| {
@@ -547,6 +562,8 @@ impl Engine {
             decoder: model.decoder,
             kv,
             backend,
+            #[cfg(feature = "cuda")]
+            graphs,
         };
         std::thread::Builder::new()
             .name(format!("engine-{}", model.name))

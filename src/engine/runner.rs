@@ -40,6 +40,9 @@ pub struct Runner {
     pub decoder: Decoder,
     pub kv: KvCache,
     pub backend: AttentionBackend,
+    /// Decode steps as CUDA graphs (None: every step runs eagerly).
+    #[cfg(feature = "cuda")]
+    pub graphs: Option<super::decode_graphs::DecodeGraphs>,
 }
 
 impl Runner {
@@ -67,9 +70,9 @@ impl Runner {
         for c in &plan.copies {
             self.kv.copy_slots(c)?;
         }
-        let logits = self.decoder.forward(&batch, &self.kv, self.backend)?;
+        let (logits, picks) = self.forward(&batch)?;
         let device_time = timer.stop();
-        let rows = read_rows(&logits, &full)?;
+        let rows = read_rows(&logits, &full, picks.as_ref())?;
         drop(turn);
         Ok(StepOutput {
             rows,
@@ -80,8 +83,23 @@ impl Runner {
     }
 }
 
-/// Logits (rows, vocab) to sampler rows: whole rows where wanted, argmax and log-normalizer otherwise.
-fn read_rows(logits: &Tensor, full: &[bool]) -> Result<Vec<Row>> {
+impl Runner {
+    /// The step's forward: through a decode graph where one applies, eagerly otherwise. Also
+    /// returns `pick_tensors` of the logits where the graph computed them.
+    fn forward(&self, batch: &Batch) -> Result<(Tensor, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.graphs {
+            if let Some(out) = g.run(&self.decoder, &self.kv, batch)? {
+                return Ok((out.logits, Some(out.picks)));
+            }
+        }
+        Ok((self.decoder.forward(batch, &self.kv, self.backend)?, None))
+    }
+}
+
+/// Logits (rows, vocab) to sampler rows: whole rows where wanted, argmax and log-normalizer otherwise
+/// (from `picks`, `pick_tensors` of the logits, where the device already computed them).
+fn read_rows(logits: &Tensor, full: &[bool], picks: Option<&Tensor>) -> Result<Vec<Row>> {
     let n = logits.dim(0)?;
     if full.len() != n {
         return Err(HearthError::Internal(format!(
@@ -99,7 +117,10 @@ fn read_rows(logits: &Tensor, full: &[bool]) -> Result<Vec<Row>> {
     if logits.device().is_cpu() {
         return cpu_rows(logits, full);
     }
-    let picks = device_picks(logits)?;
+    let picks = match picks {
+        Some(picks) => read_picks(picks)?,
+        None => device_picks(logits)?,
+    };
     let wanted: Vec<u32> = (0..n as u32).filter(|&i| full[i as usize]).collect();
     let mut whole = if wanted.is_empty() {
         Vec::new()
@@ -134,12 +155,22 @@ impl From<greedy::Pick> for Row {
 
 /// `greedy::pick` of every row, computed where the logits are (a few reductions per row: the
 /// host reads back four numbers per sequence, not a vocabulary-sized row).
-fn device_picks(logits: &Tensor) -> Result<Vec<greedy::Pick>> {
+pub(crate) fn device_picks(logits: &Tensor) -> Result<Vec<greedy::Pick>> {
+    read_picks(&pick_tensors(logits)?)
+}
+
+/// The device half of `device_picks`: per row (token, log-normalizer, entropy before clamping at 0,
+/// runner-up - max) as (rows, 4) f32 (token ids below 2^24 are exact). Device work only, so a CUDA
+/// graph can hold it; on CUDA one kernel.
+pub(crate) fn pick_tensors(logits: &Tensor) -> Result<Tensor> {
     let logits = logits.to_dtype(DType::F32)?;
-    let tokens = logits
-        .argmax_keepdim(D::Minus1)?
-        .flatten_all()?
-        .to_vec1::<u32>()?;
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() {
+        return Ok(logits
+            .contiguous()?
+            .apply_op1_no_bwd(&crate::ops::cuda_greedy::GreedyPick)?);
+    }
+    let tokens = logits.argmax_keepdim(D::Minus1)?.to_dtype(DType::F32)?;
     let max = logits.max_keepdim(D::Minus1)?;
     let shifted = logits.broadcast_sub(&max)?;
     let e = shifted.exp()?;
@@ -153,16 +184,19 @@ fn device_picks(logits: &Tensor) -> Result<Vec<greedy::Pick>> {
     // the next distinct value, where the CPU pass gives 0).
     let at_max = shifted.eq(0f32)?.to_dtype(DType::F32)?;
     let second = (shifted - (at_max * 1e30)?)?.max_keepdim(D::Minus1)?;
-    // One read-back for the three per-row numbers.
-    let stats = Tensor::cat(&[&lse, &entropy, &second], 1)?.to_vec2::<f32>()?;
-    Ok(tokens
+    Ok(Tensor::cat(&[&tokens, &lse, &entropy, &second], 1)?)
+}
+
+/// The host half of `device_picks`: one read-back of four numbers per row.
+fn read_picks(picks: &Tensor) -> Result<Vec<greedy::Pick>> {
+    Ok(picks
+        .to_vec2::<f32>()?
         .into_iter()
-        .zip(stats)
-        .map(|(token, r)| greedy::Pick {
-            token,
-            lse: r[0],
-            entropy: r[1].max(0.0),
-            margin: -r[2],
+        .map(|r| greedy::Pick {
+            token: r[0] as u32,
+            lse: r[1],
+            entropy: r[2].max(0.0),
+            margin: -r[3],
         })
         .collect())
 }
@@ -202,7 +236,7 @@ mod tests {
         let logits = Tensor::randn(0f32, 3.0, (5, 1000), &dev).unwrap();
         let whole = logits.to_vec2::<f32>().unwrap();
         let full = [true, false, false, true, false];
-        let rows = read_rows(&logits, &full).unwrap();
+        let rows = read_rows(&logits, &full, None).unwrap();
         for (i, row) in rows.iter().enumerate() {
             match row {
                 Row::Full(r) => {
@@ -228,7 +262,7 @@ mod tests {
                 }
             }
         }
-        assert!(read_rows(&logits, &[true]).is_err());
+        assert!(read_rows(&logits, &[true], None).is_err());
     }
 
     /// The reductions a GPU runs (here on the CPU tensor) give the CPU pass's pick.

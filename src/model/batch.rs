@@ -23,6 +23,15 @@ impl SeqChunk {
     }
 }
 
+/// Rows padding a batch up to a CUDA graph's size: each writes its K/V to slot 0 of `sink` (a block
+/// no sequence owns) and attends to that one slot. Every pad row computes the same values, so their
+/// concurrent writes to the slot agree.
+#[derive(Debug, Clone, Copy)]
+pub struct Padding {
+    pub rows: usize,
+    pub sink: u32,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Batch {
     pub tokens: Vec<u32>,
@@ -71,6 +80,46 @@ impl Batch {
         self.tokens.len()
     }
 
+    /// The longest block table (at least 1).
+    pub fn max_blocks(&self) -> usize {
+        self.seqs
+            .iter()
+            .map(|s| s.block_table.len())
+            .max()
+            .unwrap_or(0)
+            .max(1)
+    }
+
+    /// The batch as the CUDA kernels read it, one u32 buffer (one upload): [token ids | positions |
+    /// slot mapping | token -> chunk | block tables, one row of `max_blocks` (at least the longest
+    /// table) per chunk], with `pad` rows (one token each) after the batch's own.
+    pub fn pack(&self, max_blocks: usize, pad: Option<Padding>) -> Vec<u32> {
+        let (extra, sink) = pad.map_or((0, 0), |p| (p.rows, p.sink));
+        let real = self.num_tokens();
+        let n = real + extra;
+        let rows = self.seqs.len() + extra;
+        let mut out = vec![0u32; 4 * n + rows.max(1) * max_blocks];
+        let (ids, rest) = out.split_at_mut(n);
+        let (pos, rest) = rest.split_at_mut(n);
+        let (slots, rest) = rest.split_at_mut(n);
+        let (seq, tables) = rest.split_at_mut(n);
+        ids[..real].copy_from_slice(&self.tokens);
+        pos[..real].copy_from_slice(&self.positions);
+        slots[..real].copy_from_slice(&self.slot_mapping);
+        slots[real..].fill(sink * self.block_size as u32);
+        // Rows padded to the longest table: a kernel indexes (chunk, block) without offsets.
+        for (i, s) in self.seqs.iter().enumerate() {
+            tables[i * max_blocks..][..s.block_table.len()].copy_from_slice(&s.block_table);
+            seq[s.start..s.start + s.len].fill(i as u32);
+        }
+        for p in 0..extra {
+            let row = self.seqs.len() + p;
+            seq[real + p] = row as u32;
+            tables[row * max_blocks] = sink;
+        }
+        out
+    }
+
     /// Indices (into `tokens`) of the rows whose logits are wanted, in sequence order.
     pub fn logit_rows(&self) -> Vec<u32> {
         self.seqs
@@ -78,5 +127,32 @@ impl Batch {
             .filter(|s| s.wants_logits)
             .map(|s| (s.start + s.len - 1) as u32)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The packed layout: each section where the kernels look, tables padded to the width, pad
+    /// rows pointing at the sink block's first slot and attending to it alone at position 0.
+    #[test]
+    fn pack_lays_out_sections_and_pad_rows() {
+        let mut b = Batch::new(4);
+        b.push(&[7, 8, 9], 2, &[5, 6], true); // positions 2..5: slots 22, 23, 24
+        b.push(&[3], 0, &[1], true);
+        let got = b.pack(3, Some(Padding { rows: 2, sink: 9 }));
+        let n = 6;
+        assert_eq!(got.len(), 4 * n + 4 * 3);
+        assert_eq!(&got[..n], &[7, 8, 9, 3, 0, 0]);
+        assert_eq!(&got[n..2 * n], &[2, 3, 4, 0, 0, 0]);
+        assert_eq!(&got[2 * n..3 * n], &[22, 23, 24, 4, 36, 36]);
+        assert_eq!(&got[3 * n..4 * n], &[0, 0, 0, 1, 2, 3]);
+        assert_eq!(&got[4 * n..], &[5, 6, 0, 1, 0, 0, 9, 0, 0, 9, 0, 0]);
+        // Unpadded: the longest table is the width.
+        assert_eq!(b.max_blocks(), 2);
+        let plain = b.pack(b.max_blocks(), None);
+        assert_eq!(plain.len(), 4 * 4 + 2 * 2);
+        assert_eq!(&plain[16..], &[5, 6, 1, 0]);
     }
 }

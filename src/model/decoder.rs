@@ -72,6 +72,25 @@ impl Norm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
     }
+
+    /// The residual stream after adding a block's output `a` to `x`, and its norm: on CUDA one
+    /// kernel, elsewhere the add and then `forward`.
+    pub fn add_forward(&self, x: &Tensor, a: &Tensor) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda()
+            && x.rank() == 2
+            && crate::ops::cuda_norm::AddRmsNorm::fits(x.dim(1)?)
+        {
+            let op = crate::ops::cuda_norm::AddRmsNorm { eps: self.eps };
+            let both = x
+                .contiguous()?
+                .apply_op3_no_bwd(&a.contiguous()?, &self.weight, &op)?;
+            return Ok((both.get(0)?, both.get(1)?));
+        }
+        let sum = (x + a)?;
+        let normed = self.forward(&sum)?;
+        Ok((sum, normed))
+    }
 }
 
 /// The Q, K and V projections: three matrices, or one with rows Q | K | V (one matmul; on CUDA its
@@ -131,6 +150,41 @@ impl Embeddings {
                 Tensor::from_vec(out, (ids.len(), hidden), &Device::Cpu)?
             }
             Self::Dense(w) => w.embedding(ids)?,
+        })
+    }
+}
+
+/// Which rows of a step get logits.
+pub enum LogitRows {
+    None,
+    /// Every row (a decode step: one token per sequence).
+    All,
+    Some(Tensor),
+}
+
+/// One forward's inputs on the device: the attention set-up (on CUDA, the batch description),
+/// token ids, positions, and the rows that get logits.
+pub struct StepInputs<'a> {
+    attn: StepAttention<'a>,
+    ids: Tensor,
+    pos: Tensor,
+    rows: LogitRows,
+    n: usize,
+}
+
+impl<'a> StepInputs<'a> {
+    /// A decode step's inputs from a batch description a CUDA graph keeps in device memory; every
+    /// one of its `n_tokens` rows gets logits. `batch` is the step's real (unpadded) batch.
+    #[cfg(feature = "cuda")]
+    pub fn graph(batch: &'a Batch, cuda: crate::ops::cuda_attention::CudaBatch) -> Result<Self> {
+        let (ids, pos) = (cuda.ids()?, cuda.positions()?);
+        let n = ids.dim(0)?;
+        Ok(Self {
+            attn: StepAttention::over(batch, cuda),
+            ids,
+            pos,
+            rows: LogitRows::All,
+            n,
         })
     }
 }
@@ -334,42 +388,94 @@ impl Decoder {
         kv: &KvCache,
         backend: AttentionBackend,
     ) -> Result<Tensor> {
-        let cfg = &self.cfg;
+        let inputs = self.inputs(batch, backend)?;
+        self.forward_inputs(&inputs, kv)
+    }
+
+    /// A batch's inputs on the device, after checking it.
+    pub fn inputs<'a>(
+        &self,
+        batch: &'a Batch,
+        backend: AttentionBackend,
+    ) -> Result<StepInputs<'a>> {
         let n = batch.num_tokens();
         if n == 0 {
             return Err(HearthError::InvalidRequest("empty batch".into()));
         }
         if let Some(&p) = batch.positions.iter().max() {
-            if p as usize >= cfg.max_context {
+            if p as usize >= self.cfg.max_context {
                 return Err(HearthError::ContextLength {
                     prompt: p as usize + 1,
-                    context: cfg.max_context,
+                    context: self.cfg.max_context,
                 });
             }
         }
+        let attn = StepAttention::new(backend, batch, &self.device)?;
+        let (ids, pos) = attn.ids_and_positions(&self.device)?;
+        let wanted = batch.logit_rows();
+        let rows = if wanted.is_empty() {
+            LogitRows::None
+        } else if wanted.len() == n && wanted.iter().enumerate().all(|(i, &r)| r as usize == i) {
+            LogitRows::All
+        } else {
+            LogitRows::Some(Tensor::new(wanted.as_slice(), &self.device)?)
+        };
+        Ok(StepInputs {
+            attn,
+            ids,
+            pos,
+            rows,
+            n,
+        })
+    }
+
+    /// The forward over inputs already on the device: device work only (no host copies), so a
+    /// CUDA graph can capture it.
+    pub fn forward_inputs(&self, inputs: &StepInputs<'_>, kv: &KvCache) -> Result<Tensor> {
+        let cfg = &self.cfg;
         let dev = &self.device;
-        let ids = Tensor::new(batch.tokens.as_slice(), dev)?;
-        let pos = Tensor::new(batch.positions.as_slice(), dev)?;
-        let cos_g = self.rope_global.0.index_select(&pos, 0)?;
-        let sin_g = self.rope_global.1.index_select(&pos, 0)?;
+        let (ids, pos, n, attn) = (&inputs.ids, &inputs.pos, inputs.n, &inputs.attn);
+        let cos_g = self.rope_global.0.index_select(pos, 0)?;
+        let sin_g = self.rope_global.1.index_select(pos, 0)?;
         let (cos_l, sin_l) = if cfg.sliding_window.is_some() {
             (
-                self.rope_local.0.index_select(&pos, 0)?,
-                self.rope_local.1.index_select(&pos, 0)?,
+                self.rope_local.0.index_select(pos, 0)?,
+                self.rope_local.1.index_select(pos, 0)?,
             )
         } else {
             (cos_g.clone(), sin_g.clone())
         };
 
-        let attn = StepAttention::new(backend, batch, dev)?;
         let fused_rope = attn.fuses_rope() && cfg.rope_layout == RopeLayout::Halves;
-        let mut x = self.embed.forward(&ids)?.to_dtype(cfg.dtype)?;
+        // Decode steps only: their op mix is what a profile is for.
+        let mut prof = match inputs.rows {
+            LogitRows::All => crate::device::OpProfile::start(dev),
+            _ => None,
+        };
+        let mut mark = |name: &'static str| {
+            if let Some(p) = prof.as_mut() {
+                p.mark(name);
+            }
+        };
+        mark("rope tables");
+        let mut x = self.embed.forward(ids)?.to_dtype(cfg.dtype)?;
         if let Some(s) = cfg.embed_scale {
             x = (x * s as f64)?;
         }
+        mark("embedding");
+        // The last block's output, added to the stream together with the next norm.
+        let mut pending: Option<Tensor> = None;
         for (li, layer) in self.layers.iter().enumerate() {
             let window = cfg.layer_window(li);
-            let h = layer.attn_norm.forward(&x)?;
+            let h = match pending.take() {
+                Some(f) => {
+                    let (sum, h) = layer.attn_norm.add_forward(&x, &f)?;
+                    x = sum;
+                    h
+                }
+                None => layer.attn_norm.forward(&x)?,
+            };
+            mark("add + attn norm");
             let (cos, sin) = if window.is_some() {
                 (&cos_l, &sin_l)
             } else {
@@ -386,7 +492,9 @@ impl Decoder {
                 QkvProj::Fused(w)
                     if fused_rope && layer.q_norm.is_none() && layer.k_norm.is_none() =>
                 {
-                    attn.rope_write_qkv(&w.forward(&h)?, cos, sin, &kv.k[li], &kv.v[li], &params)?
+                    let qkv = w.forward(&h)?;
+                    mark("qkv matmul");
+                    attn.rope_write_qkv(&qkv, cos, sin, &kv.k[li], &kv.v[li], &params)?
                 }
                 _ => {
                     let (q, k, v) = self.project_qkv(&layer.qkv, &h)?;
@@ -405,31 +513,49 @@ impl Decoder {
                     q
                 }
             };
+            mark("rope + kv write");
             let a = attn.attend(&q, &kv.k[li], &kv.v[li], &params)?;
+            mark("attention");
             let a = layer
                 .wo
                 .forward(&a.reshape((n, cfg.n_heads * cfg.head_dim))?)?;
+            mark("o matmul");
             let a = match &layer.post_attn_norm {
                 Some(nm) => nm.forward(&a)?,
                 None => a,
             };
-            x = (x + a)?;
-
-            let h = layer.ffn_norm.forward(&x)?;
-            let f = layer.down.forward(&self.gated(&layer.gate_up, &h)?)?;
-            let f = match &layer.post_ffn_norm {
+            let (sum, h) = layer.ffn_norm.add_forward(&x, &a)?;
+            x = sum;
+            mark("add + ffn norm");
+            let g = self.gated(&layer.gate_up, &h)?;
+            mark("gate|up matmul + act");
+            let f = layer.down.forward(&g)?;
+            mark("down matmul");
+            pending = Some(match &layer.post_ffn_norm {
                 Some(nm) => nm.forward(&f)?,
                 None => f,
-            };
-            x = (x + f)?;
+            });
         }
-        let rows = batch.logit_rows();
-        if rows.is_empty() {
-            return Ok(Tensor::zeros((0, cfg.vocab), DType::F32, dev)?);
+        let x = match (&inputs.rows, pending) {
+            (LogitRows::None, _) => return Ok(Tensor::zeros((0, cfg.vocab), DType::F32, dev)?),
+            (LogitRows::All, Some(f)) => self.final_norm.add_forward(&x, &f)?.1,
+            (LogitRows::All, None) => self.final_norm.forward(&x)?,
+            (LogitRows::Some(rows), pending) => {
+                let x = match pending {
+                    Some(f) => (x + f)?,
+                    None => x,
+                };
+                self.final_norm.forward(&x.index_select(rows, 0)?)?
+            }
+        };
+        mark("final norm");
+        let logits = self.lm_head.forward(&x)?;
+        mark("lm head");
+        let logits = logits.to_dtype(DType::F32)?;
+        mark("logits to f32");
+        if let Some(p) = prof {
+            p.finish();
         }
-        let rows = Tensor::new(rows.as_slice(), dev)?;
-        let x = x.index_select(&rows, 0)?;
-        let x = self.final_norm.forward(&x)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        Ok(logits)
     }
 }

@@ -54,6 +54,29 @@ pub struct StepAttention<'a> {
 }
 
 impl<'a> StepAttention<'a> {
+    /// The CUDA backend over a batch description already in device memory (a graph's inputs).
+    #[cfg(feature = "cuda")]
+    pub fn over(batch: &'a Batch, cuda: super::cuda_attention::CudaBatch) -> Self {
+        Self {
+            backend: AttentionBackend::Cuda,
+            batch,
+            cuda: Some(cuda),
+        }
+    }
+
+    /// The step's token ids and positions as tensors on `device`: on CUDA, views of the batch
+    /// description's one upload.
+    pub fn ids_and_positions(&self, device: &Device) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if let Some(b) = &self.cuda {
+            return Ok((b.ids()?, b.positions()?));
+        }
+        Ok((
+            Tensor::new(self.batch.tokens.as_slice(), device)?,
+            Tensor::new(self.batch.positions.as_slice(), device)?,
+        ))
+    }
+
     pub fn new(backend: AttentionBackend, batch: &'a Batch, device: &Device) -> Result<Self> {
         #[cfg(feature = "cuda")]
         let cuda = match (backend, device) {

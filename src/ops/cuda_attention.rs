@@ -1,10 +1,9 @@
 //! The CUDA backend of the paged-attention op: kernels/paged_attention.cu, compiled to PTX by build.rs
 //! and loaded through candle's CUDA device (cudarc). The step's batch description (slot mapping, block
-//! tables, token -> sequence, positions) is uploaded once per step and shared by every layer.
+//! tables, token -> sequence, positions) is uploaded once per step, in one copy, and shared by every
+//! layer.
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
     bail, CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, InplaceOp2, Layout, Shape,
@@ -18,12 +17,11 @@ use crate::model::batch::Batch;
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
 const MODULE: &str = "hearth_paged_attention";
 
-/// One step's batch description in device memory.
+/// One step's batch description in device memory: `Batch::pack`'s buffer, uploaded in one copy. A
+/// CUDA graph keeps one such buffer and rewrites it each replay.
+#[derive(Clone)]
 pub struct CudaBatch {
-    slot_mapping: CudaSlice<u32>,
-    block_tables: CudaSlice<u32>,
-    token_seq: CudaSlice<u32>,
-    token_pos: CudaSlice<u32>,
+    packed: Tensor,
     max_blocks: usize,
     block_size: usize,
     n_tokens: usize,
@@ -31,30 +29,85 @@ pub struct CudaBatch {
 
 impl CudaBatch {
     pub fn upload(dev: &CudaDevice, batch: &Batch) -> candle_core::Result<Self> {
-        let max_blocks = batch
-            .seqs
-            .iter()
-            .map(|s| s.block_table.len())
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        // Rows padded to the longest table: a kernel indexes (sequence, block) without offsets.
-        let mut tables = vec![0u32; batch.seqs.len().max(1) * max_blocks];
-        let mut token_seq = vec![0u32; batch.num_tokens()];
-        for (i, s) in batch.seqs.iter().enumerate() {
-            tables[i * max_blocks..][..s.block_table.len()].copy_from_slice(&s.block_table);
-            token_seq[s.start..s.start + s.len].fill(i as u32);
+        let max_blocks = batch.max_blocks();
+        let packed = batch.pack(max_blocks, None);
+        Self::from_packed(
+            Tensor::new(packed.as_slice(), &candle_core::Device::Cuda(dev.clone()))?,
+            batch.num_tokens(),
+            max_blocks,
+            batch.block_size,
+        )
+    }
+
+    /// A batch description over an uploaded `pack` buffer of `n_tokens` rows.
+    pub fn from_packed(
+        packed: Tensor,
+        n_tokens: usize,
+        max_blocks: usize,
+        block_size: usize,
+    ) -> candle_core::Result<Self> {
+        if packed.dtype() != DType::U32 || packed.elem_count() < 4 * n_tokens + max_blocks {
+            bail!("cuda batch: the packed buffer does not hold {n_tokens} rows");
         }
         Ok(Self {
-            slot_mapping: dev.clone_htod(&batch.slot_mapping)?,
-            block_tables: dev.clone_htod(&tables)?,
-            token_seq: dev.clone_htod(&token_seq)?,
-            token_pos: dev.clone_htod(&batch.positions)?,
+            packed,
             max_blocks,
-            block_size: batch.block_size,
-            n_tokens: batch.num_tokens(),
+            block_size,
+            n_tokens,
         })
     }
+
+    /// The packed buffer (a graph rewrites it in place).
+    pub fn packed(&self) -> &Tensor {
+        &self.packed
+    }
+
+    /// The token ids, as a tensor.
+    pub fn ids(&self) -> candle_core::Result<Tensor> {
+        self.packed.narrow(0, 0, self.n_tokens)
+    }
+
+    /// The positions, as a tensor.
+    pub fn positions(&self) -> candle_core::Result<Tensor> {
+        self.packed.narrow(0, self.n_tokens, self.n_tokens)
+    }
+
+    /// Runs `f` with the device buffer (from the layout's offset on).
+    fn with_buffer<R>(
+        &self,
+        f: impl FnOnce(
+            &candle_core::cuda_backend::cudarc::driver::CudaView<'_, u32>,
+        ) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        let (g, l) = self.packed.storage_and_layout();
+        let all = cuda_storage(&g, "the batch description")?
+            .as_cuda_slice::<u32>()?
+            .slice(l.start_offset()..);
+        f(&all)
+    }
+
+    fn slot_range(&self) -> std::ops::Range<usize> {
+        2 * self.n_tokens..3 * self.n_tokens
+    }
+
+    fn seq_range(&self) -> std::ops::Range<usize> {
+        3 * self.n_tokens..4 * self.n_tokens
+    }
+
+    fn pos_range(&self) -> std::ops::Range<usize> {
+        self.n_tokens..2 * self.n_tokens
+    }
+
+    fn tables_from(&self) -> usize {
+        4 * self.n_tokens
+    }
+}
+
+/// Whether the grouped attention kernel runs where it applies (the default; `HEARTH_ATTN_GQA=0`
+/// keeps the per-head kernel, which the GPU check compares it with).
+fn grouped_kernel() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("HEARTH_ATTN_GQA").map_or(true, |v| v.trim() != "0"))
 }
 
 fn kernel_suffix(dtype: DType) -> candle_core::Result<&'static str> {
@@ -99,20 +152,23 @@ impl WriteKv<'_> {
             .as_cuda_slice_mut::<T>()?
             .slice_mut(cl.start_offset()..);
         let row_i = row as i32;
-        let mut b = func.builder();
-        b.arg(&mut c);
-        b.arg(&s);
-        b.arg(&self.batch.slot_mapping);
-        b.arg(&row_i);
-        let cfg = LaunchConfig {
-            grid_dim: (n as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: the kernel reads `n * row` source elements and writes rows at slots the block pool
-        // handed out, which lie inside the cache.
-        unsafe { b.launch(cfg) }.w()?;
-        Ok(())
+        self.batch.with_buffer(|buf| {
+            let slots = buf.slice(self.batch.slot_range());
+            let mut b = func.builder();
+            b.arg(&mut c);
+            b.arg(&s);
+            b.arg(&slots);
+            b.arg(&row_i);
+            let cfg = LaunchConfig {
+                grid_dim: (n as u32, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the kernel reads `n * row` source elements and writes rows at slots the block
+            // pool handed out, which lie inside the cache.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(())
+        })
     }
 }
 
@@ -177,8 +233,18 @@ impl Attend<'_> {
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let p = &self.params;
         let (n_tokens, n_heads, d) = ql.shape().dims3()?;
-        let func =
-            dev.get_or_load_custom_func(&format!("paged_attention_{suffix}"), MODULE, PTX)?;
+        // The grouped kernel (one block per KV head and its query heads: each K/V row read once per
+        // group), where it is instantiated for this group size and head dimension.
+        let group = n_heads / p.n_kv_heads.max(1);
+        let per_lane = [2usize, 4, 8].into_iter().find(|&pl| 32 * pl >= d);
+        let (name, blocks_y) = match per_lane {
+            Some(pl) if grouped_kernel() && matches!(group, 2 | 4 | 8) => (
+                format!("paged_attention_gqa{group}_pl{pl}_{suffix}"),
+                p.n_kv_heads,
+            ),
+            _ => (format!("paged_attention_{suffix}"), n_heads),
+        };
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let q = qs.as_cuda_slice::<T>()?.slice(ql.start_offset()..);
         let k = ks.as_cuda_slice::<T>()?.slice(kl.start_offset()..);
         let v = vs.as_cuda_slice::<T>()?.slice(vl.start_offset()..);
@@ -192,27 +258,33 @@ impl Attend<'_> {
             self.batch.max_blocks as i32,
         ];
         let window = p.window.unwrap_or(0) as i32;
-        let mut b = func.builder();
-        b.arg(&out);
-        b.arg(&q);
-        b.arg(&k);
-        b.arg(&v);
-        b.arg(&self.batch.block_tables);
-        b.arg(&self.batch.token_seq);
-        b.arg(&self.batch.token_pos);
-        for i in &ints {
-            b.arg(i);
-        }
-        b.arg(&p.scale);
-        b.arg(&window);
-        let cfg = LaunchConfig {
-            grid_dim: (n_tokens as u32, n_heads as u32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: the batch description was built from the same batch as q; block ids come from the
-        // block pool and lie inside the caches.
-        unsafe { b.launch(cfg) }.w()?;
+        self.batch.with_buffer(|buf| {
+            let tables = buf.slice(self.batch.tables_from()..);
+            let seq = buf.slice(self.batch.seq_range());
+            let pos = buf.slice(self.batch.pos_range());
+            let mut b = func.builder();
+            b.arg(&out);
+            b.arg(&q);
+            b.arg(&k);
+            b.arg(&v);
+            b.arg(&tables);
+            b.arg(&seq);
+            b.arg(&pos);
+            for i in &ints {
+                b.arg(i);
+            }
+            b.arg(&p.scale);
+            b.arg(&window);
+            let cfg = LaunchConfig {
+                grid_dim: (n_tokens as u32, blocks_y as u32, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the batch description was built from the same batch as q; block ids come
+            // from the block pool and lie inside the caches.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(())
+        })?;
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev.clone()),
             Shape::from((n_tokens, n_heads, d)),
@@ -329,24 +401,28 @@ impl RopeWriteQkv<'_> {
         let q = unsafe { dev.alloc::<T>(n * h * d)? };
         let func = dev.get_or_load_custom_func(&format!("rope_write_qkv_{suffix}"), MODULE, PTX)?;
         let ints = [h as i32, kvh as i32, d as i32];
-        let mut b = func.builder();
-        b.arg(&q);
-        b.arg(&k);
-        b.arg(&v);
-        b.arg(&src);
-        b.arg(&c);
-        b.arg(&s);
-        b.arg(&self.batch.slot_mapping);
-        for i in &ints {
-            b.arg(i);
-        }
-        let cfg = LaunchConfig {
-            grid_dim: (n as u32, (h + 2 * kvh) as u32, 1),
-            block_dim: ((d / 2).clamp(1, 128) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: shapes were checked against the batch; slots come from the block pool.
-        unsafe { b.launch(cfg) }.w()?;
+        self.batch.with_buffer(|buf| {
+            let slots = buf.slice(self.batch.slot_range());
+            let mut b = func.builder();
+            b.arg(&q);
+            b.arg(&k);
+            b.arg(&v);
+            b.arg(&src);
+            b.arg(&c);
+            b.arg(&s);
+            b.arg(&slots);
+            for i in &ints {
+                b.arg(i);
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (n as u32, (h + 2 * kvh) as u32, 1),
+                block_dim: ((d / 2).clamp(1, 128) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: shapes were checked against the batch; slots come from the block pool.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(())
+        })?;
         Ok((
             CudaStorage::wrap_cuda_slice(q, dev.clone()),
             Shape::from((n, h, d)),

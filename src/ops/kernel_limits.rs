@@ -9,3 +9,7 @@ pub const ATTN_THREADS: u32 = ATTN_WARPS * 32;
 pub const ATTN_MAX_PER_LANE: usize = 8;
 /// The largest head dimension the attention kernel takes.
 pub const MAX_HEAD_DIM: usize = ATTN_MAX_PER_LANE * 32;
+/// Row values one thread of the fused add + RMSNorm kernel holds.
+pub const NORM_PER_THREAD: usize = 8;
+/// Threads per block of that kernel (one block per row): rows up to this times `NORM_PER_THREAD`.
+pub const NORM_MAX_THREADS: usize = 1024;

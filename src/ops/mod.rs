@@ -5,6 +5,10 @@ pub mod attention;
 pub mod cuda_activation;
 #[cfg(feature = "cuda")]
 pub mod cuda_attention;
+#[cfg(feature = "cuda")]
+pub mod cuda_greedy;
+#[cfg(feature = "cuda")]
+pub mod cuda_norm;
 pub mod gelu;
 pub mod greedy;
 #[cfg(feature = "cuda")]
