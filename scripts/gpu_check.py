@@ -8,8 +8,10 @@ random weights (bf16, saved as safetensors + config.json + the carried tokenizer
    Hearth and transformers are measured against that f32 forward: Hearth's mean error must stay within
    MEAN_FACTOR x transformers' own, and its argmax must agree wherever the f32 reference's top-2
    margin exceeds TOLERANCE_FACTOR x transformers' max bf16 error + TOLERANCE_ABS.
-2. Throughput: `hearth bench` (prefill tok/s; decode at batch 1, 16, 64, 256) and transformers'
-   `generate` on the same batches; the batch-1 decode against the memory-bandwidth roofline.
+2. Throughput: `hearth bench` (prefill tok/s; decode at batch 1, 16, 64, 256), with decode steps as
+   CUDA graphs (the default) and eager (HEARTH_CUDA_GRAPHS=0), and transformers' `generate` on the
+   same batches; the batch-1 decode against the memory-bandwidth roofline. The logits check's decode
+   rows come from a graph replay (compared with the eager run that preceded its capture too).
 3. A Markdown table on stdout and in --out.
 """
 import argparse
@@ -107,15 +109,43 @@ def run(cmd):
     if r.returncode != 0:
         sys.stderr.write(r.stderr[-4000:])
         raise SystemExit(f"command failed ({r.returncode}): {' '.join(cmd)}")
+    # Graph captures and their failures (Hearth logs them), shown even when the command succeeds.
+    for line in [l for l in r.stderr.splitlines() if "graph" in l.lower()][:12]:
+        log("  ", line[-300:])
     return r.stdout
 
 
-def hearth_logits(binary, model_dir, prompts_path, work, attention):
-    out = os.path.join(work, f"logits-{attention}.bin")
-    meta = json.loads(
-        run([binary, "logits", "--model", model_dir, "--prompts", prompts_path, "--out", out,
-             "--device", "cuda:0", "--attention", attention])
-    )
+def with_env(env, f):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return f()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def hearth_logits(binary, model_dir, prompts_path, work, attention, env=None):
+    tag = "-".join(f"{k}{v}" for k, v in (env or {}).items())
+    out = os.path.join(work, f"logits-{attention}-{os.path.basename(model_dir)}{tag}.bin")
+    cmd = [binary, "logits", "--model", model_dir, "--prompts", prompts_path, "--out", out,
+           "--device", "cuda:0", "--attention", attention]
+    try:
+        meta = json.loads(with_env(env or {}, lambda: run(cmd)))
+    except SystemExit as e:
+        # A failing graph path must not hide the rest of the check: rerun eagerly, and say so.
+        log(f"{e}; again with HEARTH_CUDA_GRAPHS=0")
+        os.environ["HEARTH_CUDA_GRAPHS"] = "0"
+        try:
+            meta = json.loads(run(cmd))
+        finally:
+            os.environ.pop("HEARTH_CUDA_GRAPHS", None)
+        meta["graph_replay_vs_first_max"] = "graphs failed"
+    log(f"graph replay vs first run ({attention}, {os.path.basename(model_dir)}): "
+        f"{meta.get('graph_replay_vs_first_max')}")
     rows = np.fromfile(out, dtype="<f4").reshape(len(meta["rows"]), meta["vocab"])
     return meta, rows
 
@@ -153,7 +183,16 @@ def check_logits(binary, model, model_dir, vocab, work):
         dst.write(src.read())
     meta, kernel = hearth_logits(binary, model_dir, path, work, "cuda")
     _, portable = hearth_logits(binary, model_dir, path, work, "portable")
-    _, kernel32 = hearth_logits(binary, dir32, path, work, "cuda")
+    meta32, kernel32 = hearth_logits(binary, dir32, path, work, "cuda")
+    # The per-head attention kernel (HEARTH_ATTN_GQA=0; the grouped one is the default where the
+    # query heads per KV head are 2, 4 or 8), checked the same way.
+    ph_env = {"HEARTH_ATTN_GQA": "0"}
+    try:
+        _, ph = hearth_logits(binary, model_dir, path, work, "cuda", ph_env)
+        _, ph32 = hearth_logits(binary, dir32, path, work, "cuda", ph_env)
+    except SystemExit as e:
+        log(f"per-head attention kernel: {e}")
+        ph = ph32 = np.full_like(kernel, np.nan)
     hf16 = reference_logits(model, prompts, meta["rows"])
     ref32 = reference_logits(ref32_model, prompts, meta["rows"])
     del ref32_model
@@ -186,6 +225,9 @@ def check_logits(binary, model, model_dir, vocab, work):
         "hf_bf16_vs_f32_mean": hf_mean,
         "hearth_vs_hf_bf16_max": errors(kernel, hf16)[0],
         "kernel_vs_portable_max": errors(kernel, portable)[0],
+        "graph_replay_vs_first_bf16": meta.get("graph_replay_vs_first_max"),
+        "picks_vs_host": meta.get("picks_vs_host"),
+        "graph_replay_vs_first_f32": meta32.get("graph_replay_vs_first_max"),
         "tolerance": float(tol),
         "argmax_rows_checked": int(decided.sum()),
         "argmax_agree": int(agree.sum()),
@@ -196,15 +238,32 @@ def check_logits(binary, model, model_dir, vocab, work):
     # argmax wherever the reference decides clearly.
     res["f32_pass"] = f32_max <= F32_TOLERANCE
     res["bf16_pass"] = bool(h_mean <= MEAN_FACTOR * hf_mean and agree.all())
-    res["pass"] = bool(res["f32_pass"] and res["bf16_pass"])
+    # The engine's greedy picks on the GPU (one kernel) against the host pass over the same rows.
+    pk = meta.get("picks_vs_host") or {}
+    res["picks_pass"] = bool(pk and pk["token_mismatches"] == 0 and max(
+        pk["lse_max_diff"], pk["entropy_max_diff"], pk["margin_max_diff"]) <= 1e-3)
+    res["pass"] = bool(res["f32_pass"] and res["bf16_pass"] and res["picks_pass"])
+    ph32_max = errors(ph32, ref32)[0]
+    ph_mean = errors(ph, ref32)[1]
+    ph_agree = (ph.argmax(1) == ref32.argmax(1))[decided]
+    res["per_head"] = {
+        "f32_max": ph32_max,
+        "bf16_mean": ph_mean,
+        "vs_kernel_max": errors(ph, kernel)[0],
+        "argmax_agree": int(ph_agree.sum()),
+        "pass": bool(ph32_max <= F32_TOLERANCE and ph_mean <= MEAN_FACTOR * hf_mean
+                     and ph_agree.all() and np.isfinite(ph).all()),
+    }
     log("logits:", json.dumps(res))
     return res
 
 
-def hearth_bench(binary, model_dir):
-    out = run([binary, "bench", "--model", model_dir, "--device", "cuda:0",
-               "--batches", ",".join(map(str, BATCHES)), "--decode-tokens", str(DECODE_TOKENS),
-               "--prefill-tokens", str(PREFILL_TOKENS), "--repeat", "2", "--kv-cache-mib", "8192"])
+def hearth_bench(binary, model_dir, graphs, env=None):
+    env = {"HEARTH_CUDA_GRAPHS": "1" if graphs else "0", **(env or {})}
+    out = with_env(env, lambda: run([
+        binary, "bench", "--model", model_dir, "--device", "cuda:0",
+        "--batches", ",".join(map(str, BATCHES)), "--decode-tokens", str(DECODE_TOKENS),
+        "--prefill-tokens", str(PREFILL_TOKENS), "--repeat", "2", "--kv-cache-mib", "8192"]))
     sys.stderr.write(out)
     res = {}
     for line in out.splitlines():
@@ -286,19 +345,43 @@ def copy_bandwidth():
     return 2 * n * 10 / (time.perf_counter() - t)
 
 
+def pk_cell(pk):
+    if not pk:
+        return "not reported"
+    return (f"{pk['token_mismatches']} of {pk['rows']} / {pk['lse_max_diff']:.2e}, "
+            f"{pk['entropy_max_diff']:.2e}, {pk['margin_max_diff']:.2e}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--work", default="/tmp/gpu-check")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--before", help="an earlier build of Hearth, benchmarked alongside (eager)")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
     gpu = torch.cuda.get_device_name(0)
     log("GPU:", gpu)
     model, model_dir, vocab, n_params = make_model(a.work, a.tokenizer)
     logits = check_logits(a.bin, model, model_dir, vocab, a.work)
-    hearth = hearth_bench(a.bin, model_dir)
+    try:
+        hearth = hearth_bench(a.bin, model_dir, graphs=True)
+    except SystemExit as e:
+        log(f"bench with graphs failed: {e}")
+        hearth = {}
+    eager = hearth_bench(a.bin, model_dir, graphs=False)
+    try:
+        per_head = hearth_bench(a.bin, model_dir, graphs=True, env={"HEARTH_ATTN_GQA": "0"})
+    except SystemExit as e:
+        log(f"bench with the per-head attention kernel failed: {e}")
+        per_head = {}
+    before = {}
+    if a.before:
+        try:
+            before = hearth_bench(a.before, model_dir, graphs=False)
+        except SystemExit as e:
+            log(f"bench of the earlier build failed: {e}")
     hf = hf_throughput(model, vocab)
     bw = copy_bandwidth()
     weight_bytes = n_params * 2  # bf16; the tied embedding is read once per token, as the output layer
@@ -308,27 +391,33 @@ def main():
         f"GPU: {gpu}; model: Llama architecture, {n_params / 1e9:.2f}B parameters, bf16, random "
         f"weights; decode {DECODE_TOKENS} tokens per sequence after 16-token prompts.",
         "",
-        "| measure | Hearth | transformers `generate` | Hearth / generate | transformers forward loop "
-        "| Hearth / loop |",
-        "| --- | --- | --- | --- | --- | --- |",
-        f"| prefill, {PREFILL_TOKENS} tokens (tok/s) | {hearth.get('prefill', 0):.0f} | {hf['prefill']:.0f} "
+        "| measure | Hearth (graphs) | Hearth (eager) | earlier build | graphs, per-head attention "
+        "| transformers `generate` | Hearth / generate | transformers forward loop | Hearth / loop |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| prefill, {PREFILL_TOKENS} tokens (tok/s) | {hearth.get('prefill', 0):.0f} "
+        f"| {eager.get('prefill', 0):.0f} | {before.get('prefill', 0):.0f} "
+        f"| {per_head.get('prefill', 0):.0f} | {hf['prefill']:.0f} "
         f"| {hearth.get('prefill', 0) / hf['prefill']:.2f} | | |",
     ]
     for b in BATCHES:
         h = hearth.get(b, 0.0)
-        lines.append(f"| decode, batch {b} (tok/s) | {h:.0f} | {hf[b]:.0f} | {h / hf[b]:.2f} "
-                     f"| {hf[f'loop{b}']:.0f} | {h / hf[f'loop{b}']:.2f} |")
+        lines.append(f"| decode, batch {b} (tok/s) | {h:.0f} | {eager.get(b, 0.0):.0f} "
+                     f"| {before.get(b, 0.0):.0f} | {per_head.get(b, 0.0):.0f} | {hf[b]:.0f} "
+                     f"| {h / hf[b]:.2f} | {hf[f'loop{b}']:.0f} | {h / hf[f'loop{b}']:.2f} |")
     lines += [
         "",
         "Hearth's step time (`hearth bench` columns): whole engine step / its forward (host wall time, "
-        "logits read-back included) / the forward's device time (CUDA events), ms per step:",
+        "logits read-back included) / the forward's device time (CUDA events), ms per step, with decode "
+        "graphs and eager:",
         "",
-        "| decode batch | engine ms/step | forward ms/step | device ms/step |",
-        "| --- | --- | --- | --- |",
+        "| decode batch | graphs: engine / forward / device | eager: engine / forward / device "
+        "| earlier build: engine / forward / device | graphs, per-head attention |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for b in BATCHES:
-        sp = hearth.get(f"split decode, {b} sequences (aggregate)", ["", "", ""])
-        lines.append(f"| {b} | {sp[0]} | {sp[1]} | {sp[2]} |")
+        key = f"split decode, {b} sequences (aggregate)"
+        cells = [" / ".join(r.get(key, ["", "", ""])) for r in (hearth, eager, before, per_head)]
+        lines.append(f"| {b} | {' | '.join(cells)} |")
     lines += [
         "",
         "| roofline | value |",
@@ -336,8 +425,12 @@ def main():
         f"| measured copy bandwidth (read + write) | {bw / 1e9:.0f} GB/s |",
         f"| weight bytes per decoded token | {weight_bytes / 1e9:.2f} GB |",
         f"| roofline, batch-1 decode | {roofline:.0f} tok/s |",
-        f"| Hearth batch-1 decode, per-token (prefill excluded) | {hearth.get('stream', 0):.0f} tok/s "
+        f"| Hearth batch-1 decode, per-token (prefill excluded), graphs | {hearth.get('stream', 0):.0f} tok/s "
         f"= {hearth.get('stream', 0) / roofline:.0%} of roofline |",
+        f"| the same, eager | {eager.get('stream', 0):.0f} tok/s "
+        f"= {eager.get('stream', 0) / roofline:.0%} of roofline |",
+        f"| the same, earlier build | {before.get('stream', 0):.0f} tok/s "
+        f"= {before.get('stream', 0) / roofline:.0%} of roofline |",
         "",
         "| logits check (bf16) | value |",
         "| --- | --- |",
@@ -354,16 +447,27 @@ def main():
         f"| {logits['tolerance']:.4f} |",
         f"| max abs diff Hearth vs transformers bf16 | {logits['hearth_vs_hf_bf16_max']:.4f} |",
         f"| max abs diff CUDA kernel vs portable attention | {logits['kernel_vs_portable_max']:.4f} |",
+        f"| decode rows: graph replay vs its first (eager) run, bf16 / f32 | "
+        f"{logits['graph_replay_vs_first_bf16']} / {logits['graph_replay_vs_first_f32']} |",
+        f"| greedy picks on the GPU vs the host pass: token mismatches / max diff lse, entropy, margin "
+        f"| {pk_cell(logits['picks_vs_host'])} |",
         f"| argmax agrees (rows with top-2 margin > tolerance) | {logits['argmax_agree']} / "
         f"{logits['argmax_rows_checked']} |",
         f"| logits check | {'PASS' if logits['pass'] else 'FAIL'} |",
+        f"| per-head attention kernel (HEARTH_ATTN_GQA=0): f32 max diff / bf16 mean error / max diff "
+        f"vs the default kernel (bf16) / argmax agrees | {logits['per_head']['f32_max']:.5f} / "
+        f"{logits['per_head']['bf16_mean']:.5f} / {logits['per_head']['vs_kernel_max']:.4f} / "
+        f"{logits['per_head']['argmax_agree']} of {logits['argmax_rows_checked']} |",
+        f"| per-head attention kernel check | {'PASS' if logits['per_head']['pass'] else 'FAIL'} |",
     ]
     text = "\n".join(lines)
     print(text)
     with open(a.out, "w") as f:
         f.write(text + "\n")
     with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
-        json.dump({"logits": logits, "hearth": hearth, "transformers": hf, "copy_bw": bw,
+        json.dump({"logits": logits, "hearth": hearth, "hearth_eager": eager,
+                   "hearth_before": before, "hearth_per_head": per_head, "transformers": hf,
+                   "copy_bw": bw,
                    "weight_bytes": weight_bytes, "gpu": gpu}, f, indent=1, default=str)
     log("done")
     sys.exit(0 if logits["pass"] else 1)
