@@ -81,7 +81,8 @@ extern "C" __global__ void __launch_bounds__(PICK_THREADS)
     Best b{-INFINITY, 0xffffffffu};
     for (size_t c = threadIdx.x; c < cols; c += PICK_THREADS) b = better(b, Best{row[c], (unsigned int)c});
     b = block_best<PICK_THREADS>(b);
-    // A row that starts with NaN, or holds nothing but NaN and -inf, picks index 0 (as the CPU pass).
+    // A row that starts with NaN, or holds nothing but NaN, picks index 0 (as the CPU pass); an
+    // all -inf row already picked its first index.
     if (b.i == 0xffffffffu || isnan(row[0])) b = Best{row[0], 0};
     const float max = b.v;
     float sum = 0.f, moment = 0.f, second = -INFINITY;

@@ -139,7 +139,7 @@ __device__ void paged_attention(T *__restrict__ out, const T *__restrict__ q,
     for (int i = 0; i < MAX_PER_LANE; i++) sm_acc[warp][lane + 32 * i] = acc[i];
     __syncthreads();
     if (warp != 0) return;
-    // Warp 0 always saw key `pos`, so the maximum is finite.
+    // The warp that walked key `pos` (warp (pos - lo) % WARPS) makes the maximum finite.
     float mx = -INFINITY;
 #pragma unroll
     for (int w = 0; w < WARPS; w++) mx = fmaxf(mx, sm_m[w]);

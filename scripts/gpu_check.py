@@ -228,6 +228,8 @@ def check_logits(binary, model, model_dir, vocab, work):
         "graph_replay_vs_first_bf16": meta.get("graph_replay_vs_first_max"),
         "picks_vs_host": meta.get("picks_vs_host"),
         "graph_replay_vs_first_f32": meta32.get("graph_replay_vs_first_max"),
+        "graph_steps_bf16": meta.get("graph_steps_vs_eager_max"),
+        "graph_steps_f32": meta32.get("graph_steps_vs_eager_max"),
         "tolerance": float(tol),
         "argmax_rows_checked": int(decided.sum()),
         "argmax_agree": int(agree.sum()),
@@ -242,7 +244,12 @@ def check_logits(binary, model, model_dir, vocab, work):
     pk = meta.get("picks_vs_host") or {}
     res["picks_pass"] = bool(pk and pk["token_mismatches"] == 0 and max(
         pk["lse_max_diff"], pk["entropy_max_diff"], pk["margin_max_diff"]) <= 1e-3)
-    res["pass"] = bool(res["f32_pass"] and res["bf16_pass"] and res["picks_pass"])
+    # Graph replays over changing inputs (8 greedy steps past the prompts) against eager forwards of
+    # the same batches.
+    steps = [res["graph_steps_bf16"], res["graph_steps_f32"]]
+    res["graph_steps_pass"] = all(isinstance(s, (int, float)) and s <= 1e-2 for s in steps)
+    res["pass"] = bool(res["f32_pass"] and res["bf16_pass"] and res["picks_pass"]
+                       and res["graph_steps_pass"])
     ph32_max = errors(ph32, ref32)[0]
     ph_mean = errors(ph, ref32)[1]
     ph_agree = (ph.argmax(1) == ref32.argmax(1))[decided]
@@ -449,6 +456,8 @@ def main():
         f"| max abs diff CUDA kernel vs portable attention | {logits['kernel_vs_portable_max']:.4f} |",
         f"| decode rows: graph replay vs its first (eager) run, bf16 / f32 | "
         f"{logits['graph_replay_vs_first_bf16']} / {logits['graph_replay_vs_first_f32']} |",
+        f"| 8 greedy steps more: graph vs eager logits, max abs diff, bf16 / f32 (limit 0.01) | "
+        f"{logits['graph_steps_bf16']} / {logits['graph_steps_f32']} |",
         f"| greedy picks on the GPU vs the host pass: token mismatches / max diff lse, entropy, margin "
         f"| {pk_cell(logits['picks_vs_host'])} |",
         f"| argmax agrees (rows with top-2 margin > tolerance) | {logits['argmax_agree']} / "

@@ -410,6 +410,7 @@ fn main() -> Result<()> {
                     "attention": format!("{backend:?}"),
                     "rows": infos,
                     "graph_replay_vs_first_max": staged.graph_replay_vs_first_max,
+                    "graph_steps_vs_eager_max": staged.graph_steps_vs_eager_max,
                     "picks_vs_host": hearth::logits::pick_check(&rows, &device)?,
                 })
             );

@@ -484,6 +484,17 @@ impl Engine {
             d.cfg.head_dim,
             dtype,
         );
+        let backend = cfg
+            .backend
+            .unwrap_or_else(|| AttentionBackend::best_for(&d.device, dtype));
+        // Before the KV cache is sized from the free memory: the graphs' shared result buffers.
+        #[cfg(feature = "cuda")]
+        let graphs = decode_graphs::DecodeGraphs::new(
+            &d.device,
+            backend,
+            d.cfg.vocab,
+            model.max_context().div_ceil(cfg.block_size),
+        )?;
         let num_blocks = cfg
             .num_blocks
             .unwrap_or(cfg.kv_budget.bytes(&d.device) / per_block.max(1));
@@ -493,18 +504,10 @@ impl Engine {
                 total: 0,
             });
         }
-        let backend = cfg
-            .backend
-            .unwrap_or_else(|| AttentionBackend::best_for(&d.device, dtype));
         // Decode graphs pad their batches with rows that write to a block of their own: one block
         // past the pool's.
         #[cfg(feature = "cuda")]
-        let graphs = decode_graphs::DecodeGraphs::new(
-            &d.device,
-            backend,
-            num_blocks as u32,
-            model.max_context().div_ceil(cfg.block_size),
-        );
+        let graphs = graphs.map(|g| g.with_sink(num_blocks as u32));
         #[cfg(feature = "cuda")]
         let sink_blocks = usize::from(graphs.is_some());
         #[cfg(not(feature = "cuda"))]
