@@ -71,8 +71,13 @@ impl Allocation {
     /// block: the slots are already there.
     pub fn take_copy(&mut self) -> Option<BlockCopy> {
         let (src, len) = self.lend.take()?;
-        let dst = *self.blocks.get(self.hashes.len())?;
+        let dst = self.after_full()?;
         (src != dst).then_some(BlockCopy { src, dst, len })
+    }
+
+    /// The block after the last full one: the partly filled tail, or where lent slots go.
+    fn after_full(&self) -> Option<u32> {
+        self.blocks.get(self.hashes.len()).copied()
     }
 
     /// The block table, in token order.
@@ -220,9 +225,10 @@ impl BlockPool {
         self.caching
     }
 
-    /// Whether prompts may reuse part of a cached block (on by default with caching). The copy costs
-    /// two small copies per layer: nothing on the CPU, where each recomputed token costs a full
-    /// pass over the weights, but launches on a GPU, where a few prompt tokens more are nearly free.
+    /// Whether prompts may reuse part of a cached block (on by default with caching). Each reuse
+    /// copies the lent slots, two small copies per layer: next to nothing on the CPU, where each
+    /// recomputed token costs a full pass over the weights. The engine leaves it off on a GPU, where
+    /// the copies would be small launches traded against a few prompt tokens (not measured yet).
     pub fn set_partial_reuse(&mut self, on: bool) {
         self.partial = on && self.caching;
     }
@@ -302,7 +308,7 @@ impl BlockPool {
     /// released first so that, among a sequence's cached blocks, the tail is evicted first.
     pub fn release(&mut self, alloc: &mut Allocation) {
         let tail = std::mem::take(&mut alloc.tail);
-        let tail_block = alloc.blocks.get(alloc.hashes.len()).copied();
+        let tail_block = alloc.after_full();
         let parent = alloc.hashes.last().copied().unwrap_or(ROOT_HASH);
         alloc.hashes.clear();
         alloc.lend = None;
@@ -314,15 +320,9 @@ impl BlockPool {
                 continue;
             }
             if self.partial && Some(b) == tail_block && !tail.is_empty() {
-                let kids = self.children.entry((parent, alloc.salt)).or_default();
-                if !kids.contains_key(tail.as_slice()) {
-                    kids.insert(tail.clone(), b);
-                    m.parent = parent;
-                    m.salt = alloc.salt;
-                    m.tokens.clone_from(&tail);
-                    m.lends = true;
-                }
+                self.lend(b, parent, alloc.salt, &tail);
             }
+            let m = &mut self.meta[b as usize];
             if (m.hash.is_some() || m.lends) && self.caching {
                 self.tick += 1;
                 m.lru_key = Some(self.tick);
@@ -465,14 +465,25 @@ impl BlockPool {
         m.tokens = tokens.to_vec();
         self.index.insert(h, block);
         if self.partial {
-            self.children
-                .entry((parent, salt))
-                .or_default()
-                .insert(tokens.to_vec(), block);
-            self.meta[block as usize].lends = true;
+            self.lend(block, parent, salt, tokens);
         }
         self.stored(h, parent, salt, tokens);
         h
+    }
+
+    /// Makes `block`, whose leading slots hold `tokens` after the chain `parent` (under `salt`), a
+    /// lender for partial reuse, unless a block with the same run already is one.
+    fn lend(&mut self, block: u32, parent: u64, salt: u64, tokens: &[u32]) {
+        let kids = self.children.entry((parent, salt)).or_default();
+        if kids.contains_key(tokens) {
+            return;
+        }
+        kids.insert(tokens.to_vec(), block);
+        let m = &mut self.meta[block as usize];
+        m.parent = parent;
+        m.salt = salt;
+        m.tokens = tokens.to_vec();
+        m.lends = true;
     }
 }
 
