@@ -138,11 +138,7 @@ def hearth_logits(binary, model_dir, prompts_path, work, attention, env=None):
     except SystemExit as e:
         # A failing graph path must not hide the rest of the check: rerun eagerly, and say so.
         log(f"{e}; again with HEARTH_CUDA_GRAPHS=0")
-        os.environ["HEARTH_CUDA_GRAPHS"] = "0"
-        try:
-            meta = json.loads(run(cmd))
-        finally:
-            os.environ.pop("HEARTH_CUDA_GRAPHS", None)
+        meta = json.loads(with_env({**(env or {}), "HEARTH_CUDA_GRAPHS": "0"}, lambda: run(cmd)))
         meta["graph_replay_vs_first_max"] = "graphs failed"
     log(f"graph replay vs first run ({attention}, {os.path.basename(model_dir)}): "
         f"{meta.get('graph_replay_vs_first_max')}")

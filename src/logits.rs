@@ -119,13 +119,7 @@ pub fn staged_logits_with(
             let again = g.run(&model.decoder, &kv, &batch)?;
             if let (Some(a), Some(b)) = (first, again) {
                 let b = b.logits.to_vec2::<f32>()?;
-                let diff = a
-                    .iter()
-                    .flatten()
-                    .zip(b.iter().flatten())
-                    .map(|(x, y)| (x - y).abs())
-                    .fold(0f32, f32::max);
-                replay_diff = Some(diff);
+                replay_diff = Some(max_abs_diff(&a, &b));
                 rows.extend(b);
                 continue;
             }
@@ -185,12 +179,20 @@ fn graph_steps(
             .decoder
             .forward(&batch, kv, backend)?
             .to_vec2::<f32>()?;
-        for (a, b) in got.iter().flatten().zip(want.iter().flatten()) {
-            worst = worst.max((a - b).abs());
-        }
+        worst = worst.max(max_abs_diff(&got, &want));
         next = want.iter().map(|r| greedy::pick(r).token).collect();
     }
     Ok(Some(worst))
+}
+
+/// The largest absolute difference between two sets of rows.
+#[cfg(feature = "cuda")]
+fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
 }
 
 /// The device's greedy picks of logit rows against the host pass (`ops::greedy::pick`).

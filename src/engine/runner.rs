@@ -81,9 +81,7 @@ impl Runner {
             logits: Some(logits),
         })
     }
-}
 
-impl Runner {
     /// The step's forward: through a decode graph where one applies, eagerly otherwise. Also
     /// returns `pick_tensors` of the logits where the graph computed them.
     fn forward(&self, batch: &Batch) -> Result<(Tensor, Option<Tensor>)> {

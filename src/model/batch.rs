@@ -32,6 +32,29 @@ pub struct Padding {
     pub sink: u32,
 }
 
+/// The per-token sections of `Batch::pack`'s buffer, in their order; the block tables follow them.
+#[derive(Debug, Clone, Copy)]
+pub enum Packed {
+    Ids,
+    Positions,
+    Slots,
+    /// Token -> chunk (the row of its block table).
+    Chunks,
+}
+
+impl Packed {
+    /// Where the section lies in a buffer of `n` tokens.
+    pub fn range(self, n: usize) -> std::ops::Range<usize> {
+        let i = self as usize;
+        i * n..(i + 1) * n
+    }
+
+    /// Where the block tables start in a buffer of `n` tokens.
+    pub fn tables_from(n: usize) -> usize {
+        4 * n
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Batch {
     pub tokens: Vec<u32>,
@@ -90,31 +113,30 @@ impl Batch {
             .max(1)
     }
 
-    /// The batch as the CUDA kernels read it, one u32 buffer (one upload): [token ids | positions |
-    /// slot mapping | token -> chunk | block tables, one row of `max_blocks` (at least the longest
-    /// table) per chunk], with `pad` rows (one token each) after the batch's own.
+    /// The batch as the CUDA kernels read it, one u32 buffer (one upload): the `Packed` sections,
+    /// then the block tables, one row of `max_blocks` (at least the longest table) per chunk; with
+    /// `pad` rows (one token each) after the batch's own.
     pub fn pack(&self, max_blocks: usize, pad: Option<Padding>) -> Vec<u32> {
         let (extra, sink) = pad.map_or((0, 0), |p| (p.rows, p.sink));
         let real = self.num_tokens();
         let n = real + extra;
         let rows = self.seqs.len() + extra;
-        let mut out = vec![0u32; 4 * n + rows.max(1) * max_blocks];
-        let (ids, rest) = out.split_at_mut(n);
-        let (pos, rest) = rest.split_at_mut(n);
-        let (slots, rest) = rest.split_at_mut(n);
-        let (seq, tables) = rest.split_at_mut(n);
-        ids[..real].copy_from_slice(&self.tokens);
-        pos[..real].copy_from_slice(&self.positions);
+        let mut out = vec![0u32; Packed::tables_from(n) + rows.max(1) * max_blocks];
+        out[Packed::Ids.range(n)][..real].copy_from_slice(&self.tokens);
+        out[Packed::Positions.range(n)][..real].copy_from_slice(&self.positions);
+        let slots = &mut out[Packed::Slots.range(n)];
         slots[..real].copy_from_slice(&self.slot_mapping);
         slots[real..].fill(sink * self.block_size as u32);
+        let (head, tables) = out.split_at_mut(Packed::tables_from(n));
+        let chunks = &mut head[Packed::Chunks.range(n)];
         // Rows padded to the longest table: a kernel indexes (chunk, block) without offsets.
         for (i, s) in self.seqs.iter().enumerate() {
             tables[i * max_blocks..][..s.block_table.len()].copy_from_slice(&s.block_table);
-            seq[s.start..s.start + s.len].fill(i as u32);
+            chunks[s.start..s.start + s.len].fill(i as u32);
         }
         for p in 0..extra {
             let row = self.seqs.len() + p;
-            seq[real + p] = row as u32;
+            chunks[real + p] = row as u32;
             tables[row * max_blocks] = sink;
         }
         out

@@ -169,7 +169,6 @@ pub struct StepInputs<'a> {
     ids: Tensor,
     pos: Tensor,
     rows: LogitRows,
-    n: usize,
 }
 
 impl<'a> StepInputs<'a> {
@@ -177,14 +176,11 @@ impl<'a> StepInputs<'a> {
     /// one of its `n_tokens` rows gets logits. `batch` is the step's real (unpadded) batch.
     #[cfg(feature = "cuda")]
     pub fn graph(batch: &'a Batch, cuda: crate::ops::cuda_attention::CudaBatch) -> Result<Self> {
-        let (ids, pos) = (cuda.ids()?, cuda.positions()?);
-        let n = ids.dim(0)?;
         Ok(Self {
+            ids: cuda.ids()?,
+            pos: cuda.positions()?,
             attn: StepAttention::over(batch, cuda),
-            ids,
-            pos,
             rows: LogitRows::All,
-            n,
         })
     }
 }
@@ -425,7 +421,6 @@ impl Decoder {
             ids,
             pos,
             rows,
-            n,
         })
     }
 
@@ -434,7 +429,8 @@ impl Decoder {
     pub fn forward_inputs(&self, inputs: &StepInputs<'_>, kv: &KvCache) -> Result<Tensor> {
         let cfg = &self.cfg;
         let dev = &self.device;
-        let (ids, pos, n, attn) = (&inputs.ids, &inputs.pos, inputs.n, &inputs.attn);
+        let (ids, pos, attn) = (&inputs.ids, &inputs.pos, &inputs.attn);
+        let n = ids.dim(0)?;
         let cos_g = self.rope_global.0.index_select(pos, 0)?;
         let sin_g = self.rope_global.1.index_select(pos, 0)?;
         let (cos_l, sin_l) = if cfg.sliding_window.is_some() {

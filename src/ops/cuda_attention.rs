@@ -12,7 +12,7 @@ use candle_core::{
 
 use super::kernel_limits::{ATTN_THREADS as THREADS, MAX_HEAD_DIM};
 use super::AttnParams;
-use crate::model::batch::Batch;
+use crate::model::batch::{Batch, Packed};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
 const MODULE: &str = "hearth_paged_attention";
@@ -46,7 +46,9 @@ impl CudaBatch {
         max_blocks: usize,
         block_size: usize,
     ) -> candle_core::Result<Self> {
-        if packed.dtype() != DType::U32 || packed.elem_count() < 4 * n_tokens + max_blocks {
+        if packed.dtype() != DType::U32
+            || packed.elem_count() < Packed::tables_from(n_tokens) + max_blocks
+        {
             bail!("cuda batch: the packed buffer does not hold {n_tokens} rows");
         }
         Ok(Self {
@@ -64,12 +66,14 @@ impl CudaBatch {
 
     /// The token ids, as a tensor.
     pub fn ids(&self) -> candle_core::Result<Tensor> {
-        self.packed.narrow(0, 0, self.n_tokens)
+        let r = Packed::Ids.range(self.n_tokens);
+        self.packed.narrow(0, r.start, r.len())
     }
 
     /// The positions, as a tensor.
     pub fn positions(&self) -> candle_core::Result<Tensor> {
-        self.packed.narrow(0, self.n_tokens, self.n_tokens)
+        let r = Packed::Positions.range(self.n_tokens);
+        self.packed.narrow(0, r.start, r.len())
     }
 
     /// Runs `f` with the device buffer (from the layout's offset on).
@@ -84,22 +88,6 @@ impl CudaBatch {
             .as_cuda_slice::<u32>()?
             .slice(l.start_offset()..);
         f(&all)
-    }
-
-    fn slot_range(&self) -> std::ops::Range<usize> {
-        2 * self.n_tokens..3 * self.n_tokens
-    }
-
-    fn seq_range(&self) -> std::ops::Range<usize> {
-        3 * self.n_tokens..4 * self.n_tokens
-    }
-
-    fn pos_range(&self) -> std::ops::Range<usize> {
-        self.n_tokens..2 * self.n_tokens
-    }
-
-    fn tables_from(&self) -> usize {
-        4 * self.n_tokens
     }
 }
 
@@ -119,7 +107,7 @@ fn kernel_suffix(dtype: DType) -> candle_core::Result<&'static str> {
     })
 }
 
-fn check_contiguous(name: &str, l: &Layout) -> candle_core::Result<()> {
+pub(super) fn check_contiguous(name: &str, l: &Layout) -> candle_core::Result<()> {
     if !l.is_contiguous() {
         bail!("{name}: inputs must be contiguous");
     }
@@ -153,7 +141,7 @@ impl WriteKv<'_> {
             .slice_mut(cl.start_offset()..);
         let row_i = row as i32;
         self.batch.with_buffer(|buf| {
-            let slots = buf.slice(self.batch.slot_range());
+            let slots = buf.slice(Packed::Slots.range(self.batch.n_tokens));
             let mut b = func.builder();
             b.arg(&mut c);
             b.arg(&s);
@@ -259,9 +247,9 @@ impl Attend<'_> {
         ];
         let window = p.window.unwrap_or(0) as i32;
         self.batch.with_buffer(|buf| {
-            let tables = buf.slice(self.batch.tables_from()..);
-            let seq = buf.slice(self.batch.seq_range());
-            let pos = buf.slice(self.batch.pos_range());
+            let tables = buf.slice(Packed::tables_from(self.batch.n_tokens)..);
+            let seq = buf.slice(Packed::Chunks.range(self.batch.n_tokens));
+            let pos = buf.slice(Packed::Positions.range(self.batch.n_tokens));
             let mut b = func.builder();
             b.arg(&out);
             b.arg(&q);
@@ -402,7 +390,7 @@ impl RopeWriteQkv<'_> {
         let func = dev.get_or_load_custom_func(&format!("rope_write_qkv_{suffix}"), MODULE, PTX)?;
         let ints = [h as i32, kvh as i32, d as i32];
         self.batch.with_buffer(|buf| {
-            let slots = buf.slice(self.batch.slot_range());
+            let slots = buf.slice(Packed::Slots.range(self.batch.n_tokens));
             let mut b = func.builder();
             b.arg(&q);
             b.arg(&k);

@@ -93,9 +93,7 @@ impl CustomOp3 for AddRmsNorm {
         wl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         for l in [xl, al, wl] {
-            if !l.is_contiguous() {
-                bail!("add-rms-norm: inputs must be contiguous");
-            }
+            super::cuda_attention::check_contiguous(self.name(), l)?;
         }
         let (rows, cols) = xl.shape().dims2()?;
         if al.shape().dims2()? != (rows, cols) || wl.shape().dims1()? != cols || !Self::fits(cols) {
