@@ -140,6 +140,44 @@ fn the_batcher_packs_by_padded_tokens_and_batches_requests_that_wait_together() 
     assert_eq!(s.tenant_device_nanos.values().sum::<u64>(), s.device_nanos);
 }
 
+/// Hearth's CPU encoder against candle-transformers' BERT (the portable path) on the same
+/// weights, base and adapted: the same vectors to f32 rounding. And its vectors do not depend on
+/// the batch: an input gets the same bits alone as beside others of other lengths.
+#[test]
+fn the_cpu_encoder_matches_candles_model_and_gives_the_same_bits_in_any_batch() {
+    use hearth::embedding::adapter::Adapter;
+    let dir = common::models_dir().join("all-minilm-l6-v2");
+    let refs = reference();
+    let texts: Vec<&str> = refs.iter().map(|r| r.0.as_str()).collect();
+    for adapter in [None, Some(Adapter::Questions)] {
+        let cpu = Embedder::load_adapted(&dir, adapter.as_ref(), &Device::Cpu).unwrap();
+        let portable = Embedder::load_portable(&dir, adapter.as_ref(), &Device::Cpu).unwrap();
+        assert_eq!(cpu.encoder(), "hearth-cpu");
+        assert_eq!(portable.encoder(), "candle-transformers");
+        let batch = cpu.embed(&texts).unwrap();
+        let want = portable.embed(&texts).unwrap();
+        let mut worst = 0f32;
+        for (i, text) in texts.iter().enumerate() {
+            let alone = cpu.embed(&[text]).unwrap().remove(0);
+            assert_eq!(alone, batch[i], "{text:?}: alone and batched differ");
+            let reversed: Vec<&str> = texts.iter().rev().copied().collect();
+            let other = cpu.embed(&reversed).unwrap();
+            assert_eq!(
+                other[texts.len() - 1 - i],
+                batch[i],
+                "{text:?}: another batch"
+            );
+            for (a, b) in batch[i].iter().zip(&want[i]) {
+                worst = worst.max((a - b).abs());
+            }
+        }
+        assert!(
+            worst < 2e-6,
+            "adapter {adapter:?}: {worst} from candle's model"
+        );
+    }
+}
+
 /// The built-in question-matching adapter merged into the weights gives the vectors that the
 /// training script's fp64 NumPy reference gives for the merged model
 /// (tests/data/question_adapter_reference.json, written with the adapter); and the adapter moves

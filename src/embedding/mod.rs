@@ -3,6 +3,7 @@
 //! all-MiniLM-L6-v2 is trained to be used. `batcher` serves it to concurrent requests.
 pub mod adapter;
 pub mod batcher;
+mod cpu_bert;
 
 use std::path::Path;
 
@@ -20,7 +21,7 @@ const DEFAULT_MAX_TOKENS: usize = 256;
 /// An embedding model loaded from a sentence-transformers folder (`config.json`,
 /// `model.safetensors`, `tokenizer.json`, optionally `sentence_bert_config.json`).
 pub struct Embedder {
-    model: BertModel,
+    encoder: Encoder,
     /// Cuts at `max_tokens`, as sentence-transformers does.
     tokenizer: Tokenizer,
     /// Cuts nowhere: to tell a too-long input from one that fits.
@@ -36,6 +37,14 @@ pub struct Embedder {
     device: Device,
     /// The merged adapter's digest; empty without one.
     adapter: String,
+}
+
+/// Which code computes the encoder.
+enum Encoder {
+    /// candle-transformers' model: every device.
+    Portable(BertModel),
+    /// Hearth's CPU encoder (`cpu_bert`): the same model, fewer and larger pieces of work.
+    Cpu(cpu_bert::CpuBert),
 }
 
 fn file_error(path: &Path, reason: impl ToString) -> HearthError {
@@ -67,11 +76,31 @@ impl Embedder {
         Self::load_adapted(dir, None, device)
     }
 
-    /// The model with `adapter`'s low-rank updates merged into its weights.
+    /// The model with `adapter`'s low-rank updates merged into its weights. On the CPU it runs on
+    /// Hearth's encoder unless `HEARTH_PORTABLE_BERT=1` (to compare).
     pub fn load_adapted(
         dir: &Path,
         adapter: Option<&adapter::Adapter>,
         device: &Device,
+    ) -> Result<Self> {
+        let portable = std::env::var("HEARTH_PORTABLE_BERT").is_ok_and(|v| v == "1");
+        Self::load_with(dir, adapter, device, portable)
+    }
+
+    /// As `load_adapted`, on candle-transformers' model whatever the device.
+    pub fn load_portable(
+        dir: &Path,
+        adapter: Option<&adapter::Adapter>,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::load_with(dir, adapter, device, true)
+    }
+
+    fn load_with(
+        dir: &Path,
+        adapter: Option<&adapter::Adapter>,
+        device: &Device,
+        portable: bool,
     ) -> Result<Self> {
         let read = |name: &str| -> Result<String> {
             let p = dir.join(name);
@@ -96,20 +125,14 @@ impl Embedder {
             Some(a) => a.merge(&mut tensors, device)?,
             None => String::new(),
         };
-        let tensors = tensors
-            .into_iter()
-            .map(|(name, t)| {
-                // A linear layer multiplies by its weight transposed: kept transposed in memory,
-                // that operand is contiguous and the matrix multiply reads it in place instead of
-                // repacking the whole weight on every call (most of the time of a short input).
-                let linear =
-                    t.rank() == 2 && name.ends_with(".weight") && !name.contains("embeddings");
-                let t = if linear { t.t()?.contiguous()?.t()? } else { t };
-                Ok((name, t.to_dtype(DType::F32)?))
-            })
-            .collect::<Result<std::collections::HashMap<_, _>>>()?;
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-        let model = BertModel::load(vb, &cfg)?;
+        let cpu = match device.is_cpu() && !portable {
+            true => cpu_bert::CpuBert::load(&tensors, &cfg, max_tokens)?,
+            false => None,
+        };
+        let encoder = match cpu {
+            Some(e) => Encoder::Cpu(e),
+            None => Encoder::Portable(Self::portable(tensors, &cfg, device)?),
+        };
         let tok_path = dir.join("tokenizer.json");
         let mut tokenizer =
             Tokenizer::from_file(&tok_path).map_err(|e| HearthError::Tokenizer(e.to_string()))?;
@@ -129,7 +152,7 @@ impl Embedder {
         let (h, ff) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
         let suffix = special_suffix(&whole)?;
         Ok(Self {
-            model,
+            encoder,
             tokenizer,
             whole,
             max_tokens,
@@ -142,6 +165,36 @@ impl Embedder {
             device: device.clone(),
             adapter,
         })
+    }
+
+    /// candle-transformers' model on `tensors`.
+    fn portable(
+        tensors: std::collections::HashMap<String, Tensor>,
+        cfg: &Config,
+        device: &Device,
+    ) -> Result<BertModel> {
+        let tensors = tensors
+            .into_iter()
+            .map(|(name, t)| {
+                // A linear layer multiplies by its weight transposed: kept transposed in memory,
+                // that operand is contiguous and the matrix multiply reads it in place instead of
+                // repacking the whole weight on every call (most of the time of a short input).
+                let linear =
+                    t.rank() == 2 && name.ends_with(".weight") && !name.contains("embeddings");
+                let t = if linear { t.t()?.contiguous()?.t()? } else { t };
+                Ok((name, t.to_dtype(DType::F32)?))
+            })
+            .collect::<Result<std::collections::HashMap<_, _>>>()?;
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        Ok(BertModel::load(vb, cfg)?)
+    }
+
+    /// The code that computes it: Hearth's CPU encoder or candle-transformers' model.
+    pub fn encoder(&self) -> &'static str {
+        match self.encoder {
+            Encoder::Cpu(_) => "hearth-cpu",
+            Encoder::Portable(_) => "candle-transformers",
+        }
     }
 
     /// Whether an adapter was merged into its weights.
@@ -240,24 +293,33 @@ impl Embedder {
                 self.vocab
             )));
         }
-        let n = inputs.len();
-        let mut ids = vec![0u32; n * len];
-        let mut mask = vec![0u32; n * len];
-        for (i, input) in inputs.iter().enumerate() {
-            ids[i * len..][..input.len()].copy_from_slice(input);
-            mask[i * len..][..input.len()].fill(1);
-        }
-        let ids = Tensor::from_vec(ids, (n, len), &self.device)?;
-        let mask = Tensor::from_vec(mask, (n, len), &self.device)?;
-        let states = self.model.forward(&ids, &ids.zeros_like()?, Some(&mask))?;
-        // Mean over the real tokens (padding masked out), then unit length (sentence-transformers'
-        // Normalize: x / max(|x|, 1e-12)).
-        let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-        let sums = states.broadcast_mul(&mask)?.sum(1)?;
-        let counts = mask.sum(1)?;
-        let means = sums.broadcast_div(&counts)?;
-        let norms = means.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12)?;
-        Ok(means.broadcast_div(&norms)?.to_vec2::<f32>()?)
+        let means = match &self.encoder {
+            Encoder::Cpu(e) => e.mean_states(inputs),
+            Encoder::Portable(model) => {
+                let n = inputs.len();
+                let mut ids = vec![0u32; n * len];
+                let mut mask = vec![0u32; n * len];
+                for (i, input) in inputs.iter().enumerate() {
+                    ids[i * len..][..input.len()].copy_from_slice(input);
+                    mask[i * len..][..input.len()].fill(1);
+                }
+                let ids = Tensor::from_vec(ids, (n, len), &self.device)?;
+                let mask = Tensor::from_vec(mask, (n, len), &self.device)?;
+                let states = model.forward(&ids, &ids.zeros_like()?, Some(&mask))?;
+                // Mean over the real tokens (padding masked out).
+                let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+                let sums = states.broadcast_mul(&mask)?.sum(1)?;
+                sums.broadcast_div(&mask.sum(1)?)?.to_vec2::<f32>()?
+            }
+        };
+        // Unit length, as sentence-transformers' Normalize: x / max(|x|, 1e-12).
+        Ok(means
+            .into_iter()
+            .map(|m| {
+                let norm = m.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                m.iter().map(|v| v / norm).collect()
+            })
+            .collect())
     }
 
     /// One unit vector per text.

@@ -306,7 +306,7 @@ fn load_embedders(
             let t0 = Instant::now();
             let adapter = m.adapter.as_deref().map(crate::embedding::adapter::Adapter::parse);
             let e = crate::embedding::Embedder::load_adapted(&m.path, adapter.as_ref(), device)?;
-            tracing::info!(model = %m.name, dims = e.dims(), secs = t0.elapsed().as_secs_f32(), "embedding model ready");
+            tracing::info!(model = %m.name, dims = e.dims(), encoder = e.encoder(), secs = t0.elapsed().as_secs_f32(), "embedding model ready");
             crate::embedding::batcher::EmbedHandle::start(&m.name, e, batching)
         })
         .collect()
