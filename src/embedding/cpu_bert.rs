@@ -6,9 +6,10 @@
 //! per input over its own tokens, which is what the padding mask computes), Q, K and V are one
 //! projection, and the work is split over the pool by output columns and by (input, head).
 //!
-//! Every output element's sum runs in one order whatever the batch, the thread count or the CPU's
-//! cache sizes: gemm (the crate candle's CPU matmul uses) is called per fixed column chunk with at
-//! most `KC` terms, which it sums in one pass. So an input gets the same vector alone or batched.
+//! Every output element's sum runs in one order whatever the batch and the thread count: gemm (the
+//! crate candle's CPU matmul uses) is called per fixed column chunk with at most `KC` terms, which
+//! it sums in one pass, and never on one row (gemm's one-row path adds in another order). So an
+//! input gets the same vector alone or batched.
 use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
@@ -37,11 +38,18 @@ struct Dense {
 }
 
 impl Dense {
-    /// Projections stacked along their outputs (Q, K and V as one), from PyTorch's (n, k) weights.
-    fn stacked(parts: &[(&Tensor, &Tensor)]) -> Result<Self> {
+    /// Projections stacked along their outputs (Q, K and V as one), from PyTorch's (n, k) weights;
+    /// an error unless the result is (k, n) (the unchecked multiplies below rely on it).
+    fn stacked(parts: &[(&Tensor, &Tensor)], k: usize, n: usize) -> Result<Self> {
         let w = Tensor::cat(&parts.iter().map(|p| p.0).collect::<Vec<_>>(), 0)?;
         let b = Tensor::cat(&parts.iter().map(|p| p.1).collect::<Vec<_>>(), 0)?;
-        let (n, k) = w.dims2()?;
+        if w.dims() != [n, k] || b.dims() != [n] {
+            return Err(misfit(format!(
+                "a projection is {:?} with bias {:?}, not ({n}, {k}) and ({n})",
+                w.dims(),
+                b.dims()
+            )));
+        }
         let wt = w.to_dtype(DType::F32)?.t()?.contiguous()?.flatten_all()?;
         Ok(Self {
             wt: wt.to_vec1::<f32>()?,
@@ -54,7 +62,9 @@ impl Dense {
     /// out (m, n) = x (m, k) W^T + b.
     fn forward(&self, x: &[f32], m: usize, out: &mut [f32]) {
         let (k, n) = (self.k, self.n);
-        debug_assert!(x.len() == m * k && out.len() == m * n);
+        // The unsafe calls below read and write within these bounds only; one row would take
+        // gemm's other path (`mean_states` pads to two).
+        assert!(m >= 2 && x.len() == m * k && out.len() == m * n);
         for row in out.chunks_exact_mut(n) {
             row.copy_from_slice(&self.bias);
         }
@@ -102,10 +112,17 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn load(t: &Weights, prefix: &str, eps: f64) -> Result<Self> {
+    fn load(t: &Weights, prefix: &str, h: usize, eps: f64) -> Result<Self> {
+        let (w, b) = (
+            t.vec(&format!("{prefix}.weight"))?,
+            t.vec(&format!("{prefix}.bias"))?,
+        );
+        if w.len() != h || b.len() != h {
+            return Err(misfit(format!("`{prefix}` is not of size {h}")));
+        }
         Ok(Self {
-            w: t.vec(&format!("{prefix}.weight"))?,
-            b: t.vec(&format!("{prefix}.bias"))?,
+            w,
+            b,
             eps: eps as f32,
         })
     }
@@ -142,9 +159,9 @@ struct Weights<'a> {
 impl Weights<'_> {
     fn get(&self, name: &str) -> Result<&Tensor> {
         let full = format!("{}{name}", self.prefix);
-        self.tensors.get(&full).ok_or_else(|| {
-            crate::error::HearthError::Config(format!("the BERT weights have no `{full}`"))
-        })
+        self.tensors
+            .get(&full)
+            .ok_or_else(|| misfit(format!("there is no `{full}`")))
     }
 
     fn vec(&self, name: &str) -> Result<Vec<f32>> {
@@ -165,44 +182,49 @@ pub struct CpuBert {
     norm: LayerNorm,
     layers: Vec<Layer>,
     hidden: usize,
+    intermediate: usize,
     heads: usize,
 }
 
 impl CpuBert {
-    /// None for a configuration this path does not compute as `BertModel` does (another
-    /// activation or position embedding): the portable path serves those.
+    /// None for a configuration or a weight layout this path does not compute as `BertModel`
+    /// does (another activation or position embedding, other tensor names): the portable path
+    /// serves those.
     pub fn load(
         tensors: &HashMap<String, Tensor>,
         cfg: &Config,
         max_tokens: usize,
     ) -> Result<Option<Self>> {
+        let (h, ff) = (cfg.hidden_size, cfg.intermediate_size);
         let supported = cfg.hidden_act == HiddenAct::Gelu
             && cfg.position_embedding_type == PositionEmbeddingType::Absolute
+            && h > 0
+            && ff > 0
             && cfg.num_attention_heads > 0
-            && cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+            && h.is_multiple_of(cfg.num_attention_heads)
             && max_tokens <= cfg.max_position_embeddings;
-        if !supported {
+        let prefix = ["", "bert."]
+            .into_iter()
+            .find(|p| tensors.contains_key(&format!("{p}embeddings.word_embeddings.weight")));
+        let Some(prefix) = prefix.filter(|_| supported) else {
             return Ok(None);
-        }
-        let prefix = if tensors.contains_key("bert.embeddings.word_embeddings.weight") {
-            "bert."
-        } else {
-            ""
         };
         let t = Weights { tensors, prefix };
-        let h = cfg.hidden_size;
         let segment = t.vec("embeddings.token_type_embeddings.weight")?;
         let mut words = t.vec("embeddings.word_embeddings.weight")?;
-        if segment.len() < h || words.len() != cfg.vocab_size * h {
-            return Err(crate::error::HearthError::Config(
-                "the BERT embeddings do not match its config".into(),
-            ));
+        let positions = t.vec("embeddings.position_embeddings.weight")?;
+        if segment.len() < h
+            || words.len() != cfg.vocab_size * h
+            || positions.len() < max_tokens * h
+        {
+            return Err(misfit("the embeddings do not match the config".into()));
         }
         for row in words.chunks_exact_mut(h) {
             for (v, s) in row.iter_mut().zip(&segment[..h]) {
                 *v += s;
             }
         }
+        let eps = cfg.layer_norm_eps;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let p = format!("encoder.layer.{i}");
@@ -212,44 +234,43 @@ impl CpuBert {
                         t.get(&format!("{p}.{name}.bias"))?,
                     ))
                 };
+                let qkv = [
+                    pair("attention.self.query")?,
+                    pair("attention.self.key")?,
+                    pair("attention.self.value")?,
+                ];
                 Ok(Layer {
-                    qkv: Dense::stacked(&[
-                        pair("attention.self.query")?,
-                        pair("attention.self.key")?,
-                        pair("attention.self.value")?,
-                    ])?,
-                    out: Dense::stacked(&[pair("attention.output.dense")?])?,
+                    qkv: Dense::stacked(&qkv, h, 3 * h)?,
+                    out: Dense::stacked(&[pair("attention.output.dense")?], h, h)?,
                     attn_norm: LayerNorm::load(
                         &t,
                         &format!("{p}.attention.output.LayerNorm"),
-                        cfg.layer_norm_eps,
+                        h,
+                        eps,
                     )?,
-                    up: Dense::stacked(&[pair("intermediate.dense")?])?,
-                    down: Dense::stacked(&[pair("output.dense")?])?,
-                    norm: LayerNorm::load(
-                        &t,
-                        &format!("{p}.output.LayerNorm"),
-                        cfg.layer_norm_eps,
-                    )?,
+                    up: Dense::stacked(&[pair("intermediate.dense")?], h, ff)?,
+                    down: Dense::stacked(&[pair("output.dense")?], ff, h)?,
+                    norm: LayerNorm::load(&t, &format!("{p}.output.LayerNorm"), h, eps)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Some(Self {
             words,
-            positions: t.vec("embeddings.position_embeddings.weight")?,
-            norm: LayerNorm::load(&t, "embeddings.LayerNorm", cfg.layer_norm_eps)?,
+            positions,
+            norm: LayerNorm::load(&t, "embeddings.LayerNorm", h, eps)?,
             layers,
             hidden: h,
+            intermediate: ff,
             heads: cfg.num_attention_heads,
         }))
     }
 
     /// The mean of each input's last hidden states (ids checked by the caller: in the
-    /// vocabulary, at most `max_tokens`, none empty).
+    /// vocabulary, at most `max_tokens`).
     pub fn mean_states(&self, inputs: &[Vec<u32>]) -> Vec<Vec<f32>> {
         let h = self.hidden;
         let mut spans = Vec::with_capacity(inputs.len());
-        let mut x = Vec::with_capacity(inputs.iter().map(Vec::len).sum::<usize>() * h);
+        let mut x = Vec::with_capacity(inputs.iter().map(Vec::len).sum::<usize>().max(2) * h);
         for input in inputs {
             spans.push((x.len() / h, input.len()));
             for (p, &id) in input.iter().enumerate() {
@@ -258,13 +279,18 @@ impl CpuBert {
                 x.extend(word.iter().zip(pos).map(|(w, p)| w + p));
             }
         }
+        if x.is_empty() {
+            return vec![vec![0f32; h]; inputs.len()];
+        }
+        // At least two rows: gemm adds a single row's products in another order (a one-token
+        // input would get other bits alone than batched). The pad row is in no input's span.
+        x.resize(x.len().max(2 * h), 0.0);
         let m = x.len() / h;
         self.norm.forward(&mut x);
         let mut qkv = vec![0f32; m * 3 * h];
         let mut ctx = vec![0f32; m * h];
         let mut attn = vec![0f32; m * h];
-        let ff = self.layers.first().map_or(0, |l| l.up.n);
-        let mut mid = vec![0f32; m * ff];
+        let mut mid = vec![0f32; m * self.intermediate];
         for layer in &self.layers {
             layer.qkv.forward(&x, m, &mut qkv);
             self.attention(&qkv, &spans, &mut ctx);
@@ -284,7 +310,7 @@ impl CpuBert {
                 for row in x[r0 * h..(r0 + t) * h].chunks_exact(h) {
                     add(&mut sum, row);
                 }
-                sum.iter().map(|s| s / t as f32).collect()
+                sum.iter().map(|s| s / t.max(1) as f32).collect()
             })
             .collect()
     }
@@ -365,6 +391,11 @@ impl CpuBert {
             }
         });
     }
+}
+
+/// A weight file that does not fit the config.
+fn misfit(why: String) -> crate::error::HearthError {
+    crate::error::HearthError::Config(format!("BERT weights: {why}"))
 }
 
 fn add(x: &mut [f32], y: &[f32]) {

@@ -84,8 +84,8 @@ pub fn gelu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_vec(out, shape, &Device::Cpu)?.to_dtype(dtype)?)
 }
 
-/// Abramowitz and Stegun 7.1.26: erfc(z) = t (A1 + t (A2 + ... + t A5)) exp(-z^2), t = 1 / (1 + P z)
-/// for z >= 0, within 1.5e-7.
+/// Abramowitz and Stegun 7.1.26: erfc(z) = t (a1 + t (a2 + ... + t a5)) exp(-z^2), t = 1 / (1 + P z)
+/// for z >= 0, within 1.5e-7 (absolute). `ERF_A` is a5 first, in Horner's order.
 const ERF_P: f32 = 0.327_591_1;
 const ERF_A: [f32; 5] = [
     1.061_405_4,
@@ -96,8 +96,8 @@ const ERF_A: [f32; 5] = [
 ];
 
 /// gelu(v) = v/2 (1 + erf(v / sqrt 2)) for one element: the definition the lanes match bit for
-/// bit. Written with erfc(|v| / sqrt 2), so the negative side's small values keep their digits
-/// (1 + erf would cancel them).
+/// bit. Written with erfc(|v| / sqrt 2), so the negative side does not subtract nearly equal
+/// numbers (1 + erf); its error stays within the approximation's 1.5e-7 times |v| / 2.
 fn erf_scalar(v: f32) -> f32 {
     let z = v.abs() * std::f32::consts::FRAC_1_SQRT_2;
     let t = 1.0 / ERF_P.mul_add(z, 1.0);

@@ -289,7 +289,7 @@ fn load_embedders(
 ) -> Result<Vec<crate::embedding::batcher::EmbedHandle>> {
     // On the CPU an embedding forward takes its turn between decoder steps (crate::device::
     // cpu_turn): kept to a decoder step's size, it does not stall running streams for longer
-    // than a step (and on the CPU a larger batch is no faster per input).
+    // than a step.
     let max_batch_tokens = if device.is_cpu() {
         config.embedding_batch_tokens.min(config.max_batch_tokens)
     } else {
