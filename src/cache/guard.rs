@@ -515,6 +515,42 @@ fn other_literal(cached: &str, asked: &str) -> bool {
     !a.is_empty() && !b.is_empty() && a != b
 }
 
+/// The items of a text's enumerations of one-word items ("Continue the list: do, re, mi, fa," has
+/// do, re, mi and fa), sorted: what a sequence or list question is about. Only runs of at least
+/// three items, so a clause's comma is not a list.
+fn listed(text: &str) -> Vec<String> {
+    let segments: Vec<Vec<String>> = text.split(',').map(words).collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i + 1 < segments.len() {
+        // A run: segment i ends with the first item, the segments after it are one word each,
+        // and the segment after them may start with the last item.
+        let mut j = i + 1;
+        while j < segments.len() && segments[j].len() == 1 {
+            j += 1;
+        }
+        let mut items: Vec<String> = segments[i].last().into_iter().cloned().collect();
+        items.extend(segments[i + 1..j].iter().flatten().cloned());
+        if let Some(last) = segments.get(j).and_then(|s| s.first()) {
+            items.push(last.clone());
+        }
+        if j > i + 1 && items.len() >= 3 {
+            out.extend(items);
+        }
+        i = j.max(i + 1);
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Whether both enumerate items and the items differ ("Continue the list: A, B, C, D," /
+/// "Continue the list: do, re, mi, fa,"): another sequence in the same template.
+fn other_list(cached: &str, asked: &str) -> bool {
+    let (a, b) = (listed(cached), listed(asked));
+    !a.is_empty() && !b.is_empty() && a != b
+}
+
 /// The arithmetic a text asks for, by operation ("plus" and "add" are one).
 fn operations(ws: &[String]) -> std::collections::BTreeSet<&'static str> {
     ws.iter()
@@ -883,6 +919,7 @@ const RULES: &[Rule] = &[
         other_name(p.cached, p.asked, &p.a, &p.b)
     }),
     ("another quoted term", |p| other_literal(p.cached, p.asked)),
+    ("another list", |p| other_list(p.cached, p.asked)),
 ];
 
 fn pair<'s>(cached: &'s str, asked: &'s str) -> Pair<'s> {
@@ -1284,5 +1321,34 @@ mod tests {
             Some("numbers")
         );
         assert_eq!(refuses("What is 9 plus 3?", "add 9 and 3"), None);
+    }
+
+    #[test]
+    fn listed_items_must_agree() {
+        assert_eq!(
+            refuses(
+                "Continue the list: A, B, C, D,",
+                "Continue the list: do, re, mi, fa,"
+            ),
+            Some("another list")
+        );
+        assert_eq!(
+            refuses(
+                "Continue the list: do, re, mi, fa,",
+                "Continue this list: do, re, mi, fa,"
+            ),
+            None
+        );
+        // Items in another order are the same list.
+        assert!(!other_list(
+            "Can I install Slack, Zoom, Teams on my laptop?",
+            "am I allowed to put zoom, teams, slack on the work laptop"
+        ));
+        assert_eq!(
+            listed("Continue the list: spring, summer, autumn,"),
+            ["autumn", "spring", "summer"]
+        );
+        // A clause's commas with longer parts are no list.
+        assert!(listed("If the VPN drops, what should I do, and who do I call?").is_empty());
     }
 }
