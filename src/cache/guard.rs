@@ -508,10 +508,11 @@ fn quoted(text: &str) -> Vec<Vec<String>> {
     out
 }
 
-/// Whether both quote literals and they differ ("the opposite of \"big\"" / "the word opposite in
-/// meaning to \"long\""): another term, however the rest is reworded.
-fn other_literal(cached: &str, asked: &str) -> bool {
-    let (a, b) = (quoted(cached), quoted(asked));
+/// Whether both texts name what they are about (`of`: quoted terms, listed items) and it differs,
+/// however the rest is reworded ("the opposite of \"big\"" / "the word opposite in meaning to
+/// \"long\""; "Continue the list: A, B, C, D," / "Continue the list: do, re, mi, fa,").
+fn both_differ<T: PartialEq>(of: fn(&str) -> Vec<T>, cached: &str, asked: &str) -> bool {
+    let (a, b) = (of(cached), of(asked));
     !a.is_empty() && !b.is_empty() && a != b
 }
 
@@ -542,13 +543,6 @@ fn listed(text: &str) -> Vec<String> {
     out.sort();
     out.dedup();
     out
-}
-
-/// Whether both enumerate items and the items differ ("Continue the list: A, B, C, D," /
-/// "Continue the list: do, re, mi, fa,"): another sequence in the same template.
-fn other_list(cached: &str, asked: &str) -> bool {
-    let (a, b) = (listed(cached), listed(asked));
-    !a.is_empty() && !b.is_empty() && a != b
 }
 
 /// The arithmetic a text asks for, by operation ("plus" and "add" are one).
@@ -918,8 +912,10 @@ const RULES: &[Rule] = &[
     ("another name", |p| {
         other_name(p.cached, p.asked, &p.a, &p.b)
     }),
-    ("another quoted term", |p| other_literal(p.cached, p.asked)),
-    ("another list", |p| other_list(p.cached, p.asked)),
+    ("another quoted term", |p| {
+        both_differ(quoted, p.cached, p.asked)
+    }),
+    ("another list", |p| both_differ(listed, p.cached, p.asked)),
 ];
 
 fn pair<'s>(cached: &'s str, asked: &'s str) -> Pair<'s> {
@@ -1340,7 +1336,8 @@ mod tests {
             None
         );
         // Items in another order are the same list.
-        assert!(!other_list(
+        assert!(!both_differ(
+            listed,
             "Can I install Slack, Zoom, Teams on my laptop?",
             "am I allowed to put zoom, teams, slack on the work laptop"
         ));
