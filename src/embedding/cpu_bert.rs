@@ -16,7 +16,7 @@ use candle_core::{DType, Tensor};
 use candle_transformers::models::bert::{Config, HiddenAct, PositionEmbeddingType};
 
 use crate::error::Result;
-use crate::ops::gelu::gelu_erf_slices;
+use crate::ops::gelu::gelu_erf;
 use crate::ops::threads::{pool, OutPtr};
 use crate::ops::vexp;
 
@@ -25,8 +25,6 @@ const NC: usize = 64;
 /// Terms of one gemm call's sums: gemm sums up to 512 in one pass (more, and the split depends on
 /// the CPU's cache sizes).
 const KC: usize = 512;
-/// Elements of one pool task of the activation.
-const ACT_CHUNK: usize = 8192;
 
 /// A linear projection: y = x W^T + b.
 struct Dense {
@@ -402,16 +400,4 @@ fn add(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
     }
-}
-
-/// BERT's activation in place, on the pool.
-fn gelu_erf(x: &mut [f32]) {
-    let len = x.len();
-    let dst = OutPtr::new(x);
-    pool().execute_chunked(len.div_ceil(ACT_CHUNK), |chunks| {
-        let start = chunks.start * ACT_CHUNK;
-        let end = (chunks.end * ACT_CHUNK).min(len);
-        // SAFETY: each task owns elements start..end (disjoint chunk ranges), inside x.
-        gelu_erf_slices(unsafe { dst.slice(start, end - start) });
-    });
 }

@@ -158,11 +158,23 @@ fn erf_lanes(_: &mut [f32]) -> usize {
 }
 
 /// BERT's exact GELU in place.
-pub fn gelu_erf_slices(x: &mut [f32]) {
+fn gelu_erf_slices(x: &mut [f32]) {
     let done = erf_lanes(x);
     for v in &mut x[done..] {
         *v = erf_scalar(*v);
     }
+}
+
+/// BERT's exact GELU in place, on the pool.
+pub fn gelu_erf(x: &mut [f32]) {
+    let len = x.len();
+    let dst = OutPtr::new(x);
+    pool().execute_chunked(len.div_ceil(CHUNK), |range| {
+        let (start, end) = (range.start * CHUNK, (range.end * CHUNK).min(len));
+        // SAFETY: each task owns elements start..end of `x` (disjoint chunk ranges), inside it,
+        // and `x` outlives the parallel loop.
+        gelu_erf_slices(unsafe { dst.slice(start, end - start) });
+    });
 }
 
 #[cfg(test)]
@@ -216,6 +228,7 @@ mod tests {
             }
         }
     }
+
     #[test]
     fn erf_lanes_and_scalar_tail_give_the_same_bits() {
         let xs = inputs();
@@ -232,7 +245,7 @@ mod tests {
     fn matches_the_erf_definition() {
         let xs: Vec<f32> = inputs().into_iter().filter(|v| v.abs() < 1e6).collect();
         let mut ours = xs.clone();
-        gelu_erf_slices(&mut ours);
+        gelu_erf(&mut ours);
         let candle = Tensor::new(xs.as_slice(), &Device::Cpu)
             .unwrap()
             .gelu_erf()
